@@ -1,0 +1,15 @@
+"""cure_fast: fast, sound bound propagation for multi-norm certified training.
+
+>>> import cure_fast
+>>> bm = cure_fast.BoundedModule(model)
+>>> out = bm.propagate(x, [cure_fast.LinfBall(2 / 255), cure_fast.L2Ball(0.25)], y)
+>>> out.logits, out.bounds, out.margins
+"""
+from . import functional, models, nn
+from .backends import get_backend, set_backend
+from .bounded import BoundedModule, Propagation
+from .specs import L2Ball, LinfBall
+
+__all__ = ["BoundedModule", "Propagation", "LinfBall", "L2Ball", "functional", "models", "nn",
+           "set_backend", "get_backend"]
+__version__ = "0.1.0"

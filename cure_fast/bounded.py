@@ -1,0 +1,403 @@
+"""BoundedModule: sound interval / l2 bound propagation through an ``nn.Sequential``.
+
+One call of :meth:`BoundedModule.propagate` pushes the natural input and every input set through
+the network together: their centres are stacked along the batch (natural first), their radii
+likewise (the natural stream has none), so each layer is one op over the weights for all streams.
+An l2 ball is kept exact until the first affine layer (dual norm, DESIGN.md §2), then becomes an
+interval like the rest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as BF
+from .nn import Normalize
+from .specs import L2Ball, LinfBall, _Ball
+
+Interval = Tuple[Tensor, Tensor]
+Spec = Union[LinfBall, L2Ball]
+
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+_SUPPORTED = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, nn.AvgPool2d,
+              nn.Identity, nn.Dropout, Normalize)
+
+
+def _flatten(module: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:
+    """Layers of nested ``nn.Sequential`` containers in order, named by their dotted position."""
+    layers = []
+    for name, child in module.named_children():
+        position = f"{prefix}{name}"
+        if type(child) is nn.Sequential:
+            layers += _flatten(child, position + ".")
+        else:
+            layers.append((position, child))
+    return layers
+
+
+def _check_layer(position: str, module: nn.Module) -> None:
+    if type(module) not in _SUPPORTED:
+        names = ", ".join(t.__name__ for t in _SUPPORTED)
+        raise ValueError(f"layer {position} ({module}) is not supported by BoundedModule; supported: {names}")
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        raise ValueError(f"layer {position} ({module}): only padding_mode='zeros' is supported")
+    if isinstance(module, nn.Flatten) and module.start_dim == 0:
+        raise ValueError(f"layer {position} ({module}): Flatten must keep the batch dimension (start_dim >= 1)")
+
+
+def _channel_affine(module: nn.Module, natural: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(scale, shift)`` of a per-channel affine layer, each (C,); train-mode BatchNorm takes the
+    statistics of the natural stream and updates its running statistics once, as ``module(x)`` would."""
+    if isinstance(module, Normalize):
+        return module.channel_affine(natural)
+    bn = module
+    if bn.training or bn.running_mean is None:
+        dims = [0] + list(range(2, natural.dim()))
+        count = natural.numel() // natural.shape[1]
+        if bn.training and count <= 1:
+            raise ValueError(f"{bn}: expected more than 1 value per channel when training, got input of "
+                             f"shape {tuple(natural.shape)}")
+        mean, var = natural.mean(dims), natural.var(dims, unbiased=False)
+        if bn.training and bn.track_running_stats:
+            _update_running_stats(bn, mean.detach(), var.detach() * count / (count - 1))
+    else:
+        mean, var = bn.running_mean.to(natural.dtype), bn.running_var.to(natural.dtype)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight
+        return scale, bn.bias - mean * scale
+    return scale, -mean * scale
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.Module, mean: Tensor, unbiased_var: Tensor) -> None:
+    bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_(unbiased_var.to(bn.running_var.dtype), momentum)
+
+
+def _intersect(a: Interval, b: Interval) -> Interval:
+    """Intersection of two intervals that both contain the same set."""
+    lower = torch.maximum(a[0] - a[1], b[0] - b[1])
+    upper = torch.minimum(a[0] + a[1], b[0] + b[1])
+    return (upper + lower) / 2, (upper - lower).clamp_min(0) / 2
+
+
+def _check_input_shape(position: str, module: nn.Module, c: Tensor) -> None:
+    """A clear error when a layer's input has the wrong per-sample shape."""
+    if isinstance(module, nn.Linear):
+        ok, want = c.shape[-1] == module.in_features and c.dim() >= 2, f"(..., {module.in_features})"
+    elif isinstance(module, nn.Conv2d):
+        ok, want = c.dim() == 4 and c.shape[1] == module.in_channels, f"({module.in_channels}, H, W)"
+    elif isinstance(module, nn.BatchNorm2d):
+        ok, want = c.dim() == 4 and c.shape[1] == module.num_features, f"({module.num_features}, H, W)"
+    elif isinstance(module, nn.BatchNorm1d):
+        ok, want = c.dim() in (2, 3) and c.shape[1] == module.num_features, f"({module.num_features}[, L])"
+    elif isinstance(module, nn.AvgPool2d):
+        ok, want = c.dim() == 4, "(C, H, W)"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"layer {position} ({module}) expects per-sample input of shape {want}, "
+                         f"got {tuple(c.shape[1:])}")
+
+
+@dataclass
+class _Streams:
+    """Stacked streams: ``c`` holds the natural rows then one block of B rows per interval spec
+    (in ``order``); ``r`` the radii of those blocks. ``balls`` are l2 specs still exact (their
+    centre is the natural point, their axes ``eps * scale``) until the first affine layer."""
+    c: Tensor
+    r: Tensor
+    order: List[int]
+    balls: Dict[int, Tensor] = field(default_factory=dict)
+    scale: Optional[Tensor] = None  # (1 or B, *feature shape) or None for identity
+
+    @property
+    def batch(self) -> int:
+        return self.c.shape[0] // (1 + len(self.order))
+
+    def natural(self) -> Tensor:
+        return self.c[: self.batch]
+
+    def block(self, k: int) -> Interval:
+        B, i = self.batch, self.order.index(k)
+        return self.c[B * (1 + i): B * (2 + i)], self.r[B * i: B * (i + 1)]
+
+    def ball_box(self, k: int) -> Interval:
+        """Bounding box of pending ball ``k`` (intersected with its domain box when it has one)."""
+        natural = self.natural()
+        axes = self.balls[k].view((-1,) + (1,) * (natural.dim() - 1))
+        axes = axes if self.scale is None else axes * self.scale.abs()
+        box = (natural, axes.expand_as(natural))
+        return _intersect(box, self.block(k)) if k in self.order else box
+
+    def resolved(self, n_specs: int, ball_bounds: Dict[int, Interval]) -> "_Streams":
+        """All specs as interval blocks in spec order, pending balls replaced by ``ball_bounds``."""
+        blocks = [ball_bounds[k] if k in ball_bounds else self.block(k) for k in range(n_specs)]
+        c = torch.cat([self.natural()] + [b[0] for b in blocks])
+        r = torch.cat([b[1] for b in blocks]) if blocks else c[:0]
+        return _Streams(c, r, list(range(n_specs)))
+
+    def materialized(self, n_specs: int) -> "_Streams":
+        """The streams with every pending ball as its bounding box (for recording bounds)."""
+        if not self.balls:
+            return self
+        return self.resolved(n_specs, {k: self.ball_box(k) for k in self.balls})
+
+
+@dataclass
+class Propagation:
+    """What :meth:`BoundedModule.propagate` returns.
+
+    Attributes:
+        logits: natural output (B, K).
+        bounds: per spec, ``(lower, upper)`` on the output, each (B, K).
+        margins: per spec, lower bounds on ``z_y - z_j`` (B, K), 0 at ``j = y``; None without labels.
+        layer_names: position of every layer of the flattened model.
+    """
+    logits: Tensor
+    bounds: List[Interval]
+    margins: Optional[List[Tensor]]
+    layer_names: List[str]
+    _states: List[_Streams] = field(repr=False, default_factory=list)  # input of each layer, then the output
+    _relus: List[int] = field(repr=False, default_factory=list)
+
+    def layer_bounds(self, spec: int) -> List[Interval]:
+        """Bounds ``(lower, upper)`` of spec number ``spec`` on the output of every layer, each (B, *shape)."""
+        return [_lower_upper(state.block(spec)) for state in self._states[1:]]
+
+    def preactivation_bounds(self, spec: int) -> List[Interval]:
+        """Bounds ``(lower, upper)`` of spec number ``spec`` on the input of every ReLU, in order."""
+        return [_lower_upper(self._states[i].block(spec)) for i in self._relus]
+
+
+def _lower_upper(interval: Interval) -> Interval:
+    c, r = interval
+    return c - r, c + r
+
+
+def _spec_list(specs) -> List[Spec]:
+    specs = [specs] if isinstance(specs, _Ball) else list(specs)
+    for spec in specs:
+        if not isinstance(spec, _Ball):
+            raise TypeError(f"specs must be LinfBall / L2Ball objects, got {type(spec).__name__}")
+    return specs
+
+
+def _check_input(x: Tensor, specs: Sequence[Spec]) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"input must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"input must be a non-empty batch of shape (B, ...), got {tuple(x.shape)}")
+    low, high = (float(v) for v in torch.aminmax(x.detach()))
+    if not (torch.isfinite(torch.tensor([low, high])).all()):
+        raise ValueError("input contains NaN or Inf")
+    for spec in specs:
+        if spec.domain is not None and (low < spec.domain[0] or high > spec.domain[1]):
+            raise ValueError(f"input values span [{low:g}, {high:g}], outside the domain {spec.domain} of {spec}")
+
+
+def _fold_affines(linear: nn.Linear, affines: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    """Weight and bias of ``linear`` followed by per-feature affines ``z * scale + shift``."""
+    weight = linear.weight
+    bias = linear.bias if linear.bias is not None else weight.new_zeros(weight.shape[0])
+    for scale, shift in affines:
+        weight, bias = weight * scale[:, None], bias * scale + shift
+    return weight, bias
+
+
+def _margins_from_bounds(lower: Tensor, upper: Tensor, labels: Tensor) -> Tensor:
+    """``l_y - u_j`` (0 at j = y): the margin bound when the specification cannot be folded."""
+    margins = lower.gather(1, labels[:, None]) - upper
+    return margins.scatter(1, labels[:, None], 0.0)
+
+
+class BoundedModule(nn.Module):
+    """Sound bound propagation through an ``nn.Sequential``, sharing the model's parameters.
+
+    Supported layers: Conv2d (any stride, padding, dilation, groups; zero padding), Linear,
+    BatchNorm1d/2d, ReLU, Flatten, AvgPool2d, Identity, Dropout and :class:`cure_fast.nn.Normalize`;
+    nested ``nn.Sequential`` containers are flattened. In train mode BatchNorm normalizes every stream
+    with the natural stream's batch statistics (and updates the running statistics once per call);
+    in eval mode it uses the running statistics.
+
+    Args:
+        model: the network, an ``nn.Sequential``.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"``, or None for the process default.
+    """
+
+    def __init__(self, model: nn.Sequential, backend: Optional[str] = None):
+        if not isinstance(model, nn.Sequential):
+            raise ValueError(f"BoundedModule needs an nn.Sequential, got {type(model).__name__}")
+        super().__init__()
+        layers = _flatten(model)
+        if not layers:
+            raise ValueError("BoundedModule needs a model with at least one layer")
+        for position, module in layers:
+            _check_layer(position, module)
+        self.model = model
+        self.backend = backend
+        self.layer_names = [position for position, _ in layers]
+        self._layers = [module for _, module in layers]
+        self._spec_layer = self._find_spec_layer()
+
+    def _find_spec_layer(self) -> Optional[int]:
+        """Index of the last Linear when only per-feature affine or shape-neutral layers follow it."""
+        foldable = (nn.Identity, nn.Flatten, nn.Dropout, nn.BatchNorm1d, Normalize)
+        for i in reversed(range(len(self._layers))):
+            if isinstance(self._layers[i], nn.Linear):
+                return i
+            if not isinstance(self._layers[i], foldable):
+                return None
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The natural output, exactly ``model(x)``."""
+        return self.model(x)
+
+    def bounds(self, x: Tensor, spec: Spec) -> Interval:
+        """``(lower, upper)`` on the output over the input set ``spec`` around x; each (B, K)."""
+        return self.propagate(x, [spec]).bounds[0]
+
+    def margins(self, x: Tensor, y: Tensor, spec: Spec) -> Tensor:
+        """Lower bounds on ``z_y - z_j`` over ``spec`` around x, (B, K), 0 at ``j = y``; > 0 off y certifies."""
+        return self.propagate(x, [spec], y).margins[0]
+
+    def propagate(self, x: Tensor, specs: Union[Spec, Sequence[Spec]] = (), y: Optional[Tensor] = None) -> Propagation:
+        """One pass for the natural input and every spec, stacked along the batch.
+
+        Args:
+            x: inputs (B, ...), inside every spec's domain.
+            specs: input sets (LinfBall / L2Ball), or one of them.
+            y: optional labels (B,); when given, margins are returned too.
+        Returns:
+            a :class:`Propagation` with the logits (B, K), the bounds per spec, the margins per spec
+            when ``y`` is given, and the bounds of every layer (``layer_bounds``, ``preactivation_bounds``).
+        """
+        specs = _spec_list(specs)
+        _check_input(x, specs)
+        if y is not None and (not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point()):
+            raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', y)}")
+        streams = self._input_streams(x, specs)
+        states, tail, penultimate = [streams.materialized(len(specs))], [], None
+        for i, (position, module) in enumerate(zip(self.layer_names, self._layers)):
+            if i == self._spec_layer:
+                penultimate = streams
+            streams, affine = self._step(position, module, streams, len(specs))
+            if affine is not None and self._spec_layer is not None and i > self._spec_layer:
+                tail.append(affine)
+            states.append(streams.materialized(len(specs)))
+        out = states[-1]
+        bounds = [_lower_upper(out.block(k)) for k in range(len(specs))]
+        margins = None
+        if y is not None:
+            margins = self._margins(out, penultimate, tail, specs, bounds, y.long())
+        relus = [i for i, m in enumerate(self._layers) if isinstance(m, nn.ReLU)]
+        return Propagation(out.natural(), bounds, margins, self.layer_names, states, relus)
+
+    def _input_streams(self, x: Tensor, specs: List[Spec]) -> _Streams:
+        boxes = [spec.domain_box(x) for spec in specs]
+        order = [k for k, box in enumerate(boxes) if box is not None]
+        c = torch.cat([x] + [boxes[k][0] for k in order])
+        r = torch.cat([boxes[k][1] for k in order]) if order else x[:0]
+        balls = {k: spec.per_sample_eps(x).reshape(-1) for k, spec in enumerate(specs) if isinstance(spec, L2Ball)}
+        return _Streams(c, r, order, balls)
+
+    def _step(self, position: str, module: nn.Module, s: _Streams, n_specs: int):
+        """Apply one layer to all streams; returns the new streams and the (scale, shift) of a
+        per-channel affine layer (None otherwise)."""
+        _check_input_shape(position, module, s.c)
+        backend = self.backend
+        if isinstance(module, nn.Linear) and s.balls and s.c.dim() != 2:
+            s = s.resolved(n_specs, {k: s.ball_box(k) for k in s.balls})
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            out = _Streams(*_affine(module, s.c, s.r, backend), s.order)
+            if not s.balls:
+                return out, None
+            balls = {}
+            for k, eps in s.balls.items():
+                ball = _l2_affine(module, s.natural(), eps, s.scale, backend)
+                balls[k] = _intersect(ball, out.block(k)) if k in out.order else ball
+            return out.resolved(n_specs, balls), None
+        if isinstance(module, (Normalize,) + _BATCHNORM):
+            scale, shift = _channel_affine(module, s.natural())
+            c, r = BF.interval_affine(s.c, s.r, scale, shift, backend=backend)
+            axes = s.scale
+            if s.balls:
+                channel = scale.abs().view((1, -1) + (1,) * (s.c.dim() - 2))
+                axes = channel if axes is None else axes * channel
+            return _Streams(c, r, s.order, s.balls, axes), (scale, shift)
+        if isinstance(module, nn.Flatten):
+            axes = None
+            if s.scale is not None:
+                axes = module(s.scale.expand((s.scale.shape[0],) + s.c.shape[1:]))
+            return _Streams(module(s.c), module(s.r), s.order, s.balls, axes), None
+        if isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not (module.training and module.p > 0)):
+            return s, None
+        if isinstance(module, nn.Dropout):
+            return _dropout(module.p, s), None
+        if s.balls:  # ReLU, AvgPool2d: an ellipsoid does not map to an ellipsoid; bound it by its box
+            s = s.resolved(n_specs, {k: s.ball_box(k) for k in s.balls})
+        if isinstance(module, nn.ReLU):
+            return _Streams(*BF.interval_relu(s.c, s.r, backend=backend), s.order), None
+        # AvgPool2d: linear with non-negative weights, so exact on (c, r) separately.
+        return _Streams(module(s.c), module(s.r), s.order), None
+
+    def _margins(self, out: _Streams, pen: Optional[_Streams], tail, specs, bounds, labels: Tensor) -> List[Tensor]:
+        logits = out.natural()
+        if logits.dim() != 2:
+            raise ValueError(f"margins need a (B, K) output, the model gives {tuple(logits.shape)}")
+        low, high = (float(v) for v in torch.aminmax(labels))
+        if low < 0 or high >= logits.shape[1]:
+            raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got values in [{low:g}, {high:g}]")
+        foldable = pen is not None and pen.c.dim() == 2 and not any(
+            isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in self._layers[self._spec_layer:])
+        if not foldable:
+            return [_margins_from_bounds(lo, hi, labels) for lo, hi in bounds]
+        weight, bias = _fold_affines(self._layers[self._spec_layer], tail)
+        per_block = {}
+        if pen.order:
+            folded = BF.margins_linear(pen.c[pen.batch:], pen.r, weight, bias, labels.repeat(len(pen.order)),
+                                       backend=self.backend)
+            per_block = dict(zip(pen.order, folded.chunk(len(pen.order))))
+        margins = []
+        for k in range(len(specs)):
+            if k in pen.balls:
+                ball = BF.l2_margins_linear(pen.natural(), pen.balls[k], weight, bias, labels, pen.scale,
+                                            backend=self.backend)
+                margins.append(torch.maximum(ball, per_block[k]) if k in per_block else ball)
+            else:
+                margins.append(per_block[k])
+        return margins
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend or 'default'}"
+
+
+def _affine(module: nn.Module, c: Tensor, r: Tensor, backend: Optional[str]) -> Interval:
+    if isinstance(module, nn.Linear):
+        return BF.interval_linear(c, r, module.weight, module.bias, backend=backend)
+    return BF.interval_conv2d(c, r, module.weight, module.bias, module.stride, module.padding,
+                              module.dilation, module.groups, backend=backend)
+
+
+def _l2_affine(module: nn.Module, x: Tensor, eps: Tensor, scale: Optional[Tensor], backend: Optional[str]) -> Interval:
+    if isinstance(module, nn.Linear):
+        return BF.l2_linear(x, eps, module.weight, module.bias, scale, backend=backend)
+    return BF.l2_conv2d(x, eps, module.weight, module.bias, module.stride, module.padding, module.dilation,
+                        module.groups, scale, backend=backend)
+
+
+def _dropout(p: float, s: _Streams) -> _Streams:
+    """Train-mode dropout: one mask per sample, shared by all streams (and the pending balls' axes)."""
+    natural = s.natural()
+    mask = torch.zeros_like(natural) if p >= 1 else torch.empty_like(natural).bernoulli_(1 - p) / (1 - p)
+    c = (s.c.view((-1,) + natural.shape) * mask).view_as(s.c)
+    r = (s.r.view((-1,) + natural.shape) * mask).view_as(s.r) if s.r.shape[0] else s.r
+    axes = None if not s.balls else (mask if s.scale is None else s.scale * mask)
+    return _Streams(c, r, s.order, s.balls, axes)

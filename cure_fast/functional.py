@@ -1,0 +1,151 @@
+"""Per-layer bound-propagation ops on intervals ``(c, r)``, each dispatched to a backend.
+
+Every op takes ``backend=`` (``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"`` or None for the
+default, see :mod:`cure_fast.backends`). ``r`` may have fewer rows than ``c``: it then holds the
+radii of the last ``r.shape[0]`` rows and the leading rows are points (the natural stream).
+All ops are differentiable.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _cuda, reference
+from .backends import resolve
+
+Interval = Tuple[Tensor, Tensor]
+IntOrPair = Union[int, Tuple[int, int]]
+
+_IMPLS: Dict[str, Dict[str, callable]] = {
+    "interval_linear": {"torch": reference.interval_linear_ref},
+    "interval_conv2d": {"torch": reference.interval_conv2d_ref},
+    "interval_relu": {"torch": reference.interval_relu_ref, "cuda": _cuda.interval_relu},
+    "interval_affine": {"torch": reference.interval_affine_ref},
+    "l2_linear": {"torch": reference.l2_linear_ref},
+    "l2_conv2d": {"torch": reference.l2_conv2d_ref},
+    "margins_linear": {"torch": reference.margins_linear_ref},
+    "l2_margins_linear": {"torch": reference.l2_margins_linear_ref},
+}
+
+
+def _impl(op: str, backend: Optional[str], like: Tensor):
+    return resolve(op, _IMPLS[op], backend, like.device)
+
+
+def _check_interval(op: str, c: Tensor, r: Tensor, dims: Optional[int] = None) -> None:
+    if not (c.is_floating_point() and r.is_floating_point()):
+        raise TypeError(f"{op}: c and r must be floating tensors, got {c.dtype} and {r.dtype}")
+    if c.dtype != r.dtype or c.device != r.device:
+        raise ValueError(f"{op}: c and r must share dtype and device, got {c.dtype}/{c.device} and {r.dtype}/{r.device}")
+    if dims is not None and c.dim() != dims:
+        raise ValueError(f"{op}: expected {dims}-d input, got shape {tuple(c.shape)}")
+    if r.dim() != c.dim() or r.shape[1:] != c.shape[1:] or r.shape[0] > c.shape[0]:
+        raise ValueError(f"{op}: r must have c's trailing shape and at most as many rows; "
+                         f"got c {tuple(c.shape)}, r {tuple(r.shape)}")
+
+
+def _check_features(op: str, features: int, expected: int, what: str) -> None:
+    if features != expected:
+        raise ValueError(f"{op}: the weight expects {expected} {what}, the input has {features}")
+
+
+def interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                    backend: Optional[str] = None) -> Interval:
+    """Interval image of ``x W^T + b``: c (N, *, in), r (M, *, in), weight (out, in) -> (N, *, out), (M, *, out)."""
+    _check_interval("interval_linear", c, r)
+    _check_features("interval_linear", c.shape[-1], weight.shape[1], "input features")
+    return _impl("interval_linear", backend, c)(c, r, weight, bias)
+
+
+def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                    stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0, dilation: IntOrPair = 1,
+                    groups: int = 1, *, backend: Optional[str] = None) -> Interval:
+    """Interval image of a 2-d convolution: c (N, C, H, W), r (M, C, H, W) -> (N, O, H', W'), (M, O, H', W')."""
+    _check_interval("interval_conv2d", c, r, dims=4)
+    _check_features("interval_conv2d", c.shape[1], weight.shape[1] * groups, "input channels")
+    return _impl("interval_conv2d", backend, c)(c, r, weight, bias, stride, padding, dilation, groups)
+
+
+def interval_relu(c: Tensor, r: Tensor, *, backend: Optional[str] = None) -> Interval:
+    """Interval image of ReLU: ``l' = relu(c - r)``, ``u' = relu(c + r)`` in centre–radius form; shapes kept."""
+    _check_interval("interval_relu", c, r)
+    return _impl("interval_relu", backend, c)(c, r)
+
+
+def interval_affine(c: Tensor, r: Tensor, scale: Tensor, shift: Tensor, *,
+                    backend: Optional[str] = None) -> Interval:
+    """Per-channel affine (BatchNorm, Normalize): ``c * scale + shift``, ``r * |scale|``; scale, shift (C,), channels on dim 1."""
+    _check_interval("interval_affine", c, r)
+    if c.dim() < 2 or scale.shape != (c.shape[1],) or shift.shape != (c.shape[1],):
+        raise ValueError(f"interval_affine: scale and shift must have shape ({c.shape[1] if c.dim() > 1 else '?'},), "
+                         f"got {tuple(scale.shape)} and {tuple(shift.shape)} for input {tuple(c.shape)}")
+    return _impl("interval_affine", backend, c)(c, r, scale, shift)
+
+
+def _check_l2(op: str, x: Tensor, eps: Union[float, Tensor]) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating tensor, got {x.dtype}")
+    if isinstance(eps, Tensor) and not (eps.dim() == 0 or eps.shape == (x.shape[0],)):
+        raise ValueError(f"{op}: eps must be a float or a tensor of shape ({x.shape[0]},), got {tuple(eps.shape)}")
+
+
+def l2_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor] = None,
+              scale: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Interval:
+    """Exact bounds of a linear layer over the l2 ball (ellipsoid) ``{x + scale ⊙ u : |u|_2 <= eps}``.
+
+    x (B, in), eps float or (B,), scale None or broadcastable to x -> c (B, out), r (B, out) with
+    ``r_i = eps * |W_i ⊙ scale|_2``.
+    """
+    _check_l2("l2_linear", x, eps)
+    if x.dim() != 2:
+        raise ValueError(f"l2_linear: expected x of shape (B, in), got {tuple(x.shape)}")
+    _check_features("l2_linear", x.shape[1], weight.shape[1], "input features")
+    return _impl("l2_linear", backend, x)(x, eps, weight, bias, scale)
+
+
+def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor] = None,
+              stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0, dilation: IntOrPair = 1,
+              groups: int = 1, scale: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Interval:
+    """Exact, padding-aware bounds of a convolution over ``{x + scale ⊙ u : |u|_2 <= eps}``.
+
+    x (B, C, H, W), eps float or (B,), scale None or broadcastable to x -> c, r (B, O, H', W') with
+    ``r = eps * sqrt(conv(scale^2, W^2))``: at the border only the weights inside the image count.
+    """
+    _check_l2("l2_conv2d", x, eps)
+    if x.dim() != 4:
+        raise ValueError(f"l2_conv2d: expected x of shape (B, C, H, W), got {tuple(x.shape)}")
+    _check_features("l2_conv2d", x.shape[1], weight.shape[1] * groups, "input channels")
+    return _impl("l2_conv2d", backend, x)(x, eps, weight, bias, stride, padding, dilation, groups, scale)
+
+
+def _check_labels(op: str, labels: Tensor, rows: int) -> None:
+    if labels.shape != (rows,) or labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: labels must be integers of shape ({rows},), got {labels.dtype} {tuple(labels.shape)}")
+
+
+def margins_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
+                   backend: Optional[str] = None) -> Tensor:
+    """Lower bounds on the margins ``z_y - z_j`` of a last linear layer, the specification folded in.
+
+    c (N, in), r (M, in), weight (K, in), bias (K,) or None, labels (N,) int -> (N, K), 0 at ``j = y``.
+    """
+    _check_interval("margins_linear", c, r, dims=2)
+    _check_features("margins_linear", c.shape[1], weight.shape[1], "input features")
+    _check_labels("margins_linear", labels, c.shape[0])
+    return _impl("margins_linear", backend, c)(c, r, weight, bias, labels.long())
+
+
+def l2_margins_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                      scale: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
+    """Exact lower bounds on ``z_y - z_j`` of a linear layer over ``{x + scale ⊙ u : |u|_2 <= eps}``.
+
+    x (B, in), eps float or (B,), weight (K, in), labels (B,) int -> (B, K), 0 at ``j = y``.
+    """
+    _check_l2("l2_margins_linear", x, eps)
+    if x.dim() != 2:
+        raise ValueError(f"l2_margins_linear: expected x of shape (B, in), got {tuple(x.shape)}")
+    _check_features("l2_margins_linear", x.shape[1], weight.shape[1], "input features")
+    _check_labels("l2_margins_linear", labels, x.shape[0])
+    return _impl("l2_margins_linear", backend, x)(x, eps, weight, bias, labels.long(), scale)

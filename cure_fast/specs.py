@@ -1,0 +1,125 @@
+"""Input sets: the perturbations an adversary may apply to a batch of inputs.
+
+An input set is described once (its norm, radius and domain) and instantiated per batch by
+`BoundedModule`. ``eps`` is a float or a per-sample tensor of shape ``(B,)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+Eps = Union[float, Tensor]
+Domain = Optional[Tuple[float, float]]
+
+
+def _check_domain(domain: Domain) -> Domain:
+    if domain is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in domain)
+    except (TypeError, ValueError):
+        raise ValueError(f"domain must be a pair (low, high) or None, got {domain!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"domain must be finite with low < high, got {domain!r}")
+    return (lo, hi)
+
+
+def _check_eps(eps: Eps) -> Eps:
+    if isinstance(eps, Tensor):
+        if eps.dim() > 1:
+            raise ValueError(f"eps must be a float or a per-sample tensor of shape (B,), got shape {tuple(eps.shape)}")
+        if not eps.is_floating_point():
+            raise ValueError(f"eps must be a floating tensor, got dtype {eps.dtype}")
+        if torch.isnan(eps).any() or (eps < 0).any() or torch.isinf(eps).any():
+            raise ValueError("eps must be finite and non-negative")
+        return eps.detach()
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise ValueError(f"eps must be a float or a tensor, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    return eps
+
+
+@dataclass(frozen=True, eq=False)
+class _Ball:
+    eps: Eps
+    domain: Domain = (0.0, 1.0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "eps", _check_eps(self.eps))
+        object.__setattr__(self, "domain", _check_domain(self.domain))
+
+    def per_sample_eps(self, x: Tensor) -> Tensor:
+        """``eps`` as a tensor of shape ``(B, 1, ..., 1)`` broadcastable against ``x`` (B, ...)."""
+        eps = self.eps
+        if isinstance(eps, Tensor):
+            if eps.dim() == 1 and eps.shape[0] != x.shape[0]:
+                raise ValueError(f"{self.name}: eps has {eps.shape[0]} entries but the batch has {x.shape[0]} samples")
+            eps = eps.to(device=x.device, dtype=x.dtype)
+        else:
+            eps = torch.tensor(eps, device=x.device, dtype=x.dtype)
+        return eps.reshape(-1, *([1] * (x.dim() - 1))).expand(x.shape[0], *([1] * (x.dim() - 1)))
+
+    def domain_box(self, x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """The l∞ box of radius eps around x intersected with the domain, as (centre, radius); each like x.
+
+        ``None`` for an l2 ball without a domain (the box would not bound it more tightly).
+        """
+        if self.domain is None and isinstance(self, L2Ball):
+            return None
+        eps = self.per_sample_eps(x)
+        lower, upper = x - eps, x + eps
+        if self.domain is not None:
+            lower = lower.clamp(min=self.domain[0])
+            upper = upper.clamp(max=self.domain[1])
+        return (upper + lower) / 2, (upper - lower) / 2
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        eps = f"tensor{tuple(self.eps.shape)}" if isinstance(self.eps, Tensor) else f"{self.eps:g}"
+        return f"{self.name}(eps={eps}, domain={self.domain})"
+
+
+class LinfBall(_Ball):
+    """The l∞ ball ``{x' : |x' - x|_∞ <= eps} ∩ domain``: the box ``[max(x-eps, lo), min(x+eps, hi)]``.
+
+    Args:
+        eps: radius, a float or a per-sample tensor of shape ``(B,)``.
+        domain: ``(lo, hi)`` bounds of valid inputs (pixel space), or ``None`` for no bounds.
+    """
+
+    p = math.inf
+
+
+class L2Ball(_Ball):
+    """The l2 ball ``{x' : |x' - x|_2 <= eps}`` (∩ domain when ``domain`` is given).
+
+    The first affine layer is bounded exactly through the dual norm (see DESIGN.md §2); where a
+    domain is given, the domain box's bound is intersected with it.
+
+    Args:
+        eps: radius, a float or a per-sample tensor of shape ``(B,)``.
+        domain: ``(lo, hi)`` bounds of valid inputs (pixel space), or ``None``.
+    """
+
+    p = 2.0
+
+
+def contains(spec: _Ball, x: Tensor, points: Tensor, tol: float = 0.0) -> Tensor:
+    """Whether each of ``points`` (B, ...) lies in the input set around ``x`` (B, ...); returns (B,) bool."""
+    eps = spec.per_sample_eps(x).reshape(-1)
+    delta = (points - x).flatten(1)
+    norm = delta.abs().amax(1) if isinstance(spec, LinfBall) else delta.norm(dim=1)
+    inside = norm <= eps + tol
+    if spec.domain is not None:
+        flat = points.flatten(1)
+        inside &= (flat >= spec.domain[0] - tol).all(1) & (flat <= spec.domain[1] + tol).all(1)
+    return inside
