@@ -1,0 +1,113 @@
+"""Random networks for the property tests, and a layer-by-layer evaluator of points."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+from cure_fast.nn import Normalize
+
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _randomize_batchnorm(bn: nn.Module, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        n = bn.num_features
+        bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+        bn.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+        if bn.affine:
+            bn.weight.copy_(torch.randn(n, generator=gen))
+            bn.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+
+
+@st.composite
+def networks(draw, conv: bool = True, dropout: bool = True):
+    """(model, input shape) with Normalize, Conv2d (stride/padding/dilation/groups), BatchNorm,
+    ReLU, AvgPool2d, Flatten, Linear, Identity and Dropout layers, in random order and sizes."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    channels = draw(st.integers(1, 3))
+    size = draw(st.integers(4, 7))
+    layers: List[nn.Module] = []
+    if draw(st.booleans()):
+        layers.append(Normalize(torch.rand(channels, generator=gen), torch.rand(channels, generator=gen) + 0.2))
+    shape = in_shape = (channels, size, size)
+    if draw(st.integers(0, 3)) == 0:  # a non-affine layer before the first affine one
+        lead = draw(st.sampled_from(["avgpool", "relu", "dropout", "batchnorm"]))
+        layers.append({"avgpool": lambda: nn.AvgPool2d(2, 1), "relu": nn.ReLU, "dropout": lambda: nn.Dropout(0.3),
+                       "batchnorm": lambda: nn.BatchNorm2d(channels)}[lead]())
+        if lead == "avgpool":
+            shape = (channels, size - 1, size - 1)
+    for _ in range(draw(st.integers(0, 2)) if conv else 0):
+        groups = draw(st.sampled_from([g for g in (1, 2) if channels % g == 0]))
+        out = groups * draw(st.integers(1, 3))
+        kernel = draw(st.integers(1, 3))
+        dilation = draw(st.integers(1, 2))
+        stride = draw(st.integers(1, 2))
+        padding = draw(st.integers(0, 2))
+        span = dilation * (kernel - 1) + 1
+        if shape[1] + 2 * padding < span:
+            continue
+        layers.append(nn.Conv2d(channels, out, kernel, stride, padding, dilation, groups, bias=draw(st.booleans())))
+        channels = out
+        side = (shape[1] + 2 * padding - span) // stride + 1
+        shape = (out, side, side)
+        if draw(st.booleans()):
+            layers.append(nn.BatchNorm2d(out, affine=draw(st.booleans())))
+        if draw(st.booleans()) and side >= 2:
+            layers.append(nn.AvgPool2d(2, 1))
+            shape = (out, side - 1, side - 1)
+        layers.append(draw(st.sampled_from([nn.ReLU(), nn.ReLU(), nn.Identity()])))
+    layers.append(nn.Flatten())
+    features = shape[0] * shape[1] * shape[2]
+    for _ in range(draw(st.integers(0, 2))):
+        units = draw(st.integers(2, 6))
+        layers.append(nn.Linear(features, units, bias=draw(st.booleans())))
+        features = units
+        if draw(st.booleans()):
+            layers.append(nn.BatchNorm1d(units))
+        if dropout and draw(st.booleans()):
+            layers.append(nn.Dropout(0.3))
+        layers.append(nn.ReLU())
+    layers.append(nn.Linear(features, draw(st.integers(2, 4))))
+    model = nn.Sequential(*layers)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / max(1, p[0].numel()) ** 0.5)
+    for m in model.modules():
+        if isinstance(m, BATCHNORM):
+            _randomize_batchnorm(m, gen)
+    return model, in_shape
+
+
+def batch_stats(layers: List[nn.Module], x: Tensor) -> Dict[int, Tuple[Tensor, Tensor]]:
+    """Per BatchNorm layer index, the (mean, biased var) that train mode computes on the batch x."""
+    stats, h = {}, x
+    for i, m in enumerate(layers):
+        if isinstance(m, BATCHNORM):
+            dims = [0] + list(range(2, h.dim()))
+            stats[i] = (h.mean(dims).detach(), h.var(dims, unbiased=False).detach())
+        h = run_layer(m, h, stats.get(i))
+    return stats
+
+
+def run_layer(m: nn.Module, h: Tensor, stats=None) -> Tensor:
+    """One layer as a fixed function: BatchNorm with the given (or running) statistics, Dropout off."""
+    if isinstance(m, BATCHNORM):
+        mean, var = stats if stats is not None else (m.running_mean, m.running_var)
+        return F.batch_norm(h, mean, var, m.weight, m.bias, False, 0.0, m.eps)
+    if isinstance(m, nn.Dropout):
+        return h
+    return m(h)
+
+
+def run_layers(layers: List[nn.Module], h: Tensor, stats: Dict[int, Tuple[Tensor, Tensor]]) -> List[Tensor]:
+    """The output of every layer for the points h (B, ...)."""
+    outputs = []
+    for i, m in enumerate(layers):
+        h = run_layer(m, h, stats.get(i))
+        outputs.append(h)
+    return outputs

@@ -1,0 +1,218 @@
+"""BoundedModule's API: natural output, one-pass stacking, BatchNorm statistics, shared
+parameters, gradients, and the models."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import cure_fast
+from cure_fast import BoundedModule, L2Ball, LinfBall, models
+
+SPECS = [LinfBall(0.05), L2Ball(0.3), L2Ball(0.2, domain=None)]
+
+
+def _small_cnn(dtype=torch.float32):
+    torch.manual_seed(0)
+    data = models.DatasetInfo((2, 6, 6), 3, (0.4, 0.5), (0.3, 0.2))
+    return models.cnn5(data, width=2, linear=5).to(dtype), torch.rand(4, 2, 6, 6, dtype=dtype)
+
+
+def test_forward_is_exactly_the_model():
+    model, x = _small_cnn()
+    for train in (True, False):
+        model.train(train)
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        assert torch.equal(BoundedModule(model)(x), expected)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_propagate_logits_match_the_model(train):
+    model, x = _small_cnn(torch.float64)
+    model.train(train)
+    expected = copy.deepcopy(model)(x)
+    out = BoundedModule(model).propagate(x, SPECS)
+    torch.testing.assert_close(out.logits, expected)
+    for lower, upper in out.bounds:
+        assert (lower <= out.logits + 1e-12).all() and (out.logits <= upper + 1e-12).all()
+
+
+def test_train_mode_updates_running_statistics_exactly_once_like_the_model():
+    model, x = _small_cnn()
+    twin = copy.deepcopy(model)
+    model.train(), twin.train()
+    BoundedModule(model).propagate(x, SPECS, torch.tensor([0, 1, 2, 0]))
+    twin(x)
+    for (name, mine), (_, theirs) in zip(model.named_buffers(), twin.named_buffers()):
+        torch.testing.assert_close(mine, theirs, msg=f"buffer {name} differs")
+    assert all(b.item() == 1 for n, b in model.named_buffers() if n.endswith("num_batches_tracked"))
+
+
+def test_momentum_none_uses_the_cumulative_average():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None), nn.ReLU(), nn.Linear(4, 2)).train()
+    twin = copy.deepcopy(model)
+    bm = BoundedModule(model)
+    for seed in range(3):
+        x = torch.rand(5, 3, generator=torch.Generator().manual_seed(seed))
+        bm.propagate(x, [LinfBall(0.1)])
+        twin(x)
+    torch.testing.assert_close(model[1].running_var, twin[1].running_var)
+
+
+def test_eval_mode_leaves_buffers_alone():
+    model, x = _small_cnn()
+    model.eval()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    BoundedModule(model).propagate(x, SPECS)
+    assert all(torch.equal(before[n], b) for n, b in model.named_buffers())
+
+
+def test_one_pass_equals_separate_passes_and_per_sample_eps_equals_per_sample_runs():
+    model, x = _small_cnn(torch.float64)
+    model.eval()
+    bm = BoundedModule(model)
+    together = bm.propagate(x, SPECS)
+    for spec, bounds in zip(SPECS, together.bounds):
+        alone = bm.bounds(x, spec)
+        torch.testing.assert_close(bounds, alone)
+    eps = torch.tensor([0.0, 0.1, 0.2, 0.3], dtype=torch.float64)
+    batched = bm.bounds(x, L2Ball(eps))
+    for b in range(4):
+        single = bm.bounds(x[b:b + 1], L2Ball(eps[b].item()))
+        torch.testing.assert_close(batched[0][b:b + 1], single[0])
+        torch.testing.assert_close(batched[1][b:b + 1], single[1])
+
+
+def test_parameters_are_shared_and_training_the_model_moves_the_bounds():
+    model, x = _small_cnn()
+    bm = BoundedModule(model.eval())
+    assert [id(p) for p in bm.parameters()] == [id(p) for p in model.parameters()]
+    before = bm.bounds(x, LinfBall(0.1))[1].detach()
+    with torch.no_grad():
+        model[-1].bias.add_(1.0)
+    torch.testing.assert_close(bm.bounds(x, LinfBall(0.1))[1], before + 1.0)
+
+
+def test_gradients_reach_every_parameter_and_the_input():
+    model, x = _small_cnn()
+    model.train()
+    x.requires_grad_(True)
+    out = BoundedModule(model).propagate(x, SPECS, torch.tensor([0, 1, 2, 1]))
+    loss = sum(torch.nn.functional.cross_entropy(-m, torch.tensor([0, 1, 2, 1])) for m in out.margins)
+    loss.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def _as_function(model, names):
+    """f(x, *tensors) -> model with the named parameters replaced by the given tensors."""
+    modules = dict(model.named_modules())
+
+    def swap(tensors):
+        for name, t in zip(names, tensors):
+            owner, attr = name.rsplit(".", 1)
+            delattr(modules[owner], attr)
+            setattr(modules[owner], attr, t)
+    return swap
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_gradcheck_bounds_margins_and_propagate(train):
+    torch.manual_seed(0)
+    model = nn.Sequential(cure_fast.nn.Normalize([0.5], [0.3]), nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(32, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    model.train(train)
+    x = (torch.rand(3, 1, 4, 4, dtype=torch.float64) * 0.8 + 0.1).requires_grad_(True)
+    y = torch.tensor([0, 2, 1])
+    names = ["1.weight", "5.weight", "7.bias"]
+    weights = [dict(model.named_parameters())[n].detach().clone().requires_grad_(True) for n in names]
+    swap = _as_function(model, names)
+    bm = BoundedModule(model)
+    specs = [LinfBall(0.05), L2Ball(0.1)]
+
+    def everything(x, *tensors):
+        swap(tensors)
+        out = bm.propagate(x, specs, y)
+        flat = [out.logits] + [b for pair in out.bounds for b in pair] + out.margins
+        return tuple(t for t in flat) + tuple(lo for lo, _ in out.preactivation_bounds(1))
+
+    def bounds_only(x, *tensors):
+        swap(tensors)
+        return bm.bounds(x, specs[1])
+
+    def margins_only(x, *tensors):
+        swap(tensors)
+        return bm.margins(x, y, specs[0])
+
+    for fn in (everything, bounds_only, margins_only):
+        assert torch.autograd.gradcheck(fn, (x, *weights), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+def test_propagate_accepts_one_spec_or_none():
+    model, x = _small_cnn()
+    bm = BoundedModule(model.eval())
+    assert len(bm.propagate(x, LinfBall(0.1)).bounds) == 1
+    out = bm.propagate(x)
+    assert out.bounds == [] and out.margins is None
+    torch.testing.assert_close(out.logits, model(x))
+
+
+def test_layer_and_preactivation_bounds_have_layer_shapes():
+    model, x = _small_cnn()
+    bm = BoundedModule(model.eval())
+    out = bm.propagate(x, SPECS)
+    layers = out.layer_bounds(1)
+    h = x
+    for (lower, upper), module in zip(layers, model):
+        h = module(h)
+        assert lower.shape == h.shape == upper.shape
+    relus = [i for i, m in enumerate(model) if isinstance(m, nn.ReLU)]
+    pre = out.preactivation_bounds(1)
+    assert len(pre) == len(relus)
+    for (lower, upper), i in zip(pre, relus):
+        assert torch.equal(lower, layers[i - 1][0]) and torch.equal(upper, layers[i - 1][1])
+
+
+def test_nested_sequentials_are_flattened():
+    inner = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    model = nn.Sequential(nn.Flatten(), nn.Sequential(inner, nn.Identity()), nn.Linear(3, 2))
+    bm = BoundedModule(model)
+    assert bm.layer_names == ["0", "1.0.0", "1.0.1", "1.1", "2"]
+    x = torch.rand(2, 2, 2)
+    lower, upper = bm.bounds(x, LinfBall(0.1))
+    assert lower.shape == (2, 2) and (lower <= model(x)).all()
+
+
+def test_margins_fall_back_to_logit_bounds_when_the_network_does_not_end_in_linear():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
+    x, y = torch.rand(2, 4), torch.tensor([0, 2])
+    bm = BoundedModule(model)
+    lower, upper = bm.bounds(x, LinfBall(0.1))
+    expected = (lower.gather(1, y[:, None]) - upper).scatter(1, y[:, None], 0.0)
+    torch.testing.assert_close(bm.margins(x, y, LinfBall(0.1)), expected)
+
+
+@pytest.mark.parametrize("dataset", sorted(models.DATASETS))
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_models_build_and_bound(name, dataset):
+    info = models.DATASETS[dataset]
+    model = models.build(name, dataset).eval()
+    assert isinstance(model[0], cure_fast.nn.Normalize)
+    x = torch.rand((2,) + info.shape)
+    lower, upper = BoundedModule(model).bounds(x, LinfBall(1 / 255))
+    assert lower.shape == (2, info.classes) and (lower <= upper).all()
+
+
+def test_cnn7_architecture():
+    model = models.build("cnn7", "cifar10")
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 128]
+    assert [c.stride[0] for c in convs] == [1, 1, 2, 1, 1]
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(128 * 16 * 16, 512), (512, 10)]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model) == 5
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in model) == 1
