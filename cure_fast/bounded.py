@@ -108,32 +108,43 @@ def _check_input_shape(position: str, module: nn.Module, c: Tensor) -> None:
 
 @dataclass
 class _Streams:
-    """Stacked streams: ``c`` holds the natural rows then one block of B rows per interval spec
-    (in ``order``); ``r`` the radii of those blocks. ``balls`` are l2 specs still exact (their
-    centre is the natural point, their axes ``eps * scale``) until the first affine layer."""
+    """Stacked streams along the batch, B rows per block: ``c`` holds ``points`` point blocks (the
+    natural input first, then the centres of l2 balls that have their own centre) followed by one
+    block per interval spec (in ``order``); ``r`` holds the radii of the interval blocks. ``balls``
+    maps each l2 spec that is still exact (before the first affine layer) to its eps (B,) and the
+    point block of its centre; its axes are ``eps * scale``."""
     c: Tensor
     r: Tensor
     order: List[int]
-    balls: Dict[int, Tensor] = field(default_factory=dict)
+    balls: Dict[int, Tuple[Tensor, int]] = field(default_factory=dict)
     scale: Optional[Tensor] = None  # (1 or B, *feature shape) or None for identity
+    points: int = 1
 
     @property
     def batch(self) -> int:
-        return self.c.shape[0] // (1 + len(self.order))
+        return self.c.shape[0] // (self.points + len(self.order))
+
+    def point(self, j: int) -> Tensor:
+        return self.c[self.batch * j: self.batch * (j + 1)]
 
     def natural(self) -> Tensor:
-        return self.c[: self.batch]
+        return self.point(0)
+
+    def intervals(self) -> Tensor:
+        """The centres of all interval blocks."""
+        return self.c[self.batch * self.points:]
 
     def block(self, k: int) -> Interval:
         B, i = self.batch, self.order.index(k)
-        return self.c[B * (1 + i): B * (2 + i)], self.r[B * i: B * (i + 1)]
+        return self.c[B * (self.points + i): B * (self.points + i + 1)], self.r[B * i: B * (i + 1)]
 
     def ball_box(self, k: int) -> Interval:
         """Bounding box of pending ball ``k`` (intersected with its domain box when it has one)."""
-        natural = self.natural()
-        axes = self.balls[k].view((-1,) + (1,) * (natural.dim() - 1))
+        eps, j = self.balls[k]
+        centre = self.point(j)
+        axes = eps.view((-1,) + (1,) * (centre.dim() - 1))
         axes = axes if self.scale is None else axes * self.scale.abs()
-        box = (natural, axes.expand_as(natural))
+        box = (centre, axes.expand_as(centre))
         return _intersect(box, self.block(k)) if k in self.order else box
 
     def resolved(self, n_specs: int, ball_bounds: Dict[int, Interval]) -> "_Streams":
@@ -148,6 +159,10 @@ class _Streams:
         if not self.balls:
             return self
         return self.resolved(n_specs, {k: self.ball_box(k) for k in self.balls})
+
+    def like(self, c: Tensor, r: Tensor, scale: Optional[Tensor] = None) -> "_Streams":
+        """Streams with the same layout and pending balls, new tensors."""
+        return _Streams(c, r, self.order, self.balls, scale, self.points)
 
 
 @dataclass
@@ -303,10 +318,12 @@ class BoundedModule(nn.Module):
     def _input_streams(self, x: Tensor, specs: List[Spec]) -> _Streams:
         boxes = [spec.domain_box(x) for spec in specs]
         order = [k for k, box in enumerate(boxes) if box is not None]
-        c = torch.cat([x] + [boxes[k][0] for k in order])
+        l2 = [k for k, spec in enumerate(specs) if isinstance(spec, L2Ball)]
+        centred = [k for k in l2 if specs[k].center is not None]
+        c = torch.cat([x] + [specs[k].center_for(x) for k in centred] + [boxes[k][0] for k in order])
         r = torch.cat([boxes[k][1] for k in order]) if order else x[:0]
-        balls = {k: spec.per_sample_eps(x).reshape(-1) for k, spec in enumerate(specs) if isinstance(spec, L2Ball)}
-        return _Streams(c, r, order, balls)
+        balls = {k: (specs[k].per_sample_eps(x).reshape(-1), 1 + centred.index(k) if k in centred else 0) for k in l2}
+        return _Streams(c, r, order, balls, points=1 + len(centred))
 
     def _step(self, position: str, module: nn.Module, s: _Streams, n_specs: int):
         """Apply one layer to all streams; returns the new streams and the (scale, shift) of a
@@ -316,12 +333,12 @@ class BoundedModule(nn.Module):
         if isinstance(module, nn.Linear) and s.balls and s.c.dim() != 2:
             s = s.resolved(n_specs, {k: s.ball_box(k) for k in s.balls})
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            out = _Streams(*_affine(module, s.c, s.r, backend), s.order)
+            out = s.like(*_affine(module, s.c, s.r, backend))
             if not s.balls:
                 return out, None
             balls = {}
-            for k, eps in s.balls.items():
-                ball = _l2_affine(module, s.natural(), eps, s.scale, backend)
+            for k, (eps, j) in s.balls.items():
+                ball = _l2_affine(module, s.point(j), eps, s.scale, backend)
                 balls[k] = _intersect(ball, out.block(k)) if k in out.order else ball
             return out.resolved(n_specs, balls), None
         if isinstance(module, (Normalize,) + _BATCHNORM):
@@ -331,12 +348,12 @@ class BoundedModule(nn.Module):
             if s.balls:
                 channel = scale.abs().view((1, -1) + (1,) * (s.c.dim() - 2))
                 axes = channel if axes is None else axes * channel
-            return _Streams(c, r, s.order, s.balls, axes), (scale, shift)
+            return s.like(c, r, axes), (scale, shift)
         if isinstance(module, nn.Flatten):
             axes = None
             if s.scale is not None:
                 axes = module(s.scale.expand((s.scale.shape[0],) + s.c.shape[1:]))
-            return _Streams(module(s.c), module(s.r), s.order, s.balls, axes), None
+            return s.like(module(s.c), module(s.r), axes), None
         if isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not (module.training and module.p > 0)):
             return s, None
         if isinstance(module, nn.Dropout):
@@ -344,9 +361,9 @@ class BoundedModule(nn.Module):
         if s.balls:  # ReLU, AvgPool2d: an ellipsoid does not map to an ellipsoid; bound it by its box
             s = s.resolved(n_specs, {k: s.ball_box(k) for k in s.balls})
         if isinstance(module, nn.ReLU):
-            return _Streams(*BF.interval_relu(s.c, s.r, backend=backend), s.order), None
+            return s.like(*BF.interval_relu(s.c, s.r, backend=backend)), None
         # AvgPool2d: linear with non-negative weights, so exact on (c, r) separately.
-        return _Streams(module(s.c), module(s.r), s.order), None
+        return s.like(module(s.c), module(s.r)), None
 
     def _margins(self, out: _Streams, pen: Optional[_Streams], tail, specs, bounds, labels: Tensor) -> List[Tensor]:
         logits = out.natural()
@@ -362,14 +379,14 @@ class BoundedModule(nn.Module):
         weight, bias = _fold_affines(self._layers[self._spec_layer], tail)
         per_block = {}
         if pen.order:
-            folded = BF.margins_linear(pen.c[pen.batch:], pen.r, weight, bias, labels.repeat(len(pen.order)),
+            folded = BF.margins_linear(pen.intervals(), pen.r, weight, bias, labels.repeat(len(pen.order)),
                                        backend=self.backend)
             per_block = dict(zip(pen.order, folded.chunk(len(pen.order))))
         margins = []
         for k in range(len(specs)):
             if k in pen.balls:
-                ball = BF.l2_margins_linear(pen.natural(), pen.balls[k], weight, bias, labels, pen.scale,
-                                            backend=self.backend)
+                eps, j = pen.balls[k]
+                ball = BF.l2_margins_linear(pen.point(j), eps, weight, bias, labels, pen.scale, backend=self.backend)
                 margins.append(torch.maximum(ball, per_block[k]) if k in per_block else ball)
             else:
                 margins.append(per_block[k])
@@ -400,4 +417,4 @@ def _dropout(p: float, s: _Streams) -> _Streams:
     c = (s.c.view((-1,) + natural.shape) * mask).view_as(s.c)
     r = (s.r.view((-1,) + natural.shape) * mask).view_as(s.r) if s.r.shape[0] else s.r
     axes = None if not s.balls else (mask if s.scale is None else s.scale * mask)
-    return _Streams(c, r, s.order, s.balls, axes)
+    return s.like(c, r, axes)

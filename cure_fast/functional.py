@@ -81,14 +81,27 @@ def interval_affine(c: Tensor, r: Tensor, scale: Tensor, shift: Tensor, *,
     if c.dim() < 2 or scale.shape != (c.shape[1],) or shift.shape != (c.shape[1],):
         raise ValueError(f"interval_affine: scale and shift must have shape ({c.shape[1] if c.dim() > 1 else '?'},), "
                          f"got {tuple(scale.shape)} and {tuple(shift.shape)} for input {tuple(c.shape)}")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.dtype != c.dtype or t.device != c.device:
+            raise ValueError(f"interval_affine: {name} must have the input's dtype and device ({c.dtype}, {c.device}), "
+                             f"got {t.dtype}, {t.device}")
     return _impl("interval_affine", backend, c)(c, r, scale, shift)
 
 
-def _check_l2(op: str, x: Tensor, eps: Union[float, Tensor]) -> None:
+def _check_l2(op: str, x: Tensor, eps: Union[float, Tensor], scale: Optional[Tensor] = None) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{op}: x must be a floating tensor, got {x.dtype}")
     if isinstance(eps, Tensor) and not (eps.dim() == 0 or eps.shape == (x.shape[0],)):
         raise ValueError(f"{op}: eps must be a float or a tensor of shape ({x.shape[0]},), got {tuple(eps.shape)}")
+    if not bool(torch.isfinite(torch.as_tensor(eps)).all() and (torch.as_tensor(eps) >= 0).all()):
+        raise ValueError(f"{op}: eps must be finite and non-negative")
+    if scale is not None:
+        try:
+            broadcast = torch.broadcast_shapes(scale.shape, x.shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != x.shape:
+            raise ValueError(f"{op}: scale of shape {tuple(scale.shape)} does not broadcast to x's shape {tuple(x.shape)}")
 
 
 def l2_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor] = None,
@@ -98,7 +111,7 @@ def l2_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
     x (B, in), eps float or (B,), scale None or broadcastable to x -> c (B, out), r (B, out) with
     ``r_i = eps * |W_i ⊙ scale|_2``.
     """
-    _check_l2("l2_linear", x, eps)
+    _check_l2("l2_linear", x, eps, scale)
     if x.dim() != 2:
         raise ValueError(f"l2_linear: expected x of shape (B, in), got {tuple(x.shape)}")
     _check_features("l2_linear", x.shape[1], weight.shape[1], "input features")
@@ -113,16 +126,18 @@ def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
     x (B, C, H, W), eps float or (B,), scale None or broadcastable to x -> c, r (B, O, H', W') with
     ``r = eps * sqrt(conv(scale^2, W^2))``: at the border only the weights inside the image count.
     """
-    _check_l2("l2_conv2d", x, eps)
+    _check_l2("l2_conv2d", x, eps, scale)
     if x.dim() != 4:
         raise ValueError(f"l2_conv2d: expected x of shape (B, C, H, W), got {tuple(x.shape)}")
     _check_features("l2_conv2d", x.shape[1], weight.shape[1] * groups, "input channels")
     return _impl("l2_conv2d", backend, x)(x, eps, weight, bias, stride, padding, dilation, groups, scale)
 
 
-def _check_labels(op: str, labels: Tensor, rows: int) -> None:
+def _check_labels(op: str, labels: Tensor, rows: int, classes: int) -> None:
     if labels.shape != (rows,) or labels.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{op}: labels must be integers of shape ({rows},), got {labels.dtype} {tuple(labels.shape)}")
+    if rows and not bool(((labels >= 0) & (labels < classes)).all()):
+        raise ValueError(f"{op}: labels must lie in [0, {classes})")
 
 
 def margins_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
@@ -133,7 +148,7 @@ def margins_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor],
     """
     _check_interval("margins_linear", c, r, dims=2)
     _check_features("margins_linear", c.shape[1], weight.shape[1], "input features")
-    _check_labels("margins_linear", labels, c.shape[0])
+    _check_labels("margins_linear", labels, c.shape[0], weight.shape[0])
     return _impl("margins_linear", backend, c)(c, r, weight, bias, labels.long())
 
 
@@ -143,9 +158,9 @@ def l2_margins_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias
 
     x (B, in), eps float or (B,), weight (K, in), labels (B,) int -> (B, K), 0 at ``j = y``.
     """
-    _check_l2("l2_margins_linear", x, eps)
+    _check_l2("l2_margins_linear", x, eps, scale)
     if x.dim() != 2:
         raise ValueError(f"l2_margins_linear: expected x of shape (B, in), got {tuple(x.shape)}")
     _check_features("l2_margins_linear", x.shape[1], weight.shape[1], "input features")
-    _check_labels("l2_margins_linear", labels, x.shape[0])
+    _check_labels("l2_margins_linear", labels, x.shape[0], weight.shape[0])
     return _impl("l2_margins_linear", backend, x)(x, eps, weight, bias, labels.long(), scale)

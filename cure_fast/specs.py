@@ -49,10 +49,23 @@ def _check_eps(eps: Eps) -> Eps:
 class _Ball:
     eps: Eps
     domain: Domain = (0.0, 1.0)
+    center: Optional[Tensor] = None
 
     def __post_init__(self):
         object.__setattr__(self, "eps", _check_eps(self.eps))
         object.__setattr__(self, "domain", _check_domain(self.domain))
+        if self.center is not None:
+            if not isinstance(self.center, Tensor) or not self.center.is_floating_point():
+                raise ValueError(f"{self.name}: center must be a floating tensor shaped like the input")
+            object.__setattr__(self, "center", self.center.detach())
+
+    def center_for(self, x: Tensor) -> Tensor:
+        """The centre of the set for inputs x (B, ...): ``center`` when given, else x itself."""
+        if self.center is None:
+            return x
+        if self.center.shape != x.shape:
+            raise ValueError(f"{self.name}: center has shape {tuple(self.center.shape)} but the input has {tuple(x.shape)}")
+        return self.center.to(device=x.device, dtype=x.dtype)
 
     def per_sample_eps(self, x: Tensor) -> Tensor:
         """``eps`` as a tensor of shape ``(B, 1, ..., 1)`` broadcastable against ``x`` (B, ...)."""
@@ -73,7 +86,8 @@ class _Ball:
         if self.domain is None and isinstance(self, L2Ball):
             return None
         eps = self.per_sample_eps(x)
-        lower, upper = x - eps, x + eps
+        centre = self.center_for(x)
+        lower, upper = centre - eps, centre + eps
         if self.domain is not None:
             lower = lower.clamp(min=self.domain[0])
             upper = upper.clamp(max=self.domain[1])
@@ -85,7 +99,8 @@ class _Ball:
 
     def __repr__(self) -> str:
         eps = f"tensor{tuple(self.eps.shape)}" if isinstance(self.eps, Tensor) else f"{self.eps:g}"
-        return f"{self.name}(eps={eps}, domain={self.domain})"
+        centre = "" if self.center is None else ", center=tensor"
+        return f"{self.name}(eps={eps}, domain={self.domain}{centre})"
 
 
 class LinfBall(_Ball):
@@ -94,6 +109,8 @@ class LinfBall(_Ball):
     Args:
         eps: radius, a float or a per-sample tensor of shape ``(B,)``.
         domain: ``(lo, hi)`` bounds of valid inputs (pixel space), or ``None`` for no bounds.
+        center: optional centres (B, ...) of the set; by default the input itself (small-box
+            training bounds a small set around a point other than the natural input).
     """
 
     p = math.inf
@@ -108,15 +125,17 @@ class L2Ball(_Ball):
     Args:
         eps: radius, a float or a per-sample tensor of shape ``(B,)``.
         domain: ``(lo, hi)`` bounds of valid inputs (pixel space), or ``None``.
+        center: optional centres (B, ...) of the ball; by default the input itself.
     """
 
     p = 2.0
 
 
 def contains(spec: _Ball, x: Tensor, points: Tensor, tol: float = 0.0) -> Tensor:
-    """Whether each of ``points`` (B, ...) lies in the input set around ``x`` (B, ...); returns (B,) bool."""
+    """Whether each of ``points`` (B, ...) lies in the input set around ``x`` (B, ...) (around its own
+    centre when it has one); returns (B,) bool."""
     eps = spec.per_sample_eps(x).reshape(-1)
-    delta = (points - x).flatten(1)
+    delta = (points - spec.center_for(x)).flatten(1)
     norm = delta.abs().amax(1) if isinstance(spec, LinfBall) else delta.norm(dim=1)
     inside = norm <= eps + tol
     if spec.domain is not None:

@@ -216,3 +216,24 @@ def test_cnn7_architecture():
     assert [(lin.in_features, lin.out_features) for lin in linears] == [(128 * 16 * 16, 512), (512, 10)]
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model) == 5
     assert sum(isinstance(m, nn.BatchNorm1d) for m in model) == 1
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_specs_with_their_own_centre_equal_propagating_from_that_centre(train):
+    """A set around another point (small-box training) bounds like propagating that point itself,
+    while the natural stream (and so train-mode BatchNorm statistics) stays on x."""
+    model, x = _small_cnn(torch.float64)
+    model.eval()
+    centre = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    bm = BoundedModule(model)
+    specs = [LinfBall(0.02, center=centre), L2Ball(0.1, center=centre), L2Ball(0.1, domain=None, center=centre)]
+    moved = bm.propagate(x, specs)
+    direct = bm.propagate(centre, [LinfBall(0.02), L2Ball(0.1), L2Ball(0.1, domain=None)])
+    for a, b in zip(moved.bounds, direct.bounds):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(moved.logits, model(x))
+    if train:
+        model.train()
+        stats_from_x = copy.deepcopy(model)
+        out = BoundedModule(model).propagate(x, specs)
+        torch.testing.assert_close(out.logits, stats_from_x(x))
