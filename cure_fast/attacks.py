@@ -6,7 +6,7 @@ the minimizer of ``|p - z|^2 + mu |p - x|^2`` over the box is ``clip((z + mu x) 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -25,8 +25,10 @@ def _l2_norm(v: Tensor) -> Tensor:
 
 @torch.no_grad()
 def project(spec: _Ball, x: Tensor, z: Tensor, iterations: int = 60) -> Tensor:
-    """Euclidean projection of ``z`` (B, ...) onto the input set ``spec`` around ``x`` (B, ...)."""
+    """Euclidean projection of ``z`` (B, ...) onto the input set ``spec`` around ``x`` (B, ...)
+    (around the set's own centre when it has one)."""
     eps = spec.per_sample_eps(x)
+    x = spec.center_for(x)
     if isinstance(spec, LinfBall):
         return _clip_domain(spec, torch.minimum(torch.maximum(z, x - eps), x + eps))
     radius = lambda mu: _l2_norm(_clip_domain(spec, (z + mu * x) / (1 + mu)) - x)  # noqa: E731
@@ -47,6 +49,7 @@ def project(spec: _Ball, x: Tensor, z: Tensor, iterations: int = 60) -> Tensor:
 def random_point(spec: _Ball, x: Tensor) -> Tensor:
     """A random point of the input set (uniform in the box; uniform direction and radius in the ball)."""
     eps = spec.per_sample_eps(x)
+    x = spec.center_for(x)
     if isinstance(spec, LinfBall):
         return project(spec, x, x + (2 * torch.rand_like(x) - 1) * eps)
     direction = torch.randn_like(x)
@@ -62,26 +65,44 @@ def pgd(objective: Callable[[Tensor], Tensor], x: Tensor, spec: _Ball, steps: in
     Steps of relative size ``step_size`` (default 2.5 / steps) times eps along the gradient's sign
     (l∞) or direction (l2), each followed by the exact projection. Returns the best points (B, ...).
     """
-    if not isinstance(spec, (LinfBall, L2Ball)):
-        raise TypeError(f"pgd needs a LinfBall or L2Ball, got {type(spec).__name__}")
-    alpha = spec.per_sample_eps(x) * (step_size if step_size is not None else 2.5 / max(steps, 1))
+    return pgd_batched(objective, x, [spec], steps, step_size, restarts, random_start)[0]
+
+
+def pgd_batched(objective: Callable[[Tensor], Tensor], x: Tensor, specs: Sequence[_Ball], steps: int = 20,
+                step_size: Optional[float] = None, restarts: int = 1, random_start: bool = True) -> List[Tensor]:
+    """:func:`pgd` for several input sets at once: the points of all sets are stacked along the
+    batch, so each step is one call of ``objective`` ((S*B, ...) -> (S*B,)) and one backward.
+    Returns the best points per set, each (B, ...)."""
+    for spec in specs:
+        if not isinstance(spec, (LinfBall, L2Ball)):
+            raise TypeError(f"pgd needs LinfBall or L2Ball sets, got {type(spec).__name__}")
+    relative = step_size if step_size is not None else 2.5 / max(steps, 1)
     x = x.detach()
-    best = x.clone()
+    stack = lambda parts: torch.cat(parts)  # noqa: E731
+    split = lambda t: list(t.chunk(len(specs)))  # noqa: E731
+    alpha = [spec.per_sample_eps(x) * relative for spec in specs]
+    best = stack([x] * len(specs)).clone()
     with torch.no_grad():
         best_value = objective(best)
     for _ in range(restarts):
-        point = random_point(spec, x) if random_start else x.clone()
+        points = [random_point(spec, x) if random_start else x.clone() for spec in specs]
         for _ in range(steps):
-            point.requires_grad_(True)
+            point = stack(points).requires_grad_(True)
             value = objective(point)
             grad, = torch.autograd.grad(value.sum(), point)
             with torch.no_grad():
                 _keep_best(best, best_value, point, value)
-                step = grad.sign() if isinstance(spec, LinfBall) else grad / _l2_norm(grad).clamp_min(1e-12)
-                point = project(spec, x, point + alpha * step)
+                points = [project(spec, x, p + a * _ascent(spec, g))
+                          for spec, p, a, g in zip(specs, split(point.detach()), alpha, split(grad))]
         with torch.no_grad():
+            point = stack(points)
             _keep_best(best, best_value, point, objective(point))
-    return best
+    return split(best)
+
+
+def _ascent(spec: _Ball, grad: Tensor) -> Tensor:
+    """The steepest-ascent direction of unit norm for the set's norm."""
+    return grad.sign() if isinstance(spec, LinfBall) else grad / _l2_norm(grad).clamp_min(1e-12)
 
 
 def _keep_best(best: Tensor, best_value: Tensor, point: Tensor, value: Tensor) -> None:

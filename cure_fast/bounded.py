@@ -182,6 +182,10 @@ class Propagation:
     _states: List[_Streams] = field(repr=False, default_factory=list)  # input of each layer, then the output
     _relus: List[int] = field(repr=False, default_factory=list)
 
+    def input_bounds(self, spec: int, layer: int) -> Interval:
+        """Bounds ``(lower, upper)`` of spec number ``spec`` on the input of layer number ``layer``."""
+        return _lower_upper(self._states[layer].block(spec))
+
     def layer_bounds(self, spec: int) -> List[Interval]:
         """Bounds ``(lower, upper)`` of spec number ``spec`` on the output of every layer, each (B, *shape)."""
         return [_lower_upper(state.block(spec)) for state in self._states[1:]]
@@ -260,6 +264,8 @@ class BoundedModule(nn.Module):
         self.layer_names = [position for position, _ in layers]
         self._layers = [module for _, module in layers]
         self._spec_layer = self._find_spec_layer()
+        affine = [i for i, m in enumerate(self._layers) if isinstance(m, (nn.Linear, nn.Conv2d))]
+        self.first_affine = affine[0] if affine else None
 
     def _find_spec_layer(self) -> Optional[int]:
         """Index of the last Linear when only per-feature affine or shape-neutral layers follow it."""

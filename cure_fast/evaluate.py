@@ -1,0 +1,110 @@
+"""Evaluation of a classifier: clean accuracy, PGD accuracy and certified accuracy per norm, and
+union accuracy (certified for every norm at once)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .attacks import pgd_batched
+from .bounded import BoundedModule
+from .losses import certified
+from .specs import L2Ball, LinfBall
+
+CERTIFIERS = ("ibp",)
+
+
+def make_spec(norm: str, eps: float, **kwargs):
+    """The input set of norm ``"inf"`` or ``"2"`` with radius eps (pixel space, domain [0, 1])."""
+    if norm == "inf":
+        return LinfBall(eps, **kwargs)
+    if norm == "2":
+        return L2Ball(eps, **kwargs)
+    raise ValueError(f"unknown norm {norm!r}; choose 'inf' or '2'")
+
+
+@contextlib.contextmanager
+def sound_precision():
+    """fp32 matmuls and convolutions without TF32 while certifying."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@dataclass
+class Evaluation:
+    """Per-sample results over N test points, and their summary."""
+    correct: Tensor                   # (N,) bool
+    pgd_robust: Dict[str, Tensor]     # norm -> (N,) bool: correct and no PGD point found misclassified
+    certified: Dict[str, Tensor]      # norm -> (N,) bool
+    margin: Dict[str, Tensor]         # norm -> (N,) lower bound of min_{j != y} z_y - z_j
+
+    def summary(self) -> Dict[str, float]:
+        """Accuracies in [0, 1]: clean, pgd_<norm>, certified_<norm>, union (certified for all
+        norms), empirical_union (PGD-robust for all norms)."""
+        out = {"clean": self.correct.float().mean().item()}
+        for norm in self.certified:
+            out[f"pgd_{norm}"] = self.pgd_robust[norm].float().mean().item()
+            out[f"certified_{norm}"] = self.certified[norm].float().mean().item()
+        out["union"] = torch.stack(list(self.certified.values())).all(0).float().mean().item()
+        out["empirical_union"] = torch.stack(list(self.pgd_robust.values())).all(0).float().mean().item()
+        return out
+
+
+def _misclassification(model: nn.Module, y: Tensor):
+    """Objective for PGD: ``max_{j != y} z_j - z_y`` per sample (> 0: misclassified)."""
+    def objective(points: Tensor) -> Tensor:
+        logits = model(points)
+        labels = y.repeat(points.shape[0] // y.shape[0])
+        true = logits.gather(1, labels[:, None])[:, 0]
+        return logits.scatter(1, labels[:, None], float("-inf")).amax(1) - true
+    return objective
+
+
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, float], method: str = "ibp",
+             pgd_steps: int = 20, pgd_restarts: int = 1, batch_size: int = 500, backend: Optional[str] = None,
+             device: Optional[torch.device] = None) -> Evaluation:
+    """Evaluate ``model`` (in eval mode) on images (N, C, H, W) in [0, 1] (uint8 bytes or float) and
+    labels (N,), for the input sets ``eps`` = {"inf": eps_inf, "2": eps_2} (either may be absent)."""
+    if method not in CERTIFIERS:
+        raise ValueError(f"unknown certification method {method!r}; available: {', '.join(CERTIFIERS)}")
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    bm = BoundedModule(model, backend=backend)
+    norms = list(eps)
+    parts = {"correct": [], **{f"{k}_{n}": [] for n in norms for k in ("pgd", "cert", "margin")}}
+    try:
+        with sound_precision():
+            for start in range(0, len(labels), batch_size):
+                x = images[start:start + batch_size].to(device)
+                x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
+                y = labels[start:start + batch_size].to(device)
+                _evaluate_batch(model, bm, x, y, eps, pgd_steps, pgd_restarts, parts)
+    finally:
+        model.train(was_training)
+    join = lambda key: torch.cat(parts[key]).cpu()  # noqa: E731
+    return Evaluation(join("correct"), {n: join(f"pgd_{n}") for n in norms},
+                      {n: join(f"cert_{n}") for n in norms}, {n: join(f"margin_{n}") for n in norms})
+
+
+def _evaluate_batch(model, bm, x, y, eps, pgd_steps, pgd_restarts, parts) -> None:
+    norms = list(eps)
+    specs = [make_spec(n, eps[n]) for n in norms]
+    with torch.no_grad():
+        out = bm.propagate(x, specs, y)
+    correct = out.logits.argmax(1) == y
+    parts["correct"].append(correct)
+    objective = _misclassification(model, y)
+    points = pgd_batched(objective, x, specs, steps=pgd_steps, restarts=pgd_restarts)
+    with torch.no_grad():
+        for norm, point, margins in zip(norms, points, out.margins):
+            parts[f"pgd_{norm}"].append(correct & (objective(point) < 0))
+            parts[f"cert_{norm}"].append(certified(margins, y))
+            parts[f"margin_{norm}"].append(margins.scatter(1, y[:, None], float("inf")).amin(1))

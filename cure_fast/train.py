@@ -1,0 +1,422 @@
+"""The trainer: natural, PGD, IBP and SABR training for one or both norms (CURE), with bound
+alignment and gradient projection; checkpoints, exact resume, DDP.
+
+    cure-fast train --preset mnist-demo-cure --set epochs=5
+    torchrun --nproc_per_node=2 -m cure_fast.train --preset mnist-0.1-cure
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import data, losses, models
+from .attacks import project, pgd_batched
+from .bounded import BoundedModule
+from .config import TrainConfig, from_dict, load_config, to_dict
+from .evaluate import Evaluation, evaluate, make_spec
+from .specs import LinfBall
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a NaN/Inf loss); the message names the last good checkpoint."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def _save_atomic(obj, path: str) -> None:
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state(device: torch.device) -> Dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Objective(nn.Module):
+    """The loss of one batch, as a module so that DistributedDataParallel can wrap it.
+
+    ``forward(x, y, specs, natural, ramp)``: natural training when ``natural``; otherwise the
+    robust loss over ``specs`` (one per trained norm, l∞ first), combined as configured, mixed with
+    the natural loss, plus bound alignment, plus the warm-up regularizer weighted by ``ramp`` (the
+    regularizer's weight ``reg_lambda * (1 - eps / eps_max)``). Returns (loss, logits, margins).
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig):
+        super().__init__()
+        self.model = model
+        self.bounded = BoundedModule(model, backend=config.backend)
+        self.config = config
+
+    def forward(self, x: Tensor, y: Tensor, specs: Sequence, natural: bool = False, regularizer_weight: float = 0.0,
+                assignment: Optional[Tensor] = None):
+        cfg = self.config
+        if natural or not specs:
+            logits = self.model(x)
+            return F.cross_entropy(logits, y), logits, []
+        if cfg.method == "pgd":
+            logits = self.model(torch.cat(specs))
+            per_norm = [F.cross_entropy(z, y, reduction="none") for z in logits.chunk(len(specs))]
+            return losses.combine(per_norm, cfg.combine, cfg.alpha, assignment), logits[: len(y)], []
+        out = self.bounded.propagate(x, specs, y)
+        robust = losses.combine([losses.robust_ce(m, y) for m in out.margins], cfg.combine, cfg.alpha, assignment)
+        loss = (1 - cfg.natural_weight) * robust + cfg.natural_weight * F.cross_entropy(out.logits, y)
+        if cfg.align_lambda > 0:
+            ref = cfg.norms.index(cfg.align_reference)
+            loss = loss + cfg.align_lambda * losses.alignment(out.margins[ref], out.margins[1 - ref], y)
+        if regularizer_weight > 0 and self.bounded.first_affine is not None:
+            reg = sum(losses.warmup_regularizer(out, k, self.bounded.first_affine, cfg.reg_tol) for k in range(len(specs)))
+            loss = loss + regularizer_weight * reg / len(specs)
+        return loss, out.logits, out.margins
+
+
+class Trainer:
+    """Runs a :class:`TrainConfig` end to end in ``run_dir`` (created, or resumed from its checkpoint)."""
+
+    def __init__(self, config: TrainConfig, run_dir: Optional[str] = None, resume: bool = False):
+        self.config = cfg = config
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {self.world} processes")
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.world > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.manual_seed(cfg.seed)
+        self.run_dir = self._agree(run_dir or (_new_run_dir(cfg.out_dir, cfg.name) if self.rank == 0 else None))
+        self.train_set = data.load_dataset(cfg.dataset, "train", cfg.data_root, limit=cfg.train_limit)
+        self.test_set = data.load_dataset(cfg.dataset, "test", cfg.data_root, limit=cfg.eval_limit)
+        self.model = models.build(cfg.model, cfg.dataset, **cfg.model_args).to(self.device)
+        if cfg.init_from:
+            self.model.load_state_dict(torch.load(cfg.init_from, map_location=self.device, weights_only=True)["model"])
+        elif cfg.ibp_init and cfg.method in ("ibp", "sabr"):
+            losses.ibp_init(self.model)
+        self.objective = Objective(self.model, cfg)
+        self.step_fn = self.objective
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.step_fn = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.natural_optimizer = (torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                                  if cfg.gp_beta > 0 else None)
+        self.epoch, self.step, self.history = 0, 0, []
+        self.steps_per_epoch = data.num_batches(len(self.train_set), cfg.batch_size // self.world, world_size=self.world)
+        if resume:
+            self._load_checkpoint()
+        elif self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+    def _agree(self, value):
+        """Rank 0's value, on every rank."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # -- schedule -------------------------------------------------------------------------------
+    def eps(self, norm: str, step: Optional[int] = None) -> float:
+        """The training eps of ``norm`` at a step (the smoothed ramp of Shi et al.)."""
+        cfg, step = self.config, self.step if step is None else step
+        start, end = cfg.eps_start_epoch * self.steps_per_epoch, cfg.eps_end_epoch * self.steps_per_epoch
+        if cfg.method in ("natural", "pgd"):
+            return cfg.train_eps(norm)
+        return losses.eps_ramp(step, start, end, cfg.train_eps(norm))
+
+    def lr(self, epoch: int) -> float:
+        cfg = self.config
+        return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _specs(self, x: Tensor, y: Tensor, eps: Dict[str, float]) -> List:
+        """The sets to train on for this batch: the eps sets (IBP), PGD points (PGD), or SABR's small sets."""
+        cfg = self.config
+        if cfg.method == "ibp":
+            return [make_spec(n, eps[n]) for n in cfg.norms]
+        sets = [make_spec(n, eps[n]) for n in cfg.norms]
+        self.model.eval()
+        try:
+            objective = lambda p: F.cross_entropy(self.model(p), y.repeat(len(sets)), reduction="none")  # noqa: E731
+            points = pgd_batched(objective, x, sets, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts)
+        finally:
+            self.model.train()
+        if cfg.method == "pgd":
+            return points
+        return [self._small_set(x, norm, eps[norm], point) for norm, point in zip(cfg.norms, points)]
+
+    def _small_set(self, x: Tensor, norm: str, eps: float, point: Tensor):
+        """SABR: a set of radius lambda * eps around the attack point, shifted to lie in the eps set."""
+        cfg, small = self.config, self.config.sabr_lambda * eps
+        if norm == "inf":
+            lower, upper = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+            fits = lower + small <= upper - small
+            centre = torch.where(fits, torch.minimum(torch.maximum(point, lower + small), upper - small),
+                                 (lower + upper) / 2)
+            return LinfBall(small, center=centre)
+        if cfg.sabr_l2_set == "box":
+            return LinfBall(small, center=point)
+        return make_spec("2", small, center=project(make_spec("2", eps - small), x, point))
+
+    def train_epoch(self, epoch: int, natural: bool = False) -> Dict[str, float]:
+        """One pass over the training data; natural training (for gradient projection) when ``natural``."""
+        cfg = self.config
+        optimizer = self.natural_optimizer if natural else self.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr(epoch)
+        self.model.train()
+        generator = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+        local = cfg.batch_size // self.world
+        stream = data.batches(self.train_set.images, self.train_set.labels, local, shuffle=True, generator=generator,
+                              rank=self.rank, world_size=self.world, device=self.device)
+        totals = {"loss": 0.0, "correct": 0.0, "seen": 0, **{f"certified_{n}": 0.0 for n in cfg.norms}}
+        start = time.perf_counter()
+        bar = tqdm(stream, total=self.steps_per_epoch, disable=not cfg.progress or self.rank != 0, leave=False,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}{' (natural)' if natural else ''}")
+        for x, y in bar:
+            x = data.augment(cfg.dataset, x)
+            eps = {n: self.eps(n) for n in cfg.norms}
+            use_bounds = not natural and (cfg.method in ("pgd",) or any(v > 0 for v in eps.values()))
+            specs = self._specs(x, y, eps) if use_bounds and cfg.method != "natural" else []
+            assignment = torch.randint(0, 2, (len(y),), device=self.device) if cfg.combine == "random" else None
+            ramp = self._regularizer_weight(eps)
+            loss, logits, margins = self.step_fn(x, y, specs, natural, ramp, assignment)
+            if not torch.isfinite(loss):
+                kept = (f"the last good checkpoint is {self._checkpoint_path()} (epoch {self.epoch})" if self.epoch
+                        else "no checkpoint was written yet")
+                raise TrainingError(f"the loss is {loss.item()} at epoch {epoch + 1}, step {self.step}; stopped: {kept}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if not natural:
+                self.step += 1
+            totals["loss"] += loss.item() * len(y)
+            totals["correct"] += (logits.argmax(1) == y).sum().item()
+            totals["seen"] += len(y)
+            for norm, m in zip(cfg.norms, margins):
+                totals[f"certified_{norm}"] += losses.certified(m, y).sum().item()
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{totals['seen'] * self.world / (time.perf_counter() - start):.0f}")
+        seconds = time.perf_counter() - start
+        seen = max(totals.pop("seen"), 1)
+        out = {f"train_{k}": v / seen for k, v in totals.items()}
+        out.update(seconds=seconds, images_per_second=seen * self.world / seconds, lr=self.lr(epoch),
+                   **{f"eps_{n}": self.eps(n) for n in cfg.norms})
+        return out
+
+    def _regularizer_weight(self, eps: Dict[str, float]) -> float:
+        cfg = self.config
+        if cfg.method not in ("ibp", "sabr") or cfg.reg_lambda == 0:
+            return 0.0
+        fractions = [eps[n] / cfg.train_eps(n) for n in cfg.norms if cfg.train_eps(n) > 0]
+        fraction = min(fractions) if fractions else 1.0
+        return cfg.reg_lambda * (1 - fraction) if 0 < fraction < 1 else 0.0
+
+    def projected_epoch(self, epoch: int) -> Dict[str, float]:
+        """Gradient projection: a certified and a natural epoch from the same start, merged per tensor."""
+        start = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        metrics = self.train_epoch(epoch)
+        certified_params = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        buffers = copy.deepcopy(self.model.state_dict(keep_vars=False))
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(start[n])
+        natural_metrics = self.train_epoch(epoch, natural=True)
+        natural_params = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        merged = losses.gradient_projection(start, certified_params, natural_params, self.config.gp_beta)
+        buffers.update(merged)
+        self.model.load_state_dict(buffers)
+        metrics["natural_train_loss"] = natural_metrics["train_loss"]
+        return metrics
+
+    # -- loop ---------------------------------------------------------------------------------------
+    def evaluate(self) -> Evaluation:
+        cfg = self.config
+        return evaluate(self.model, self.test_set.images, self.test_set.labels,
+                        {n: cfg.eval_eps(n) for n in ("inf", "2")}, pgd_steps=cfg.eval_pgd_steps,
+                        pgd_restarts=cfg.eval_pgd_restarts, batch_size=cfg.eval_batch_size, backend=cfg.backend,
+                        device=self.device)
+
+    def run(self, stop_after: Optional[int] = None) -> Dict[str, float]:
+        """Train the remaining epochs (or up to epoch ``stop_after``, to be resumed later); returns the
+        final evaluation summary."""
+        cfg, final = self.config, {}
+        for epoch in range(self.epoch, min(cfg.epochs, stop_after or cfg.epochs)):
+            projected = cfg.gp_beta > 0 and epoch >= cfg.eps_end_epoch
+            metrics = self.projected_epoch(epoch) if projected else self.train_epoch(epoch)
+            metrics["epoch"] = epoch + 1
+            last = epoch + 1 == cfg.epochs
+            if self.rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
+                evaluation = self.evaluate()
+                final = evaluation.summary()
+                metrics.update({f"test_{k}": v for k, v in final.items()})
+                if last:
+                    _write_per_sample(evaluation, os.path.join(self.run_dir, "test_per_sample.csv"))
+            self.epoch = epoch + 1
+            self.history.append(metrics)
+            if self.rank == 0:
+                self._log(metrics)
+                self._save_checkpoint()
+        if self.rank == 0 and self.epoch == cfg.epochs:
+            self._finish(final)
+        return final
+
+    # -- files ----------------------------------------------------------------------------------
+    def _checkpoint_path(self) -> str:
+        return os.path.join(self.run_dir, "checkpoint.pt")
+
+    def _save_checkpoint(self) -> None:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                 "step": self.step, "history": self.history, "rng": _rng_state(self.device),
+                 "config": to_dict(self.config)}
+        if self.natural_optimizer is not None:
+            state["natural_optimizer"] = self.natural_optimizer.state_dict()
+        _save_atomic(state, self._checkpoint_path())
+
+    def _load_checkpoint(self) -> None:
+        path = self._checkpoint_path()
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.natural_optimizer is not None:
+            self.natural_optimizer.load_state_dict(state["natural_optimizer"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        _set_rng_state(state["rng"], self.device)
+
+    def _log(self, metrics: Dict[str, float]) -> None:
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        keys = sorted({k for m in self.history for k in m})
+        with open(os.path.join(self.run_dir, "metrics.csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+        shown = {k: v for k, v in metrics.items() if k.startswith("test_") or k in ("train_loss", "images_per_second")}
+        print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
+
+    def _finish(self, final: Dict[str, float]) -> None:
+        from .plots import plot_curves, plot_summary
+        torch.save(self.model.state_dict(), os.path.join(self.run_dir, "model.pt"))
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump({"name": self.config.name, **final}, f, indent=2)
+        plot_curves(self.history, os.path.join(self.run_dir, "curves.png"))
+        if final:
+            plot_summary({self.config.name: final}, os.path.join(self.run_dir, "summary.png"))
+            print(format_table({self.config.name: final}))
+
+
+def _write_per_sample(evaluation: Evaluation, path: str) -> None:
+    norms = list(evaluation.certified)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "correct"] + [f"{k}_{n}" for n in norms for k in ("pgd", "certified", "margin")])
+        for i in range(len(evaluation.correct)):
+            row = [i, int(evaluation.correct[i])]
+            for n in norms:
+                row += [int(evaluation.pgd_robust[n][i]), int(evaluation.certified[n][i]),
+                        f"{evaluation.margin[n][i].item():.6g}"]
+            writer.writerow(row)
+
+
+COLUMNS = [("clean", "clean"), ("pgd_inf", "PGD l∞"), ("pgd_2", "PGD l2"), ("certified_inf", "cert l∞"),
+           ("certified_2", "cert l2"), ("union", "union")]
+
+
+def format_table(rows: Dict[str, Dict[str, float]]) -> str:
+    """The accuracy table, one row per run, in percent."""
+    width = max(len(name) for name in rows) + 2
+    lines = [f"{'run':<{width}}" + "".join(f"{title:>10}" for _, title in COLUMNS)]
+    for name, summary in rows.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{100 * summary.get(key, math.nan):>9.1f}%" for key, _ in COLUMNS))
+    return "\n".join(lines)
+
+
+def _new_run_dir(out_dir: str, name: str) -> str:
+    path, n = os.path.join(out_dir, name), 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(out_dir, f"{name}-{n}")
+    return path
+
+
+def train(config: TrainConfig, run_dir: Optional[str] = None, resume: bool = False) -> Dict[str, float]:
+    """Train ``config`` (in ``run_dir``, or a new folder under ``config.out_dir``); returns the final summary."""
+    return Trainer(config, run_dir, resume).run()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help="a preset shipped with cure_fast (see --list-presets)")
+    parser.add_argument("--config", help="a YAML file of config keys")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    parser.add_argument("--data-root", help="folder holding the data sets")
+    parser.add_argument("--list-presets", action="store_true")
+
+
+def run_from_args(args: argparse.Namespace) -> Dict[str, float]:
+    from .config import presets
+    if args.list_presets:
+        print("\n".join(presets()))
+        return {}
+    overrides = list(args.set) + ([f"data_root={args.data_root}"] if args.data_root else [])
+    if args.resume:
+        with open(os.path.join(args.resume, "config.yaml")) as f:
+            config = from_dict(yaml.safe_load(f))
+        return train(config, args.resume, resume=True)
+    if not (args.preset or args.config):
+        raise SystemExit("cure-fast train: give --preset NAME or --config FILE (or --resume RUN_DIR)")
+    return train(load_config(args.preset, args.config, overrides))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """``python -m cure_fast.train`` (also under torchrun: one process per device, DDP)."""
+    parser = argparse.ArgumentParser(prog="cure_fast.train", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        run_from_args(args)
+    except (TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"cure-fast train: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
