@@ -11,7 +11,7 @@ CUDA_SOURCES := $(wildcard csrc/*.cu csrc/*.h csrc/*.cpp)
 .PHONY: demo test install clean
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/cure-fast quickstart
+	$(VENV)/bin/cure-fast demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto -p no:cacheprovider

@@ -12,7 +12,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -99,6 +98,38 @@ class Objective(nn.Module):
         return loss, out.logits, out.margins
 
 
+def training_sets(config: TrainConfig, model: nn.Module, x: Tensor, y: Tensor, eps: Dict[str, float]) -> List:
+    """What to train on for a batch: the eps sets (IBP), PGD points (PGD, all norms attacked in one
+    batched attack), or SABR's small sets around the PGD points."""
+    if config.method == "ibp":
+        return [make_spec(n, eps[n]) for n in config.norms]
+    sets = [make_spec(n, eps[n]) for n in config.norms]
+    model.eval()
+    try:
+        objective = lambda p: F.cross_entropy(model(p), y.repeat(len(sets)), reduction="none")  # noqa: E731
+        points = pgd_batched(objective, x, sets, steps=config.pgd_steps, restarts=config.pgd_restarts)
+    finally:
+        model.train()
+    if config.method == "pgd":
+        return points
+    return [small_set(config, x, norm, eps[norm], point) for norm, point in zip(config.norms, points)]
+
+
+def small_set(config: TrainConfig, x: Tensor, norm: str, eps: float, point: Tensor):
+    """SABR: a set of radius ``sabr_lambda * eps`` around the attack point, shifted to lie in the eps
+    set around x (for l2 with ``sabr_l2_set="box"``: the l∞ box of that radius around the point)."""
+    small = config.sabr_lambda * eps
+    if norm == "inf":
+        lower, upper = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
+        fits = lower + small <= upper - small
+        centre = torch.where(fits, torch.minimum(torch.maximum(point, lower + small), upper - small),
+                             (lower + upper) / 2)
+        return LinfBall(small, center=centre)
+    if config.sabr_l2_set == "box":
+        return LinfBall(small, center=point)
+    return make_spec("2", small, center=project(make_spec("2", eps - small), x, point))
+
+
 class Trainer:
     """Runs a :class:`TrainConfig` end to end in ``run_dir`` (created, or resumed from its checkpoint)."""
 
@@ -159,35 +190,6 @@ class Trainer:
         return cfg.lr * cfg.lr_gamma ** sum(epoch >= m for m in cfg.lr_milestones)
 
     # -- one step ---------------------------------------------------------------------------------
-    def _specs(self, x: Tensor, y: Tensor, eps: Dict[str, float]) -> List:
-        """The sets to train on for this batch: the eps sets (IBP), PGD points (PGD), or SABR's small sets."""
-        cfg = self.config
-        if cfg.method == "ibp":
-            return [make_spec(n, eps[n]) for n in cfg.norms]
-        sets = [make_spec(n, eps[n]) for n in cfg.norms]
-        self.model.eval()
-        try:
-            objective = lambda p: F.cross_entropy(self.model(p), y.repeat(len(sets)), reduction="none")  # noqa: E731
-            points = pgd_batched(objective, x, sets, steps=cfg.pgd_steps, restarts=cfg.pgd_restarts)
-        finally:
-            self.model.train()
-        if cfg.method == "pgd":
-            return points
-        return [self._small_set(x, norm, eps[norm], point) for norm, point in zip(cfg.norms, points)]
-
-    def _small_set(self, x: Tensor, norm: str, eps: float, point: Tensor):
-        """SABR: a set of radius lambda * eps around the attack point, shifted to lie in the eps set."""
-        cfg, small = self.config, self.config.sabr_lambda * eps
-        if norm == "inf":
-            lower, upper = (x - eps).clamp(min=0), (x + eps).clamp(max=1)
-            fits = lower + small <= upper - small
-            centre = torch.where(fits, torch.minimum(torch.maximum(point, lower + small), upper - small),
-                                 (lower + upper) / 2)
-            return LinfBall(small, center=centre)
-        if cfg.sabr_l2_set == "box":
-            return LinfBall(small, center=point)
-        return make_spec("2", small, center=project(make_spec("2", eps - small), x, point))
-
     def train_epoch(self, epoch: int, natural: bool = False) -> Dict[str, float]:
         """One pass over the training data; natural training (for gradient projection) when ``natural``."""
         cfg = self.config
@@ -207,7 +209,7 @@ class Trainer:
             x = data.augment(cfg.dataset, x)
             eps = {n: self.eps(n) for n in cfg.norms}
             use_bounds = not natural and (cfg.method in ("pgd",) or any(v > 0 for v in eps.values()))
-            specs = self._specs(x, y, eps) if use_bounds and cfg.method != "natural" else []
+            specs = training_sets(cfg, self.model, x, y, eps) if use_bounds and cfg.method != "natural" else []
             assignment = torch.randint(0, 2, (len(y),), device=self.device) if cfg.combine == "random" else None
             ramp = self._regularizer_weight(eps)
             loss, logits, margins = self.step_fn(x, y, specs, natural, ramp, assignment)
@@ -411,8 +413,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         run_from_args(args)
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"cure-fast train: {e}", file=sys.stderr)
-        sys.exit(1)
+        raise SystemExit(f"cure_fast.train: {e}")
     finally:
         if distributed:
             dist.destroy_process_group()
