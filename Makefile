@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 TORCH := torch==2.14.1 torchvision==0.29.1
-DEPS := numpy pyyaml tqdm matplotlib pybind11 ninja setuptools wheel pytest hypothesis pytest-xdist
+DEPS := numpy scipy pyyaml tqdm matplotlib pybind11 ninja setuptools wheel pytest hypothesis pytest-xdist
 CUDA_SOURCES := $(wildcard csrc/*.cu csrc/*.h csrc/*.cpp)
 
 .PHONY: demo test install clean

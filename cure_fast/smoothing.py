@@ -1,0 +1,246 @@
+"""Randomized smoothing (Cohen et al., 2019): l2 certificates for the smoothed classifier
+``g(x) = argmax_c P(f(x + e) = c)``, ``e ~ N(0, sigma^2 I)`` in pixel space, and test-time adaptive
+BatchNorm (BatchNorm statistics re-estimated on Gaussian-noised inputs at the smoothing sigma).
+
+>>> smooth = Smooth(model.eval(), num_classes=10, sigma=0.25)
+>>> label, radius = smooth.certify(x, n0=100, n=100_000, alpha=0.001, batch_size=1000)  # x (C, H, W)
+>>> adapt_batchnorm(model, heldout_images, sigma=0.25)          # mode "heldout": then frozen, sound
+>>> report = smoothing_report(model, images, labels, 0.25, adapt="heldout", heldout_images=heldout_images)
+>>> plot_smoothing({"plain": plain_report, "adaptive BN": report}, "smoothing.png")
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy.stats import beta, binomtest, norm
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .data import _to_float
+
+ABSTAIN = -1
+RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+ADAPT_MODES = (None, "heldout", "per-batch")
+
+
+def _device(model: nn.Module, fallback: Tensor) -> torch.device:
+    """The device of the model's first parameter or buffer, else that of ``fallback``."""
+    return next(itertools.chain(model.parameters(), model.buffers()), fallback).device
+
+
+def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
+    """One-sided (1 - alpha) Clopper-Pearson lower confidence bound on a binomial proportion:
+    the alpha quantile of Beta(successes, trials - successes + 1); 0 when successes is 0."""
+    if successes == 0:
+        return 0.0
+    return float(beta.ppf(alpha, successes, trials - successes + 1))
+
+
+class Smooth:
+    """The smoothed classifier of ``base_classifier`` under Gaussian noise of std ``sigma``.
+
+    ``base_classifier`` maps a batch (B, *x.shape) of pixel-space inputs to logits (B, num_classes)
+    and is evaluated as given: put it in eval mode (its first layer is its Normalize, so the noise is
+    added in pixel space, unclipped, as in the original). Noise is drawn on the model's device from
+    ``generator`` (a ``torch.Generator`` on that device), by default torch's global RNG, so seeding
+    either reproduces every result.
+    """
+
+    ABSTAIN = ABSTAIN
+
+    def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float,
+                 generator: Optional[torch.Generator] = None):
+        if num_classes < 2:
+            raise ValueError(f"Smooth needs at least 2 classes, got {num_classes}")
+        if not sigma > 0:
+            raise ValueError(f"Smooth needs sigma > 0, got {sigma}")
+        self.base_classifier, self.num_classes, self.sigma = base_classifier, num_classes, sigma
+        self.generator = generator
+
+    def predict(self, x: Tensor, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000) -> int:
+        """g(x) from ``n`` noise samples, or ABSTAIN when a two-sided binomial test of the top two
+        counts does not reject equality at level ``alpha`` (then g(x) differs from the returned
+        class with probability at most alpha). x: one input (C, H, W) in [0, 1]."""
+        counts = self.sample_counts(x, n, batch_size)
+        top, second = np.argsort(-counts, kind="stable")[:2]
+        if binomtest(int(counts[top]), int(counts[top] + counts[second]), 0.5).pvalue > alpha:
+            return ABSTAIN
+        return int(top)
+
+    def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+                batch_size: int = 1000) -> Tuple[int, float]:
+        """(class, l2 radius) such that, with probability at least 1 - alpha, g is constant and
+        equal to the class on the ball of that radius around x; (ABSTAIN, 0.0) otherwise.
+
+        The class is the top one among ``n0`` noise samples; ``n`` fresh samples give the
+        Clopper-Pearson lower bound ``p_A`` on its probability; radius ``sigma * Phi^-1(p_A)``;
+        abstain when ``p_A < 1/2``. x: one input (C, H, W) in [0, 1].
+        """
+        guess = int(self.sample_counts(x, n0, batch_size).argmax())
+        p_lower = clopper_pearson_lower(int(self.sample_counts(x, n, batch_size)[guess]), n, alpha)
+        if p_lower < 0.5:
+            return ABSTAIN, 0.0
+        return guess, self.sigma * float(norm.ppf(p_lower))
+
+    def sample_counts(self, x: Tensor, num: int, batch_size: int) -> np.ndarray:
+        """(num_classes,) int64: how often the base classifier predicts each class on ``num`` noisy
+        copies of x (C, H, W), classified in batches of ``batch_size`` with the noise drawn on the
+        device."""
+        device = _device(self.base_classifier, x)
+        x = _to_float(x.to(device))
+        counts = torch.zeros(self.num_classes, dtype=torch.int64, device=device)
+        with torch.no_grad():
+            for start in range(0, num, batch_size):
+                size = min(batch_size, num - start)
+                noise = torch.randn((size, *x.shape), dtype=x.dtype, device=device, generator=self.generator)
+                predictions = self.base_classifier(x + self.sigma * noise).argmax(1)
+                counts += torch.bincount(predictions, minlength=self.num_classes)
+        return counts.cpu().numpy()
+
+
+def _batchnorms(model: nn.Module) -> List[_BatchNorm]:
+    """The model's BatchNorm layers; each must keep running statistics."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    if not layers:
+        raise ValueError("the model has no BatchNorm layer to adapt")
+    if any(layer.running_mean is None for layer in layers):
+        raise ValueError("every BatchNorm layer must track running statistics (track_running_stats=True)")
+    return layers
+
+
+def adapt_batchnorm(model: nn.Module, images: Tensor, sigma: float, batch_size: int = 256,
+                    generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Test-time adaptive BatchNorm, in place: reset every BatchNorm's running statistics, then
+    re-estimate them on ``images`` (N, C, H, W) in [0, 1] (uint8 bytes or float) plus Gaussian noise
+    of std ``sigma`` (pixel space, drawn on the model's device from ``generator``), as a cumulative
+    average over the batches of ``batch_size`` (``momentum=None``: each batch weighs the same).
+
+    Only the BatchNorm buffers (running_mean, running_var, num_batches_tracked) change; every
+    parameter and other buffer, and each BatchNorm's momentum, are left as they were. Returns the
+    model, in eval mode: a fixed function from then on. Adapted on held-out data (mode "heldout"),
+    it is a valid base classifier for :class:`Smooth`, whose certificates are then sound.
+    """
+    layers = _batchnorms(model)
+    device = _device(model, images)
+    momenta = [layer.momentum for layer in layers]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer.reset_running_stats()
+                layer.momentum = None
+                layer.train()
+            for start in range(0, len(images), batch_size):
+                x = _to_float(images[start:start + batch_size].to(device))
+                model(x + sigma * torch.randn(x.shape, dtype=x.dtype, device=device, generator=generator))
+    finally:
+        for layer, momentum in zip(layers, momenta):
+            layer.momentum = momentum
+        model.eval()
+    return model
+
+
+def per_batch_batchnorm(model: nn.Module) -> nn.Module:
+    """Test-time adaptive BatchNorm re-estimated on every forward batch (mode "per-batch", as the
+    paper describes): a copy of ``model`` in eval mode whose BatchNorm layers normalize each batch
+    by that batch's own statistics; ``model`` itself is untouched.
+
+    NOT a sound certificate: used as :class:`Smooth`'s base classifier, the statistics are computed
+    from the very noise samples being classified, so the samples are no longer independent draws of
+    a fixed function and the Clopper-Pearson bound does not apply. Each batch needs more than one
+    value per channel (BatchNorm1d: batches of at least 2).
+    """
+    adaptive = copy.deepcopy(model).eval()
+    for layer in _batchnorms(adaptive):
+        layer.track_running_stats = False
+        layer.running_mean = layer.running_var = layer.num_batches_tracked = None
+    return adaptive
+
+
+def _batch_dependent(model: nn.Module) -> bool:
+    """Whether some BatchNorm of the (eval-mode) model normalizes by the batch's statistics."""
+    return any(isinstance(m, _BatchNorm) and m.running_mean is None for m in model.modules())
+
+
+def _adapted(frozen: nn.Module, sigma: float, adapt: Optional[str], heldout_images: Optional[Tensor],
+             batch_size: int, generator: Optional[torch.Generator]) -> nn.Module:
+    """The eval-mode copy ``frozen`` of a model with its BatchNorm adapted according to ``adapt``."""
+    if adapt == "heldout":
+        if heldout_images is None:
+            raise ValueError('adapt="heldout" needs heldout_images, data disjoint from the evaluated images')
+        return adapt_batchnorm(frozen, heldout_images, sigma, batch_size, generator)
+    return per_batch_batchnorm(frozen) if adapt == "per-batch" else frozen
+
+
+def smoothing_report(model: nn.Module, images: Tensor, labels: Tensor, sigma: float, n0: int = 100,
+                     n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000, adapt: Optional[str] = None,
+                     heldout_images: Optional[Tensor] = None, radii: Sequence[float] = RADII,
+                     num_classes: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Dict:
+    """Certify every image with :meth:`Smooth.certify` and summarize; ``model`` is not modified.
+
+    images (N, C, H, W) in [0, 1] (uint8 bytes or float), labels (N,). ``adapt``: None (the model's
+    own BatchNorm statistics), "heldout" (:func:`adapt_batchnorm` on ``heldout_images`` at ``sigma``,
+    then frozen) or "per-batch" (:func:`per_batch_batchnorm`, not a sound certificate).
+    ``num_classes`` defaults to the model's output width.
+
+    Returns a JSON-serializable dict: sigma, n0, n, alpha, adapt, ``sound`` (False for "per-batch"
+    or a model whose BatchNorm uses batch statistics), radii, certified_accuracy (per radius r: the
+    share of images predicted correctly with radius >= r), acr (average certified radius, abstentions
+    and wrong predictions count 0), abstain_rate, seconds_per_image, and samples: one record per
+    image (index, label, prediction, radius, correct, time in seconds).
+    """
+    if adapt not in ADAPT_MODES:
+        raise ValueError(f"unknown adapt mode {adapt!r}; choose one of {ADAPT_MODES}")
+    frozen = copy.deepcopy(model).eval()
+    if num_classes is None:
+        with torch.no_grad():
+            num_classes = frozen(_to_float(images[:1].to(_device(frozen, images)))).shape[1]
+    base = _adapted(frozen, sigma, adapt, heldout_images, batch_size, generator)
+    smooth = Smooth(base, num_classes, sigma, generator)
+    samples = [_certify_one(smooth, i, images[i], int(labels[i]), n0, n, alpha, batch_size)
+               for i in range(len(labels))]
+    radius = np.array([s["radius"] if s["correct"] else -1.0 for s in samples])
+    return {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "adapt": adapt or "none",
+            "sound": adapt != "per-batch" and not _batch_dependent(base), "radii": [float(r) for r in radii],
+            "certified_accuracy": [float((radius >= r).mean()) for r in radii],
+            "acr": float(radius.clip(min=0).mean()),
+            "abstain_rate": float(np.mean([s["prediction"] == ABSTAIN for s in samples])),
+            "seconds_per_image": float(np.mean([s["time"] for s in samples])), "samples": samples}
+
+
+def _certify_one(smooth: Smooth, index: int, x: Tensor, label: int, n0: int, n: int, alpha: float,
+                 batch_size: int) -> Dict:
+    start = time.perf_counter()
+    prediction, radius = smooth.certify(x, n0, n, alpha, batch_size)
+    return {"index": index, "label": label, "prediction": prediction, "radius": radius,
+            "correct": prediction == label, "time": time.perf_counter() - start}
+
+
+def plot_smoothing(reports: Dict[str, Dict], path: str) -> None:
+    """Certified accuracy against the l2 radius, one curve per named report of
+    :func:`smoothing_report` (e.g. with and without adaptive BatchNorm), computed from the
+    per-sample radii; reports that are not sound certificates are dashed and labelled so."""
+    from .plots import plt
+    top = max(max(r["radii"]) for r in reports.values())
+    top = max([top] + [s["radius"] for r in reports.values() for s in r["samples"]])
+    grid = np.linspace(0, 1.05 * top if top > 0 else 1.0, 300)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, report in reports.items():
+        radius = np.array([s["radius"] if s["correct"] else -1.0 for s in report["samples"]])
+        curve = (radius[None, :] >= grid[:, None]).mean(1)
+        label = f"{name} (sigma={report['sigma']}, ACR={report['acr']:.3f})"
+        if not report["sound"]:
+            label += ", NOT sound"
+        ax.plot(grid, curve, "-" if report["sound"] else "--", label=label)
+    ax.set_xlabel("l2 radius (pixel space)")
+    ax.set_ylabel("certified accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
