@@ -89,6 +89,15 @@ def train_command(args: argparse.Namespace) -> None:
         raise SystemExit(f"cure-fast train: {e}")
 
 
+def certify_command(args: argparse.Namespace) -> None:
+    """Certify a trained model: IBP / CROWN family per norm and union, smoothing, geometric."""
+    from .certify import run_from_args
+    try:
+        run_from_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"cure-fast certify: {e}")
+
+
 def info(_: argparse.Namespace) -> None:
     """Versions and the backends available on each device."""
     import importlib.util
@@ -117,6 +126,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     trainer = commands.add_parser("train", help=train_command.__doc__)
     add_arguments(trainer)
     trainer.set_defaults(run=train_command)
+    from .certify import add_arguments as certify_arguments
+    certifier = commands.add_parser("certify", help=certify_command.__doc__)
+    certify_arguments(certifier)
+    certifier.set_defaults(run=certify_command)
     show = commands.add_parser("demo", help=demo.__doc__)
     show.add_argument("--out-dir", default="runs/demo")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of all three runs")

@@ -3,8 +3,10 @@ union accuracy (certified for every norm at once)."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Dict, Optional
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -14,7 +16,7 @@ from .bounded import BoundedModule
 from .losses import certified
 from .specs import L2Ball, LinfBall
 
-CERTIFIERS = ("ibp",)
+CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")  # cheapest first: the cascade order
 
 
 def make_spec(norm: str, eps: float, **kwargs):
@@ -44,6 +46,8 @@ class Evaluation:
     pgd_robust: Dict[str, Tensor]     # norm -> (N,) bool: correct and no PGD point found misclassified
     certified: Dict[str, Tensor]      # norm -> (N,) bool
     margin: Dict[str, Tensor]         # norm -> (N,) lower bound of min_{j != y} z_y - z_j
+    certified_by: Dict[str, List[str]] = field(default_factory=dict)  # norm -> per sample, the method ("" if none)
+    seconds: Dict[str, float] = field(default_factory=dict)  # method (and "pgd") -> seconds spent
 
     def summary(self) -> Dict[str, float]:
         """Accuracies in [0, 1]: clean, pgd_<norm>, certified_<norm>, union (certified for all
@@ -69,42 +73,72 @@ def _misclassification(model: nn.Module, y: Tensor):
 
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, float], method: str = "ibp",
              pgd_steps: int = 20, pgd_restarts: int = 1, batch_size: int = 500, backend: Optional[str] = None,
-             device: Optional[torch.device] = None) -> Evaluation:
+             device: Optional[torch.device] = None, sound: bool = False) -> Evaluation:
     """Evaluate ``model`` (in eval mode) on images (N, C, H, W) in [0, 1] (uint8 bytes or float) and
-    labels (N,), for the input sets ``eps`` = {"inf": eps_inf, "2": eps_2} (either may be absent)."""
+    labels (N,), for the input sets ``eps`` = {"inf": eps_inf, "2": eps_2} (either may be absent).
+
+    Certification is a cascade: IBP first, then each stronger method up to ``method`` only on the
+    correctly classified samples still uncertified (order: ibp, crown-ibp, crown, alpha-crown).
+    ``sound``: certify in float64 (a float64 copy of the model); otherwise fp32 without TF32.
+    """
     if method not in CERTIFIERS:
         raise ValueError(f"unknown certification method {method!r}; available: {', '.join(CERTIFIERS)}")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    bm = BoundedModule(model, backend=backend)
+    certifier = copy.deepcopy(model).double() if sound else model
+    bm = BoundedModule(certifier, backend=backend)
+    cascade = CERTIFIERS[: CERTIFIERS.index(method) + 1]
     norms = list(eps)
-    parts = {"correct": [], **{f"{k}_{n}": [] for n in norms for k in ("pgd", "cert", "margin")}}
+    parts = {"correct": [], **{f"{k}_{n}": [] for n in norms for k in ("pgd", "cert", "margin", "by")}}
+    seconds = dict.fromkeys(("pgd",) + cascade, 0.0)
     try:
         with sound_precision():
             for start in range(0, len(labels), batch_size):
                 x = images[start:start + batch_size].to(device)
                 x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
                 y = labels[start:start + batch_size].to(device)
-                _evaluate_batch(model, bm, x, y, eps, pgd_steps, pgd_restarts, parts)
+                _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, parts, seconds)
     finally:
         model.train(was_training)
     join = lambda key: torch.cat(parts[key]).cpu()  # noqa: E731
     return Evaluation(join("correct"), {n: join(f"pgd_{n}") for n in norms},
-                      {n: join(f"cert_{n}") for n in norms}, {n: join(f"margin_{n}") for n in norms})
+                      {n: join(f"cert_{n}") for n in norms}, {n: join(f"margin_{n}").float() for n in norms},
+                      {n: sum(parts[f"by_{n}"], []) for n in norms}, seconds)
 
 
-def _evaluate_batch(model, bm, x, y, eps, pgd_steps, pgd_restarts, parts) -> None:
+def _timed(seconds: Dict[str, float], key: str, fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    seconds[key] += time.perf_counter() - start
+    return result
+
+
+def _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, parts, seconds) -> None:
     norms = list(eps)
     specs = [make_spec(n, eps[n]) for n in norms]
     with torch.no_grad():
-        out = bm.propagate(x, specs, y)
-    correct = out.logits.argmax(1) == y
+        correct = model(x).argmax(1) == y
     parts["correct"].append(correct)
     objective = _misclassification(model, y)
-    points = pgd_batched(objective, x, specs, steps=pgd_steps, restarts=pgd_restarts)
+    points = _timed(seconds, "pgd", pgd_batched, objective, x, specs, steps=pgd_steps, restarts=pgd_restarts)
     with torch.no_grad():
-        for norm, point, margins in zip(norms, points, out.margins):
+        for norm, point in zip(norms, points):
             parts[f"pgd_{norm}"].append(correct & (objective(point) < 0))
-            parts[f"cert_{norm}"].append(certified(margins, y))
-            parts[f"margin_{norm}"].append(margins.scatter(1, y[:, None], float("inf")).amin(1))
+    x_cert = x.to(next(bm.parameters()).dtype)
+    with torch.no_grad():
+        out = _timed(seconds, "ibp", bm.propagate, x_cert, specs, y)
+    for norm, spec, margins in zip(norms, specs, out.margins):
+        margins = margins.clone()
+        by = ["ibp" if ok else "" for ok in certified(margins, y).tolist()]
+        for method in cascade[1:]:
+            todo = (correct & ~certified(margins, y)).nonzero()[:, 0]
+            if len(todo) == 0:
+                break
+            stronger = _timed(seconds, method, bm.margins, x_cert[todo], y[todo], spec, method=method)
+            margins[todo] = torch.maximum(margins[todo], stronger.to(margins.dtype))
+            for i in todo[certified(margins[todo], y[todo])].tolist():
+                by[i] = method
+        parts[f"cert_{norm}"].append(certified(margins, y))
+        parts[f"margin_{norm}"].append(margins.scatter(1, y[:, None], float("inf")).amin(1))
+        parts[f"by_{norm}"].append(by)

@@ -1,0 +1,88 @@
+"""``cure-fast certify``: loading a trained run, the certification cascade and its reports."""
+import json
+import os
+
+import pytest
+import torch
+
+from cure_fast.certify import certify_run, load_trained, parse_norms
+from cure_fast.cli import main
+from cure_fast.config import from_dict
+from cure_fast.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    config = from_dict(dict(dataset="mnist", model="cnn3", model_args={"width": 4}, train_limit=512, eval_limit=32,
+                            batch_size=64, epochs=2, eps_start_epoch=0, eps_end_epoch=1, method="ibp",
+                            norms=["inf", "2"], eps_inf=0.05, eps_2=0.3, eval_pgd_steps=2, progress=False,
+                            out_dir=str(out)))
+    trainer = Trainer(config)
+    trainer.run()
+    return trainer.run_dir
+
+
+def test_parse_norms():
+    assert parse_norms("inf:2/255, 2:0.25") == {"inf": pytest.approx(2 / 255), "2": 0.25}
+    for bad in ("1:0.1", "inf", "inf:x", ""):
+        with pytest.raises(ValueError, match="norm"):
+            parse_norms(bad)
+
+
+def test_load_trained_from_run_dir_and_checkpoint(run_dir):
+    from_dir, config = load_trained(run_dir, torch.device("cpu"))
+    from_checkpoint, _ = load_trained(os.path.join(run_dir, "checkpoint.pt"), torch.device("cpu"))
+    assert config.model == "cnn3" and not from_dir.training
+    for a, b in zip(from_dir.state_dict().values(), from_checkpoint.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="holds no config"):
+        load_trained(os.path.join(run_dir, "model.pt"), torch.device("cpu"))
+    with pytest.raises(FileNotFoundError):
+        load_trained(os.path.join(run_dir, "nope"), torch.device("cpu"))
+
+
+def test_cascade_only_adds_certificates_and_never_certifies_a_pgd_break(run_dir, tmp_path):
+    eps = {"inf": 0.05, "2": 0.3}
+    ibp = certify_run(run_dir, eps, "ibp", limit=16, out_dir=str(tmp_path / "ibp"), pgd_steps=5, curve=())
+    crown = certify_run(run_dir, eps, "crown-ibp", limit=16, out_dir=str(tmp_path / "crown"), pgd_steps=5, curve=())
+    for norm in eps:
+        assert crown[f"certified_{norm}"] >= ibp[f"certified_{norm}"]
+    rows = list(open(tmp_path / "crown" / "per_sample.csv"))[1:]
+    assert len(rows) == 16
+    for row in rows:
+        fields = row.strip().split(",")
+        for k in range(2):
+            pgd, certified, _, method = fields[3 + 4 * k: 7 + 4 * k]
+            assert not (certified == "1" and pgd == "0"), "a certified point was broken by PGD"
+            assert (method in ("ibp", "crown-ibp")) == (certified == "1")
+    assert set(crown["seconds_per_image"]) == {"pgd", "ibp", "crown-ibp"}
+
+
+def test_cli_writes_reports(run_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    main(["certify", run_dir, "--norms", "inf:0.05,2:0.3", "--limit", "8", "--out", str(out), "--pgd-steps", "2"])
+    for name in ("per_sample.csv", "summary.json", "summary.png", "certified_vs_eps.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sound"] and summary["images"] == 8
+    assert [summary["curve"][f]["union"] for f in ("0.25", "0.5", "0.75", "1.0")] == sorted(
+        (summary["curve"][f]["union"] for f in ("0.25", "0.5", "0.75", "1.0")), reverse=True)
+    assert "union" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear(run_dir):
+    with pytest.raises(SystemExit, match="bad --norms"):
+        main(["certify", run_dir, "--norms", "3:0.1"])
+    with pytest.raises(SystemExit, match="no run directory"):
+        main(["certify", "/nonexistent/run"])
+
+
+def test_smoothing_and_geometric_reports(run_dir, tmp_path):
+    summary = certify_run(run_dir, {"2": 0.3}, "ibp", limit=4, out_dir=str(tmp_path), pgd_steps=1, curve=(),
+                          smoothing=[0.25], smoothing_n=200, geometric=True)
+    plain, adaptive = summary["smoothing"]["sigma 0.25"], summary["smoothing"]["sigma 0.25, adaptive BN"]
+    assert plain["sound"] and adaptive["sound"]
+    assert len(plain["certified_accuracy"]) == 5
+    assert 0 <= summary["geometric"]["worst_case"] <= summary["geometric"]["clean"]
+    assert (tmp_path / "smoothing.png").is_file()
