@@ -1,0 +1,93 @@
+"""Cost of one BoundedModule.propagate pass (natural + LinfBall + L2Ball) against the natural step of
+the same model, forward and forward+backward, in one process on the current device.
+
+The arithmetic floor of the ratio is 5: one unit for the natural stream, two (centre, radius) per
+input set. Timings alternate between the two so that machine load affects both alike.
+
+    python bench/bench_propagate.py [--model cnn7] [--batch 32] [--device cpu] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from cure_fast import BoundedModule, L2Ball, LinfBall, models
+
+
+def _time(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(model_name: str, batch: int, device: torch.device, repeats: int, backend: str) -> dict:
+    torch.manual_seed(0)
+    model = models.build(model_name, "cifar10").to(device).train()
+    bm = BoundedModule(model, backend=backend)
+    x = torch.rand(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    specs = [LinfBall(2 / 255), L2Ball(0.25)]
+
+    def natural(backward: bool):
+        loss = F.cross_entropy(model(x), y)
+        if backward:
+            loss.backward()
+
+    def bounded(backward: bool):
+        out = bm.propagate(x, specs, y)
+        loss = F.cross_entropy(out.logits, y) + sum(F.cross_entropy(-m, y) for m in out.margins)
+        if backward:
+            loss.backward()
+
+    results = {}
+    for backward in (False, True):
+        key = "forward+backward" if backward else "forward"
+        with torch.set_grad_enabled(True):
+            natural(backward), bounded(backward)  # warm-up
+            times = {"natural": [], "propagate": []}
+            for _ in range(repeats):
+                model.zero_grad(set_to_none=True)
+                times["natural"].append(_time(lambda: natural(backward), device))
+                model.zero_grad(set_to_none=True)
+                times["propagate"].append(_time(lambda: bounded(backward), device))
+        medians = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        results[key] = {**{f"{k}_ms": 1e3 * v for k, v in medians.items()},
+                        "ratio": medians["propagate"] / medians["natural"]}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="cnn7")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results = measure(args.model, args.batch, device, args.repeats, args.backend)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"{args.model}, CIFAR-10 shape, batch {args.batch}, train mode, {name}, backend {args.backend}")
+    print(f"{'pass':<18}{'natural ms':>12}{'propagate ms':>14}{'ratio':>8}")
+    for key, r in results.items():
+        print(f"{key:<18}{r['natural_ms']:>12.1f}{r['propagate_ms']:>14.1f}{r['ratio']:>8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "model": args.model, "batch": args.batch, "backend": args.backend,
+                       "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+                       "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
