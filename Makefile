@@ -1,5 +1,6 @@
 # make demo: set up .venv and run the main job on its built-in default.
-# make test: set up .venv (building the CUDA extension when nvcc is present) and run the tests.
+# make test: set up .venv (building the CUDA extension when nvcc is present) and run the tests,
+#   then the Triton kernels' tests on the CPU through the Triton interpreter (TRITON_INTERPRET=1).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,6 +16,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n auto -p no:cacheprovider
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n auto -p no:cacheprovider tests/test_triton_*.py
 
 install: $(VENV)/.installed
 

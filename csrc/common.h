@@ -30,7 +30,34 @@ inline unsigned int grid_size(int64_t n, int threads = kThreads) {
   return static_cast<unsigned int>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
 }
 
-// Launchers, instantiated for float, double, __half and __nv_bfloat16.
+// ---------------------------------------------------------------------------------------------
+// Device helpers (only seen by nvcc).
+#ifdef __CUDACC__
+// Compute type: float for every storage type except double.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+__device__ __forceinline__ float load(const float* p) { return *p; }
+__device__ __forceinline__ double load(const double* p) { return *p; }
+__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
+__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// max(x, 0) that keeps NaN, like torch.relu.
+template <typename A> __device__ __forceinline__ A relu(A x) { return x < A(0) ? A(0) : x; }
+__device__ __forceinline__ float absval(float x) { return fabsf(x); }
+__device__ __forceinline__ double absval(double x) { return fabs(x); }
+// sign(x) in {-1, 0, 1}, like torch.sgn: the derivative of |x| that autograd uses.
+template <typename A> __device__ __forceinline__ A sign(A x) { return A((x > A(0)) - (x < A(0))); }
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Launchers, instantiated for float, double, __half and __nv_bfloat16 (T). Rows: c has n rows, r
+// has m <= n rows, the radii of the LAST m rows of c; the first n - m rows of c are points.
 
 // Interval ReLU: c holds n elements, the first n_points of which are points; r holds the radii
 // of the remaining n - n_points elements. Writes c_out (n elements) and r_out (n - n_points).
@@ -43,5 +70,107 @@ template <typename T>
 void interval_relu_backward_cuda(const T* c, const T* r, const T* grad_c_out, const T* grad_r_out,
                                  T* grad_c, T* grad_r, int64_t n, int64_t n_points,
                                  cudaStream_t stream);
+
+// How the dot products of a GEMM are computed.
+enum class MathMode : int {
+  kFma = 0,   // CUDA-core FMA in the compute type (IEEE fp32, or fp64 for double)
+  kTf32 = 1,  // tensor cores, fp32 inputs rounded to TF32, fp32 accumulation (sm_80+)
+  kBf16 = 2,  // tensor cores, inputs rounded to bfloat16, fp32 accumulation (sm_80+)
+  kHalf = 3,  // tensor cores, fp16 inputs, fp32 accumulation
+};
+
+// One "interval GEMM": two products that share the operand B,
+//   acc1[m, n] = sum_{k}         A [m, k] * B[k, n]           for m in [0, M)
+//   acc2[m, n] = sum_{k >= k2_lo} A2[m, k] * B2[k, n]          for m in [m2_lo, M)
+// with B2 = |B| when b2 is null. Operands are addressed through strides, so that the same kernel
+// computes the forward (c W^T, r |W|^T), the input gradient (g W, g_r |W|) and the weight
+// gradient (g^T c + sign(W) (g_r^T r)). A2 element (m, k) lives at a2[(m - m2_lo) * sa2_m +
+// (k - k2_lo) * sa2_k], B2 element (k, n) at b2[(k - k2_lo) * sb2_k + n * sb2_n].
+//
+// Epilogue (all pointers optional):
+//   interval mode (sign_of == null):
+//     pre1[m, n] = acc1, pre2[m - m2_lo, n] = acc2                (kept for the backward)
+//     z_c = (acc1 + bias[n]) * scale[n] + shift[n], z_r = acc2 * |scale[n]|
+//     relu: z_c, z_r <- interval ReLU (points: relu(z_c))
+//     out1[m, n] = z_c (row-major [M, N]), out2[m - m2_lo, n] = z_r (row-major [M - m2_lo, N])
+//   weight-gradient mode (sign_of != null, row-major [M, N]):
+//     out1[m, n] = acc1 + sign(sign_of[m, n]) * acc2
+template <typename T>
+struct GemmParams {
+  int64_t M = 0, N = 0, K = 0;
+  const T* a = nullptr;  int64_t sa_m = 0, sa_k = 0;
+  const T* b = nullptr;  int64_t sb_k = 0, sb_n = 0;
+  const T* a2 = nullptr; int64_t sa2_m = 0, sa2_k = 0;
+  const T* b2 = nullptr; int64_t sb2_k = 0, sb2_n = 0;
+  int64_t m2_lo = 0, k2_lo = 0;
+  const T* bias = nullptr;
+  const T* scale = nullptr;
+  const T* shift = nullptr;
+  bool relu = false;
+  const T* sign_of = nullptr;
+  T* out1 = nullptr;
+  T* out2 = nullptr;
+  T* pre1 = nullptr;
+  T* pre2 = nullptr;
+};
+
+// Launches the interval GEMM. mode kFma for every T; kTf32 / kBf16 for float; kBf16 for bfloat16;
+// kHalf for half (the bindings pick a valid one). Throws std::invalid_argument otherwise.
+template <typename T>
+void interval_gemm_cuda(const GemmParams<T>& p, MathMode mode, cudaStream_t stream);
+
+// Per-channel epilogue on tensors viewed as (rows, channels, inner), contiguous:
+//   z_c = (xc + bias) * scale + shift, z_r = xr * |scale|, then the interval ReLU when relu.
+// xc, out_c: n_rows rows; xr, out_r: m_rows <= n_rows rows (the last ones). The inputs may have
+// a row stride (xc_row_stride, xr_row_stride >= channels * inner elements, e.g. the two halves of
+// a grouped convolution's output); the outputs are contiguous.
+template <typename T>
+void channel_epilogue_forward_cuda(const T* xc, const T* xr, const T* bias, const T* scale,
+                                   const T* shift, bool relu, T* out_c, T* out_r, int64_t n_rows,
+                                   int64_t m_rows, int64_t channels, int64_t inner,
+                                   int64_t xc_row_stride, int64_t xr_row_stride, cudaStream_t stream);
+
+// Backward of channel_epilogue_forward_cuda: writes grad_xc, grad_xr (shapes of xc, xr) and the
+// per-channel partial sums partial[chunk, 0, ch] = sum g_zc, partial[chunk, 1, ch] =
+// sum (g_zc * (xc + bias) + g_zr * xr * sign(scale)) over the chunk's rows, g_z being the
+// gradient at z (before the ReLU). partial is in the compute type (float, double for double) and
+// holds channel_reduce_chunks(...) chunks. xc / xr have the row strides of the forward; the
+// gradients are contiguous.
+template <typename T, typename A>
+void channel_epilogue_backward_cuda(const T* xc, const T* xr, const T* bias, const T* scale,
+                                    const T* shift, bool relu, const T* grad_c_out,
+                                    const T* grad_r_out, T* grad_xc, T* grad_xr, A* partial,
+                                    int64_t n_rows, int64_t m_rows, int64_t channels,
+                                    int64_t inner, int64_t xc_row_stride, int64_t xr_row_stride,
+                                    cudaStream_t stream);
+
+// Per-channel partial sums of x over the first `rows` rows of x (rows, channels, inner):
+// partial[chunk, 0, ch] = sum x, partial[chunk, 1, ch] = sum (x - mean[ch])^2 when mean is
+// given, else sum x^2. The bindings finish the sums over chunks.
+template <typename T, typename A>
+void channel_moments_cuda(const T* x, const A* mean, A* partial, int64_t rows, int64_t channels,
+                          int64_t inner, cudaStream_t stream);
+
+// Chunks (grid rows) of the channel reductions above, for the partial-sum buffer size.
+int64_t channel_reduce_chunks(int64_t rows, int64_t channels, int64_t inner);
+
+// Margins of a last linear layer with the specification e_y - e_j folded in, for row n:
+//   out[n, j] = (W_y - W_j) . c[n] + b_y - b_j - eps_n * f(spread[n, j]),
+//   spread = sum_i |W_y,i - W_j,i| r[n - n_points, i]            (l2 == false, f = identity)
+//   spread = sum_i (W_y,i - W_j,i)^2 r[(n - n_points) or 0, i]    (l2 == true, f = sqrt)
+// rows n < n_points have no spread. In l2 mode r holds the squared scale, with r_rows == 1 (one
+// row for every sample) or r_rows == n; eps is null (1), or one value per row of c.
+// c (n, F), r (r_rows, F), weight (K, F), labels (n,) int64 -> out (n, K).
+template <typename T>
+void margins_linear_cuda(const T* c, const T* r, const T* weight, const T* bias,
+                         const int64_t* labels, const T* eps, T* out, int64_t n, int64_t n_points,
+                         int64_t r_rows, int64_t classes, int64_t features, bool l2,
+                         cudaStream_t stream);
+
+// Row norms of the first linear layer under an l2 ellipsoid: radius[o] = sqrt(sum_i W[o,i]^2 s2[i])
+// (s2 null: ones). weight (O, F) -> radius (O).
+template <typename T>
+void l2_row_norms_cuda(const T* weight, const T* s2, T* radius, int64_t out_features,
+                       int64_t features, cudaStream_t stream);
 
 }  // namespace cure_fast

@@ -4,23 +4,6 @@
 namespace cure_fast {
 namespace {
 
-// Compute type: float for every storage type except double.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ double load(const double* p) { return *p; }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-// max(x, 0) that keeps NaN, like torch.relu.
-template <typename A> __device__ __forceinline__ A relu(A x) { return x < A(0) ? A(0) : x; }
-
 template <typename T>
 __global__ void interval_relu_forward_kernel(const T* __restrict__ c, const T* __restrict__ r,
                                              T* __restrict__ c_out, T* __restrict__ r_out,

@@ -6,10 +6,10 @@
 >>> out.logits, out.bounds, out.margins
 """
 from . import functional, models, nn
-from .backends import get_backend, set_backend
+from .backends import get_backend, get_precision, set_backend, set_precision
 from .bounded import BoundedModule, Propagation
 from .specs import L2Ball, LinfBall
 
 __all__ = ["BoundedModule", "Propagation", "LinfBall", "L2Ball", "functional", "models", "nn",
-           "set_backend", "get_backend"]
+           "set_backend", "get_backend", "set_precision", "get_precision"]
 __version__ = "0.1.0"

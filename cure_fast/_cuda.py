@@ -1,23 +1,45 @@
-"""The CUDA C++ backend: the extension ``cure_fast._C`` (built from csrc/ by setup.py) as torch.library ops."""
+"""The CUDA C++ backend: the extension ``cure_fast._C`` (built from csrc/ by setup.py) as torch.library ops.
+
+Every kernel entry point is a ``torch.library.custom_op`` with a fake (meta) implementation, so
+``torch.compile`` traces through it, and an autograd formula (``register_autograd``) built from the
+backward kernels. The public functions at the bottom have the signatures of
+:mod:`cure_fast.functional`'s ops and become its ``cuda`` implementations through
+:func:`register_ops` (called on the first dispatch on a CUDA device; importing this module makes no
+CUDA call). Dot products honour ``precision``: ``ieee`` (fp32 FMA, certification), ``tf32`` and
+``bf16`` (tensor cores with fp32 accumulation); fp64 is always IEEE, fp16 / bf16 inputs use tensor
+cores in their own type.
+"""
 import functools
 import importlib
-from typing import Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from . import reference
 
 _REBUILD = ("rebuild with `CURE_FAST_BUILD_CUDA=1 pip install -e . --no-deps --no-build-isolation` "
             "(CUDA_HOME must point at the CUDA toolkit)")
+
+# Entry points this module needs from the extension; an extension without one of them is stale.
+ENTRY_POINTS = ("interval_relu_forward", "interval_relu_backward", "interval_linear_forward",
+                "interval_linear_grad_input", "interval_linear_grad_weight", "channel_epilogue_forward",
+                "channel_epilogue_backward", "channel_moments", "margins_linear", "l2_row_norms", "set_poison")
 
 
 @functools.cache
 def extension():
     """The compiled extension ``cure_fast._C``, imported on first use."""
     try:
-        return importlib.import_module("cure_fast._C")
+        ext = importlib.import_module("cure_fast._C")
     except ImportError as e:
         state = "was not built" if isinstance(e, ModuleNotFoundError) else "is stale or broken"
         raise RuntimeError(f"cure_fast._C {state} ({e}); {_REBUILD}") from e
+    missing = [name for name in ENTRY_POINTS if not hasattr(ext, name)]
+    if missing:
+        raise RuntimeError(f"cure_fast._C is stale (it lacks {', '.join(missing)}); {_REBUILD}")
+    return ext
 
 
 def available() -> bool:
@@ -29,9 +51,21 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
+def set_poison(on: bool) -> None:
+    """Test hook: while on, every output of the extension starts as NaN (an unwritten element shows up)."""
+    extension().set_poison(bool(on))
+
+
 def _empty(t: Tensor) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
+
+def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like, memory_format=torch.contiguous_format) if g is None else g.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Interval ReLU
 
 @torch.library.custom_op("cure_fast::interval_relu_cuda", mutates_args=())
 def _interval_relu(c: Tensor, r: Tensor) -> Tuple[Tensor, Tensor]:
@@ -59,7 +93,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_c_out, grad_r_out):
-    return _interval_relu_backward(*ctx.saved_tensors, grad_c_out, grad_r_out)
+    c, r = ctx.saved_tensors
+    return _interval_relu_backward(c, r, _zeros_if_none(grad_c_out, c), _zeros_if_none(grad_r_out, r))
 
 
 _interval_relu.register_autograd(_backward, setup_context=_setup_context)
@@ -74,3 +109,400 @@ def interval_relu(c: Tensor, r: Tensor) -> Tuple[Tensor, Tensor]:
     float32, float64, float16 or bfloat16, on one CUDA device; computed in float32 (float64 for float64).
     """
     return _interval_relu(c, r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-channel epilogue: (x + bias) * scale + shift, r * |scale|, interval ReLU
+
+@torch.library.custom_op("cure_fast::channel_epilogue_cuda", mutates_args=())
+def _channel_epilogue(xc: Tensor, xr: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                      shift: Optional[Tensor], relu: bool) -> Tuple[Tensor, Tensor]:
+    return extension().channel_epilogue_forward(xc, xr, bias, scale, shift, relu)
+
+
+@_channel_epilogue.register_fake
+def _(xc, xr, bias, scale, shift, relu):
+    return _empty(xc), _empty(xr)
+
+
+@torch.library.custom_op("cure_fast::channel_epilogue_cuda_backward", mutates_args=())
+def _channel_epilogue_backward(xc: Tensor, xr: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                               shift: Optional[Tensor], relu: bool, grad_c_out: Tensor,
+                               grad_r_out: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    return extension().channel_epilogue_backward(xc, xr, bias, scale, shift, relu, grad_c_out.contiguous(),
+                                                 grad_r_out.contiguous())
+
+
+@_channel_epilogue_backward.register_fake
+def _(xc, xr, bias, scale, shift, relu, grad_c_out, grad_r_out):
+    return _empty(xc), _empty(xr), xc.new_empty((2, xc.shape[1]))
+
+
+def _epilogue_param_grads(sums: Tensor, bias, scale, shift, needs) -> Tuple[Optional[Tensor], ...]:
+    """(d bias, d scale, d shift) from the kernel's per-channel sums (see channel_epilogue_backward)."""
+    d_shift = sums[0]
+    d_bias = d_shift * scale if scale is not None else d_shift
+    return (d_bias if bias is not None and needs[0] else None,
+            sums[1] if scale is not None and needs[1] else None,
+            d_shift if shift is not None and needs[2] else None)
+
+
+def _channel_epilogue_setup(ctx, inputs, output):
+    xc, xr, bias, scale, shift, relu = inputs
+    ctx.relu = relu
+    ctx.save_for_backward(xc, xr, bias, scale, shift)
+
+
+def _channel_epilogue_grad(ctx, grad_c_out, grad_r_out):
+    xc, xr, bias, scale, shift = ctx.saved_tensors
+    g_xc, g_xr, sums = _channel_epilogue_backward(xc, xr, bias, scale, shift, ctx.relu,
+                                                  _zeros_if_none(grad_c_out, xc), _zeros_if_none(grad_r_out, xr))
+    return (g_xc, g_xr, *_epilogue_param_grads(sums, bias, scale, shift, ctx.needs_input_grad[2:5]), None)
+
+
+_channel_epilogue.register_autograd(_channel_epilogue_grad, setup_context=_channel_epilogue_setup)
+
+
+def interval_affine(c: Tensor, r: Tensor, scale: Tensor, shift: Tensor, *, relu: bool = False) -> Tuple[Tensor, Tensor]:
+    """Per-channel affine ``c * scale + shift``, ``r * |scale|`` (channels on dim 1), then the interval
+    ReLU when ``relu``, in one kernel; its backward gives the scale / shift gradients in one more."""
+    return _channel_epilogue(c.contiguous(), r.contiguous(), None, scale.contiguous(), shift.contiguous(), relu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interval linear: the fused interval GEMM
+
+@torch.library.custom_op("cure_fast::interval_linear_cuda", mutates_args=())
+def _interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                     shift: Optional[Tensor], relu: bool, precision: str,
+                     save_pre: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return extension().interval_linear_forward(c, r, weight, bias, scale, shift, relu, precision, save_pre)
+
+
+@_interval_linear.register_fake
+def _(c, r, weight, bias, scale, shift, relu, precision, save_pre):
+    out = weight.shape[0]
+    pre_c = c.new_empty((c.shape[0], out) if save_pre else (0,))
+    pre_r = c.new_empty((r.shape[0], out) if save_pre else (0,))
+    return c.new_empty((c.shape[0], out)), c.new_empty((r.shape[0], out)), pre_c, pre_r
+
+
+@torch.library.custom_op("cure_fast::interval_linear_cuda_grad_input", mutates_args=())
+def _linear_grad_input(grad_c: Tensor, grad_r: Tensor, weight: Tensor, precision: str) -> Tuple[Tensor, Tensor]:
+    return extension().interval_linear_grad_input(grad_c, grad_r, weight, precision)
+
+
+@_linear_grad_input.register_fake
+def _(grad_c, grad_r, weight, precision):
+    return grad_c.new_empty((grad_c.shape[0], weight.shape[1])), grad_c.new_empty((grad_r.shape[0], weight.shape[1]))
+
+
+@torch.library.custom_op("cure_fast::interval_linear_cuda_grad_weight", mutates_args=())
+def _linear_grad_weight(grad_c: Tensor, grad_r: Tensor, c: Tensor, r: Tensor, weight: Tensor,
+                        precision: str) -> Tensor:
+    return extension().interval_linear_grad_weight(grad_c, grad_r, c, r, weight, precision)
+
+
+@_linear_grad_weight.register_fake
+def _(grad_c, grad_r, c, r, weight, precision):
+    return _empty(weight)
+
+
+def _has_epilogue(scale, shift, relu) -> bool:
+    return scale is not None or shift is not None or relu
+
+
+def _linear_setup(ctx, inputs, output):
+    c, r, weight, bias, scale, shift, relu, precision, save_pre = inputs
+    pre_c, pre_r = output[2], output[3]
+    ctx.relu, ctx.precision = relu, precision
+    ctx.has_pre = save_pre
+    ctx.save_for_backward(c, r, weight, bias, scale, shift, pre_c, pre_r)
+
+
+def _linear_grad(ctx, grad_c_out, grad_r_out, _grad_pre_c, _grad_pre_r):
+    c, r, weight, bias, scale, shift, pre_c, pre_r = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_c_out = _zeros_if_none(grad_c_out, c.new_empty((c.shape[0], weight.shape[0])))
+    grad_r_out = _zeros_if_none(grad_r_out, c.new_empty((r.shape[0], weight.shape[0])))
+    d_bias = d_scale = d_shift = None
+    if _has_epilogue(scale, shift, ctx.relu):
+        if not ctx.has_pre:  # the accumulators were not kept: recompute them
+            pre_c, pre_r = _interval_linear(c, r, weight, None, None, None, False, ctx.precision, False)[:2]
+        g_c, g_r, sums = _channel_epilogue_backward(pre_c, pre_r, bias, scale, shift, ctx.relu, grad_c_out, grad_r_out)
+        d_bias, d_scale, d_shift = _epilogue_param_grads(sums, bias, scale, shift, need[3:6])
+    else:
+        g_c, g_r = grad_c_out, grad_r_out
+        if bias is not None and need[3]:
+            d_bias = g_c.sum(0)
+    d_c = d_r = d_w = None
+    if need[0] or need[1]:
+        d_c, d_r = _linear_grad_input(g_c, g_r, weight, ctx.precision)
+    if need[2]:
+        d_w = _linear_grad_weight(g_c, g_r, c, r, weight, ctx.precision)
+    return d_c, d_r, d_w, d_bias, d_scale, d_shift, None, None, None
+
+
+_interval_linear.register_autograd(_linear_grad, setup_context=_linear_setup)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                    scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, relu: bool = False,
+                    precision: str = "ieee") -> Tuple[Tensor, Tensor]:
+    """Fused interval linear layer: ``((c W^T + b) * scale + shift, r |W|^T * |scale|)``, then the
+    interval ReLU if ``relu``, from one kernel that reads each weight tile once for both products.
+    c (N, *, in), r (M, *, in) the radii of c's last M rows, weight (out, in), bias / scale / shift
+    (out,) or None -> (N, *, out), (M, *, out)."""
+    features, out = c.shape[-1], weight.shape[0]
+    c2, r2 = c.reshape(-1, features).contiguous(), r.reshape(-1, features).contiguous()
+    opt = [t.contiguous() if t is not None else None for t in (bias, scale, shift)]
+    save_pre = _has_epilogue(scale, shift, relu) and _needs_grad(c, r, weight, *opt)
+    c_out, r_out = _interval_linear(c2, r2, weight.contiguous(), *opt, relu, precision, save_pre)[:2]
+    return c_out.view(*c.shape[:-1], out), r_out.view(*r.shape[:-1], out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Interval conv2d: cuDNN for the two products, then one fused epilogue kernel
+
+def _conv_flags(precision: str):
+    """cuDNN TF32 on for ``tf32`` / ``bf16`` (bf16 convolutions run as TF32 here), off for ``ieee``."""
+    class _Flags:
+        def __enter__(self):
+            self.saved = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = precision != "ieee"
+
+        def __exit__(self, *exc):
+            torch.backends.cudnn.allow_tf32 = self.saved
+    return _Flags()
+
+
+def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                    stride: Union[int, Tuple[int, int]] = 1, padding: Union[int, Tuple[int, int], str] = 0,
+                    dilation: Union[int, Tuple[int, int]] = 1, groups: int = 1, *, scale: Optional[Tensor] = None,
+                    shift: Optional[Tensor] = None, relu: bool = False,
+                    precision: str = "ieee") -> Tuple[Tensor, Tensor]:
+    """Interval convolution: ``((conv(c, W) + b) * scale + shift, conv(r, |W|) * |scale|)``, then the
+    interval ReLU if ``relu``. The products are cuDNN calls (one grouped call over ``[c; r]`` with
+    ``[W; |W|]`` when every row of c has a radius and groups == 1, else two), the bias / scale /
+    shift / ReLU one fused kernel. c (N, C, H, W), r (M, C, H, W) -> (N, O, P, Q), (M, O, P, Q)."""
+    out = weight.shape[0]
+    with _conv_flags(precision):
+        if groups == 1 and r.shape[0] == c.shape[0] and c.shape[0] > 0:
+            both = F.conv2d(torch.cat([c, r], 1), torch.cat([weight, weight.abs()], 0), None, stride, padding,
+                            dilation, 2)
+            xc, xr = both[:, :out], both[:, out:]  # row-strided views; the epilogue reads them in place
+        else:
+            xc = F.conv2d(c, weight, None, stride, padding, dilation, groups)
+            xr = F.conv2d(r, weight.abs(), None, stride, padding, dilation, groups)
+    opt = [t.contiguous() if t is not None else None for t in (bias, scale, shift)]
+    return _channel_epilogue(xc, xr, *opt, relu)
+
+
+# ---------------------------------------------------------------------------------------------
+# Margins of the last linear layer (interval and l2 inputs)
+
+@torch.library.custom_op("cure_fast::margins_linear_cuda", mutates_args=())
+def _margins(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, eps: Optional[Tensor],
+             l2: bool) -> Tensor:
+    return extension().margins_linear(c, r, weight, bias, labels, eps, l2)
+
+
+@_margins.register_fake
+def _(c, r, weight, bias, labels, eps, l2):
+    return c.new_empty((c.shape[0], weight.shape[0]))
+
+
+def _margins_setup(ctx, inputs, output):
+    c, r, weight, bias, labels, eps, l2 = inputs
+    ctx.l2 = l2
+    ctx.save_for_backward(c, r, weight, bias, labels, eps)
+
+
+def _margins_grad(ctx, g):
+    """Gradients of m[n, j] = (W_y - W_j) c_n + b_y - b_j - e_n f(D_nj, r) with D_nj = W_y - W_j,
+    f = |D| . r (interval) or sqrt(D^2 . s2) (l2), as batched torch ops."""
+    c, r, weight, bias, labels, eps = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g = g.contiguous()
+    n_points = 0 if ctx.l2 else c.shape[0] - r.shape[0]
+    g_sum = g.sum(1, keepdim=True)
+    d_c = g_sum * weight[labels] - g @ weight if need[0] else None
+    d_w = torch.index_add(-(g.t() @ c), 0, labels, g_sum * c) if need[2] else None
+    d_b = torch.index_add(-g.sum(0), 0, labels, g_sum[:, 0]) if bias is not None and need[3] else None
+    d_r = None
+    rows = labels[n_points:]
+    if r.shape[0] and (need[1] or need[2]):
+        g_r = g[n_points:]
+        diff = weight[rows][:, None, :] - weight[None]  # (R, K, F)
+        if ctx.l2:
+            e = eps[:, None] if eps is not None else g_r.new_ones(())
+            s2 = r.expand(g_r.shape[0], -1)
+            spread = (diff.square() * s2[:, None, :]).sum(2)
+            positive = spread > 0
+            h = torch.where(positive, -g_r * e / torch.where(positive, spread, 1).sqrt(), 0)  # d m / d spread^2 * 2
+            if need[1]:
+                d_r = 0.5 * torch.einsum("rk,rkf->rf", h, diff.square())
+                d_r = d_r.sum(0, keepdim=True) if r.shape[0] == 1 else d_r
+            grad_diff = h[:, :, None] * diff * s2[:, None, :]
+        else:
+            if need[1]:
+                d_r = -torch.einsum("rk,rkf->rf", g_r, diff.abs())
+            grad_diff = -g_r[:, :, None] * diff.sign() * r[:, None, :]
+        if need[2]:
+            d_w = d_w - grad_diff.sum(0)
+            d_w = torch.index_add(d_w, 0, rows, grad_diff.sum(1))
+    elif need[1]:
+        d_r = torch.zeros_like(r)
+    return d_c, d_r, d_w, d_b, None, None, None
+
+
+_margins.register_autograd(_margins_grad, setup_context=_margins_setup)
+
+
+def margins_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
+                   precision: str = "ieee") -> Tensor:
+    """Lower bounds on ``z_y - z_j`` with ``e_y - e_j`` folded into the last layer, one block per row.
+    c (N, in), r (M, in), weight (K, in), labels (N,) -> (N, K), 0 at ``j = y``. FMA in fp32 (fp64)
+    whatever ``precision``."""
+    opt_bias = bias.contiguous() if bias is not None else None
+    return _margins(c.contiguous(), r.contiguous(), weight.contiguous(), opt_bias, labels.long().contiguous(), None,
+                    False)
+
+
+def _eps_rows(eps: Union[float, Tensor], x: Tensor) -> Tensor:
+    return torch.as_tensor(eps, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0]).contiguous()
+
+
+def l2_margins_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+                      scale: Optional[Tensor] = None, *, precision: str = "ieee") -> Tensor:
+    """Exact lower bounds on ``z_y - z_j`` over ``{x + scale ⊙ u : |u|_2 <= eps}`` in one kernel.
+    x (B, in), eps float or (B,), weight (K, in), labels (B,) -> (B, K)."""
+    s2 = reference._scale_squared(scale, x).contiguous()
+    opt_bias = bias.contiguous() if bias is not None else None
+    return _margins(x.contiguous(), s2, weight.contiguous(), opt_bias, labels.long().contiguous(), _eps_rows(eps, x),
+                    True)
+
+
+# ---------------------------------------------------------------------------------------------
+# First layer under an l2 ball
+
+@torch.library.custom_op("cure_fast::l2_row_norms_cuda", mutates_args=())
+def _row_norms(weight: Tensor, s2: Optional[Tensor]) -> Tensor:
+    return extension().l2_row_norms(weight, s2)
+
+
+@_row_norms.register_fake
+def _(weight, s2):
+    return weight.new_empty((weight.shape[0],))
+
+
+def _row_norms_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output)
+
+
+def _row_norms_grad(ctx, g):
+    weight, s2, radius = ctx.saved_tensors
+    positive = radius > 0
+    h = torch.where(positive, g / torch.where(positive, radius, 1), 0)  # d radius / d (radius^2) * 2
+    ones = s2 if s2 is not None else weight.new_ones(weight.shape[1])
+    d_w = h[:, None] * weight * ones[None] if ctx.needs_input_grad[0] else None
+    d_s2 = 0.5 * (h[:, None] * weight.square()).sum(0) if s2 is not None and ctx.needs_input_grad[1] else None
+    return d_w, d_s2
+
+
+_row_norms.register_autograd(_row_norms_grad, setup_context=_row_norms_setup)
+
+
+def l2_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor] = None,
+              scale: Optional[Tensor] = None, *, precision: str = "ieee") -> Tuple[Tensor, Tensor]:
+    """Exact bounds of a linear layer over ``{x + scale ⊙ u : |u|_2 <= eps}``: the centre from the
+    interval GEMM (no radius rows), the radius ``eps * |W_i ⊙ scale|_2`` from the row-norm kernel
+    (one scale for all samples), or a GEMM of the squared scales with W² (one scale per sample)."""
+    c = interval_linear(x, x[:0], weight, bias, precision=precision)[0]
+    s2 = reference._scale_squared(scale, x)
+    if s2.shape[0] == 1:
+        radius = _row_norms(weight.contiguous(), s2[0].contiguous())[None]
+    else:
+        radius = reference._safe_sqrt(interval_linear(s2, s2[:0], weight.square(), precision=precision)[0])
+    return c, (reference._batched_eps(eps, x, 2) * radius).expand_as(c)
+
+
+def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor] = None,
+              stride: Union[int, Tuple[int, int]] = 1, padding: Union[int, Tuple[int, int], str] = 0,
+              dilation: Union[int, Tuple[int, int]] = 1, groups: int = 1, scale: Optional[Tensor] = None, *,
+              precision: str = "ieee") -> Tuple[Tensor, Tensor]:
+    """Exact, padding-aware bounds of a convolution over an l2 ellipsoid, as cuDNN calls (the
+    reference formula ``eps * sqrt(conv(scale², W²))``; no custom kernel)."""
+    with _conv_flags(precision):
+        return reference.l2_conv2d_ref(x, eps, weight, bias, stride, padding, dilation, groups, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train-mode BatchNorm statistics of the natural rows
+
+@torch.library.custom_op("cure_fast::channel_moments_cuda", mutates_args=())
+def _channel_moments(x: Tensor, rows: int) -> Tuple[Tensor, Tensor]:
+    return extension().channel_moments(x, rows)
+
+
+@_channel_moments.register_fake
+def _(x, rows):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[1],), dtype=acc), x.new_empty((x.shape[1],), dtype=acc)
+
+
+def _moments_setup(ctx, inputs, output):
+    x, rows = inputs
+    ctx.rows = rows
+    ctx.save_for_backward(x, output[0])
+
+
+def _moments_grad(ctx, g_mean, g_var):
+    x, mean = ctx.saved_tensors
+    head = x[:ctx.rows]
+    count = head.numel() // max(x.shape[1], 1)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    g = torch.zeros_like(head, dtype=mean.dtype)
+    if g_mean is not None:
+        g = g + (g_mean / count).view(shape)
+    if g_var is not None:
+        g = g + (2 * g_var / count).view(shape) * (head.to(mean.dtype) - mean.view(shape))
+    return torch.cat([g.to(x.dtype), x.new_zeros((x.shape[0] - ctx.rows,) + x.shape[1:])]), None
+
+
+_channel_moments.register_autograd(_moments_grad, setup_context=_moments_setup)
+
+
+def batch_norm_stats(x: Tensor, rows: int) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of the first ``rows`` rows of x (N, C, *), the natural
+    stream: train-mode BatchNorm statistics, in float32 (float64 for float64), differentiable."""
+    return _channel_moments(x.contiguous(), int(rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration with cure_fast.functional
+
+_IMPLEMENTATIONS = {
+    "interval_linear": interval_linear,
+    "interval_conv2d": interval_conv2d,
+    "interval_relu": interval_relu,
+    "interval_affine": interval_affine,
+    "l2_linear": l2_linear,
+    "l2_conv2d": l2_conv2d,
+    "margins_linear": margins_linear,
+    "l2_margins_linear": l2_margins_linear,
+}
+
+
+@functools.cache
+def register_ops() -> List[str]:
+    """Make the functions above the ``cuda`` implementations of :mod:`cure_fast.functional`'s ops
+    (once); returns the op names."""
+    from . import functional
+    for op, fn in _IMPLEMENTATIONS.items():
+        functional.register(op, "cuda")(fn)
+    return list(_IMPLEMENTATIONS)

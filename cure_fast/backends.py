@@ -1,8 +1,16 @@
-"""Backend selection: ``torch`` (reference, runs anywhere), ``triton`` (kernels/), ``cuda`` (csrc/).
+"""Backend selection: ``torch`` (reference, runs anywhere), ``triton`` (kernels/), ``cuda`` (csrc/),
+and the precision policy of the dot products.
 
-The default comes from :func:`set_backend`, else the environment variable ``CURE_FAST_BACKEND``,
-else ``auto``, which picks per op the first available of ``cuda``, ``triton``, ``torch`` that
-implements it for the tensor's device (on the CPU: ``torch``).
+The default backend comes from :func:`set_backend`, else the environment variable
+``CURE_FAST_BACKEND``, else ``auto``, which picks per op the first available of ``cuda``, ``triton``,
+``torch`` that implements it for the tensor's device. ``auto`` takes ``triton`` on CUDA devices only
+(never the CPU interpreter), so on the CPU it is ``torch``.
+
+Precision (:func:`set_precision`, or ``precision=`` per call): ``ieee`` (default) computes fp32 dot
+products in IEEE fp32, the mode certificates need; ``tf32`` lets them use TF32 tensor cores and
+``bf16`` rounds their inputs to bfloat16, both with fp32 accumulation, for training. Only the
+``triton`` backend uses ``tf32`` / ``bf16``; the ``torch`` backend turns TF32 off for ``ieee`` calls
+on CUDA tensors and otherwise follows torch's own settings.
 """
 from __future__ import annotations
 
@@ -15,7 +23,9 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
 _AUTO_ORDER = ("cuda", "triton", "torch")
+PRECISIONS = ("ieee", "tf32", "bf16")
 _default: Optional[str] = None
+_precision = "ieee"
 
 
 def _check_name(name: str, source: str) -> str:
@@ -37,6 +47,23 @@ def get_backend() -> str:
     return _check_name(os.environ.get("CURE_FAST_BACKEND", "auto"), "$CURE_FAST_BACKEND")
 
 
+def check_precision(name: str, source: str = "precision=") -> str:
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r} (from {source}); choose one of {', '.join(PRECISIONS)}")
+    return name
+
+
+def set_precision(name: str) -> None:
+    """Set the process-wide dot-product precision: ``ieee`` (default, sound), ``tf32`` or ``bf16`` (training)."""
+    global _precision
+    _precision = check_precision(name, "set_precision")
+
+
+def get_precision() -> str:
+    """The process-wide dot-product precision (``ieee`` unless :func:`set_precision` changed it)."""
+    return _precision
+
+
 def is_available(name: str, device: torch.device) -> bool:
     """Whether backend ``name`` can run on ``device`` in this process."""
     if name == "torch":
@@ -51,19 +78,35 @@ def is_available(name: str, device: torch.device) -> bool:
     raise ValueError(f"unknown backend {name!r}")
 
 
-def resolve(op: str, impls: Dict[str, Callable], backend: Optional[str], device: torch.device) -> Callable:
-    """The implementation of ``op`` for ``backend`` (None: the default) on ``device``; clear errors otherwise."""
+def select(op: str, impls: Dict[str, Callable], backend: Optional[str], device: torch.device,
+           args: Optional[tuple] = None, kwargs: Optional[dict] = None) -> str:
+    """The name of the backend that runs ``op`` for ``backend`` (None: the default) on ``device``.
+
+    On CUDA devices ``auto`` with the call's ``args`` (and ``kwargs``) takes the backend that
+    :mod:`cure_fast.autoselect` measured fastest for them; without, or with
+    ``CURE_FAST_AUTOSELECT=0``, the static order. Raises NotImplementedError when the requested
+    backend lacks ``op`` or cannot run on ``device``.
+    """
     name = _check_name(backend, "backend=") if backend is not None else get_backend()
+    if device.type == "cuda":
+        from . import autoselect
+        autoselect.prepare(device)  # registers the cuda backend's ops
+        if name == "auto" and args is not None:
+            chosen = autoselect.choose(op, impls, device, args, kwargs, lambda n: is_available(n, device))
+            if chosen is not None:
+                return chosen
     if name == "auto":
         for candidate in _AUTO_ORDER:
+            if candidate == "triton" and device.type != "cuda":
+                continue
             if candidate in impls and is_available(candidate, device):
-                return impls[candidate]
+                return candidate
         raise RuntimeError(f"no backend implements {op} on {device}")  # torch always does
     if name not in impls:
         raise NotImplementedError(
             f"backend {name!r} does not implement {op} yet; use backend='torch' or 'auto'")
     if not is_available(name, device):
-        raise RuntimeError(f"backend {name!r} cannot run {op} on {device.type} tensors"
-                           + (" (it needs CUDA tensors and the built extension cure_fast._C)" if name == "cuda" else
-                              " (it needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU)"))
-    return impls[name]
+        raise NotImplementedError(f"backend {name!r} cannot run {op} on {device.type} tensors"
+                                  + (" (it needs CUDA tensors and the built extension cure_fast._C)" if name == "cuda"
+                                     else " (it needs CUDA tensors, or TRITON_INTERPRET=1 on the CPU)"))
+    return name

@@ -8,13 +8,15 @@ interval like the rest.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as BF
+from .backends import check_precision
 from .nn import Normalize
 from .specs import L2Ball, LinfBall, _Ball
 
@@ -60,7 +62,7 @@ def _channel_affine(module: nn.Module, natural: Tensor) -> Tuple[Tensor, Tensor]
         if bn.training and count <= 1:
             raise ValueError(f"{bn}: expected more than 1 value per channel when training, got input of "
                              f"shape {tuple(natural.shape)}")
-        mean, var = natural.mean(dims), natural.var(dims, unbiased=False)
+        var, mean = torch.var_mean(natural, dims, correction=0)
         if bn.training and bn.track_running_stats:
             _update_running_stats(bn, mean.detach(), var.detach() * count / (count - 1))
     else:
@@ -165,6 +167,19 @@ class _Streams:
         return _Streams(c, r, self.order, self.balls, scale, self.points)
 
 
+class _Lazy:
+    """A state inside a fused group of layers (see ``BoundedModule._fusable``), computed from the
+    group's input only when asked for."""
+
+    def __init__(self, compute: Callable[[], _Streams]):
+        self._compute, self._value = compute, None
+
+    def get(self) -> _Streams:
+        if self._value is None:
+            self._value = self._compute()
+        return self._value
+
+
 @dataclass
 class Propagation:
     """What :meth:`BoundedModule.propagate` returns.
@@ -179,20 +194,25 @@ class Propagation:
     bounds: List[Interval]
     margins: Optional[List[Tensor]]
     layer_names: List[str]
-    _states: List[_Streams] = field(repr=False, default_factory=list)  # input of each layer, then the output
+    # the input of every layer, then the output (inside fused groups computed on request)
+    _states: List[Union[_Streams, _Lazy]] = field(repr=False, default_factory=list)
     _relus: List[int] = field(repr=False, default_factory=list)
+
+    def _state(self, i: int) -> _Streams:
+        state = self._states[i]
+        return state.get() if isinstance(state, _Lazy) else state
 
     def input_bounds(self, spec: int, layer: int) -> Interval:
         """Bounds ``(lower, upper)`` of spec number ``spec`` on the input of layer number ``layer``."""
-        return _lower_upper(self._states[layer].block(spec))
+        return _lower_upper(self._state(layer).block(spec))
 
     def layer_bounds(self, spec: int) -> List[Interval]:
         """Bounds ``(lower, upper)`` of spec number ``spec`` on the output of every layer, each (B, *shape)."""
-        return [_lower_upper(state.block(spec)) for state in self._states[1:]]
+        return [_lower_upper(self._state(i).block(spec)) for i in range(1, len(self._states))]
 
     def preactivation_bounds(self, spec: int) -> List[Interval]:
         """Bounds ``(lower, upper)`` of spec number ``spec`` on the input of every ReLU, in order."""
-        return [_lower_upper(self._states[i].block(spec)) for i in self._relus]
+        return [_lower_upper(self._state(i).block(spec)) for i in self._relus]
 
 
 def _lower_upper(interval: Interval) -> Interval:
@@ -245,12 +265,19 @@ class BoundedModule(nn.Module):
     with the natural stream's batch statistics (and updates the running statistics once per call);
     in eval mode it uses the running statistics.
 
+    A Linear / Conv2d with the eval-mode BatchNorm and / or ReLU after it, and a BatchNorm /
+    Normalize with a ReLU after it, run as one op (the ``triton`` backend fuses them into one kernel);
+    the bounds between those layers (``layer_bounds``, ``preactivation_bounds``) are computed when
+    first asked for.
+
     Args:
         model: the network, an ``nn.Sequential``.
         backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"``, or None for the process default.
+        precision: dot-product precision of the affine layers, ``"ieee"``, ``"tf32"``, ``"bf16"``, or
+            None for the process default (:func:`cure_fast.set_precision`, ``"ieee"`` unless changed).
     """
 
-    def __init__(self, model: nn.Sequential, backend: Optional[str] = None):
+    def __init__(self, model: nn.Sequential, backend: Optional[str] = None, precision: Optional[str] = None):
         if not isinstance(model, nn.Sequential):
             raise ValueError(f"BoundedModule needs an nn.Sequential, got {type(model).__name__}")
         super().__init__()
@@ -261,6 +288,7 @@ class BoundedModule(nn.Module):
             _check_layer(position, module)
         self.model = model
         self.backend = backend
+        self.precision = None if precision is None else check_precision(precision)
         self.layer_names = [position for position, _ in layers]
         self._layers = [module for _, module in layers]
         self._spec_layer = self._find_spec_layer()
@@ -285,9 +313,20 @@ class BoundedModule(nn.Module):
         """``(lower, upper)`` on the output over the input set ``spec`` around x; each (B, K)."""
         return self.propagate(x, [spec]).bounds[0]
 
-    def margins(self, x: Tensor, y: Tensor, spec: Spec) -> Tensor:
-        """Lower bounds on ``z_y - z_j`` over ``spec`` around x, (B, K), 0 at ``j = y``; > 0 off y certifies."""
-        return self.propagate(x, [spec], y).margins[0]
+    def margins(self, x: Tensor, y: Tensor, spec: Spec, method: str = "ibp", **options) -> Tensor:
+        """Lower bounds on ``z_y - z_j`` over ``spec`` around x, (B, K), 0 at ``j = y``; > 0 off y certifies.
+
+        ``method``: ``"ibp"`` (this module's interval propagation), or ``"crown-ibp"``, ``"crown"``,
+        ``"alpha-crown"`` (eval mode; ``options`` go to :func:`cure_fast.crown.crown_margins`).
+        """
+        if method == "ibp":
+            if options:
+                raise TypeError(f"options {sorted(options)} apply to the CROWN methods only, not to 'ibp'")
+            return self.propagate(x, [spec], y).margins[0]
+        from . import crown
+        if method not in crown.METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of ibp, {', '.join(crown.METHODS)}")
+        return crown.crown_margins(self, x, y, spec, method=method, **options)
 
     def propagate(self, x: Tensor, specs: Union[Spec, Sequence[Spec]] = (), y: Optional[Tensor] = None) -> Propagation:
         """One pass for the natural input and every spec, stacked along the batch.
@@ -306,13 +345,20 @@ class BoundedModule(nn.Module):
             raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', y)}")
         streams = self._input_streams(x, specs)
         states, tail, penultimate = [streams.materialized(len(specs))], [], None
-        for i, (position, module) in enumerate(zip(self.layer_names, self._layers)):
+        i = 0
+        while i < len(self._layers):
             if i == self._spec_layer:
                 penultimate = streams
-            streams, affine = self._step(position, module, streams, len(specs))
-            if affine is not None and self._spec_layer is not None and i > self._spec_layer:
-                tail.append(affine)
-            states.append(streams.materialized(len(specs)))
+            size = self._fusable(i, streams)
+            if size > 1:
+                streams, inside = self._fused_step(i, size, streams)
+                states += inside + [streams]
+            else:
+                streams, affine = self._step(self.layer_names[i], self._layers[i], streams, len(specs))
+                if affine is not None and self._spec_layer is not None and i > self._spec_layer:
+                    tail.append(affine)
+                states.append(streams.materialized(len(specs)))
+            i += size
         out = states[-1]
         bounds = [_lower_upper(out.block(k)) for k in range(len(specs))]
         margins = None
@@ -331,6 +377,44 @@ class BoundedModule(nn.Module):
         balls = {k: (specs[k].per_sample_eps(x).reshape(-1), 1 + centred.index(k) if k in centred else 0) for k in l2}
         return _Streams(c, r, order, balls, points=1 + len(centred))
 
+    def _fusable(self, i: int, s: _Streams) -> int:
+        """How many layers from ``i`` on run as one op: a Linear / Conv2d with the eval-mode
+        BatchNorm after it (folded into its epilogue) and / or a ReLU, or a BatchNorm / Normalize
+        with a ReLU. Not while l2 balls are pending, nor at the layer the specification folds into."""
+        layers, j = self._layers, i + 1
+        if s.balls or i == self._spec_layer:
+            return 1
+        if isinstance(layers[i], (nn.Linear, nn.Conv2d)):
+            bn = nn.BatchNorm2d if isinstance(layers[i], nn.Conv2d) else nn.BatchNorm1d
+            if (j < len(layers) and type(layers[j]) is bn and not layers[j].training
+                    and layers[j].running_mean is not None and layers[j].num_features == layers[i].weight.shape[0]
+                    and (bn is nn.BatchNorm2d or s.c.dim() == 2)):
+                j += 1
+        elif not isinstance(layers[i], (Normalize,) + _BATCHNORM):
+            return 1
+        if j < len(layers) and isinstance(layers[j], nn.ReLU):
+            j += 1
+        return j - i
+
+    def _fused_step(self, i: int, size: int, s: _Streams) -> Tuple[_Streams, List[_Lazy]]:
+        """Layers ``i .. i + size - 1`` (see :meth:`_fusable`) as one op; returns the output streams and
+        the states between the layers, computed only if asked for."""
+        layers = self._layers[i: i + size]
+        _check_input_shape(self.layer_names[i], layers[0], s.c)
+        affine_layer = isinstance(layers[0], (nn.Linear, nn.Conv2d))
+        norm = [m for m in layers if isinstance(m, (Normalize,) + _BATCHNORM)]
+        affine = _channel_affine(norm[0], s.natural()) if norm else None
+
+        def through(k: int) -> _Streams:
+            """The streams after the group's first k layers."""
+            relu = isinstance(layers[k - 1], nn.ReLU)
+            if not affine_layer:
+                return s.like(*BF.interval_affine(s.c, s.r, *affine, relu=relu, backend=self.backend))
+            folded = affine if any(isinstance(m, _BATCHNORM) for m in layers[:k]) else None
+            return s.like(*_affine(layers[0], s.c, s.r, self.backend, self.precision, folded, relu))
+
+        return through(size), [_Lazy(functools.partial(through, k)) for k in range(1, size)]
+
     def _step(self, position: str, module: nn.Module, s: _Streams, n_specs: int):
         """Apply one layer to all streams; returns the new streams and the (scale, shift) of a
         per-channel affine layer (None otherwise)."""
@@ -339,12 +423,12 @@ class BoundedModule(nn.Module):
         if isinstance(module, nn.Linear) and s.balls and s.c.dim() != 2:
             s = s.resolved(n_specs, {k: s.ball_box(k) for k in s.balls})
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            out = s.like(*_affine(module, s.c, s.r, backend))
+            out = s.like(*_affine(module, s.c, s.r, backend, self.precision))
             if not s.balls:
                 return out, None
             balls = {}
             for k, (eps, j) in s.balls.items():
-                ball = _l2_affine(module, s.point(j), eps, s.scale, backend)
+                ball = _l2_affine(module, s.point(j), eps, s.scale, backend, self.precision)
                 balls[k] = _intersect(ball, out.block(k)) if k in out.order else ball
             return out.resolved(n_specs, balls), None
         if isinstance(module, (Normalize,) + _BATCHNORM):
@@ -386,13 +470,14 @@ class BoundedModule(nn.Module):
         per_block = {}
         if pen.order:
             folded = BF.margins_linear(pen.intervals(), pen.r, weight, bias, labels.repeat(len(pen.order)),
-                                       backend=self.backend)
+                                       backend=self.backend, precision=self.precision)
             per_block = dict(zip(pen.order, folded.chunk(len(pen.order))))
         margins = []
         for k in range(len(specs)):
             if k in pen.balls:
                 eps, j = pen.balls[k]
-                ball = BF.l2_margins_linear(pen.point(j), eps, weight, bias, labels, pen.scale, backend=self.backend)
+                ball = BF.l2_margins_linear(pen.point(j), eps, weight, bias, labels, pen.scale, backend=self.backend,
+                                            precision=self.precision)
                 margins.append(torch.maximum(ball, per_block[k]) if k in per_block else ball)
             else:
                 margins.append(per_block[k])
@@ -402,18 +487,23 @@ class BoundedModule(nn.Module):
         return f"backend={self.backend or 'default'}"
 
 
-def _affine(module: nn.Module, c: Tensor, r: Tensor, backend: Optional[str]) -> Interval:
+def _affine(module: nn.Module, c: Tensor, r: Tensor, backend: Optional[str], precision: Optional[str],
+            affine: Optional[Tuple[Tensor, Tensor]] = None, relu: bool = False) -> Interval:
+    """A Linear / Conv2d layer on (c, r), then the per-channel ``affine`` (scale, shift) and the ReLU if given."""
+    scale, shift = affine if affine is not None else (None, None)
+    epilogue = dict(scale=scale, shift=shift, relu=relu, backend=backend, precision=precision)
     if isinstance(module, nn.Linear):
-        return BF.interval_linear(c, r, module.weight, module.bias, backend=backend)
+        return BF.interval_linear(c, r, module.weight, module.bias, **epilogue)
     return BF.interval_conv2d(c, r, module.weight, module.bias, module.stride, module.padding,
-                              module.dilation, module.groups, backend=backend)
+                              module.dilation, module.groups, **epilogue)
 
 
-def _l2_affine(module: nn.Module, x: Tensor, eps: Tensor, scale: Optional[Tensor], backend: Optional[str]) -> Interval:
+def _l2_affine(module: nn.Module, x: Tensor, eps: Tensor, scale: Optional[Tensor], backend: Optional[str],
+               precision: Optional[str]) -> Interval:
     if isinstance(module, nn.Linear):
-        return BF.l2_linear(x, eps, module.weight, module.bias, scale, backend=backend)
+        return BF.l2_linear(x, eps, module.weight, module.bias, scale, backend=backend, precision=precision)
     return BF.l2_conv2d(x, eps, module.weight, module.bias, module.stride, module.padding, module.dilation,
-                        module.groups, scale, backend=backend)
+                        module.groups, scale, backend=backend, precision=precision)
 
 
 def _dropout(p: float, s: _Streams) -> _Streams:

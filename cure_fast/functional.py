@@ -3,22 +3,25 @@
 Every op takes ``backend=`` (``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"`` or None for the
 default, see :mod:`cure_fast.backends`). ``r`` may have fewer rows than ``c``: it then holds the
 radii of the last ``r.shape[0]`` rows and the leading rows are points (the natural stream).
-All ops are differentiable.
+The ops with dot products take ``precision=`` (``"ieee"``, ``"tf32"``, ``"bf16"``, or None for
+:func:`cure_fast.backends.get_precision`). ``interval_linear`` / ``interval_conv2d`` take an
+optional epilogue (a per-output-feature affine ``scale``, ``shift`` and ``relu``) that the
+``triton`` backend fuses into the kernel and the others apply after the op. All ops are differentiable.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+import contextlib
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import _cuda, reference
-from .backends import resolve
+from . import _cuda, backends, reference
 
 Interval = Tuple[Tensor, Tensor]
 IntOrPair = Union[int, Tuple[int, int]]
 
-_IMPLS: Dict[str, Dict[str, callable]] = {
+_IMPLS: Dict[str, Dict[str, Callable]] = {
     "interval_linear": {"torch": reference.interval_linear_ref},
     "interval_conv2d": {"torch": reference.interval_conv2d_ref},
     "interval_relu": {"torch": reference.interval_relu_ref, "cuda": _cuda.interval_relu},
@@ -30,8 +33,70 @@ _IMPLS: Dict[str, Dict[str, callable]] = {
 }
 
 
-def _impl(op: str, backend: Optional[str], like: Tensor):
-    return resolve(op, _IMPLS[op], backend, like.device)
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator making ``fn`` the ``backend`` implementation of ``op``."""
+    def wrap(fn: Callable) -> Callable:
+        _IMPLS[op][backend] = fn
+        return fn
+    return wrap
+
+
+def _triton_loader(op: str) -> Callable:
+    """Stand-in for the Triton implementation of ``op``: the first call imports cure_fast.kernels
+    (and triton), whose functions register themselves in its place."""
+    def load(*args, **kwargs):
+        from . import kernels  # noqa: F401
+        impl = _IMPLS[op]["triton"]
+        if impl is load:
+            raise NotImplementedError(f"cure_fast.kernels does not register {op}")
+        return impl(*args, **kwargs)
+    return load
+
+
+for _op in _IMPLS:  # every op has a Triton implementation; triton is imported on first use only
+    _IMPLS[_op]["triton"] = _triton_loader(_op)
+
+
+def _dispatch(op: str, backend: Optional[str], like: Tensor) -> Tuple[str, Callable]:
+    name = backends.select(op, _IMPLS[op], backend, like.device)
+    return name, _IMPLS[op][name]
+
+
+def _precision(precision: Optional[str]) -> str:
+    return backends.get_precision() if precision is None else backends.check_precision(precision)
+
+
+@contextlib.contextmanager
+def _honoured(precision: str, device: torch.device):
+    """Run torch ops with TF32 off when ``precision`` is ``ieee`` on a CUDA device."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [f.allow_tf32 for f in flags]
+    if precision != "ieee" or device.type != "cuda" or not any(saved):
+        yield
+        return
+    for f in flags:
+        f.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for f, value in zip(flags, saved):
+            f.allow_tf32 = value
+
+
+# Backends whose implementations take ``precision=`` and the epilogue keywords (and fuse the
+# epilogue); the others run under _honoured(precision), the epilogue after them as separate ops.
+_FUSING = {"triton"}
+
+
+def _run_dot_op(op: str, backend: Optional[str], like: Tensor, precision: Optional[str], args: tuple,
+                **epilogue):
+    """Run a dot-product op; returns (whether its backend applied the epilogue, its result)."""
+    name, impl = _dispatch(op, backend, like)
+    precision = _precision(precision)
+    if name in _FUSING:
+        return True, impl(*args, **epilogue, precision=precision)
+    with _honoured(precision, like.device):
+        return False, impl(*args)
 
 
 def _check_interval(op: str, c: Tensor, r: Tensor, dims: Optional[int] = None) -> None:
@@ -51,32 +116,72 @@ def _check_features(op: str, features: int, expected: int, what: str) -> None:
         raise ValueError(f"{op}: the weight expects {expected} {what}, the input has {features}")
 
 
+def _check_epilogue(op: str, c: Tensor, features: int, scale: Optional[Tensor], shift: Optional[Tensor]) -> None:
+    if (scale is None) != (shift is None):
+        raise ValueError(f"{op}: give both scale and shift, or neither")
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t is not None and (t.shape != (features,) or t.dtype != c.dtype or t.device != c.device):
+            raise ValueError(f"{op}: {name} must have shape ({features},) and the input's dtype and device "
+                             f"({c.dtype}, {c.device}), got {tuple(t.shape)} {t.dtype} {t.device}")
+
+
+def _epilogue(out: Interval, scale: Optional[Tensor], shift: Optional[Tensor], relu: bool, channel_dim: int,
+              backend: Optional[str]) -> Interval:
+    """The epilogue of interval_linear / interval_conv2d as separate ops (backends that do not fuse it)."""
+    c, r = out
+    if scale is not None:
+        shape = [1] * c.dim()
+        shape[channel_dim] = -1
+        c, r = c * scale.view(shape) + shift.view(shape), r * scale.abs().view(shape)
+    return interval_relu(c, r, backend=backend) if relu else (c, r)
+
+
 def interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-                    backend: Optional[str] = None) -> Interval:
-    """Interval image of ``x W^T + b``: c (N, *, in), r (M, *, in), weight (out, in) -> (N, *, out), (M, *, out)."""
+                    scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, relu: bool = False,
+                    backend: Optional[str] = None, precision: Optional[str] = None) -> Interval:
+    """Interval image of ``x W^T + b``: c (N, *, in), r (M, *, in), weight (out, in) -> (N, *, out), (M, *, out).
+
+    Optional epilogue: ``* scale + shift`` per output feature (both (out,), e.g. a folded BatchNorm),
+    then the interval ReLU when ``relu``.
+    """
     _check_interval("interval_linear", c, r)
     _check_features("interval_linear", c.shape[-1], weight.shape[1], "input features")
-    return _impl("interval_linear", backend, c)(c, r, weight, bias)
+    _check_epilogue("interval_linear", c, weight.shape[0], scale, shift)
+    fused, out = _run_dot_op("interval_linear", backend, c, precision, (c, r, weight, bias),
+                             scale=scale, shift=shift, relu=relu)
+    return out if fused else _epilogue(out, scale, shift, relu, -1, backend)
 
 
 def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                     stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0, dilation: IntOrPair = 1,
-                    groups: int = 1, *, backend: Optional[str] = None) -> Interval:
-    """Interval image of a 2-d convolution: c (N, C, H, W), r (M, C, H, W) -> (N, O, H', W'), (M, O, H', W')."""
+                    groups: int = 1, *, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                    relu: bool = False, backend: Optional[str] = None, precision: Optional[str] = None) -> Interval:
+    """Interval image of a 2-d convolution: c (N, C, H, W), r (M, C, H, W) -> (N, O, H', W'), (M, O, H', W').
+
+    Optional epilogue: ``* scale + shift`` per output channel (both (O,), e.g. a folded BatchNorm),
+    then the interval ReLU when ``relu``.
+    """
     _check_interval("interval_conv2d", c, r, dims=4)
     _check_features("interval_conv2d", c.shape[1], weight.shape[1] * groups, "input channels")
-    return _impl("interval_conv2d", backend, c)(c, r, weight, bias, stride, padding, dilation, groups)
+    _check_epilogue("interval_conv2d", c, weight.shape[0], scale, shift)
+    fused, out = _run_dot_op("interval_conv2d", backend, c, precision,
+                             (c, r, weight, bias, stride, padding, dilation, groups),
+                             scale=scale, shift=shift, relu=relu)
+    return out if fused else _epilogue(out, scale, shift, relu, 1, backend)
 
 
 def interval_relu(c: Tensor, r: Tensor, *, backend: Optional[str] = None) -> Interval:
     """Interval image of ReLU: ``l' = relu(c - r)``, ``u' = relu(c + r)`` in centre–radius form; shapes kept."""
     _check_interval("interval_relu", c, r)
-    return _impl("interval_relu", backend, c)(c, r)
+    return _dispatch("interval_relu", backend, c)[1](c, r)
 
 
-def interval_affine(c: Tensor, r: Tensor, scale: Tensor, shift: Tensor, *,
+def interval_affine(c: Tensor, r: Tensor, scale: Tensor, shift: Tensor, *, relu: bool = False,
                     backend: Optional[str] = None) -> Interval:
-    """Per-channel affine (BatchNorm, Normalize): ``c * scale + shift``, ``r * |scale|``; scale, shift (C,), channels on dim 1."""
+    """Per-channel affine (BatchNorm, Normalize): ``c * scale + shift``, ``r * |scale|``; scale, shift (C,), channels on dim 1.
+
+    With ``relu``, the interval ReLU follows (fused by the ``triton`` backend).
+    """
     _check_interval("interval_affine", c, r)
     if c.dim() < 2 or scale.shape != (c.shape[1],) or shift.shape != (c.shape[1],):
         raise ValueError(f"interval_affine: scale and shift must have shape ({c.shape[1] if c.dim() > 1 else '?'},), "
@@ -85,7 +190,11 @@ def interval_affine(c: Tensor, r: Tensor, scale: Tensor, shift: Tensor, *,
         if t.dtype != c.dtype or t.device != c.device:
             raise ValueError(f"interval_affine: {name} must have the input's dtype and device ({c.dtype}, {c.device}), "
                              f"got {t.dtype}, {t.device}")
-    return _impl("interval_affine", backend, c)(c, r, scale, shift)
+    name, impl = _dispatch("interval_affine", backend, c)
+    if name in _FUSING:
+        return impl(c, r, scale, shift, relu=relu)
+    out = impl(c, r, scale, shift)
+    return interval_relu(*out, backend=backend) if relu else out
 
 
 def _check_l2(op: str, x: Tensor, eps: Union[float, Tensor], scale: Optional[Tensor] = None) -> None:
@@ -105,7 +214,8 @@ def _check_l2(op: str, x: Tensor, eps: Union[float, Tensor], scale: Optional[Ten
 
 
 def l2_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor] = None,
-              scale: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Interval:
+              scale: Optional[Tensor] = None, *, backend: Optional[str] = None,
+              precision: Optional[str] = None) -> Interval:
     """Exact bounds of a linear layer over the l2 ball (ellipsoid) ``{x + scale ⊙ u : |u|_2 <= eps}``.
 
     x (B, in), eps float or (B,), scale None or broadcastable to x -> c (B, out), r (B, out) with
@@ -115,12 +225,13 @@ def l2_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
     if x.dim() != 2:
         raise ValueError(f"l2_linear: expected x of shape (B, in), got {tuple(x.shape)}")
     _check_features("l2_linear", x.shape[1], weight.shape[1], "input features")
-    return _impl("l2_linear", backend, x)(x, eps, weight, bias, scale)
+    return _run_dot_op("l2_linear", backend, x, precision, (x, eps, weight, bias, scale))[1]
 
 
 def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor] = None,
               stride: IntOrPair = 1, padding: Union[IntOrPair, str] = 0, dilation: IntOrPair = 1,
-              groups: int = 1, scale: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Interval:
+              groups: int = 1, scale: Optional[Tensor] = None, *, backend: Optional[str] = None,
+              precision: Optional[str] = None) -> Interval:
     """Exact, padding-aware bounds of a convolution over ``{x + scale ⊙ u : |u|_2 <= eps}``.
 
     x (B, C, H, W), eps float or (B,), scale None or broadcastable to x -> c, r (B, O, H', W') with
@@ -130,7 +241,8 @@ def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
     if x.dim() != 4:
         raise ValueError(f"l2_conv2d: expected x of shape (B, C, H, W), got {tuple(x.shape)}")
     _check_features("l2_conv2d", x.shape[1], weight.shape[1] * groups, "input channels")
-    return _impl("l2_conv2d", backend, x)(x, eps, weight, bias, stride, padding, dilation, groups, scale)
+    return _run_dot_op("l2_conv2d", backend, x, precision,
+                       (x, eps, weight, bias, stride, padding, dilation, groups, scale))[1]
 
 
 def _check_labels(op: str, labels: Tensor, rows: int, classes: int) -> None:
@@ -141,7 +253,7 @@ def _check_labels(op: str, labels: Tensor, rows: int, classes: int) -> None:
 
 
 def margins_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, *,
-                   backend: Optional[str] = None) -> Tensor:
+                   backend: Optional[str] = None, precision: Optional[str] = None) -> Tensor:
     """Lower bounds on the margins ``z_y - z_j`` of a last linear layer, the specification folded in.
 
     c (N, in), r (M, in), weight (K, in), bias (K,) or None, labels (N,) int -> (N, K), 0 at ``j = y``.
@@ -149,11 +261,12 @@ def margins_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor],
     _check_interval("margins_linear", c, r, dims=2)
     _check_features("margins_linear", c.shape[1], weight.shape[1], "input features")
     _check_labels("margins_linear", labels, c.shape[0], weight.shape[0])
-    return _impl("margins_linear", backend, c)(c, r, weight, bias, labels.long())
+    return _run_dot_op("margins_linear", backend, c, precision, (c, r, weight, bias, labels.long()))[1]
 
 
 def l2_margins_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-                      scale: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
+                      scale: Optional[Tensor] = None, *, backend: Optional[str] = None,
+                      precision: Optional[str] = None) -> Tensor:
     """Exact lower bounds on ``z_y - z_j`` of a linear layer over ``{x + scale ⊙ u : |u|_2 <= eps}``.
 
     x (B, in), eps float or (B,), weight (K, in), labels (B,) int -> (B, K), 0 at ``j = y``.
@@ -163,4 +276,4 @@ def l2_margins_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias
         raise ValueError(f"l2_margins_linear: expected x of shape (B, in), got {tuple(x.shape)}")
     _check_features("l2_margins_linear", x.shape[1], weight.shape[1], "input features")
     _check_labels("l2_margins_linear", labels, x.shape[0], weight.shape[0])
-    return _impl("l2_margins_linear", backend, x)(x, eps, weight, bias, labels.long(), scale)
+    return _run_dot_op("l2_margins_linear", backend, x, precision, (x, eps, weight, bias, labels.long(), scale))[1]

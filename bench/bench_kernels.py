@@ -1,0 +1,248 @@
+"""Per-layer benchmark of the fused Triton kernels on the CNN7 layer shapes for CIFAR-10, with the
+streams of a multi-norm training step stacked (centres: natural + l∞ + l2, radii: l∞ + l2).
+
+For every layer op, batch size, precision (``ieee``: fp32 IEEE products, the certification mode;
+``tf32``: training) and pass (forward, backward, both), the median time of
+
+- ``triton``: the fused kernel (cure_fast.kernels),
+- ``eager``: centre-radius IBP in plain PyTorch (the torch backend: two convolutions, ``|W|``
+  rebuilt on every call, separate ReLU passes),
+- ``compile``: ``torch.compile`` of the same,
+- ``floor``: cuDNN / cuBLAS computing ``W ⊛ c`` and ``|W| ⊛ r`` alone (``|W|`` precomputed),
+
+with the speed-ups, the share of the floor, TFLOP/s (counting the two products) and GB/s (the
+minimum traffic: every input read once, every output written once).
+
+    python bench/bench_kernels.py [--batch 128 512] [--json out.json] [--no-compile] [--smoke]
+"""
+import itertools
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import harness
+from cure_fast import kernels, models, reference
+
+PRECISIONS = ("ieee", "tf32")
+PASSES = ("forward", "backward", "both")
+COLUMNS = ("layer", "op", "batch", "precision", "pass", "triton_ms", "eager_ms", "compile_ms", "floor_ms",
+           "x_eager", "x_compile", "of_floor", "tflops", "gbps")
+
+
+@dataclass
+class Case:
+    """One op on one layer. ``make()`` builds fresh inputs; ``triton(precision)`` is the fused
+    function; ``floor`` takes ``floor_inputs(inputs)``. ``flops`` counts the forward (the backward
+    counts twice as much when the inputs need gradients, once otherwise); ``bytes`` = (forward, backward)."""
+    layer: str
+    op: str
+    make: Callable[[], Tuple]
+    triton: Callable[[str], Callable]
+    eager: Callable
+    floor: Optional[Callable]
+    floor_inputs: Optional[Callable]
+    flops: float
+    bytes: Tuple[float, float]
+    input_grads: bool = True
+
+
+def _numel(*shapes) -> int:
+    return sum(torch.Size(s).numel() for s in shapes)
+
+
+def _layers(smoke: bool):
+    """The data set and (name, module, input shape, output shape) of CNN7's Conv2d / Linear layers."""
+    data = models.DATASETS["cifar10"]
+    if smoke:
+        data = models.DatasetInfo((3, 4, 4), 10, data.mean, data.std)
+    model = models.cnn7(data, width=1 if smoke else 64, linear=4 if smoke else 512).eval()
+    layers, h = [], torch.zeros((1,) + data.shape)
+    for name, module in model.named_children():
+        out = module(h)
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            layers.append((f"{type(module).__name__.lower()}{name}", module, tuple(h.shape[1:]), tuple(out.shape[1:])))
+        h = out
+    return data, layers
+
+
+class _Inputs:
+    """Random inputs on the device: centres of n rows (natural + l∞ + l2), radii of m rows (l∞ + l2)."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.n, self.m, self.device = 3 * batch, 2 * batch, device
+        self.gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(self, *shape, low=-1.0, grad=True):
+        t = torch.rand(shape, generator=self.gen, device=self.device) * (1 - low) + low
+        return t.requires_grad_(grad)
+
+    def interval(self, shape, grad=True):
+        return self.rand(self.n, *shape, grad=grad), self.rand(self.m, *shape, low=0.0, grad=grad)
+
+    def params(self, module):
+        weight = module.weight.detach().to(self.device)
+        bias = module.bias.detach().to(self.device) if module.bias is not None else weight.new_zeros(weight.shape[0])
+        return weight.clone().requires_grad_(), bias.clone().requires_grad_()
+
+
+def _floor_inputs(inputs):
+    c, r, w, b = inputs
+    return c, r, w, w.detach().abs().requires_grad_(), b
+
+
+def _affine_case(name, module, shape, out, inputs: _Inputs, first: bool) -> Case:
+    """Conv2d / Linear on the stacked streams with the ReLU after it fused."""
+    n, m = inputs.n, inputs.m
+    if isinstance(module, nn.Conv2d):
+        conv = dict(stride=module.stride, padding=module.padding)
+        fused = partial(kernels.interval_conv2d, **conv)
+        eager = partial(reference.interval_conv2d_ref, **conv)
+        products = partial(F.conv2d, **conv)
+    else:
+        fused, eager, products = kernels.interval_linear, reference.interval_linear_ref, F.linear
+    io = _numel((n,) + shape, (m,) + shape, (n,) + out, (m,) + out) + module.weight.numel()
+    return Case(
+        name, "interval+relu",
+        make=lambda: (*inputs.interval(shape, grad=not first), *inputs.params(module)),
+        triton=lambda precision: lambda c, r, w, b: fused(c, r, w, b, relu=True, precision=precision),
+        eager=lambda c, r, w, b: reference.interval_relu_ref(*eager(c, r, w, b)),
+        floor=lambda c, r, w, w_abs, b: (products(c, w, b), products(r, w_abs)),
+        floor_inputs=_floor_inputs,
+        flops=2.0 * (n + m) * torch.Size(out).numel() * module.weight[0].numel(),
+        bytes=(4.0 * io, 4.0 * (2 * io + _numel((n,) + out, (m,) + out))),
+        input_grads=not first)
+
+
+def _l2_case(name, module, data, out, inputs: _Inputs, batch: int) -> Case:
+    """The first layer under an l2 ball (in pixel space, so scaled by Normalize's 1 / std): centre and
+    exact radius for the natural inputs, against the two convolutions ``W ⊛ x`` and ``W² ⊛ s²``."""
+    conv = dict(stride=module.stride, padding=module.padding)
+    scale = (1.0 / torch.tensor(data.std, device=inputs.device)).view(-1, 1, 1)
+    s2 = scale.square().expand((1,) + data.shape).contiguous()
+    io = _numel((batch,) + data.shape, (2 * batch,) + out) + module.weight.numel()
+    return Case(
+        name, "l2-first-layer",
+        make=lambda: (inputs.rand(batch, *data.shape, low=0.0, grad=False), *inputs.params(module)),
+        triton=lambda precision: lambda x, w, b: kernels.l2_conv2d(x, 0.5, w, b, **conv, scale=scale,
+                                                                     precision=precision),
+        eager=lambda x, w, b: reference.l2_conv2d_ref(x, 0.5, w, b, **conv, scale=scale),
+        floor=lambda x, w, w_sq, b: (F.conv2d(x, w, b, **conv), F.conv2d(s2, w_sq, None, **conv)),
+        floor_inputs=lambda i: (i[0], i[1], i[1].detach().square().requires_grad_(), i[2]),
+        flops=2.0 * (batch + 1) * torch.Size(out).numel() * module.weight[0].numel(),
+        bytes=(4.0 * io, 8.0 * io), input_grads=False)
+
+
+def _margins_case(name, module, inputs: _Inputs) -> Case:
+    """The last layer with the specification folded in, on the interval streams (l∞ + l2)."""
+    rows, (classes, features) = inputs.m, module.weight.shape
+    labels = torch.randint(0, classes, (rows,), generator=inputs.gen, device=inputs.device)
+    io = 2 * rows * (features + classes) + module.weight.numel()
+    return Case(
+        name, "margins",
+        make=lambda: (inputs.rand(rows, features), inputs.rand(rows, features, low=0.0), *inputs.params(module)),
+        triton=lambda precision: lambda c, r, w, b: kernels.margins_linear(c, r, w, b, labels),
+        eager=lambda c, r, w, b: reference.margins_linear_ref(c, r, w, b, labels),
+        floor=lambda c, r, w, w_abs, b: (F.linear(c, w, b), F.linear(r, w_abs)),
+        floor_inputs=_floor_inputs,
+        flops=4.0 * rows * classes * features, bytes=(4.0 * io, 8.0 * io))
+
+
+def _affine_relu_case(name, shape, inputs: _Inputs) -> Case:
+    """Train-mode BatchNorm (its statistics given) and ReLU on the streams: one elementwise pass."""
+    channels = shape[0]
+    io = 2 * _numel((inputs.n,) + shape, (inputs.m,) + shape)
+    return Case(
+        f"bn+relu after {name}", "affine+relu",
+        make=lambda: (*inputs.interval(shape), inputs.rand(channels, low=0.5), inputs.rand(channels)),
+        triton=lambda precision: lambda c, r, s, t: kernels.interval_affine(c, r, s, t, relu=True),
+        eager=lambda c, r, s, t: reference.interval_relu_ref(*reference.interval_affine_ref(c, r, s, t)),
+        floor=None, floor_inputs=None, flops=2.0 * io, bytes=(4.0 * io, 8.0 * io))
+
+
+def _cases(batch: int, device: torch.device, smoke: bool) -> List[Case]:
+    data, layers = _layers(smoke)
+    inputs = _Inputs(batch, device)
+    cases = []
+    for index, (name, module, shape, out) in enumerate(layers):
+        if index == len(layers) - 1:
+            cases.append(_margins_case(name, module, inputs))
+            continue
+        cases.append(_affine_case(name, module, shape, out, inputs, first=index == 0))
+        if index == 0:
+            cases.append(_l2_case(name, module, data, out, inputs, batch))
+        if index == 1:
+            cases.append(_affine_relu_case(name, out, inputs))
+    return cases
+
+
+def _timings(fn: Callable, make: Callable, device, smoke: bool) -> dict:
+    """Median ms of fn's forward, backward (graph kept) and both, over rotating inputs."""
+    def leaves(inputs):
+        return [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    get = harness.rotating(make, 1 if smoke else 3)
+    fn = harness.as_tuple(fn)
+    sample = fn(*get())
+    grads = [torch.rand_like(o) for o in sample]
+    forward = harness.median_ms(lambda: fn(*get()), device, smoke)
+    graphs = []
+    for _ in range(1 if smoke else 3):
+        inputs = get()
+        graphs.append((fn(*inputs), leaves(inputs)))
+    cycle = itertools.cycle(graphs)
+
+    def backward():
+        outputs, wrt = next(cycle)
+        return torch.autograd.grad(outputs, wrt, grads, retain_graph=True)
+
+    def both():
+        inputs = get()
+        return torch.autograd.grad(fn(*inputs), leaves(inputs), grads)
+
+    return {"forward": forward, "backward": harness.median_ms(backward, device, smoke),
+            "both": harness.median_ms(both, device, smoke)}
+
+
+def run(args) -> List[dict]:
+    rows = []
+    for batch in args.batch:
+        for case in _cases(batch, args.device, args.smoke):
+            compiled = None if args.no_compile else torch.compile(case.eager)
+            for precision in PRECISIONS[:1] if args.smoke else PRECISIONS:
+                with harness.tf32(precision == "tf32"):
+                    times = {"triton": _timings(case.triton(precision), case.make, args.device, args.smoke),
+                             "eager": _timings(case.eager, case.make, args.device, args.smoke)}
+                    if compiled is not None:
+                        times["compile"] = _timings(compiled, case.make, args.device, args.smoke)
+                    if case.floor is not None:
+                        times["floor"] = _timings(case.floor, lambda: case.floor_inputs(case.make()), args.device,
+                                                  args.smoke)
+                for step in PASSES:
+                    flops = case.flops * {"forward": 1, "backward": 2 if case.input_grads else 1,
+                                          "both": 3 if case.input_grads else 2}[step]
+                    traffic = {"forward": case.bytes[0], "backward": case.bytes[1], "both": sum(case.bytes)}[step]
+                    ms = {impl: t[step] for impl, t in times.items()}
+                    row = dict(layer=case.layer, op=case.op, batch=batch, precision=precision, **{"pass": step},
+                               **{f"{impl}_ms": v for impl, v in ms.items()},
+                               x_eager=ms["eager"] / ms["triton"], tflops=flops / ms["triton"] / 1e9,
+                               gbps=traffic / ms["triton"] / 1e6)
+                    if "compile" in ms:
+                        row["x_compile"] = ms["compile"] / ms["triton"]
+                    if "floor" in ms:
+                        row["of_floor"] = ms["triton"] / ms["floor"]
+                    rows.append(row)
+    return rows
+
+
+def main() -> None:
+    args = harness.arguments(__doc__.splitlines()[0])
+    rows = run(args)
+    harness.report("CNN7 layer kernels (fused Triton vs PyTorch IBP)", rows, COLUMNS, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Whole-network benchmark: one certified-training step of CNN7 on CIFAR-10 shapes, the natural
+input, an l∞ box and an l2 ball propagated together (``BoundedModule.propagate``), the loss on the
+logits and margins, and its backward, against the natural step (forward + backward of the model)
+of the same network.
+
+Per batch size, mode (``train``: BatchNorm on batch statistics; ``eval``: running statistics, the
+certification setting) and precision, the median time of the forward, the backward and both with
+the ``triton`` backend, the ``torch`` backend (eager centre-radius IBP) and ``torch.compile`` of
+the latter, and the ratio of each full step to the natural one (the issue's target: at most 3 with
+triton at batch 128; the arithmetic alone would say 5).
+
+    python bench/bench_network.py [--batch 128 512] [--json out.json] [--no-compile] [--smoke]
+"""
+import itertools
+from typing import Callable, List
+
+import torch
+import torch.nn.functional as F
+
+import harness
+from cure_fast import BoundedModule, L2Ball, LinfBall, models
+
+SETTINGS = (("train", "tf32"), ("train", "ieee"), ("eval", "ieee"))
+PASSES = ("forward", "backward", "both")
+COLUMNS = ("batch", "mode", "precision", "pass", "natural_ms", "triton_ms", "eager_ms", "compile_ms",
+           "triton_x_natural", "eager_x_natural", "compile_x_natural", "x_eager", "x_compile")
+
+
+def _model(smoke: bool, device: torch.device):
+    data = models.DATASETS["cifar10"]
+    if smoke:
+        data = models.DatasetInfo((3, 4, 4), 10, data.mean, data.std)
+    torch.manual_seed(0)
+    return models.cnn7(data, width=1 if smoke else 64, linear=4 if smoke else 512).to(device), data
+
+
+def _bounded_loss(bm: BoundedModule) -> Callable:
+    specs = [LinfBall(2 / 255), L2Ball(0.25)]
+
+    def loss(x, y):
+        out = bm.propagate(x, specs, y)
+        return F.cross_entropy(out.logits, y) + sum(F.cross_entropy(-m, y) for m in out.margins)
+    return loss
+
+
+def _natural_loss(model) -> Callable:
+    return lambda x, y: F.cross_entropy(model(x), y)
+
+
+def _timings(loss: Callable, params: List[torch.Tensor], make: Callable, device, smoke: bool) -> dict:
+    get = harness.rotating(make, 1 if smoke else 3)
+    forward = harness.median_ms(lambda: loss(*get()), device, smoke)
+    graphs = itertools.cycle([loss(*get()) for _ in range(1 if smoke else 3)])
+    backward = harness.median_ms(lambda: torch.autograd.grad(next(graphs), params, retain_graph=True), device, smoke)
+    both = harness.median_ms(lambda: torch.autograd.grad(loss(*get()), params), device, smoke)
+    return {"forward": forward, "backward": backward, "both": both}
+
+
+def run(args) -> List[dict]:
+    model, data = _model(args.smoke, args.device)
+    params = list(model.parameters())
+    rows = []
+    for batch in args.batch:
+        def make():
+            x = torch.rand((batch,) + data.shape, device=args.device)
+            return x, torch.randint(0, data.classes, (batch,), device=args.device)
+        for mode, precision in SETTINGS[2:] if args.smoke else SETTINGS:
+            model.train(mode == "train")
+            with harness.tf32(precision == "tf32"):
+                eager = _bounded_loss(BoundedModule(model, backend="torch", precision=precision))
+                losses = {"natural": _natural_loss(model), "eager": eager,
+                          "triton": _bounded_loss(BoundedModule(model, backend="triton", precision=precision))}
+                if not args.no_compile:
+                    losses["compile"] = torch.compile(eager)
+                times = {name: _timings(loss, params, make, args.device, args.smoke) for name, loss in losses.items()}
+            for step in PASSES:
+                ms = {name: t[step] for name, t in times.items()}
+                row = dict(batch=batch, mode=mode, precision=precision, **{"pass": step},
+                           **{f"{name}_ms": v for name, v in ms.items()})
+                for name in ("triton", "eager", "compile"):
+                    if name in ms:
+                        row[f"{name}_x_natural"] = ms[name] / ms["natural"]
+                row["x_eager"] = ms["eager"] / ms["triton"]
+                if "compile" in ms:
+                    row["x_compile"] = ms["compile"] / ms["triton"]
+                rows.append(row)
+    return rows
+
+
+def main() -> None:
+    args = harness.arguments(__doc__.splitlines()[0])
+    rows = run(args)
+    harness.report("CNN7 step, natural + l∞ + l2 bounds vs the natural step", rows, COLUMNS, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Certification time per image and peak memory of CNN7 (CIFAR-10 shape) per method (ibp, crown-ibp,
+crown, alpha-crown) for l∞ 2/255 and l2 0.25, in float64 (the sound mode), on the current device.
+
+    python bench/certify_time.py [--images 2] [--quick] [--device cpu] [--json out.json]
+
+The model has random weights (seed 0) in eval mode, its BatchNorm running statistics estimated on
+random images, so every pre-activation is roughly standardized; the labels are its own predictions.
+Model and images are float64, so every method, IBP included, computes in float64.
+Such a network is far from certifiable: almost every neuron of the deeper layers is unstable, which is
+the worst case for CROWN (it computes bounds for every unstable neuron of every layer, one backward
+pass per neuron and side). Each (norm, method) runs in its own subprocess, so that its peak memory is
+its own: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak resident set size
+(``ru_maxrss``) on the CPU, which includes the interpreter, torch and the model: the column "before"
+gives that peak just before the measured runs. ibp and
+crown-ibp are timed as the median of 3 runs after a warm-up; crown and alpha-crown by one run (minutes
+each on the CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from cure_fast import BoundedModule, L2Ball, LinfBall, models
+
+METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+NORMS = {"linf 2/255": lambda: LinfBall(2 / 255), "l2 0.25": lambda: L2Ball(0.25)}
+
+
+def _model(device: torch.device, width: int) -> torch.nn.Sequential:
+    """CNN7 in float64 with random weights and BatchNorm running statistics estimated on random images,
+    in eval mode."""
+    torch.manual_seed(0)
+    model = models.cnn7(models.DATASETS["cifar10"], width=width).to(device, torch.float64)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(8):
+            model(torch.rand(32, 3, 32, 32, device=device, dtype=torch.float64))
+    return model.eval()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(method: str, norm: str, images: int, device: torch.device, width: int) -> dict:
+    """Seconds per image, peak memory and the bounds of one (method, norm) on ``images`` random images."""
+    model = _model(device, width)
+    bounded = BoundedModule(model)
+    torch.manual_seed(1)
+    x = torch.rand(images, 3, 32, 32, device=device, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    spec = NORMS[norm]()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run = lambda: bounded.margins(x, y, spec, method=method)  # noqa: E731
+    repeats = 3 if method in ("ibp", "crown-ibp") else 1
+    if repeats > 1:
+        run()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            margins = run()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    worst = margins.scatter(1, y[:, None], float("inf")).amin(1)
+    return {"method": method, "norm": norm, "images": images,
+            "seconds_per_image": sorted(times)[len(times) // 2] / images, "peak_memory_mb": peak / 2**20,
+            "cpu_rss_before_mb": None if device.type == "cuda" else before / 2**20,
+            "certified": int((worst > 0).sum()), "mean_worst_margin": float(worst.mean())}
+
+
+def _run_isolated(method: str, norm: str, args: argparse.Namespace) -> dict:
+    """:func:`measure` in a fresh subprocess (its own peak memory)."""
+    command = [sys.executable, __file__, "--worker", method, norm, "--images", str(args.images),
+               "--device", args.device, "--width", str(args.width)]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=None, help="default: 2 on the CPU, 16 on a GPU")
+    parser.add_argument("--quick", action="store_true", help="one image")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--width", type=int, default=64, help="CNN7 width (64 is the paper's)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "NORM"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    args.images = 1 if args.quick else args.images or (16 if device.type == "cuda" else 2)
+    if args.worker:
+        print(json.dumps(measure(*args.worker, args.images, device, args.width)))
+        return
+    results = []
+    print(f"{'norm':<11} {'method':<12} {'s/image':>9} {'peak MB':>9} {'(before)':>9} {'certified':>9} "
+          f"{'mean worst margin':>18}")
+    for norm in NORMS:
+        for method in args.methods.split(","):
+            r = _run_isolated(method, norm, args)
+            results.append(r)
+            before = "-" if r["cpu_rss_before_mb"] is None else f"{r['cpu_rss_before_mb']:.0f}"
+            print(f"{norm:<11} {method:<12} {r['seconds_per_image']:>9.3f} {r['peak_memory_mb']:>9.0f} {before:>9} "
+                  f"{r['certified']:>5}/{r['images']:<3} {r['mean_worst_margin']:>18.4g}", flush=True)
+    report = {"benchmark": "certify_time", "model": f"cnn7 cifar10 width {args.width}, random weights, eval mode",
+              "sound": True, "device": _device_name(device), "torch": torch.__version__,
+              "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "images": args.images, "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Shared by the kernel and network benchmarks: timing, the environment record, the table and the JSON.
+
+On a GPU, times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed
+between runs) over calls that cycle through several copies of the inputs. ``--smoke`` runs
+tiny shapes once each on the CPU through the Triton interpreter, to check that the scripts work.
+"""
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+
+def arguments(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--batch", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes, one run each (CPU: needs TRITON_INTERPRET=1), to check the script")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    args.device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if args.smoke:
+        args.batch, args.no_compile = [2], True
+    elif args.device.type != "cuda":
+        parser.error("the benchmarks need a CUDA device (or --smoke)")
+    return args
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, smoke: bool = False) -> float:
+    """Median time of ``fn()`` in milliseconds."""
+    if device.type == "cuda" and not smoke:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    if not smoke:
+        fn()
+    times = []
+    for _ in range(1 if smoke else 5):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def rotating(make: Callable[[], Sequence], copies: int = 3) -> Callable[[], Sequence]:
+    """A function returning, call after call, one of ``copies`` independent input sets from ``make``
+    (so that no timed call finds its inputs in cache from the previous one)."""
+    pool = itertools.cycle([make() for _ in range(copies)])
+    return lambda: next(pool)
+
+
+def as_tuple(fn: Callable) -> Callable:
+    """``fn`` with its result always a tuple of tensors."""
+    def wrapped(*args):
+        out = fn(*args)
+        return out if isinstance(out, tuple) else (out,)
+    return wrapped
+
+
+def environment(device: torch.device) -> Dict[str, str]:
+    import triton
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        commit = ""
+    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda or "", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "commit": commit, "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
+
+
+def table(rows: List[Dict], columns: Sequence[str]) -> str:
+    """Rows as a fixed-width text table; floats with 3 significant digits."""
+    def cell(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    cells = [[cell(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def report(title: str, rows: List[Dict], columns: Sequence[str], args: argparse.Namespace) -> None:
+    env = environment(args.device)
+    print(f"{title} — {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
+    print(table(rows, columns))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": title, **env, "results": rows}, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+class tf32:
+    """Context: PyTorch's TF32 switches set to ``on`` (restored on exit)."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved

@@ -1,0 +1,594 @@
+"""Linear relaxation bounds (the CROWN family) on the margins of a :class:`~cure_fast.BoundedModule`.
+
+Backward linear bound propagation (DESIGN.md §2, "Linear relaxation (CROWN family)") through the
+eval-mode network: a linear lower bound ``A h + a`` on the quantity of interest is pushed from the
+output back to the input, exactly through every linear layer (Linear, Conv2d, AvgPool2d, BatchNorm and
+Normalize as per-channel affines, Flatten; Identity and eval-mode Dropout are identities), and through
+every ReLU by a linear relaxation over its pre-activation bounds ``[l, u]``: a stable ReLU is exact
+(slope 1 or 0); an unstable one (``l < 0 < u``) is bounded above by ``u (h - l) / (u - l)`` and
+below by ``α h``, ``α ∈ [0, 1]``. The bound is then minimized over the input set (pixel space, the
+Normalize layer being part of the network):
+
+- ``LinfBall``: ``A c - |A| r + a`` over the domain-clipped box ``[max(x-eps, lo), min(x+eps, hi)]``;
+- ``L2Ball``: ``A x - eps |A|_2 + a`` (the dual norm); with a domain also the box bound over
+  ``[max(x-eps, lo), min(x+eps, hi)]``, keeping the larger (both are sound).
+
+Methods (``method=``):
+
+- ``"crown-ibp"``: the pre-activation bounds of every ReLU are IBP's (``BoundedModule.propagate``);
+  one backward pass from the specification with the adaptive lower slope ``α = 1 if u > -l else 0``.
+- ``"crown"``: ReLU by ReLU, in order, the pre-activation bounds are computed by CROWN itself: a
+  backward pass from that layer with rows ``+e_i`` and ``-e_i`` per neuron, using the relaxations of
+  the earlier ReLUs, intersected with IBP (propagated from the earlier, tightened bounds). Only
+  neurons unstable under the IBP bounds get rows: a stable neuron's relaxation is already exact. Where
+  a pre-activation is the image of the input set under one Linear/Conv2d and per-channel affines, the
+  IBP bound is already exact (interval hull, or dual norm for l2) and is kept. Then the final pass as
+  in CROWN-IBP.
+- ``"alpha-crown"`` (α-CROWN, final layer): CROWN's pre-activation bounds; the lower slopes α of
+  every ReLU, one per neuron *and per margin row*, are optimized for the final bound by Adam
+  (``alpha_steps`` steps, learning rate ``alpha_lr``) from CROWN's choice, clamped to ``[0, 1]`` after
+  each step; the best bound seen per row is kept, so it is never looser than CROWN. The intermediate
+  bounds are not re-optimized.
+
+Every method returns the elementwise maximum of its bound and IBP's folded margin (both are sound).
+
+**Sound mode** (``sound=True``, the default): the bounds are computed in float64, for a float64 copy
+of the model (the IBP part on the pure-PyTorch backend with IEEE dot products) and the inputs, i.e. for
+the network with the model's weights evaluated in real arithmetic up to float64 rounding (~1e-16
+relative, far below any margin that certifies; no further safety margin is added). The result is
+returned in the input's dtype, rounded downwards. With ``sound=False`` the bounds are computed in the
+model's own dtype and backend (faster, not a certificate: rounding may make them slightly optimistic).
+
+Cost: a backward pass from one neuron of a convolutional layer runs on its receptive field only (a
+window of every feature map) until it reaches the input or a layer that mixes positions (Linear,
+AvgPool2d). Backward passes run over at most ``max_rows`` rows at a time (default: as many as fit
+``A`` in 256 MiB at the widest layer; α-CROWN uses an eighth of that, as it keeps α, its optimizer
+state and the autograd graph per row).
+
+>>> margins = crown_margins(BoundedModule(model.eval()), x, y, LinfBall(2 / 255), method="crown")
+>>> certified = (margins > 0).sum(1) == margins.shape[1] - 1
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from . import reference
+from .bounded import BoundedModule, Propagation, _channel_affine
+from .nn import Normalize
+from .specs import L2Ball, LinfBall
+
+Interval = Tuple[Tensor, Tensor]
+Spec = Union[LinfBall, L2Ball]
+
+METHODS = ("crown-ibp", "crown", "alpha-crown")
+ROW_BUDGET_BYTES = 2 ** 28
+_MODE_DEPENDENT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout)
+
+
+class _Dense:
+    """A Linear layer ``h W^T + b`` (on the last dimension)."""
+
+    local = False
+
+    def __init__(self, module: nn.Linear, in_shape: torch.Size):
+        self.weight = module.weight.detach()
+        self.bias = None if module.bias is None else module.bias.detach()
+        self.in_shape = in_shape
+
+    def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """A (N, *out shape) -> ``A W`` (N, *in shape) and the bias term ``A b`` (N,) or None."""
+        bias = None if self.bias is None else (A @ self.bias).reshape(A.shape[0], -1).sum(1)
+        return A @ self.weight, bias
+
+    def interval(self, c: Tensor, r: Tensor) -> Interval:
+        return reference.interval_linear_ref(c, r, self.weight, self.bias)
+
+
+def _int_padding(module: nn.Conv2d) -> Tuple[int, int]:
+    """The padding of a Conv2d as two ints ('valid' and symmetric 'same' converted)."""
+    if not isinstance(module.padding, str):
+        return module.padding
+    if module.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+    if any(t % 2 for t in total):
+        raise ValueError(f"{module}: padding='same' with an asymmetric padding is not supported by CROWN")
+    return tuple(t // 2 for t in total)
+
+
+class _Conv:
+    """A Conv2d layer; its transpose is the gradient of the convolution with respect to its input."""
+
+    local = True
+
+    def __init__(self, module: nn.Conv2d, in_shape: torch.Size):
+        self.weight = module.weight.detach()
+        self.bias = None if module.bias is None else module.bias.detach()
+        self.stride, self.dilation, self.groups = module.stride, module.dilation, module.groups
+        self.padding = _int_padding(module)
+        self.in_shape = in_shape
+
+    def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """A (N, O, H', W') -> the transposed convolution of A (N, C, H, W), bias term (N,) or None."""
+        bias = None if self.bias is None else A.sum((2, 3)) @ self.bias
+        size = (A.shape[0],) + tuple(self.in_shape)
+        return torch.nn.grad.conv2d_input(size, self.weight, A, self.stride, self.padding, self.dilation,
+                                          self.groups), bias
+
+    def back_window(self, window: "_Window") -> Tuple["_Window", Optional[Tensor]]:
+        """The transposed convolution of each row's window: the window grows by the receptive field;
+        the positions that fall outside the input map (the zero padding) are cleared."""
+        A = window.A
+        bias = None if self.bias is None else A.sum((2, 3)) @ self.bias
+        A = F.conv_transpose2d(A, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
+        top = window.top * self.stride[0] - self.padding[0]
+        left = window.left * self.stride[1] - self.padding[1]
+        grown = _Window(A, top, left)
+        return _Window(A * grown.inside(*self.in_shape[1:]), top, left), bias
+
+    def interval(self, c: Tensor, r: Tensor) -> Interval:
+        return reference.interval_conv2d_ref(c, r, self.weight, self.bias, self.stride, self.padding,
+                                             self.dilation, self.groups)
+
+
+class _ChannelAffine:
+    """A per-channel affine ``h * scale + shift`` (eval-mode BatchNorm, Normalize); channels on dim 1."""
+
+    local = True
+
+    def __init__(self, scale: Tensor, shift: Tensor):
+        self.scale, self.shift = scale.detach(), shift.detach()
+
+    def back(self, A: Tensor) -> Tuple[Tensor, Tensor]:
+        """A (N, C, ...) -> ``A * scale`` (N, C, ...), bias term (N,)."""
+        bias = A.reshape(A.shape[0], A.shape[1], -1).sum(2) @ self.shift
+        return A * self.scale.view((1, -1) + (1,) * (A.dim() - 2)), bias
+
+    def back_window(self, window: "_Window") -> Tuple["_Window", Tensor]:
+        A, bias = self.back(window.A)
+        return _Window(A, window.top, window.left), bias
+
+    def interval(self, c: Tensor, r: Tensor) -> Interval:
+        return reference.interval_affine_ref(c, r, self.scale, self.shift)
+
+
+class _Pool:
+    """An AvgPool2d layer (linear with non-negative weights)."""
+
+    local = False
+
+    def __init__(self, module: nn.AvgPool2d, in_shape: torch.Size):
+        self.module, self.in_shape = module, in_shape
+
+    def back(self, A: Tensor) -> Tuple[Tensor, None]:
+        """A (N, C, H', W') -> the transposed pooling of A (N, C, H, W)."""
+        m = self.module
+        like = A.new_empty(1).expand((A.shape[0],) + tuple(self.in_shape))
+        return torch.ops.aten.avg_pool2d_backward(A, like, _pair(m.kernel_size), _pair(m.stride), _pair(m.padding),
+                                                  m.ceil_mode, m.count_include_pad, m.divisor_override), None
+
+    def interval(self, c: Tensor, r: Tensor) -> Interval:
+        return self.module(c), self.module(r)
+
+
+class _Shape:
+    """Flatten, Identity or eval-mode Dropout: a reshape (possibly to the same shape)."""
+
+    def __init__(self, module: nn.Module, in_shape: torch.Size):
+        self.module, self.in_shape = module, in_shape
+        self.local = isinstance(module, (nn.Identity, nn.Dropout))
+
+    def back(self, A: Tensor) -> Tuple[Tensor, None]:
+        return A.reshape((A.shape[0],) + tuple(self.in_shape)), None
+
+    def back_window(self, window: "_Window") -> Tuple["_Window", None]:
+        return window, None
+
+    def interval(self, c: Tensor, r: Tensor) -> Interval:
+        return self.module(c), self.module(r)
+
+
+Operator = Union[_Dense, _Conv, _ChannelAffine, _Pool, _Shape]
+
+
+def _operator(module: nn.Module, h: Tensor) -> Optional[Operator]:
+    """The backward operator of one eval-mode layer for its input h (B, ...); None for a ReLU."""
+    if isinstance(module, nn.ReLU):
+        return None
+    if isinstance(module, nn.Linear):
+        return _Dense(module, h.shape[1:])
+    if isinstance(module, nn.Conv2d):
+        return _Conv(module, h.shape[1:])
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, Normalize)):
+        return _ChannelAffine(*_channel_affine(module, h))
+    if isinstance(module, nn.AvgPool2d):
+        return _Pool(module, h.shape[1:])
+    return _Shape(module, h.shape[1:])
+
+
+def _operators(layers: List[nn.Module], x: Tensor) -> Tuple[List[Optional[Operator]], List[torch.Size]]:
+    """The operator of every layer, and the per-sample shape of every layer's input, then of the output."""
+    ops, h, shapes = [], x, [x.shape[1:]]
+    for module in layers:
+        ops.append(_operator(module, h))
+        h = module(h)
+        shapes.append(h.shape[1:])
+    return ops, shapes
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product of a, b (N, d) -> (N,)."""
+    return (a * b).sum(1)
+
+
+@dataclass
+class _Window:
+    """Coefficients of each row on a spatial window of a (C, H, W) feature map: ``A`` (N, C, h, w) on map
+    rows ``top .. top + h - 1`` and columns ``left .. left + w - 1`` (``top``, ``left`` (N,)). A window may
+    reach outside the map; A is zero there. Backward passes from one neuron of a convolutional layer
+    stay on its receptive field, so they run on windows instead of whole maps."""
+    A: Tensor
+    top: Tensor
+    left: Tensor
+
+    def _grid(self) -> Tuple[Tensor, Tensor]:
+        """Map row (N, h) and column (N, w) of every window position."""
+        h, w = self.A.shape[2:]
+        return (self.top[:, None] + torch.arange(h, device=self.top.device),
+                self.left[:, None] + torch.arange(w, device=self.left.device))
+
+    def inside(self, height: int, width: int) -> Tensor:
+        """Whether each window position lies on the (height, width) map: (N, 1, h, w) bool."""
+        i, j = self._grid()
+        return (((i >= 0) & (i < height))[:, None, :, None]) & (((j >= 0) & (j < width))[:, None, None, :])
+
+    def take(self, t: Tensor, rows: Tensor) -> Tensor:
+        """The values of t (B, C, H, W, *extra) of sample ``rows`` (N,) on each window, (N, C, h, w, *extra);
+        positions outside the map take the nearest border value (A is zero there)."""
+        i, j = self._grid()
+        i, j = i.clamp(0, t.shape[2] - 1), j.clamp(0, t.shape[3] - 1)
+        channels = torch.arange(t.shape[1], device=t.device)
+        return t[rows[:, None, None, None], channels[None, :, None, None], i[:, None, :, None], j[:, None, None, :]]
+
+    def dense(self, height: int, width: int) -> Tensor:
+        """A on the whole (height, width) map, (N, C, height, width)."""
+        n, c, h, w = self.A.shape
+        i, j = self._grid()
+        i, j = i.clamp(0, height - 1), j.clamp(0, width - 1)
+        flat = (i[:, :, None] * width + j[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+        return self.A.new_zeros(n, c, height * width).scatter_add_(2, flat, self.A.reshape(n, c, h * w)).view(
+            n, c, height, width)
+
+
+@dataclass
+class _Relaxation:
+    """Linear bounds ``lower * h <= relu(h) <= upper * h + offset`` of a ReLU: ``packed`` (B, *shape, 3)
+    holds lower, upper and offset; ``unstable`` (B, *shape) marks the neurons with ``l < 0 < u``."""
+    packed: Tensor
+    unstable: Tensor
+
+    @classmethod
+    def of(cls, l: Tensor, u: Tensor) -> "_Relaxation":
+        """The CROWN relaxation over pre-activation bounds l, u (B, *shape): adaptive lower slope."""
+        unstable = (l < 0) & (u > 0)
+        active = (l >= 0).to(l.dtype)
+        upper = torch.where(unstable, u / torch.where(unstable, u - l, torch.ones_like(u)), active)
+        offset = torch.where(unstable, -l * upper, torch.zeros_like(l))
+        lower = torch.where(unstable, (u > -l).to(l.dtype), active)
+        return cls(torch.stack([lower, upper, offset], -1), unstable)
+
+    @property
+    def lower(self) -> Tensor:
+        return self.packed[..., 0]
+
+    def back(self, A: Tensor, rows: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """A (N, *shape) for the samples ``rows`` (N,) -> coefficients on the pre-activation (N, *shape)
+        and the bias term (N,); ``alpha`` (N, *shape) replaces the lower slopes of unstable neurons."""
+        lower, upper, offset = self.packed[rows].unbind(-1)
+        if alpha is not None:
+            lower = torch.where(self.unstable[rows], alpha, lower)
+        bias = _rowdot(A.clamp(max=0).flatten(1), offset.flatten(1))
+        return A * torch.where(A >= 0, lower, upper), bias
+
+    def back_window(self, window: _Window, rows: Tensor) -> Tuple[_Window, Tensor]:
+        """:meth:`back` on windows of a (C, H, W) map."""
+        A = window.A
+        lower, upper, offset = window.take(self.packed, rows).unbind(-1)
+        bias = _rowdot(A.clamp(max=0).flatten(1), offset.flatten(1))
+        return _Window(A * torch.where(A >= 0, lower, upper), window.top, window.left), bias
+
+
+class _InputSet:
+    """The input set of every sample, for minimizing linear functions over it."""
+
+    def __init__(self, spec: Spec, x: Tensor):
+        box = spec.domain_box(x)
+        self.l2, self.boxed = isinstance(spec, L2Ball), box is not None
+        parts = ([spec.center_for(x)] if self.l2 else []) + (list(box) if self.boxed else [])
+        self.values = torch.stack(parts, -1)  # (B, *input shape, parts): [l2 centre], [box centre, box radius]
+        self.eps = spec.per_sample_eps(x).reshape(-1)
+
+    def minimum(self, A: Union[Tensor, "_Window"], bias: Tensor, rows: Tensor) -> Tensor:
+        """Lower bound of ``A x + bias`` over the set of sample ``rows`` (N,): A (N, *input shape) or windows
+        of a (C, H, W) input, bias (N,) -> (N,)."""
+        if isinstance(A, _Window):
+            values, A = A.take(self.values, rows), A.A
+        else:
+            values = self.values[rows]
+        A, parts = A.flatten(1), values.flatten(1, -2).unbind(-1)
+        bound = None
+        if self.l2:
+            bound = _rowdot(A, parts[0]) - self.eps[rows] * A.norm(dim=1)
+        if self.boxed:
+            boxed = _rowdot(A, parts[-2]) - _rowdot(A.abs(), parts[-1])
+            bound = boxed if bound is None else torch.maximum(bound, boxed)
+        return bound + bias
+
+
+@dataclass
+class _Problem:
+    """The network's operators, the input set and the IBP propagation, in the working dtype."""
+    ops: List[Optional[Operator]]
+    shapes: List[torch.Size]
+    inputs: _InputSet
+    propagation: Propagation
+    max_rows: int
+
+
+def _backward(problem: _Problem, relaxations: Dict[int, _Relaxation], end: int, A: Tensor, rows: Tensor,
+              alphas: Optional[Dict[int, Tensor]] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """Lower bounds of ``A h + bias`` over the input set, h the output of layer ``end - 1``.
+
+    A (N, *shape of h), rows (N,) the sample of each row, alphas per ReLU layer (N, *shape) or None,
+    bias (N,) or None -> (N,).
+    """
+    bias = A.new_zeros(A.shape[0]) if bias is None else bias
+    for i in reversed(range(end)):
+        if problem.ops[i] is None:
+            A, term = relaxations[i].back(A, rows, None if alphas is None else alphas[i])
+        else:
+            A, term = problem.ops[i].back(A)
+        if term is not None:
+            bias = bias + term
+    return problem.inputs.minimum(A, bias, rows)
+
+
+def _window_backward(problem: _Problem, relaxations: Dict[int, _Relaxation], end: int, window: _Window,
+                     rows: Tensor) -> Tensor:
+    """Lower bounds of the window coefficients times the output of layer ``end - 1`` (a (C, H, W) map)
+    over the input set: windows through the local layers (convolutions, per-channel affines, ReLUs,
+    identities), then whole maps from the first other layer on. rows (N,) -> (N,)."""
+    bias = window.A.new_zeros(window.A.shape[0])
+    height, width = problem.shapes[end][1:]
+    while end > 0 and (problem.ops[end - 1] is None or problem.ops[end - 1].local):
+        op = problem.ops[end - 1]
+        window, term = relaxations[end - 1].back_window(window, rows) if op is None else op.back_window(window)
+        if isinstance(op, _Conv):
+            height, width = op.in_shape[1:]
+        bias = bias if term is None else bias + term
+        end -= 1
+    if end == 0:
+        return problem.inputs.minimum(window, bias, rows)
+    return _backward(problem, relaxations, end, window.dense(height, width), rows, bias=bias)
+
+
+def _chunks(n: int, size: int) -> List[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _ibp_is_exact(ops: List[Optional[Operator]]) -> bool:
+    """Whether IBP's bounds after these layers are exact: one Linear/Conv2d on a flat or image input
+    and otherwise per-channel affines and reshapes (no ReLU, no pooling)."""
+    kinds = [type(op) for op in ops]
+    dense = [op for op in ops if isinstance(op, _Dense)]
+    return (None not in ops and _Pool not in kinds and kinds.count(_Dense) + kinds.count(_Conv) <= 1
+            and all(len(op.in_shape) == 1 for op in dense))
+
+
+def _unit_bound(problem: _Problem, relaxations: Dict[int, _Relaxation], end: int, neurons: Tensor, signs: Tensor,
+                rows: Tensor) -> Tensor:
+    """Lower bounds of ``sign * h[neuron]`` for the neurons (N,) of the output h of layer ``end - 1``,
+    signs (N,) ±1, of samples rows (N,) -> (N,); on windows when h is a (C, H, W) map."""
+    shape = problem.shapes[end]
+    n = neurons.shape[0]
+    if len(shape) == 3:
+        _, height, width = shape
+        A = signs.new_zeros(n, shape[0], 1, 1)
+        A[torch.arange(n, device=A.device), neurons // (height * width), 0, 0] = signs
+        window = _Window(A, (neurons // width) % height, neurons % width)
+        return _window_backward(problem, relaxations, end, window, rows)
+    A = signs.new_zeros(n, shape.numel())
+    A[torch.arange(n, device=A.device), neurons] = signs
+    return _backward(problem, relaxations, end, A.view((n,) + shape), rows)
+
+
+def _crown_bounds(problem: _Problem, relaxations: Dict[int, _Relaxation], end: int, lower: Tensor,
+                  upper: Tensor) -> Interval:
+    """CROWN bounds on the output of layer ``end - 1`` for the neurons unstable under ``lower``, ``upper``
+    (B, *shape), intersected with them; returns the new ``(lower, upper)``."""
+    l, u = lower.flatten(1).clone(), upper.flatten(1).clone()
+    sample, neuron = ((l < 0) & (u > 0)).nonzero(as_tuple=True)
+    count = sample.numel()
+    rows, neurons = sample.repeat(2), neuron.repeat(2)
+    signs = torch.cat([l.new_ones(count), -l.new_ones(count)])
+    values = []
+    for part in _chunks(2 * count, problem.max_rows):
+        values.append(_unit_bound(problem, relaxations, end, neurons[part], signs[part], rows[part]))
+    values = torch.cat(values) if values else l.new_zeros(0)
+    l[sample, neuron] = torch.maximum(l[sample, neuron], values[:count])
+    u[sample, neuron] = torch.minimum(u[sample, neuron], -values[count:])
+    return l.view_as(lower), torch.maximum(u, l).view_as(upper)
+
+
+def _forward_interval(ops: List[Optional[Operator]], start: int, end: int, bounds: Interval) -> Interval:
+    """IBP through the linear layers ``start .. end - 1`` from the bounds on the input of ReLU ``start - 1``."""
+    lower, upper = (b.relu() for b in bounds)
+    c, r = (upper + lower) / 2, (upper - lower) / 2
+    for op in ops[start:end]:
+        c, r = op.interval(c, r)
+    return c - r, c + r
+
+
+def _relaxations(problem: _Problem, crown: bool) -> Tuple[Dict[int, _Relaxation], Dict[int, Interval]]:
+    """The relaxation of every ReLU and its pre-activation bounds, keyed by layer index, from IBP
+    (``crown=False``) or CROWN bounds."""
+    relaxations: Dict[int, _Relaxation] = {}
+    bounds: Dict[int, Interval] = {}
+    previous: Optional[Tuple[int, Interval]] = None
+    for i, op in enumerate(problem.ops):
+        if op is not None:
+            continue
+        lower, upper = problem.propagation.input_bounds(0, i)
+        if crown:
+            if previous is not None:
+                low, high = _forward_interval(problem.ops, previous[0] + 1, i, previous[1])
+                lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
+                upper = torch.maximum(upper, lower)
+            if not _ibp_is_exact(problem.ops[:i]):
+                lower, upper = _crown_bounds(problem, relaxations, i, lower, upper)
+            previous = (i, (lower, upper))
+        relaxations[i] = _Relaxation.of(lower, upper)
+        bounds[i] = (lower, upper)
+    return relaxations, bounds
+
+
+def _specification(y: Tensor, classes: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
+    """Rows ``e_y - e_j`` for every sample and every ``j != y``: C (B*(K-1), K), their samples
+    (B*(K-1),), and the mask (B, K) of the entries ``j != y``."""
+    eye = torch.eye(classes, dtype=dtype, device=y.device)
+    mask = torch.ones(y.shape[0], classes, dtype=torch.bool, device=y.device).scatter(1, y[:, None], False)
+    C = (eye[y][:, None, :] - eye[None])[mask]
+    return C, mask.nonzero()[:, 0], mask
+
+
+def _linear_bound(problem: _Problem, relaxations: Dict[int, _Relaxation], C: Tensor, rows: Tensor) -> Tensor:
+    """Lower bounds of ``C z`` (z the output) with the fixed relaxations; C (N, K), rows (N,) -> (N,)."""
+    end = len(problem.ops)
+    return torch.cat([_backward(problem, relaxations, end, C[part], rows[part])
+                      for part in _chunks(C.shape[0], problem.max_rows)])
+
+
+def _optimized_bound(problem: _Problem, relaxations: Dict[int, _Relaxation], C: Tensor, rows: Tensor,
+                     steps: int, lr: float) -> Tensor:
+    """α-CROWN lower bounds of ``C z``: C (N, K), rows (N,) -> (N,), never below the fixed-slope bound."""
+    if steps == 0 or not any(r.unstable.any() for r in relaxations.values()):
+        return _linear_bound(problem, relaxations, C, rows)
+    size = max(1, problem.max_rows // 8)
+    return torch.cat([_optimize_part(problem, relaxations, C[part], rows[part], steps, lr)
+                      for part in _chunks(C.shape[0], size)])
+
+
+def _optimize_part(problem: _Problem, relaxations: Dict[int, _Relaxation], C: Tensor, rows: Tensor,
+                   steps: int, lr: float) -> Tensor:
+    """Projected Adam on the lower slopes α (one per neuron and row) from CROWN's choice; best bound per row."""
+    end = len(problem.ops)
+    alphas = {i: r.lower[rows].clone().requires_grad_(True) for i, r in relaxations.items()}
+    optimizer = torch.optim.Adam(list(alphas.values()), lr=lr)
+    best = C.new_full((C.shape[0],), -float("inf"))
+    with torch.enable_grad():
+        for _ in range(steps):
+            value = _backward(problem, relaxations, end, C, rows, alphas)
+            best = torch.maximum(best, value.detach())
+            optimizer.zero_grad(set_to_none=True)
+            (-value.sum()).backward()
+            optimizer.step()
+            with torch.no_grad():
+                for alpha in alphas.values():
+                    alpha.clamp_(0, 1)
+    return torch.maximum(best, _backward(problem, relaxations, end, C, rows, alphas))
+
+
+def _check_eval(bounded: BoundedModule) -> None:
+    for name, module in zip(bounded.layer_names, bounded._layers):
+        if isinstance(module, _MODE_DEPENDENT) and module.training:
+            raise ValueError(f"layer {name} ({module}) is in training mode; CROWN certifies the eval-mode network: "
+                             f"call model.eval() first")
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.running_mean is None:
+            raise ValueError(f"layer {name} ({module}) has no running statistics, so its eval-mode output depends "
+                             f"on the batch and cannot be certified")
+
+
+def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec, sound: bool,
+             max_rows: Optional[int]) -> _Problem:
+    if not isinstance(bounded, BoundedModule):
+        raise TypeError(f"expected a BoundedModule, got {type(bounded).__name__}")
+    if not isinstance(spec, (LinfBall, L2Ball)):
+        raise TypeError(f"spec must be a LinfBall or L2Ball, got {type(spec).__name__}")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}")
+    _check_eval(bounded)
+    if sound:
+        tensors = list(bounded.model.parameters()) + list(bounded.model.buffers())
+        in_float64 = all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
+        model = bounded.model if in_float64 else copy.deepcopy(bounded.model).double()
+        bounded = BoundedModule(model, backend="torch", precision="ieee")
+        x = x.double()
+    propagation = bounded.propagate(x, [spec], y)
+    ops, shapes = _operators(bounded._layers, x)
+    widest = max(shape.numel() for shape in shapes)
+    rows = max_rows or max(1, ROW_BUDGET_BYTES // (widest * x.element_size()))
+    return _Problem(ops, shapes, _InputSet(spec, x), propagation, rows)
+
+
+def _round_down(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype``, rounded towards -inf."""
+    low = t.to(dtype)
+    return torch.where(low.to(t.dtype) > t, torch.nextafter(low, torch.full_like(low, -float("inf"))), low)
+
+
+@torch.no_grad()
+def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, method: str = "crown",
+                  alpha_steps: int = 20, alpha_lr: float = 0.1, sound: bool = True,
+                  max_rows: Optional[int] = None) -> Tensor:
+    """Lower bounds on the margins ``z_y - z_j`` over ``spec`` around x by a CROWN-family method.
+
+    Args:
+        bounded: the network; BatchNorm and Dropout layers must be in eval mode.
+        x: inputs (B, ...), inside the spec's domain.
+        y: labels (B,) int.
+        spec: a LinfBall or L2Ball (float or per-sample (B,) eps).
+        method: ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"`` (see the module docstring).
+        alpha_steps: Adam steps of α-CROWN.
+        alpha_lr: Adam learning rate of α-CROWN.
+        sound: compute in float64 (a certificate); False computes in the model's dtype.
+        max_rows: rows per backward pass (memory); None for the default budget.
+    Returns:
+        (B, K) in x's dtype, exactly 0 at ``j = y``; every entry off ``y`` > 0 certifies the sample.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(alpha_steps, bool) or not isinstance(alpha_steps, int) or alpha_steps < 0:
+        raise ValueError(f"alpha_steps must be a non-negative int, got {alpha_steps!r}")
+    problem = _problem(bounded, x, y, spec, sound, max_rows)
+    ibp = problem.propagation.margins[0]
+    relaxations, _ = _relaxations(problem, crown=method != "crown-ibp")
+    C, rows, mask = _specification(y.long(), ibp.shape[1], ibp.dtype)
+    if method == "alpha-crown":
+        values = _optimized_bound(problem, relaxations, C, rows, alpha_steps, alpha_lr)
+    else:
+        values = _linear_bound(problem, relaxations, C, rows)
+    margins = ibp.clone()
+    margins[mask] = torch.maximum(ibp[mask], values)
+    return _round_down(margins, x.dtype)
+
+
+@torch.no_grad()
+def preactivation_bounds(bounded: BoundedModule, x: Tensor, spec: Spec, method: str = "crown", sound: bool = True,
+                         max_rows: Optional[int] = None) -> List[Interval]:
+    """Bounds ``(lower, upper)`` on the input of every ReLU, in order, each (B, *shape) in x's dtype
+    (rounded outwards), as the CROWN-family methods use them.
+
+    ``method``: ``"crown-ibp"`` (IBP's bounds), ``"crown"`` or ``"alpha-crown"`` (CROWN's bounds).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    problem = _problem(bounded, x, None, spec, sound, max_rows)
+    _, bounds = _relaxations(problem, crown=method != "crown-ibp")
+    return [(_round_down(lower, x.dtype), -_round_down(-upper, x.dtype)) for lower, upper in bounds.values()]

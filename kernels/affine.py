@@ -1,0 +1,433 @@
+"""Affine layers on intervals and on l2 balls: Linear and Conv2d as one implicit-GEMM kernel.
+
+Forward: a program owns a tile of output pixels x output channels and walks the reduction (kernel
+taps x input channels) once; every weight tile it loads feeds two accumulators, ``W ⊛ c`` for all
+rows of the centres and ``|W| ⊛ r`` for the rows that carry a radius (the trailing rows, so the
+natural stream rides along at no radius cost). The epilogue applies a per-channel scale (a folded
+BatchNorm), adds the shift (bias) and applies the interval ReLU. The first layer under an l2 ball is
+the same kernel with ``W² ⊛ s²`` and a square root for the radius (DESIGN.md §2).
+
+Backward: the gradient of the inputs is the same kernel run on the adjoint convolution (weight
+strides swapped, gather inverted); the weight gradient ``dc^T ⊛ c + sign(W) ⊙ (dr^T ⊛ r)`` (for l2
+``+ 2W ⊙ (dr^T ⊛ s²)``) and the shift gradient come from one kernel, split over the output pixels
+when the weight has few tiles. Linear is the 1x1 convolution of 1x1 images. Grouped convolutions
+fall back to the torch backend.
+"""
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from cure_fast import functional, reference
+from cure_fast.functional import register
+
+from ._common import (acc_dtype, autotune, check_inputs, dot, dot_flags, empty, interval_relu, launch, library_op,
+                      pair, sign, splits, warn_once)
+from .elementwise import relu_grad
+
+Geometry = Tuple[List[int], List[int], List[int], List[int]]  # stride, padding (top, left), dilation, output size
+
+
+def _configs(shapes):
+    return [triton.Config(dict(zip(("BM", "BN", "BK"), s[:3])), num_warps=s[3], num_stages=s[4]) for s in shapes]
+
+
+@autotune(_configs([(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (32, 64, 32, 4, 4)]),
+          key=["C", "O", "KH", "KW", "TRANSPOSED", "SQUARE", "RADIUS", "DOT", "BF16"],
+          interpreter=triton.Config({"BM": 16, "BN": 16, "BK": 16}))
+@triton.jit
+def _affine_kernel(
+    c_ptr, r_ptr, w_ptr, scale_ptr, shift_ptr, c_out_ptr, r_out_ptr,
+    row_start, rows, n_points, C, H, W, O, P, Q, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sc_n, sc_c, sc_h, sc_w,
+    sr_n, sr_c, sr_h, sr_w,
+    sw_k, sw_o, sw_i, sw_j,
+    so_n, so_o, so_p, so_q,
+    TRANSPOSED: tl.constexpr, SQUARE: tl.constexpr, RADIUS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, SQRT: tl.constexpr, FP64: tl.constexpr, DOT: tl.constexpr,
+    BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """c_out = W ⊛ c, r_out = f(W) ⊛ r (f = |.| or (.)²) over a (C, H, W) -> (O, P, Q) convolution,
+    then the epilogue, for the output pixels [row_start, rows); row n of r belongs to row n_points + n
+    of c. RADIUS: every row of the range has a radius (else none has). TRANSPOSED: the adjoint of the
+    convolution with this stride / padding / dilation, from its output (C, H, W) to its input (O, P, Q)."""
+    pid_m = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    offs_m = row_start + pid_m * BM + tl.arange(0, BM)  # [BM] output pixels (n, p, q)
+    offs_o = pid_o * BN + tl.arange(0, BN)  # [BN] output channels
+    offs_k = tl.arange(0, BK)  # [BK] input channels of one step
+    n = offs_m // (P * Q)
+    p = (offs_m // Q) % P
+    q = offs_m % Q
+    row_ok = offs_m < rows
+    o_ok = offs_o < O
+    n_r = n - n_points
+    c_rows = c_ptr + n.to(tl.int64) * sc_n  # [BM]
+    r_rows = r_ptr + n_r.to(tl.int64) * sr_n  # [BM]
+    if FP64:
+        acc_c = tl.zeros([BM, BN], dtype=tl.float64)
+        acc_r = tl.zeros([BM, BN], dtype=tl.float64)
+    else:
+        acc_c = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_r = tl.zeros([BM, BN], dtype=tl.float32)
+    for i in range(KH):
+        for j in range(KW):
+            if TRANSPOSED:
+                hh = p + pad_h - i * dil_h
+                ww = q + pad_w - j * dil_w
+                h = hh // stride_h
+                w = ww // stride_w
+                inside = (hh >= 0) & (ww >= 0) & (hh % stride_h == 0) & (ww % stride_w == 0) & (h < H) & (w < W)
+            else:
+                h = p * stride_h - pad_h + i * dil_h
+                w = q * stride_w - pad_w + j * dil_w
+                inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            c_pix = c_rows + h * sc_h + w * sc_w  # [BM]
+            r_pix = r_rows + h * sr_h + w * sr_w  # [BM]
+            ok = row_ok & inside
+            w_tap = w_ptr + i * sw_i + j * sw_j
+            for k0 in range(0, C, BK):
+                k = k0 + offs_k
+                k_ok = k < C
+                wt = tl.load(w_tap + k[:, None] * sw_k + offs_o[None, :] * sw_o,
+                             mask=k_ok[:, None] & o_ok[None, :], other=0.0)  # [BK, BN]
+                x = tl.load(c_pix[:, None] + k[None, :] * sc_c, mask=ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+                acc_c = dot(x, wt, acc_c, DOT, BF16)
+                if RADIUS:
+                    xr = tl.load(r_pix[:, None] + k[None, :] * sr_c, mask=ok[:, None] & k_ok[None, :], other=0.0)
+                    if SQUARE:
+                        wr = wt * wt
+                    else:
+                        wr = tl.abs(wt)
+                    acc_r = dot(xr, wr, acc_r, DOT, BF16)  # [BM, BN]
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + offs_o, mask=o_ok, other=0.0).to(acc_c.dtype)  # [BN]
+        acc_c = acc_c * s[None, :]
+        acc_r = acc_r * tl.abs(s)[None, :]
+    if HAS_SHIFT:
+        acc_c += tl.load(shift_ptr + offs_o, mask=o_ok, other=0.0).to(acc_c.dtype)[None, :]
+    if SQRT:
+        acc_r = tl.sqrt(acc_r)
+    if RELU:
+        acc_c, acc_r = interval_relu(acc_c, acc_r)
+    pix = p * so_p + q * so_q
+    c_out = c_out_ptr + (n.to(tl.int64) * so_n + pix)[:, None] + offs_o[None, :] * so_o  # [BM, BN]
+    tl.store(c_out, acc_c.to(c_out_ptr.dtype.element_ty), mask=row_ok[:, None] & o_ok[None, :])
+    if RADIUS:
+        r_out = r_out_ptr + (n_r.to(tl.int64) * so_n + pix)[:, None] + offs_o[None, :] * so_o
+        tl.store(r_out, acc_r.to(r_out_ptr.dtype.element_ty), mask=row_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
+def _gather_grad(acc, acc_b, g_ptr, x_ptr, start, end, offs_o, offs_c, i, j, C, H, W, O, P, Q,
+                 stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sg_n, sg_o, sg_p, sg_q, sx_n, sx_c, sx_h, sx_w,
+                 SUM: tl.constexpr, DOT: tl.constexpr, BF16: tl.constexpr, BK: tl.constexpr):
+    """acc += g^T ⊛ x at tap (i, j) over the output pixels [start, end); acc_b += g's row sums when SUM."""
+    o_ok = offs_o < O
+    c_ok = offs_c < C
+    for m0 in range(start, end, BK):
+        m = m0 + tl.arange(0, BK)  # [BK] output pixels (n, p, q)
+        m_ok = m < end
+        n = (m // (P * Q)).to(tl.int64)
+        p = (m // Q) % P
+        q = m % Q
+        h = p * stride_h - pad_h + i * dil_h
+        w = q * stride_w - pad_w + j * dil_w
+        inside = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        g = tl.load(g_ptr + offs_o[:, None] * sg_o + (n * sg_n + p * sg_p + q * sg_q)[None, :],
+                    mask=o_ok[:, None] & m_ok[None, :], other=0.0)  # [BO, BK]
+        x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c,
+                    mask=inside[:, None] & c_ok[None, :], other=0.0)  # [BK, BC]
+        acc = dot(g, x, acc, DOT, BF16)
+        if SUM:
+            acc_b += tl.sum(g.to(acc_b.dtype), axis=1)
+    return acc, acc_b
+
+
+@autotune(_configs([(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (32, 32, 64, 4, 3)]),
+          key=["C", "O", "KH", "KW", "SQUARE", "DOT", "BF16"],
+          interpreter=triton.Config({"BM": 16, "BN": 16, "BK": 16}))
+@triton.jit
+def _weight_grad_kernel(
+    gc_ptr, gr_ptr, c_ptr, r_ptr, w_ptr, dw_ptr, db_ptr,
+    pixels_c, pixels_r, chunk_c, chunk_r, C, H, W, O, P, Q, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sgc_n, sgc_o, sgc_p, sgc_q, sgr_n, sgr_o, sgr_p, sgr_q,
+    sc_n, sc_c, sc_h, sc_w, sr_n, sr_c, sr_h, sr_w,
+    sw_o, sw_k, sw_i, sw_j,
+    sd_s, sd_o, sd_k, sd_i, sd_j, sb_s,
+    SQUARE: tl.constexpr, HAS_BIAS: tl.constexpr, FP64: tl.constexpr, DOT: tl.constexpr, BF16: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """Piece ``split`` of dW[o, k, i, j] = gc^T ⊛ c + f'(W) ⊙ (gr^T ⊛ r) (f' = sign or 2W) and of
+    db[o] = sum of gc; grid (output-channel tiles, input-channel tiles, taps x splits)."""
+    pid_o = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    tap = tl.program_id(2) % (KH * KW)
+    split = tl.program_id(2) // (KH * KW)
+    i = tap // KW
+    j = tap % KW
+    offs_o = pid_o * BM + tl.arange(0, BM)  # [BM] output channels
+    offs_c = pid_c * BN + tl.arange(0, BN)  # [BN] input channels
+    if FP64:
+        acc = tl.zeros([BM, BN], dtype=tl.float64)
+        acc_b = tl.zeros([BM], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_b = tl.zeros([BM], dtype=tl.float32)
+    acc_r = tl.zeros_like(acc)
+    end_c = tl.minimum(pixels_c, split * chunk_c + chunk_c)
+    end_r = tl.minimum(pixels_r, split * chunk_r + chunk_r)
+    acc, acc_b = _gather_grad(acc, acc_b, gc_ptr, c_ptr, split * chunk_c, end_c, offs_o, offs_c, i, j,
+                              C, H, W, O, P, Q, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                              sgc_n, sgc_o, sgc_p, sgc_q, sc_n, sc_c, sc_h, sc_w, HAS_BIAS, DOT, BF16, BK)
+    acc_r, acc_b = _gather_grad(acc_r, acc_b, gr_ptr, r_ptr, split * chunk_r, end_r, offs_o, offs_c, i, j,
+                                C, H, W, O, P, Q, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                                sgr_n, sgr_o, sgr_p, sgr_q, sr_n, sr_c, sr_h, sr_w, False, DOT, BF16, BK)
+    mask = (offs_o < O)[:, None] & (offs_c < C)[None, :]
+    wt = tl.load(w_ptr + offs_o[:, None] * sw_o + offs_c[None, :] * sw_k + i * sw_i + j * sw_j,
+                 mask=mask, other=0.0).to(acc.dtype)  # [BM, BN]
+    if SQUARE:
+        acc += 2.0 * wt * acc_r
+    else:
+        acc += sign(wt) * acc_r
+    tl.store(dw_ptr + split * sd_s + offs_o[:, None] * sd_o + offs_c[None, :] * sd_k + i * sd_i + j * sd_j, acc,
+             mask=mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + split * sb_s + offs_o, acc_b, mask=(offs_o < O) & (pid_c == 0) & (tap == 0))
+
+
+def _affine_outputs(c, r, weight, scale, shift, stride, padding, dilation, out_size, transposed, square, relu, sqrt,
+                    precision):
+    channels = weight.shape[1] if transposed else weight.shape[0]
+    return empty((c.shape[0], channels, *out_size), c), empty((r.shape[0], channels, *out_size), c)
+
+
+@library_op("triton_affine", _affine_outputs)
+def _affine(c: Tensor, r: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
+            stride: List[int], padding: List[int], dilation: List[int], out_size: List[int], transposed: bool,
+            square: bool, relu: bool, sqrt: bool, precision: str) -> Tuple[Tensor, Tensor]:
+    """(W ⊛ c * scale + shift, f(W) ⊛ r * |scale|), f = |.| or (.)² (square), then sqrt of the radius
+    (sqrt) and the interval ReLU (relu); c (N, C, H, W), r (M, C, H, W) the last M rows' radii,
+    weight (O, C, KH, KW) -> (N, O, *out_size), (M, O, *out_size). transposed: the adjoint
+    convolution, c (N, O, P, Q) -> (N, C, *out_size)."""
+    c_out, r_out = _affine_outputs(c, r, weight, scale, shift, stride, padding, dilation, out_size, transposed, square,
+                                   relu, sqrt, precision)
+    if c_out.numel() == 0:
+        return c_out, r_out
+    channels, p, q = c_out.shape[1:]
+    sw_k, sw_o = (weight.stride(0), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(0))
+    n_points = c.shape[0] - r.shape[0]
+    # Two launches: the rows without a radius (the leading points), then those with one.
+    for start, end, radius in ((0, n_points * p * q, False), (n_points * p * q, c.shape[0] * p * q, True)):
+        if end == start:
+            continue
+
+        def grid(meta, rows=end - start):
+            return triton.cdiv(rows, meta["BM"]), triton.cdiv(channels, meta["BN"])
+
+        launch(_affine_kernel)[grid](
+            c, r, weight, scale, shift, c_out, r_out,
+            start, end, n_points, c.shape[1], c.shape[2], c.shape[3], channels, p, q, weight.shape[2],
+            weight.shape[3], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *c.stride(), *r.stride(), sw_k, sw_o, weight.stride(2), weight.stride(3), *c_out.stride(),
+            TRANSPOSED=transposed, SQUARE=square, RADIUS=radius, HAS_SCALE=scale is not None,
+            HAS_SHIFT=shift is not None, RELU=relu, SQRT=sqrt, FP64=c.dtype == torch.float64,
+            **dot_flags(c.dtype, precision))
+    return c_out, r_out
+
+
+def _weight_grad_outputs(gc, gr, c, r, weight, stride, padding, dilation, square, bias, precision):
+    return empty(weight.shape, weight), empty((weight.shape[0] if bias else 0,), weight)
+
+
+@library_op("triton_affine_weight_grad", _weight_grad_outputs)
+def _weight_grad(gc: Tensor, gr: Tensor, c: Tensor, r: Tensor, weight: Tensor, stride: List[int],
+                 padding: List[int], dilation: List[int], square: bool, bias: bool,
+                 precision: str) -> Tuple[Tensor, Tensor]:
+    """Gradients of the weight, ``gc^T ⊛ c + f'(W) ⊙ (gr^T ⊛ r)`` (f' = sign, or 2W when square),
+    and of a shift (gc's channel sums, when bias; else an empty tensor). gc (N, O, P, Q), gr (M, O, P, Q)."""
+    out_o, n, p, q = weight.shape[0], gc.shape[0], gc.shape[2], gc.shape[3]
+    acc = acc_dtype(weight.dtype)
+    tiles = triton.cdiv(out_o, 64) * triton.cdiv(weight.shape[1], 64) * weight.shape[2] * weight.shape[3]
+    split = splits((n + gr.shape[0]) * p * q, tiles, weight.device)
+    direct = split == 1 and acc == weight.dtype
+    if direct:
+        dw, db = _weight_grad_outputs(gc, gr, c, r, weight, stride, padding, dilation, square, bias, precision)
+    else:
+        dw, db = empty((split, *weight.shape), weight, acc), empty((split, out_o if bias else 0), weight, acc)
+    if out_o and weight.numel():
+        def grid(meta):
+            return (triton.cdiv(out_o, meta["BM"]), triton.cdiv(weight.shape[1], meta["BN"]),
+                    weight.shape[2] * weight.shape[3] * split)
+
+        launch(_weight_grad_kernel)[grid](
+            gc, gr, c, r, weight, dw, db if bias else None,
+            n * p * q, gr.shape[0] * p * q, triton.cdiv(n * p * q, split), triton.cdiv(gr.shape[0] * p * q, split),
+            weight.shape[1], c.shape[2], c.shape[3], out_o, p, q, weight.shape[2], weight.shape[3],
+            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+            *gc.stride(), *gr.stride(), *c.stride(), *r.stride(), *weight.stride(),
+            0 if direct else dw.stride(0), *dw.stride()[-4:], 0 if direct else db.stride(0),
+            SQUARE=square, HAS_BIAS=bias, FP64=acc == torch.float64, **dot_flags(c.dtype, precision))
+    if direct:
+        return dw, db
+    return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
+
+
+class _IntervalAffine(torch.autograd.Function):
+    """(c, r) -> ((W ⊛ c + bias) * scale + shift, |W| ⊛ r * |scale|), then the interval ReLU if relu."""
+
+    @staticmethod
+    def forward(ctx, c, r, weight, bias, scale, shift, geometry: Geometry, relu: bool, precision: str):
+        stride, padding, dilation, out_size = geometry
+        fused_shift = shift if bias is None else (bias if scale is None else bias * scale + shift)
+        c_out, r_out = _affine(c, r, weight, scale, fused_shift, stride, padding, dilation, out_size, False, False,
+                               relu, False, precision)
+        ctx.save_for_backward(c, r, weight, bias, scale, *((c_out, r_out) if relu else ()))
+        ctx.geometry, ctx.relu, ctx.precision = geometry, relu, precision
+        ctx.has_shift = fused_shift is not None
+        return c_out, r_out
+
+    @staticmethod
+    def backward(ctx, gc, gr):
+        c, r, weight, bias, scale, *outputs = ctx.saved_tensors
+        stride, padding, dilation, _ = ctx.geometry
+        if ctx.relu:
+            gc, gr = relu_grad(*outputs, gc, gr)
+        folded = weight if scale is None else weight * scale.view(-1, 1, 1, 1)  # the weight the kernel applied
+        need = ctx.needs_input_grad
+        dc = dr = dw = dbias = dscale = dshift = None
+        if need[0] or need[1]:
+            dc, dr = _affine(gc, gr, folded, None, None, stride, padding, dilation, list(c.shape[2:]), True, False,
+                             False, False, ctx.precision)
+        if any(need[2:6]):
+            dw, d_fused = _weight_grad(gc, gr, c, r, folded, stride, padding, dilation, False, ctx.has_shift,
+                                       ctx.precision)
+            if scale is not None:
+                dscale = (dw * weight).sum((1, 2, 3))
+                dw = dw * scale.view(-1, 1, 1, 1)
+                if bias is not None:
+                    dscale = dscale + d_fused * bias
+                dshift = d_fused
+            if bias is not None:
+                dbias = d_fused if scale is None else d_fused * scale
+        return dc, dr, dw, dbias, dscale, dshift, None, None, None
+
+
+class _L2Affine(torch.autograd.Function):
+    """(x, s²) -> (W ⊛ x + bias, sqrt(W² ⊛ s²)); s² holds 1 or B rows (those of the last samples)."""
+
+    @staticmethod
+    def forward(ctx, x, s2, weight, bias, geometry: Geometry, precision: str):
+        stride, padding, dilation, out_size = geometry
+        c_out, radius = _affine(x, s2, weight, None, bias, stride, padding, dilation, out_size, False, True, False,
+                                True, precision)
+        ctx.save_for_backward(x, s2, weight, radius)
+        ctx.geometry, ctx.precision, ctx.has_bias = geometry, precision, bias is not None
+        return c_out, radius
+
+    @staticmethod
+    def backward(ctx, gc, g_radius):
+        x, s2, weight, radius = ctx.saved_tensors
+        stride, padding, dilation, _ = ctx.geometry
+        g_sq = torch.where(radius > 0, g_radius / (2 * radius), 0.0)  # through the square root, 0 where it is 0
+        need = ctx.needs_input_grad
+        dx = ds2 = dw = db = None
+        if need[0] or need[1]:
+            dx, ds2 = _affine(gc, g_sq if need[1] else g_sq[:0], weight, None, None, stride, padding, dilation,
+                              list(x.shape[2:]), True, True, False, False, ctx.precision)
+        if need[2] or need[3]:
+            dw, db = _weight_grad(gc, g_sq, x, s2, weight, stride, padding, dilation, True, ctx.has_bias, ctx.precision)
+        return dx, ds2 if need[1] else None, dw, db if ctx.has_bias else None, None, None
+
+
+def _conv_geometry(op: str, image: Tuple[int, int], weight: Tensor, stride, padding, dilation) -> Geometry:
+    """Stride, numeric top/left padding, dilation and output size of a convolution; padding "same"
+    pads like torch (the odd pixel at the bottom / right)."""
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
+    spans = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    if padding == "valid":
+        padding = 0
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError(f"{op}: padding='same' needs stride 1, got {stride}")
+        return list(stride), [s // 2 for s in spans], list(dilation), list(image)
+    padding = pair(padding, "padding")
+    out = [(size + 2 * pad - span - 1) // st + 1 for size, pad, span, st in zip(image, padding, spans, stride)]
+    if min(out) <= 0:
+        raise ValueError(f"{op}: the kernel (span {spans[0] + 1}x{spans[1] + 1}) does not fit the padded "
+                         f"input ({image[0]}x{image[1]}, padding {padding})")
+    return list(stride), list(padding), list(dilation), out
+
+
+_LINEAR = ([1, 1], [0, 0], [1, 1], [1, 1])
+
+
+@register("interval_linear", "triton")
+def interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                    scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, relu: bool = False,
+                    precision: str = "ieee") -> Tuple[Tensor, Tensor]:
+    """Fused interval linear layer: ``((c W^T + b) * scale + shift, r |W|^T * |scale|)``, then the
+    interval ReLU if ``relu``. c (N, *, in), r (M, *, in) the radii of c's last M rows,
+    weight (out, in), bias / scale / shift (out,) or None -> (N, *, out), (M, *, out)."""
+    check_inputs("interval_linear", c, r, weight, bias, scale, shift)
+    functional._check_epilogue("interval_linear", c, weight.shape[0], scale, shift)
+    features = c.shape[-1]
+    c_out, r_out = _IntervalAffine.apply(c.reshape(-1, features, 1, 1), r.reshape(-1, features, 1, 1),
+                                         weight[:, :, None, None], bias, scale, shift, _LINEAR, relu, precision)
+    return c_out.view(*c.shape[:-1], weight.shape[0]), r_out.view(*r.shape[:-1], weight.shape[0])
+
+
+@register("interval_conv2d", "triton")
+def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                    stride: Union[int, Tuple[int, int]] = 1, padding: Union[int, Tuple[int, int], str] = 0,
+                    dilation: Union[int, Tuple[int, int]] = 1, groups: int = 1, *, scale: Optional[Tensor] = None,
+                    shift: Optional[Tensor] = None, relu: bool = False,
+                    precision: str = "ieee") -> Tuple[Tensor, Tensor]:
+    """Fused interval convolution (implicit GEMM): ``((conv(c, W) + b) * scale + shift, conv(r, |W|) * |scale|)``,
+    then the interval ReLU if ``relu``. c (N, C, H, W), r (M, C, H, W) the radii of c's last M rows,
+    weight (O, C, KH, KW), bias / scale / shift (O,) or None -> (N, O, P, Q), (M, O, P, Q).
+    groups > 1 runs on the torch backend (with a warning, once)."""
+    if groups != 1:
+        warn_once("interval_conv2d groups", "interval_conv2d (triton): groups > 1 runs on the torch backend")
+        return functional.interval_conv2d(c, r, weight, bias, stride, padding, dilation, groups, scale=scale,
+                                          shift=shift, relu=relu, backend="torch", precision=precision)
+    check_inputs("interval_conv2d", c, r, weight, bias, scale, shift)
+    functional._check_epilogue("interval_conv2d", c, weight.shape[0], scale, shift)
+    geometry = _conv_geometry("interval_conv2d", c.shape[2:], weight, stride, padding, dilation)
+    return _IntervalAffine.apply(c, r, weight, bias, scale, shift, geometry, relu, precision)
+
+
+@register("l2_linear", "triton")
+def l2_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor] = None,
+              scale: Optional[Tensor] = None, *, precision: str = "ieee") -> Tuple[Tensor, Tensor]:
+    """Exact bounds of a linear layer over ``{x + scale ⊙ u : |u|_2 <= eps}``, centre and dual-norm
+    radius ``eps * |W_i ⊙ scale|_2`` from one pass over the weight. x (B, in) -> (B, out) twice."""
+    check_inputs("l2_linear", x, weight, bias)
+    s2 = reference._scale_squared(scale, x)
+    c, radius = _L2Affine.apply(x[:, :, None, None], s2[:, :, None, None], weight[:, :, None, None], bias, _LINEAR,
+                                precision)
+    c, radius = c.view(x.shape[0], -1), radius.view(radius.shape[0], -1)
+    return c, (reference._batched_eps(eps, x, 2) * radius).expand_as(c)
+
+
+@register("l2_conv2d", "triton")
+def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor] = None,
+              stride: Union[int, Tuple[int, int]] = 1, padding: Union[int, Tuple[int, int], str] = 0,
+              dilation: Union[int, Tuple[int, int]] = 1, groups: int = 1, scale: Optional[Tensor] = None, *,
+              precision: str = "ieee") -> Tuple[Tensor, Tensor]:
+    """Exact, padding-aware bounds of a convolution over ``{x + scale ⊙ u : |u|_2 <= eps}``: the
+    centre ``conv(x, W) + b`` and the radius ``eps * sqrt(conv(scale², W²))`` from one pass over the
+    weight. x (B, C, H, W) -> (B, O, P, Q) twice. groups > 1 runs on the torch backend."""
+    if groups != 1:
+        warn_once("l2_conv2d groups", "l2_conv2d (triton): groups > 1 runs on the torch backend")
+        return functional.l2_conv2d(x, eps, weight, bias, stride, padding, dilation, groups, scale, backend="torch",
+                                    precision=precision)
+    check_inputs("l2_conv2d", x, weight, bias)
+    geometry = _conv_geometry("l2_conv2d", x.shape[2:], weight, stride, padding, dilation)
+    c, radius = _L2Affine.apply(x, reference._scale_squared(scale, x), weight, bias, geometry, precision)
+    return c, (reference._batched_eps(eps, x, 4) * radius).expand_as(c)

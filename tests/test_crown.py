@@ -1,0 +1,264 @@
+"""CROWN family (cure_fast.crown): sound on random architectures (sampling and PGD), ordered
+(IBP <= CROWN-IBP, CROWN-IBP <= CROWN on average, CROWN <= α-CROWN), exact where the network is affine
+on the input set, per-sample eps, eval mode only."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from cure_fast import BoundedModule, L2Ball, LinfBall, attacks, crown
+from cure_fast.nn import Normalize
+from netgen import networks, run_layers
+from test_soundness import _sample, _tol, _true_margins
+
+METHODS = crown.METHODS
+EXACT = dict(rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The networks here are tiny: one thread is faster than several, and much faster on busy cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _eval_setup(net, data):
+    model, shape = net
+    model = model.double().eval()
+    torch.manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    batch = data.draw(st.integers(1, 2), label="batch")
+    x = torch.rand((batch,) + shape, dtype=torch.float64)
+    per_sample = data.draw(st.booleans(), label="per-sample eps")
+    eps = lambda top: (torch.rand(batch, dtype=torch.float64) * top) if per_sample else data.draw(  # noqa: E731
+        st.floats(0.0, top), label="eps")
+    specs = [LinfBall(eps(0.3)), L2Ball(eps(1.0)), L2Ball(eps(0.5), domain=None), LinfBall(eps(0.2), domain=None)]
+    y = torch.randint(0, model[-1].out_features, (batch,))
+    return BoundedModule(model), x, y, specs
+
+
+def _all_margins(bm, x, y, spec):
+    margins = {"ibp": bm.margins(x, y, spec)}
+    margins.update({method: bm.margins(x, y, spec, method=method, alpha_steps=5) for method in METHODS})
+    return margins
+
+
+def _assert_ordered(margins):
+    assert (margins["crown-ibp"] >= margins["ibp"]).all()
+    assert (margins["alpha-crown"] >= margins["crown"] - 1e-9).all()
+
+
+@settings(max_examples=30)
+@given(net=networks(), data=st.data())
+def test_sampled_points_respect_every_method(net, data):
+    bm, x, y, specs = _eval_setup(net, data)
+    for spec in specs:
+        margins = _all_margins(bm, x, y, spec)
+        _assert_ordered(margins)
+        points = _sample(spec, x)
+        outputs = run_layers(bm._layers, points.flatten(0, 1), {})
+        true = _true_margins(outputs[-1].view(points.shape[:2] + outputs[-1].shape[1:]), y).amin(0)
+        for method, bound in margins.items():
+            assert (true >= bound - _tol(bound)).all(), f"{spec} {method}: a sampled margin is below its bound"
+            assert (bound.gather(1, y[:, None]) == 0).all()
+        relus = [i for i, m in enumerate(bm._layers) if isinstance(m, nn.ReLU)]
+        ibp = crown.preactivation_bounds(bm, x, spec, method="crown-ibp")
+        for i, (lower, upper), (ibp_lower, ibp_upper) in zip(relus, crown.preactivation_bounds(bm, x, spec), ibp):
+            assert (lower >= ibp_lower - _tol(ibp_lower)).all() and (upper <= ibp_upper + _tol(ibp_upper)).all()
+            value = outputs[i - 1].view(points.shape[:2] + lower.shape[1:]) if i else points
+            assert (value >= lower - _tol(lower)).all() and (value <= upper + _tol(upper)).all(), \
+                f"{spec}: a sampled pre-activation of layer {bm.layer_names[i]} is outside its CROWN bounds"
+
+
+@settings(max_examples=20)
+@given(net=networks(), data=st.data())
+def test_pgd_never_crosses_the_certified_margins(net, data):
+    bm, x, y, specs = _eval_setup(net, data)
+    other = torch.randint(0, bm._layers[-1].out_features, (x.shape[0], 1))
+    margin = lambda p: _true_margins(bm(p), y).gather(1, other)[:, 0]  # noqa: E731
+    for spec in specs:
+        point = attacks.pgd(lambda p: -margin(p), x, spec, steps=15)
+        for method, bound in _all_margins(bm, x, y, spec).items():
+            bound = bound.gather(1, other)[:, 0]
+            assert (margin(point) >= bound - _tol(bound)).all(), f"{spec} {method}: PGD crossed the certified margin"
+
+
+def test_tighter_on_average_crown_ibp_then_crown_then_alpha():
+    torch.manual_seed(0)
+    model = nn.Sequential(Normalize([0.5], [0.3]), nn.Conv2d(1, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 6, 3, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 20), nn.ReLU(),
+                          nn.Linear(20, 5)).double()
+    with torch.no_grad():
+        model(torch.rand(64, 1, 8, 8, dtype=torch.float64))  # running statistics of the BatchNorm
+    bm = BoundedModule(model.eval())
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (6,))
+    for spec in (LinfBall(0.02), L2Ball(0.3)):
+        margins = _all_margins(bm, x, y, spec)
+        _assert_ordered(margins)
+        means = {method: m.mean().item() for method, m in margins.items()}
+        assert means["ibp"] < means["crown-ibp"] < means["crown"] < means["alpha-crown"], means
+
+
+def _affine_minimum(model, x, y, spec):
+    """The exact minimum of every margin of a network that is affine on the input set, attained at the
+    box corner (LinfBall) or sphere point (L2Ball without domain) of the gradient's direction; (B, K)."""
+    x = x.clone().requires_grad_(True)
+    rows = []
+    for j in range(model[-1].out_features):
+        grad, = torch.autograd.grad(_true_margins(model(x), y)[:, j].sum(), x)
+        if isinstance(spec, LinfBall):
+            centre, radius = spec.domain_box(x.detach())
+            point = centre - grad.sign() * radius
+        else:
+            norm = grad.flatten(1).norm(dim=1).clamp_min(1e-300).view((-1,) + (1,) * (x.dim() - 1))
+            point = x.detach() - spec.per_sample_eps(x) * grad / norm
+        rows.append(_true_margins(model(point), y)[:, j].detach())
+    return torch.stack(rows, 1)
+
+
+AFFINE_SPECS = [LinfBall(0.1), LinfBall(torch.tensor([0.0, 0.05, 0.3]), domain=None), L2Ball(0.7, domain=None)]
+
+
+@pytest.mark.parametrize("spec", AFFINE_SPECS)
+def test_exact_on_one_layer_nets(spec):
+    torch.manual_seed(1)
+    model = nn.Sequential(Normalize([0.3, 0.5], [0.2, 0.7]), nn.Flatten(), nn.Linear(2 * 3 * 3, 4)).double().eval()
+    x = torch.rand(3, 2, 3, 3, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1])
+    weight = model[2].weight.view(4, 2, 3, 3) / model[0].std.double().view(1, 2, 1, 1)
+    rows = weight[y][:, None] - weight[None]  # (B, K, 2, 3, 3): the margin rows in pixel space
+    logits = model(x)
+    centre = logits.gather(1, y[:, None]) - logits
+    if isinstance(spec, LinfBall):
+        box_centre, radius = spec.domain_box(x)
+        spread = ((box_centre - x)[:, None] * rows).flatten(2).sum(2) - (rows.abs() * radius[:, None]).flatten(2).sum(2)
+    else:
+        spread = -spec.eps * rows.flatten(2).norm(dim=2)
+    bm = BoundedModule(model)
+    for method in METHODS:
+        torch.testing.assert_close(bm.margins(x, y, spec, method=method), centre + spread, **EXACT)
+
+
+@pytest.mark.parametrize("spec", AFFINE_SPECS)
+def test_exact_on_networks_without_relu(spec):
+    torch.manual_seed(2)
+    model = nn.Sequential(Normalize([0.4], [0.3]), nn.Conv2d(1, 3, 3, 1, 1), nn.BatchNorm2d(3), nn.AvgPool2d(2, 1),
+                          nn.Conv2d(3, 2, 2, 2, 1, groups=1), nn.Flatten(), nn.Linear(2 * 3 * 3, 6), nn.Dropout(0.5),
+                          nn.Linear(6, 4)).double()
+    with torch.no_grad():
+        model[2].running_mean.uniform_(-1, 1)
+        model[2].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.rand(3, 1, 5, 5, dtype=torch.float64)
+    y = torch.tensor([2, 0, 3])
+    exact = _affine_minimum(model, x, y, spec)
+    for method in METHODS:
+        torch.testing.assert_close(crown.crown_margins(BoundedModule(model), x, y, spec, method=method), exact, **EXACT)
+
+
+@pytest.mark.parametrize("spec", AFFINE_SPECS)
+def test_exact_when_every_relu_is_stable(spec):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    model = model.double().eval()
+    with torch.no_grad():
+        for linear in (model[1], model[3]):
+            linear.weight.mul_(0.05)
+            linear.bias.copy_(torch.where(torch.rand_like(linear.bias) < 0.5, -3.0, 3.0))
+    x = torch.rand(3, 1, 2, 3, dtype=torch.float64)
+    y = torch.tensor([1, 2, 0])
+    bm = BoundedModule(model)
+    for lower, upper in crown.preactivation_bounds(bm, x, spec, method="crown-ibp"):
+        assert ((lower > 0) | (upper < 0)).all()
+    exact = _affine_minimum(model, x, y, spec)
+    for method in METHODS:
+        torch.testing.assert_close(bm.margins(x, y, spec, method=method), exact, **EXACT)
+
+
+def _small_cnn():
+    torch.manual_seed(4)
+    model = nn.Sequential(Normalize([0.5, 0.4], [0.25, 0.3]), nn.Conv2d(2, 4, 3, 1, 1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, 2, 1, dilation=1, groups=2), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 3, 2, 1, 0, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 1 * 1, 4))
+    with torch.no_grad():
+        model[4].running_mean.uniform_(-0.5, 0.5)
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_sample_eps_matches_separate_runs_and_zero_eps_is_exact(method):
+    model = _small_cnn()
+    bm = BoundedModule(model)
+    x = torch.rand(3, 2, 5, 5, dtype=torch.float64)
+    y = torch.tensor([0, 2, 3])
+    for kind in (LinfBall, L2Ball):
+        eps = torch.tensor([0.0, 0.02, 0.2], dtype=torch.float64)
+        together = bm.margins(x, y, kind(eps), method=method)
+        for b in range(3):
+            alone = bm.margins(x[b:b + 1], y[b:b + 1], kind(float(eps[b])), method=method)
+            torch.testing.assert_close(together[b:b + 1], alone, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(together[0], _true_margins(model(x[:1]), y[:1])[0], **EXACT)
+
+
+def test_windowed_and_whole_map_backward_passes_agree():
+    model = _small_cnn()
+    x = torch.rand(2, 2, 5, 5, dtype=torch.float64)
+    problem = crown._problem(BoundedModule(model), x, None, LinfBall(0.1), True, None)
+    relaxations, _ = crown._relaxations(problem, crown=True)
+    for end in relaxations:
+        shape = problem.shapes[end]
+        n = shape.numel()
+        neurons = torch.arange(n).repeat(4)
+        signs = torch.cat([torch.ones(2 * n), -torch.ones(2 * n)]).double()
+        rows = torch.arange(2).repeat_interleave(n).repeat(2)
+        windowed = crown._unit_bound(problem, relaxations, end, neurons, signs, rows)
+        A = torch.zeros(4 * n, n, dtype=torch.float64)
+        A[torch.arange(4 * n), neurons] = signs
+        whole = crown._backward(problem, relaxations, end, A.view((-1,) + shape), rows)
+        torch.testing.assert_close(windowed, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_chunking_does_not_change_the_bounds():
+    model = _small_cnn()
+    bm = BoundedModule(model)
+    x = torch.rand(2, 2, 5, 5, dtype=torch.float64)
+    y = torch.tensor([1, 3])
+    for method in METHODS:
+        default = crown.crown_margins(bm, x, y, L2Ball(0.3), method=method)
+        small = crown.crown_margins(bm, x, y, L2Ball(0.3), method=method, max_rows=3)
+        torch.testing.assert_close(small, default, rtol=1e-12, atol=1e-12)
+
+
+def test_sound_mode_computes_in_float64_and_rounds_down():
+    model = _small_cnn().float()
+    bm = BoundedModule(model)
+    x = torch.rand(2, 2, 5, 5)
+    y = torch.tensor([1, 3])
+    reference = crown.crown_margins(BoundedModule(copy.deepcopy(model).double()), x.double(), y, LinfBall(0.05))
+    sound = crown.crown_margins(bm, x, y, LinfBall(0.05))
+    assert sound.dtype == torch.float32
+    assert (sound.double() <= reference).all() and (reference - sound.double()).abs().max() < 1e-5
+    fast = crown.crown_margins(bm, x, y, LinfBall(0.05), sound=False)
+    assert fast.dtype == torch.float32 and (fast.double() - reference).abs().max() < 1e-3
+
+
+def test_train_mode_and_bad_arguments_give_clear_errors():
+    model = _small_cnn().train()
+    bm = BoundedModule(model)
+    x = torch.rand(2, 2, 5, 5, dtype=torch.float64)
+    y = torch.tensor([1, 3])
+    with pytest.raises(ValueError, match="training mode.*eval"):
+        bm.margins(x, y, LinfBall(0.1), method="crown")
+    bm.eval()
+    with pytest.raises(ValueError, match="unknown method 'zonotope'"):
+        bm.margins(x, y, LinfBall(0.1), method="zonotope")
+    with pytest.raises(TypeError, match="CROWN methods only"):
+        bm.margins(x, y, LinfBall(0.1), alpha_steps=3)
+    with pytest.raises(ValueError, match="max_rows"):
+        bm.margins(x, y, LinfBall(0.1), method="crown", max_rows=0)
+    with pytest.raises(TypeError, match="LinfBall or L2Ball"):
+        crown.crown_margins(bm, x, y, [LinfBall(0.1)])
