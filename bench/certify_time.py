@@ -5,21 +5,24 @@ crown, alpha-crown) for l∞ 2/255 and l2 0.25, in float64 (the sound mode), on 
 
 The model has random weights (seed 0) in eval mode, its BatchNorm running statistics estimated on
 random images, so every pre-activation is roughly standardized; the labels are its own predictions.
-Model and images are float64, so every method, IBP included, computes in float64.
-Such a network is far from certifiable: almost every neuron of the deeper layers is unstable, which is
-the worst case for CROWN (it computes bounds for every unstable neuron of every layer, one backward
-pass per neuron and side). Each (norm, method) runs in its own subprocess, so that its peak memory is
-its own: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak resident set size
-(``ru_maxrss``) on the CPU, which includes the interpreter, torch and the model: the column "before"
-gives that peak just before the measured runs. ibp and
-crown-ibp are timed as the median of 3 runs after a warm-up; crown and alpha-crown by one run (minutes
-each on the CPU).
+Model and images are float64, so every method, IBP included, computes in float64. Such a network is
+far from certifiable: almost every neuron of the deeper layers is unstable, which is the worst case for
+CROWN (it computes bounds for every unstable neuron of every layer, one backward pass per neuron and
+side).
+
+Each (norm, method) runs in its own subprocess, so that its peak memory is its own:
+``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the process's peak resident set size
+(``ru_maxrss``), which includes the interpreter, torch and the model — the column "before" gives that
+peak just before the measured runs. ibp and crown-ibp are timed as the median of 3 runs after a
+warm-up; crown and alpha-crown by one run (minutes each on the CPU). The JSON records the load
+average before and after, as CPU timings on shared cores depend on it.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -118,7 +121,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(*args.worker, args.images, device, args.width)))
         return
-    results = []
+    results, load = [], os.getloadavg()
     print(f"{'norm':<11} {'method':<12} {'s/image':>9} {'peak MB':>9} {'(before)':>9} {'certified':>9} "
           f"{'mean worst margin':>18}")
     for norm in NORMS:
@@ -128,7 +131,7 @@ def main() -> None:
             before = "-" if r["cpu_rss_before_mb"] is None else f"{r['cpu_rss_before_mb']:.0f}"
             print(f"{norm:<11} {method:<12} {r['seconds_per_image']:>9.3f} {r['peak_memory_mb']:>9.0f} {before:>9} "
                   f"{r['certified']:>5}/{r['images']:<3} {r['mean_worst_margin']:>18.4g}", flush=True)
-    report = {"benchmark": "certify_time", "model": f"cnn7 cifar10 width {args.width}, random weights, eval mode",
+    report = {"benchmark": "certify_time", "load_average": {"before": load, "after": os.getloadavg()}, "model": f"cnn7 cifar10 width {args.width}, random weights, eval mode",
               "sound": True, "device": _device_name(device), "torch": torch.__version__,
               "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "images": args.images, "results": results}
