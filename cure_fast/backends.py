@@ -2,15 +2,16 @@
 and the precision policy of the dot products.
 
 The default backend comes from :func:`set_backend`, else the environment variable
-``CURE_FAST_BACKEND``, else ``auto``, which picks per op the first available of ``cuda``, ``triton``,
-``torch`` that implements it for the tensor's device. ``auto`` takes ``triton`` on CUDA devices only
-(never the CPU interpreter), so on the CPU it is ``torch``.
+``CURE_FAST_BACKEND``, else ``auto``. On CUDA devices ``auto`` runs each op's call shape once on
+every available backend and keeps the fastest whose outputs (and gradients) agree with the torch
+backend (:mod:`cure_fast.autoselect`); without that measurement it takes the first available of
+``cuda``, ``triton``, ``torch``. On the CPU ``auto`` is ``torch`` (never the Triton interpreter).
 
 Precision (:func:`set_precision`, or ``precision=`` per call): ``ieee`` (default) computes fp32 dot
 products in IEEE fp32, the mode certificates need; ``tf32`` lets them use TF32 tensor cores and
-``bf16`` rounds their inputs to bfloat16, both with fp32 accumulation, for training. Only the
-``triton`` backend uses ``tf32`` / ``bf16``; the ``torch`` backend turns TF32 off for ``ieee`` calls
-on CUDA tensors and otherwise follows torch's own settings.
+``bf16`` rounds their inputs to bfloat16, both with fp32 accumulation, for training. The
+``triton`` and ``cuda`` backends use ``tf32`` / ``bf16`` in their kernels; the ``torch`` backend
+turns TF32 off for ``ieee`` calls on CUDA tensors and otherwise follows torch's own settings.
 """
 from __future__ import annotations
 
@@ -79,11 +80,12 @@ def is_available(name: str, device: torch.device) -> bool:
 
 
 def select(op: str, impls: Dict[str, Callable], backend: Optional[str], device: torch.device,
-           args: Optional[tuple] = None, kwargs: Optional[dict] = None) -> str:
+           run: Optional[Callable[[str], object]] = None, call_args=None, precision: str = "ieee") -> str:
     """The name of the backend that runs ``op`` for ``backend`` (None: the default) on ``device``.
 
-    On CUDA devices ``auto`` with the call's ``args`` (and ``kwargs``) takes the backend that
-    :mod:`cure_fast.autoselect` measured fastest for them; without, or with
+    On CUDA devices ``auto`` with ``run`` (``run(name)`` computes the whole op on backend ``name``;
+    ``call_args`` are its arguments) takes the backend that :mod:`cure_fast.autoselect` measured
+    fastest among those that agree with the torch backend; without ``run``, or with
     ``CURE_FAST_AUTOSELECT=0``, the static order. Raises NotImplementedError when the requested
     backend lacks ``op`` or cannot run on ``device``.
     """
@@ -91,8 +93,9 @@ def select(op: str, impls: Dict[str, Callable], backend: Optional[str], device: 
     if device.type == "cuda":
         from . import autoselect
         autoselect.prepare(device)  # registers the cuda backend's ops
-        if name == "auto" and args is not None:
-            chosen = autoselect.choose(op, impls, device, args, kwargs, lambda n: is_available(n, device))
+        if name == "auto" and run is not None:
+            names = [n for n in autoselect.CANDIDATES if n in impls and is_available(n, device)]
+            chosen = autoselect.choose(op, names, device, call_args, run, precision)
             if chosen is not None:
                 return chosen
     if name == "auto":

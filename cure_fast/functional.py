@@ -6,7 +6,7 @@ radii of the last ``r.shape[0]`` rows and the leading rows are points (the natur
 The ops with dot products take ``precision=`` (``"ieee"``, ``"tf32"``, ``"bf16"``, or None for
 :func:`cure_fast.backends.get_precision`). ``interval_linear`` / ``interval_conv2d`` take an
 optional epilogue (a per-output-feature affine ``scale``, ``shift`` and ``relu``) that the
-``triton`` backend fuses into the kernel and the others apply after the op. All ops are differentiable.
+``triton`` and ``cuda`` backends fuse into the kernel and the ``torch`` backend applies after the op. All ops are differentiable.
 """
 from __future__ import annotations
 
@@ -57,9 +57,12 @@ for _op in _IMPLS:  # every op has a Triton implementation; triton is imported o
     _IMPLS[_op]["triton"] = _triton_loader(_op)
 
 
-def _dispatch(op: str, backend: Optional[str], like: Tensor) -> Tuple[str, Callable]:
-    name = backends.select(op, _IMPLS[op], backend, like.device)
-    return name, _IMPLS[op][name]
+def _dispatch(op: str, backend: Optional[str], like: Tensor, call: Callable[[str], object], call_args,
+              precision: str = "ieee"):
+    """Run ``op``: ``call(name)`` computes it on backend ``name``; ``auto`` may measure every
+    backend on this call (``call_args`` are its arguments, see :mod:`cure_fast.autoselect`)."""
+    name = backends.select(op, _IMPLS[op], backend, like.device, call, call_args, precision)
+    return call(name)
 
 
 def _precision(precision: Optional[str]) -> str:
@@ -85,18 +88,23 @@ def _honoured(precision: str, device: torch.device):
 
 # Backends whose implementations take ``precision=`` and the epilogue keywords (and fuse the
 # epilogue); the others run under _honoured(precision), the epilogue after them as separate ops.
-_FUSING = {"triton"}
+_FUSING = {"triton", "cuda"}
 
 
 def _run_dot_op(op: str, backend: Optional[str], like: Tensor, precision: Optional[str], args: tuple,
-                **epilogue):
-    """Run a dot-product op; returns (whether its backend applied the epilogue, its result)."""
-    name, impl = _dispatch(op, backend, like)
+                channel_dim: int = -1, **epilogue):
+    """Run a dot-product op with its optional epilogue (``scale``, ``shift``, ``relu``)."""
     precision = _precision(precision)
-    if name in _FUSING:
-        return True, impl(*args, **epilogue, precision=precision)
-    with _honoured(precision, like.device):
-        return False, impl(*args)
+
+    def call(name: str):
+        impl = _IMPLS[op][name]
+        if name in _FUSING:
+            return impl(*args, **epilogue, precision=precision)
+        with _honoured(precision, like.device):
+            out = impl(*args)
+        return _epilogue(out, channel_dim=channel_dim, backend=name, **epilogue) if epilogue else out
+
+    return _dispatch(op, backend, like, call, (args, epilogue), precision)
 
 
 def _check_interval(op: str, c: Tensor, r: Tensor, dims: Optional[int] = None) -> None:
@@ -126,7 +134,7 @@ def _check_epilogue(op: str, c: Tensor, features: int, scale: Optional[Tensor], 
 
 
 def _epilogue(out: Interval, scale: Optional[Tensor], shift: Optional[Tensor], relu: bool, channel_dim: int,
-              backend: Optional[str]) -> Interval:
+              backend: str) -> Interval:
     """The epilogue of interval_linear / interval_conv2d as separate ops (backends that do not fuse it)."""
     c, r = out
     if scale is not None:
@@ -147,9 +155,8 @@ def interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
     _check_interval("interval_linear", c, r)
     _check_features("interval_linear", c.shape[-1], weight.shape[1], "input features")
     _check_epilogue("interval_linear", c, weight.shape[0], scale, shift)
-    fused, out = _run_dot_op("interval_linear", backend, c, precision, (c, r, weight, bias),
-                             scale=scale, shift=shift, relu=relu)
-    return out if fused else _epilogue(out, scale, shift, relu, -1, backend)
+    return _run_dot_op("interval_linear", backend, c, precision, (c, r, weight, bias), -1,
+                       scale=scale, shift=shift, relu=relu)
 
 
 def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -164,23 +171,22 @@ def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
     _check_interval("interval_conv2d", c, r, dims=4)
     _check_features("interval_conv2d", c.shape[1], weight.shape[1] * groups, "input channels")
     _check_epilogue("interval_conv2d", c, weight.shape[0], scale, shift)
-    fused, out = _run_dot_op("interval_conv2d", backend, c, precision,
-                             (c, r, weight, bias, stride, padding, dilation, groups),
-                             scale=scale, shift=shift, relu=relu)
-    return out if fused else _epilogue(out, scale, shift, relu, 1, backend)
+    return _run_dot_op("interval_conv2d", backend, c, precision,
+                       (c, r, weight, bias, stride, padding, dilation, groups), 1,
+                       scale=scale, shift=shift, relu=relu)
 
 
 def interval_relu(c: Tensor, r: Tensor, *, backend: Optional[str] = None) -> Interval:
     """Interval image of ReLU: ``l' = relu(c - r)``, ``u' = relu(c + r)`` in centre–radius form; shapes kept."""
     _check_interval("interval_relu", c, r)
-    return _dispatch("interval_relu", backend, c)[1](c, r)
+    return _dispatch("interval_relu", backend, c, lambda name: _IMPLS["interval_relu"][name](c, r), (c, r))
 
 
 def interval_affine(c: Tensor, r: Tensor, scale: Tensor, shift: Tensor, *, relu: bool = False,
                     backend: Optional[str] = None) -> Interval:
     """Per-channel affine (BatchNorm, Normalize): ``c * scale + shift``, ``r * |scale|``; scale, shift (C,), channels on dim 1.
 
-    With ``relu``, the interval ReLU follows (fused by the ``triton`` backend).
+    With ``relu``, the interval ReLU follows (fused by the ``triton`` and ``cuda`` backends).
     """
     _check_interval("interval_affine", c, r)
     if c.dim() < 2 or scale.shape != (c.shape[1],) or shift.shape != (c.shape[1],):
@@ -190,11 +196,15 @@ def interval_affine(c: Tensor, r: Tensor, scale: Tensor, shift: Tensor, *, relu:
         if t.dtype != c.dtype or t.device != c.device:
             raise ValueError(f"interval_affine: {name} must have the input's dtype and device ({c.dtype}, {c.device}), "
                              f"got {t.dtype}, {t.device}")
-    name, impl = _dispatch("interval_affine", backend, c)
-    if name in _FUSING:
-        return impl(c, r, scale, shift, relu=relu)
-    out = impl(c, r, scale, shift)
-    return interval_relu(*out, backend=backend) if relu else out
+
+    def call(name: str) -> Interval:
+        impl = _IMPLS["interval_affine"][name]
+        if name in _FUSING:
+            return impl(c, r, scale, shift, relu=relu)
+        out = impl(c, r, scale, shift)
+        return interval_relu(*out, backend=name) if relu else out
+
+    return _dispatch("interval_affine", backend, c, call, (c, r, scale, shift, relu))
 
 
 def _check_l2(op: str, x: Tensor, eps: Union[float, Tensor], scale: Optional[Tensor] = None) -> None:
@@ -225,7 +235,7 @@ def l2_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
     if x.dim() != 2:
         raise ValueError(f"l2_linear: expected x of shape (B, in), got {tuple(x.shape)}")
     _check_features("l2_linear", x.shape[1], weight.shape[1], "input features")
-    return _run_dot_op("l2_linear", backend, x, precision, (x, eps, weight, bias, scale))[1]
+    return _run_dot_op("l2_linear", backend, x, precision, (x, eps, weight, bias, scale))
 
 
 def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor] = None,
@@ -242,7 +252,7 @@ def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
         raise ValueError(f"l2_conv2d: expected x of shape (B, C, H, W), got {tuple(x.shape)}")
     _check_features("l2_conv2d", x.shape[1], weight.shape[1] * groups, "input channels")
     return _run_dot_op("l2_conv2d", backend, x, precision,
-                       (x, eps, weight, bias, stride, padding, dilation, groups, scale))[1]
+                       (x, eps, weight, bias, stride, padding, dilation, groups, scale))
 
 
 def _check_labels(op: str, labels: Tensor, rows: int, classes: int) -> None:
@@ -261,7 +271,7 @@ def margins_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor],
     _check_interval("margins_linear", c, r, dims=2)
     _check_features("margins_linear", c.shape[1], weight.shape[1], "input features")
     _check_labels("margins_linear", labels, c.shape[0], weight.shape[0])
-    return _run_dot_op("margins_linear", backend, c, precision, (c, r, weight, bias, labels.long()))[1]
+    return _run_dot_op("margins_linear", backend, c, precision, (c, r, weight, bias, labels.long()))
 
 
 def l2_margins_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor], labels: Tensor,
@@ -276,4 +286,4 @@ def l2_margins_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias
         raise ValueError(f"l2_margins_linear: expected x of shape (B, in), got {tuple(x.shape)}")
     _check_features("l2_margins_linear", x.shape[1], weight.shape[1], "input features")
     _check_labels("l2_margins_linear", labels, x.shape[0], weight.shape[0])
-    return _run_dot_op("l2_margins_linear", backend, x, precision, (x, eps, weight, bias, labels.long(), scale))[1]
+    return _run_dot_op("l2_margins_linear", backend, x, precision, (x, eps, weight, bias, labels.long(), scale))
