@@ -4,14 +4,16 @@ streams of a multi-norm training step stacked (centres: natural + l∞ + l2, rad
 For every layer op, batch size, precision (``ieee``: fp32 IEEE products, the certification mode;
 ``tf32``: training) and pass (forward, backward, both), the median time of
 
-- ``triton``: the fused kernel (cure_fast.kernels),
+- ``triton``: the fused Triton kernel (cure_fast.kernels),
+- ``cuda``: the CUDA C++ backend (cure_fast._cuda), when the extension is built,
 - ``eager``: centre-radius IBP in plain PyTorch (the torch backend: two convolutions, ``|W|``
   rebuilt on every call, separate ReLU passes),
 - ``compile``: ``torch.compile`` of the same,
 - ``floor``: cuDNN / cuBLAS computing ``W ⊛ c`` and ``|W| ⊛ r`` alone (``|W|`` precomputed),
 
-with the speed-ups, the share of the floor, TFLOP/s (counting the two products) and GB/s (the
-minimum traffic: every input read once, every output written once).
+with the speed-ups of the faster fused backend (``best``) over eager and compile, its share of the
+floor, TFLOP/s (counting the two products) and GB/s (the minimum traffic: every input read once,
+every output written once).
 
     python bench/bench_kernels.py [--batch 128 512] [--json out.json] [--no-compile] [--smoke]
 """
@@ -29,19 +31,20 @@ from cure_fast import kernels, models, reference
 
 PRECISIONS = ("ieee", "tf32")
 PASSES = ("forward", "backward", "both")
-COLUMNS = ("layer", "op", "batch", "precision", "pass", "triton_ms", "eager_ms", "compile_ms", "floor_ms",
-           "x_eager", "x_compile", "of_floor", "tflops", "gbps")
+COLUMNS = ("layer", "op", "batch", "precision", "pass", "triton_ms", "cuda_ms", "eager_ms", "compile_ms", "floor_ms",
+           "best", "x_eager", "x_compile", "of_floor", "tflops", "gbps")
 
 
 @dataclass
 class Case:
-    """One op on one layer. ``make()`` builds fresh inputs; ``triton(precision)`` is the fused
-    function; ``floor`` takes ``floor_inputs(inputs)``. ``flops`` counts the forward (the backward
+    """One op on one layer. ``make()`` builds fresh inputs; ``fused(impl, precision)`` is the fused
+    function of the backend module ``impl`` (cure_fast.kernels or cure_fast._cuda, which share
+    their signatures); ``floor`` takes ``floor_inputs(inputs)``. ``flops`` counts the forward (the backward
     counts twice as much when the inputs need gradients, once otherwise); ``bytes`` = (forward, backward)."""
     layer: str
     op: str
     make: Callable[[], Tuple]
-    triton: Callable[[str], Callable]
+    fused: Callable[[object, str], Callable]
     eager: Callable
     floor: Optional[Callable]
     floor_inputs: Optional[Callable]
@@ -97,18 +100,18 @@ def _floor_inputs(inputs):
 def _affine_case(name, module, shape, out, inputs: _Inputs, first: bool) -> Case:
     """Conv2d / Linear on the stacked streams with the ReLU after it fused."""
     n, m = inputs.n, inputs.m
-    if isinstance(module, nn.Conv2d):
-        conv = dict(stride=module.stride, padding=module.padding)
-        fused = partial(kernels.interval_conv2d, **conv)
+    conv = dict(stride=module.stride, padding=module.padding) if isinstance(module, nn.Conv2d) else None
+    if conv:
+        op = lambda impl: partial(impl.interval_conv2d, **conv)  # noqa: E731
         eager = partial(reference.interval_conv2d_ref, **conv)
         products = partial(F.conv2d, **conv)
     else:
-        fused, eager, products = kernels.interval_linear, reference.interval_linear_ref, F.linear
+        op, eager, products = (lambda impl: impl.interval_linear), reference.interval_linear_ref, F.linear
     io = _numel((n,) + shape, (m,) + shape, (n,) + out, (m,) + out) + module.weight.numel()
     return Case(
         name, "interval+relu",
         make=lambda: (*inputs.interval(shape, grad=not first), *inputs.params(module)),
-        triton=lambda precision: lambda c, r, w, b: fused(c, r, w, b, relu=True, precision=precision),
+        fused=lambda impl, precision: lambda c, r, w, b: op(impl)(c, r, w, b, relu=True, precision=precision),
         eager=lambda c, r, w, b: reference.interval_relu_ref(*eager(c, r, w, b)),
         floor=lambda c, r, w, w_abs, b: (products(c, w, b), products(r, w_abs)),
         floor_inputs=_floor_inputs,
@@ -127,8 +130,8 @@ def _l2_case(name, module, data, out, inputs: _Inputs, batch: int) -> Case:
     return Case(
         name, "l2-first-layer",
         make=lambda: (inputs.rand(batch, *data.shape, low=0.0, grad=False), *inputs.params(module)),
-        triton=lambda precision: lambda x, w, b: kernels.l2_conv2d(x, 0.5, w, b, **conv, scale=scale,
-                                                                     precision=precision),
+        fused=lambda impl, precision: lambda x, w, b: impl.l2_conv2d(x, 0.5, w, b, **conv, scale=scale,
+                                                                       precision=precision),
         eager=lambda x, w, b: reference.l2_conv2d_ref(x, 0.5, w, b, **conv, scale=scale),
         floor=lambda x, w, w_sq, b: (F.conv2d(x, w, b, **conv), F.conv2d(s2, w_sq, None, **conv)),
         floor_inputs=lambda i: (i[0], i[1], i[1].detach().square().requires_grad_(), i[2]),
@@ -144,7 +147,7 @@ def _margins_case(name, module, inputs: _Inputs) -> Case:
     return Case(
         name, "margins",
         make=lambda: (inputs.rand(rows, features), inputs.rand(rows, features, low=0.0), *inputs.params(module)),
-        triton=lambda precision: lambda c, r, w, b: kernels.margins_linear(c, r, w, b, labels),
+        fused=lambda impl, precision: lambda c, r, w, b: impl.margins_linear(c, r, w, b, labels, precision=precision),
         eager=lambda c, r, w, b: reference.margins_linear_ref(c, r, w, b, labels),
         floor=lambda c, r, w, w_abs, b: (F.linear(c, w, b), F.linear(r, w_abs)),
         floor_inputs=_floor_inputs,
@@ -158,7 +161,7 @@ def _affine_relu_case(name, shape, inputs: _Inputs) -> Case:
     return Case(
         f"bn+relu after {name}", "affine+relu",
         make=lambda: (*inputs.interval(shape), inputs.rand(channels, low=0.5), inputs.rand(channels)),
-        triton=lambda precision: lambda c, r, s, t: kernels.interval_affine(c, r, s, t, relu=True),
+        fused=lambda impl, precision: lambda c, r, s, t: impl.interval_affine(c, r, s, t, relu=True),
         eager=lambda c, r, s, t: reference.interval_relu_ref(*reference.interval_affine_ref(c, r, s, t)),
         floor=None, floor_inputs=None, flops=2.0 * io, bytes=(4.0 * io, 8.0 * io))
 
@@ -207,41 +210,57 @@ def _timings(fn: Callable, make: Callable, device, smoke: bool) -> dict:
             "both": harness.median_ms(both, device, smoke)}
 
 
+def fused_backends(device: torch.device) -> dict:
+    """The fused backends to measure: triton, and cuda when its extension is built (GPU only)."""
+    impls = {"triton": kernels}
+    if device.type == "cuda":
+        from cure_fast import _cuda
+        if _cuda.available():
+            impls["cuda"] = _cuda
+    return impls
+
+
+def _row(case: Case, batch: int, precision: str, step: str, ms: dict, fused: List[str]) -> dict:
+    flops = case.flops * {"forward": 1, "backward": 2 if case.input_grads else 1,
+                          "both": 3 if case.input_grads else 2}[step]
+    traffic = {"forward": case.bytes[0], "backward": case.bytes[1], "both": sum(case.bytes)}[step]
+    best = min(fused, key=ms.get)
+    row = dict(layer=case.layer, op=case.op, batch=batch, precision=precision, **{"pass": step},
+               **{f"{impl}_ms": v for impl, v in ms.items()}, best=best,
+               x_eager=ms["eager"] / ms[best], tflops=flops / ms[best] / 1e9, gbps=traffic / ms[best] / 1e6)
+    if "compile" in ms:
+        row["x_compile"] = ms["compile"] / ms[best]
+    if "floor" in ms:
+        row["of_floor"] = ms[best] / ms["floor"]
+    return row
+
+
 def run(args) -> List[dict]:
     rows = []
+    impls = fused_backends(args.device)
     for batch in args.batch:
         for case in _cases(batch, args.device, args.smoke):
             compiled = None if args.no_compile else torch.compile(case.eager)
             for precision in PRECISIONS[:1] if args.smoke else PRECISIONS:
                 with harness.tf32(precision == "tf32"):
-                    times = {"triton": _timings(case.triton(precision), case.make, args.device, args.smoke),
-                             "eager": _timings(case.eager, case.make, args.device, args.smoke)}
+                    times = {name: _timings(case.fused(impl, precision), case.make, args.device, args.smoke)
+                             for name, impl in impls.items()}
+                    times["eager"] = _timings(case.eager, case.make, args.device, args.smoke)
                     if compiled is not None:
                         times["compile"] = _timings(compiled, case.make, args.device, args.smoke)
                     if case.floor is not None:
                         times["floor"] = _timings(case.floor, lambda: case.floor_inputs(case.make()), args.device,
                                                   args.smoke)
                 for step in PASSES:
-                    flops = case.flops * {"forward": 1, "backward": 2 if case.input_grads else 1,
-                                          "both": 3 if case.input_grads else 2}[step]
-                    traffic = {"forward": case.bytes[0], "backward": case.bytes[1], "both": sum(case.bytes)}[step]
-                    ms = {impl: t[step] for impl, t in times.items()}
-                    row = dict(layer=case.layer, op=case.op, batch=batch, precision=precision, **{"pass": step},
-                               **{f"{impl}_ms": v for impl, v in ms.items()},
-                               x_eager=ms["eager"] / ms["triton"], tflops=flops / ms["triton"] / 1e9,
-                               gbps=traffic / ms["triton"] / 1e6)
-                    if "compile" in ms:
-                        row["x_compile"] = ms["compile"] / ms["triton"]
-                    if "floor" in ms:
-                        row["of_floor"] = ms["triton"] / ms["floor"]
-                    rows.append(row)
+                    rows.append(_row(case, batch, precision, step, {impl: t[step] for impl, t in times.items()},
+                                     list(impls)))
     return rows
 
 
 def main() -> None:
     args = harness.arguments(__doc__.splitlines()[0])
     rows = run(args)
-    harness.report("CNN7 layer kernels (fused Triton vs PyTorch IBP)", rows, COLUMNS, args)
+    harness.report("CNN7 layer kernels (fused Triton / CUDA vs PyTorch IBP)", rows, COLUMNS, args)
 
 
 if __name__ == "__main__":

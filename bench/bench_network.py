@@ -5,9 +5,10 @@ of the same network.
 
 Per batch size, mode (``train``: BatchNorm on batch statistics; ``eval``: running statistics, the
 certification setting) and precision, the median time of the forward, the backward and both with
-the ``triton`` backend, the ``torch`` backend (eager centre-radius IBP) and ``torch.compile`` of
-the latter, and the ratio of each full step to the natural one (the issue's target: at most 3 with
-triton at batch 128; the arithmetic alone would say 5).
+the ``triton`` backend, the ``cuda`` backend (when its extension is built), ``auto`` (per op the
+fastest backend that agrees with torch, measured on the first call), the ``torch`` backend (eager
+centre-radius IBP) and ``torch.compile`` of the latter, and the ratio of each full step to the
+natural one (the target: at most 3 at batch 128; the arithmetic alone would say 5).
 
     python bench/bench_network.py [--batch 128 512] [--json out.json] [--no-compile] [--smoke]
 """
@@ -18,12 +19,14 @@ import torch
 import torch.nn.functional as F
 
 import harness
+from bench_kernels import fused_backends
 from cure_fast import BoundedModule, L2Ball, LinfBall, models
 
 SETTINGS = (("train", "tf32"), ("train", "ieee"), ("eval", "ieee"))
 PASSES = ("forward", "backward", "both")
-COLUMNS = ("batch", "mode", "precision", "pass", "natural_ms", "triton_ms", "eager_ms", "compile_ms",
-           "triton_x_natural", "eager_x_natural", "compile_x_natural", "x_eager", "x_compile")
+BOUNDED = ("triton", "cuda", "auto", "eager", "compile")
+COLUMNS = ("batch", "mode", "precision", "pass", "natural_ms") + tuple(f"{n}_ms" for n in BOUNDED) + \
+    tuple(f"{n}_x_natural" for n in BOUNDED) + ("x_eager", "x_compile")
 
 
 def _model(smoke: bool, device: torch.device):
@@ -49,6 +52,7 @@ def _natural_loss(model) -> Callable:
 
 def _timings(loss: Callable, params: List[torch.Tensor], make: Callable, device, smoke: bool) -> dict:
     get = harness.rotating(make, 1 if smoke else 3)
+    torch.autograd.grad(loss(*get()), params)  # first call: compilation, and the auto backend's measurements
     forward = harness.median_ms(lambda: loss(*get()), device, smoke)
     graphs = itertools.cycle([loss(*get()) for _ in range(1 if smoke else 3)])
     backward = harness.median_ms(lambda: torch.autograd.grad(next(graphs), params, retain_graph=True), device, smoke)
@@ -68,8 +72,9 @@ def run(args) -> List[dict]:
             model.train(mode == "train")
             with harness.tf32(precision == "tf32"):
                 eager = _bounded_loss(BoundedModule(model, backend="torch", precision=precision))
-                losses = {"natural": _natural_loss(model), "eager": eager,
-                          "triton": _bounded_loss(BoundedModule(model, backend="triton", precision=precision))}
+                losses = {"natural": _natural_loss(model), "eager": eager}
+                for name in list(fused_backends(args.device)) + ([] if args.smoke else ["auto"]):
+                    losses[name] = _bounded_loss(BoundedModule(model, backend=name, precision=precision))
                 if not args.no_compile:
                     losses["compile"] = torch.compile(eager)
                 times = {name: _timings(loss, params, make, args.device, args.smoke) for name, loss in losses.items()}
@@ -77,7 +82,7 @@ def run(args) -> List[dict]:
                 ms = {name: t[step] for name, t in times.items()}
                 row = dict(batch=batch, mode=mode, precision=precision, **{"pass": step},
                            **{f"{name}_ms": v for name, v in ms.items()})
-                for name in ("triton", "eager", "compile"):
+                for name in BOUNDED:
                     if name in ms:
                         row[f"{name}_x_natural"] = ms[name] / ms["natural"]
                 row["x_eager"] = ms["eager"] / ms["triton"]

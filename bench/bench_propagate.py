@@ -9,25 +9,12 @@ input set. Timings alternate between the two so that machine load affects both a
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import time
 
 import torch
 import torch.nn.functional as F
 
+import harness
 from cure_fast import BoundedModule, L2Ball, LinfBall, models
-
-
-def _time(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def measure(model_name: str, batch: int, device: torch.device, repeats: int, backend: str) -> dict:
@@ -57,9 +44,9 @@ def measure(model_name: str, batch: int, device: torch.device, repeats: int, bac
             times = {"natural": [], "propagate": []}
             for _ in range(repeats):
                 model.zero_grad(set_to_none=True)
-                times["natural"].append(_time(lambda: natural(backward), device))
+                times["natural"].append(harness.synced_seconds(lambda: natural(backward), device))
                 model.zero_grad(set_to_none=True)
-                times["propagate"].append(_time(lambda: bounded(backward), device))
+                times["propagate"].append(harness.synced_seconds(lambda: bounded(backward), device))
         medians = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
         results[key] = {**{f"{k}_ms": 1e3 * v for k, v in medians.items()},
                         "ratio": medians["propagate"] / medians["natural"]}
@@ -77,16 +64,14 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     results = measure(args.model, args.batch, device, args.repeats, args.backend)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"{args.model}, CIFAR-10 shape, batch {args.batch}, train mode, {name}, backend {args.backend}")
+    print(f"{args.model}, CIFAR-10 shape, batch {args.batch}, train mode, {harness.device_name(device)}, "
+          f"backend {args.backend}")
     print(f"{'pass':<18}{'natural ms':>12}{'propagate ms':>14}{'ratio':>8}")
     for key, r in results.items():
         print(f"{key:<18}{r['natural_ms']:>12.1f}{r['propagate_ms']:>14.1f}{r['ratio']:>8.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "model": args.model, "batch": args.batch, "backend": args.backend,
-                       "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-                       "results": results}, f, indent=2)
+        harness.save_json(args.json, "propagate", device, {"model": args.model, "batch": args.batch,
+                                                           "backend": args.backend, "results": results})
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ average before and after, as CPU timings on shared cores depend on it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,6 +29,7 @@ import time
 
 import torch
 
+import harness
 from cure_fast import BoundedModule, L2Ball, LinfBall, models
 
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
@@ -100,12 +99,6 @@ def _run_isolated(method: str, norm: str, args: argparse.Namespace) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=None, help="default: 2 on the CPU, 16 on a GPU")
@@ -131,13 +124,10 @@ def main() -> None:
             before = "-" if r["cpu_rss_before_mb"] is None else f"{r['cpu_rss_before_mb']:.0f}"
             print(f"{norm:<11} {method:<12} {r['seconds_per_image']:>9.3f} {r['peak_memory_mb']:>9.0f} {before:>9} "
                   f"{r['certified']:>5}/{r['images']:<3} {r['mean_worst_margin']:>18.4g}", flush=True)
-    report = {"benchmark": "certify_time", "load_average": {"before": load, "after": os.getloadavg()}, "model": f"cnn7 cifar10 width {args.width}, random weights, eval mode",
-              "sound": True, "device": _device_name(device), "torch": torch.__version__,
-              "python": platform.python_version(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "images": args.images, "results": results}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        harness.save_json(args.json, "certify_time", device, {
+            "load_average_before": load, "model": f"cnn7 cifar10 width {args.width}, random weights, eval mode",
+            "sound": True, "images": args.images, "results": results})
 
 
 if __name__ == "__main__":

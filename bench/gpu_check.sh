@@ -1,41 +1,78 @@
 #!/usr/bin/env bash
-# On a GPU machine: install the package, run the GPU tests, then the kernel and network benchmarks.
-# Everything (log, JUnit XML, benchmark JSON) goes under $OUT (default bench/results/<date-time>).
-# A failing test does not stop the benchmarks; the script exits non-zero if anything failed.
+# On a GPU machine: build the package (CUDA extension included), run the GPU tests, then the
+# benchmarks. Everything (log, JUnit XML, benchmark JSON) goes under $OUT (default
+# bench/results/<date-time>). A failing step does not stop the next ones; the script exits
+# non-zero if any failed. Steps can be named to run a subset (e.g. to fit a time limit per call):
 #
-#   bench/gpu_check.sh
-#   OUT=/tmp/run BENCH_ARGS="--batch 128 --no-compile" PYTHON=python3 bench/gpu_check.sh
+#   bench/gpu_check.sh                       # build tests kernels network propagate train certify
+#   bench/gpu_check.sh build tests           # just build and test
+#   OUT=/tmp/run BENCH_ARGS="--batch 128 --no-compile" PYTHON=python3 bench/gpu_check.sh kernels
+#
+# Steps: build (pip install -e ., the extension for TORCH_CUDA_ARCH_LIST), tests (the CUDA ops
+# first, then every test marked gpu), kernels (bench/bench_kernels.py: per-layer triton / cuda /
+# eager / compile / floor), network (bench/bench_network.py: the CNN7 step vs the natural one),
+# propagate (bench/bench_propagate.py), train (bench/train_throughput.py), certify
+# (bench/certify_time.py). STEP_TIMEOUT (seconds, default 1800) bounds each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/$(date +%Y%m%d-%H%M%S)}"
 PYTHON="${PYTHON:-python3}"
+STEP_TIMEOUT="${STEP_TIMEOUT:-1800}"
 read -r -a BENCH <<< "${BENCH_ARGS:-}"
+STEPS=("$@")
+((${#STEPS[@]})) || STEPS=(build tests kernels network propagate train certify)
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 
 failed=()
-step() {  # step NAME COMMAND...: run it, remember NAME if it fails
+step() {  # step NAME COMMAND...: run it under the step timeout, remember NAME if it fails
   local name="$1"
   shift
   echo "== $(date +%T) $name: $*"
-  if ! "$@"; then
+  if ! timeout "$STEP_TIMEOUT" "$@"; then
     echo "!! $name failed"
     failed+=("$name")
   fi
 }
 
-echo "== $(date) on $(hostname), output in $OUT"
+wanted() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
+
+echo "== $(date) on $(hostname), steps: ${STEPS[*]}, output in $OUT"
 nvidia-smi || true
-"$PYTHON" -m pip install -e . --no-deps --no-build-isolation
-"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+if wanted build; then
+  step build env MAX_JOBS="${MAX_JOBS:-$(nproc)}" CURE_FAST_BUILD_CUDA=1 \
+    "$PYTHON" -m pip install -e . --no-deps --no-build-isolation -q
+fi
+"$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || true
+"$PYTHON" -c "from cure_fast import _cuda; _cuda.extension(); print('cure_fast._C loaded')" || true
 
 workers=()
 if "$PYTHON" -c "import xdist" 2>/dev/null; then workers=(-n 4); fi
 # One kernel configuration per variant (no autotuning) keeps the tests' compile time down.
-step tests env CURE_FAST_AUTOTUNE=0 "$PYTHON" -m pytest -q -p no:cacheprovider ${workers[@]+"${workers[@]}"} \
-  -m gpu tests --junitxml "$OUT/tests.xml"
-step bench_kernels "$PYTHON" bench/bench_kernels.py --json "$OUT/bench_kernels.json" ${BENCH[@]+"${BENCH[@]}"}
-step bench_network "$PYTHON" bench/bench_network.py --json "$OUT/bench_network.json" ${BENCH[@]+"${BENCH[@]}"}
+pytest_gpu=(env CURE_FAST_AUTOTUNE=0 "$PYTHON" -m pytest -q -p no:cacheprovider)
+if wanted tests; then
+  step cuda_ops "${pytest_gpu[@]}" -x tests/test_cuda_ops.py --junitxml "$OUT/cuda_ops.xml"
+  step tests "${pytest_gpu[@]}" ${workers[@]+"${workers[@]}"} -m gpu tests --ignore tests/test_cuda_ops.py \
+    --junitxml "$OUT/tests.xml"
+fi
+if wanted kernels; then
+  step bench_kernels "$PYTHON" bench/bench_kernels.py --json "$OUT/bench_kernels.json" ${BENCH[@]+"${BENCH[@]}"}
+fi
+if wanted network; then
+  step bench_network "$PYTHON" bench/bench_network.py --json "$OUT/bench_network.json" ${BENCH[@]+"${BENCH[@]}"}
+fi
+if wanted propagate; then
+  for backend in torch triton cuda auto; do
+    step "propagate_$backend" "$PYTHON" bench/bench_propagate.py --device cuda --batch 128 --backend "$backend" \
+      --json "$OUT/bench_propagate_$backend.json"
+  done
+fi
+if wanted train; then
+  step train_throughput "$PYTHON" bench/train_throughput.py --device cuda --json "$OUT/train_throughput.json"
+fi
+if wanted certify; then
+  step certify_time "$PYTHON" bench/certify_time.py --device cuda --images 8 --json "$OUT/certify_time.json"
+fi
 
 if ((${#failed[@]})); then
   echo "== FAILED: ${failed[*]}"

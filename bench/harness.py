@@ -1,4 +1,4 @@
-"""Shared by the kernel and network benchmarks: timing, the environment record, the table and the JSON.
+"""Shared by the benchmarks: timing, the environment record, the table and the JSON.
 
 On a GPU, times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed
 between runs) over calls that cycle through several copies of the inputs. ``--smoke`` runs
@@ -64,17 +64,48 @@ def as_tuple(fn: Callable) -> Callable:
     return wrapped
 
 
-def environment(device: torch.device) -> Dict[str, str]:
-    import triton
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """What a result depends on: device, versions, date, commit, and the load average of the machine."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         commit = ""
-    return {"device": name, "torch": torch.__version__, "triton": triton.__version__,
+    return {"device": device_name(device), "torch": torch.__version__, "triton": triton_version,
             "cuda": torch.version.cuda or "", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "commit": commit, "interpreter": os.environ.get("TRITON_INTERPRET") == "1"}
+            "python": platform.python_version(), "commit": commit,
+            "interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+            "load_average": os.getloadavg()}
+
+
+def synced_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call of ``fn``, the device synchronized before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def save_json(path: str, title: str, device: torch.device, record: Dict) -> None:
+    """Write ``record`` with the environment (see :func:`environment`) to ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"benchmark": title, **environment(device), **record}, f, indent=1)
+    print(f"wrote {path}")
 
 
 def table(rows: List[Dict], columns: Sequence[str]) -> str:
@@ -93,10 +124,7 @@ def report(title: str, rows: List[Dict], columns: Sequence[str], args: argparse.
     print(f"{title} — {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print(table(rows, columns))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"benchmark": title, **env, "results": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+        save_json(args.json, title, args.device, {"results": rows})
 
 
 class tf32:

@@ -6,13 +6,11 @@ the natural step, measured in one process on the current device.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import time
+import statistics
 
 import torch
 
+import harness
 from cure_fast import models
 from cure_fast.config import from_dict
 from cure_fast.train import Objective, training_sets
@@ -29,16 +27,7 @@ METHODS = {
 def _seconds(fn, repeats: int, device: torch.device) -> float:
     """Median wall time of fn over ``repeats`` runs after one warm-up run."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(harness.synced_seconds(fn, device) for _ in range(repeats))
 
 
 def measure(batch: int, device: torch.device, repeats: int, backend: str, width: int) -> dict:
@@ -77,15 +66,14 @@ def main() -> None:
     device = torch.device(args.device)
     batch = args.batch or (128 if device.type == "cuda" else 16)
     results = measure(batch, device, args.repeats, args.backend, args.width)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"CNN7 (width {args.width}), CIFAR-10 shape, batch {batch}, {name}, backend {args.backend}")
+    print(f"CNN7 (width {args.width}), CIFAR-10 shape, batch {batch}, {harness.device_name(device)}, "
+          f"backend {args.backend}")
     print(f"{'method':<28}{'ms/step':>10}{'img/s':>10}{'x natural':>11}")
     for method, r in results.items():
         print(f"{method:<28}{1e3 * r['seconds']:>10.1f}{r['images_per_second']:>10.0f}{r['ratio_to_natural']:>11.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "batch": batch, "backend": args.backend, "torch": torch.__version__,
-                       "date": datetime.date.today().isoformat(), "results": results}, f, indent=2)
+        harness.save_json(args.json, "train_throughput", device, {"batch": batch, "backend": args.backend,
+                                                                  "width": args.width, "results": results})
 
 
 if __name__ == "__main__":

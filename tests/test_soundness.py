@@ -70,9 +70,8 @@ def _sample(spec, x):
     return points
 
 
-@given(net=networks(), data=st.data())
-def test_sampled_points_stay_inside_bounds_at_every_layer(net, data):
-    bm, x, y, specs, stats = _setup(net, data)
+def check_sampled_points(bm, x, y, specs, stats):
+    """Sampled points of every input set stay inside the bounds at every layer and the margins."""
     out = bm.propagate(x, specs, y)
     for k, spec in enumerate(specs):
         points = _sample(spec, x)
@@ -83,11 +82,12 @@ def test_sampled_points_stay_inside_bounds_at_every_layer(net, data):
         _assert_inside(_true_margins(logits, y), out.margins[k], torch.full_like(logits, float("inf")), f"{spec} margins")
 
 
-@given(net=networks(), data=st.data())
-def test_pgd_extremes_stay_inside_bounds(net, data):
-    bm, x, y, specs, stats = _setup(net, data)
+def check_pgd_extremes(bm, x, y, specs, stats, steps=15, every_relu=True):
+    """PGD inside each input set, maximizing and minimizing a random neuron (at every ReLU when
+    ``every_relu``, and at the output), and minimizing a random margin, never crosses a bound."""
     out = bm.propagate(x, specs, y)
-    watched = [i for i, m in enumerate(bm._layers) if isinstance(m, torch.nn.ReLU)] + [len(bm._layers) - 1]
+    last = len(bm._layers) - 1
+    watched = [i for i, m in enumerate(bm._layers) if every_relu and isinstance(m, torch.nn.ReLU)] + [last]
     for k, spec in enumerate(specs):
         bounds = out.layer_bounds(k)
         for i in watched:
@@ -95,25 +95,39 @@ def test_pgd_extremes_stay_inside_bounds(net, data):
             neuron = torch.randint(0, lower.shape[1], (x.shape[0], 1))
             value = lambda p: run_layers(bm._layers[: i + 1], p, stats)[-1].flatten(1).gather(1, neuron)[:, 0]  # noqa: E731
             for sign in (1.0, -1.0):
-                point = attacks.pgd(lambda p: sign * value(p), x, spec, steps=15)
+                point = attacks.pgd(lambda p: sign * value(p), x, spec, steps=steps)
                 assert contains(spec, x, point, tol=1e-9).all()
                 _assert_inside(value(point), lower.gather(1, neuron)[:, 0], upper.gather(1, neuron)[:, 0],
                                f"{spec} PGD on layer {bm.layer_names[i]}")
         other = torch.randint(0, out.logits.shape[1], (x.shape[0], 1))
         margin = lambda p: _true_margins(run_layers(bm._layers, p, stats)[-1], y).gather(1, other)[:, 0]  # noqa: E731
-        point = attacks.pgd(lambda p: -margin(p), x, spec, steps=15)
+        point = attacks.pgd(lambda p: -margin(p), x, spec, steps=steps)
         bound = out.margins[k].gather(1, other)[:, 0]
         assert (margin(point) >= bound - _tol(bound)).all(), f"{spec}: PGD crossed the certified margin"
 
 
-@given(net=networks(), data=st.data())
-def test_margins_never_looser_than_logit_bound_differences(net, data):
-    bm, x, y, specs, _ = _setup(net, data)
+def check_margins_vs_logit_differences(bm, x, y, specs):
+    """Folded margins are never looser than differences of logit bounds, and 0 at the label."""
     out = bm.propagate(x, specs, y)
     for (lower, upper), margins in zip(out.bounds, out.margins):
         naive = lower.gather(1, y[:, None]) - upper
         assert (margins >= naive - _tol(naive)).all()
         assert (margins.gather(1, y[:, None]) == 0).all()
+
+
+@given(net=networks(), data=st.data())
+def test_sampled_points_stay_inside_bounds_at_every_layer(net, data):
+    check_sampled_points(*_setup(net, data))
+
+
+@given(net=networks(), data=st.data())
+def test_pgd_extremes_stay_inside_bounds(net, data):
+    check_pgd_extremes(*_setup(net, data))
+
+
+@given(net=networks(), data=st.data())
+def test_margins_never_looser_than_logit_bound_differences(net, data):
+    check_margins_vs_logit_differences(*_setup(net, data)[:4])
 
 
 @pytest.mark.parametrize("train", [False, True])

@@ -18,12 +18,12 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import cure_fast  # noqa: E402
-from cure_fast import BoundedModule, L2Ball, LinfBall, attacks, backends, kernels, models  # noqa: E402
+from cure_fast import BoundedModule, L2Ball, LinfBall, backends, kernels, models  # noqa: E402
 from cure_fast import functional as BF  # noqa: E402
 from cure_fast.kernels import _common, affine, elementwise, margins  # noqa: E402
-from cure_fast.specs import contains  # noqa: E402
-from netgen import networks, run_layers  # noqa: E402
-from test_soundness import _assert_inside, _sample, _setup, _tol, _true_margins  # noqa: E402
+from netgen import networks  # noqa: E402
+from test_soundness import (_setup, check_margins_vs_logit_differences, check_pgd_extremes,  # noqa: E402
+                            check_sampled_points)
 
 DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = [pytest.mark.gpu] if CUDA else []
@@ -217,41 +217,16 @@ def _triton_setup(net, data):
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(net=networks(), data=st.data())
 def test_sampled_points_stay_inside_triton_bounds_at_every_layer(net, data):
-    bm, x, y, specs, stats = _triton_setup(net, data)
-    out = bm.propagate(x, specs, y)
-    for k, spec in enumerate(specs):
-        points = _sample(spec, x)
-        outputs = run_layers(bm._layers, points.flatten(0, 1), stats)
-        for name, value, (lower, upper) in zip(bm.layer_names, outputs, out.layer_bounds(k)):
-            _assert_inside(value.view(points.shape[:2] + value.shape[1:]), lower, upper, f"{spec} layer {name}")
-        logits = outputs[-1].view(points.shape[:2] + outputs[-1].shape[1:])
-        _assert_inside(_true_margins(logits, y), out.margins[k], torch.full_like(logits, float("inf")),
-                       f"{spec} margins")
+    check_sampled_points(*_triton_setup(net, data))
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(net=networks(), data=st.data())
 def test_pgd_extremes_stay_inside_triton_bounds(net, data):
-    bm, x, y, specs, stats = _triton_setup(net, data)
-    out = bm.propagate(x, specs, y)
-    bounds_of = [out.layer_bounds(k) for k in range(len(specs))]
-    last = len(bm._layers) - 1
-    for k, spec in enumerate(specs):
-        lower, upper = (b.flatten(1) for b in bounds_of[k][last])
-        neuron = torch.randint(0, lower.shape[1], (x.shape[0], 1))
-        value = lambda p: run_layers(bm._layers, p, stats)[-1].flatten(1).gather(1, neuron)[:, 0]  # noqa: E731
-        for sign in (1.0, -1.0):
-            point = attacks.pgd(lambda p: sign * value(p), x, spec, steps=10)
-            assert contains(spec, x, point, tol=1e-9).all()
-            _assert_inside(value(point), lower.gather(1, neuron)[:, 0], upper.gather(1, neuron)[:, 0], f"{spec} PGD")
+    check_pgd_extremes(*_triton_setup(net, data), steps=10, every_relu=False)
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(net=networks(), data=st.data())
 def test_triton_margins_never_looser_than_logit_bound_differences(net, data):
-    bm, x, y, specs, _ = _triton_setup(net, data)
-    out = bm.propagate(x, specs, y)
-    for (lower, upper), m in zip(out.bounds, out.margins):
-        naive = lower.gather(1, y[:, None]) - upper
-        assert (m >= naive - _tol(naive)).all()
-        assert (m.gather(1, y[:, None]) == 0).all()
+    check_margins_vs_logit_differences(*_triton_setup(net, data)[:4])
