@@ -463,24 +463,23 @@ def _moments_setup(ctx, inputs, output):
 
 def _moments_grad(ctx, g_mean, g_var):
     x, mean = ctx.saved_tensors
-    head = x[:ctx.rows]
-    count = head.numel() // max(x.shape[1], 1)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    g = torch.zeros_like(head, dtype=mean.dtype)
-    if g_mean is not None:
-        g = g + (g_mean / count).view(shape)
-    if g_var is not None:
-        g = g + (2 * g_var / count).view(shape) * (head.to(mean.dtype) - mean.view(shape))
-    return torch.cat([g.to(x.dtype), x.new_zeros((x.shape[0] - ctx.rows,) + x.shape[1:])]), None
+    head = reference.batch_norm_stats_grad(x[:ctx.rows], mean, g_mean, g_var)
+    return torch.cat([head, x.new_zeros((x.shape[0] - ctx.rows,) + x.shape[1:])]), None
 
 
 _channel_moments.register_autograd(_moments_grad, setup_context=_moments_setup)
 
 
-def batch_norm_stats(x: Tensor, rows: int) -> Tuple[Tensor, Tensor]:
+def channel_moments(x: Tensor, rows: int) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of the first ``rows`` rows of x (N, C, *), the natural
     stream: train-mode BatchNorm statistics, in float32 (float64 for float64), differentiable."""
     return _channel_moments(x.contiguous(), int(rows))
+
+
+def batch_norm_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x (N, C, *) in x's dtype (see :func:`channel_moments`)."""
+    mean, var = channel_moments(x, x.shape[0])
+    return mean.to(x.dtype), var.to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +494,7 @@ _IMPLEMENTATIONS = {
     "l2_conv2d": l2_conv2d,
     "margins_linear": margins_linear,
     "l2_margins_linear": l2_margins_linear,
+    "batch_norm_stats": batch_norm_stats,
 }
 
 

@@ -50,19 +50,19 @@ def _check_layer(position: str, module: nn.Module) -> None:
         raise ValueError(f"layer {position} ({module}): Flatten must keep the batch dimension (start_dim >= 1)")
 
 
-def _channel_affine(module: nn.Module, natural: Tensor) -> Tuple[Tensor, Tensor]:
+def _channel_affine(module: nn.Module, natural: Tensor, backend: Optional[str]) -> Tuple[Tensor, Tensor]:
     """``(scale, shift)`` of a per-channel affine layer, each (C,); train-mode BatchNorm takes the
-    statistics of the natural stream and updates its running statistics once, as ``module(x)`` would."""
+    statistics of the natural stream (on ``backend``) and updates its running statistics once, as
+    ``module(x)`` would."""
     if isinstance(module, Normalize):
         return module.channel_affine(natural)
     bn = module
     if bn.training or bn.running_mean is None:
-        dims = [0] + list(range(2, natural.dim()))
         count = natural.numel() // natural.shape[1]
         if bn.training and count <= 1:
             raise ValueError(f"{bn}: expected more than 1 value per channel when training, got input of "
                              f"shape {tuple(natural.shape)}")
-        var, mean = torch.var_mean(natural, dims, correction=0)
+        mean, var = BF.batch_norm_stats(natural, backend=backend)
         if bn.training and bn.track_running_stats:
             _update_running_stats(bn, mean.detach(), var.detach() * count / (count - 1))
     else:
@@ -403,7 +403,7 @@ class BoundedModule(nn.Module):
         _check_input_shape(self.layer_names[i], layers[0], s.c)
         affine_layer = isinstance(layers[0], (nn.Linear, nn.Conv2d))
         norm = [m for m in layers if isinstance(m, (Normalize,) + _BATCHNORM)]
-        affine = _channel_affine(norm[0], s.natural()) if norm else None
+        affine = _channel_affine(norm[0], s.natural(), self.backend) if norm else None
 
         def through(k: int) -> _Streams:
             """The streams after the group's first k layers."""
@@ -432,7 +432,7 @@ class BoundedModule(nn.Module):
                 balls[k] = _intersect(ball, out.block(k)) if k in out.order else ball
             return out.resolved(n_specs, balls), None
         if isinstance(module, (Normalize,) + _BATCHNORM):
-            scale, shift = _channel_affine(module, s.natural())
+            scale, shift = _channel_affine(module, s.natural(), backend)
             c, r = BF.interval_affine(s.c, s.r, scale, shift, backend=backend)
             axes = s.scale
             if s.balls:

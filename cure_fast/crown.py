@@ -207,7 +207,7 @@ def _operator(module: nn.Module, h: Tensor) -> Optional[Operator]:
     if isinstance(module, nn.Conv2d):
         return _Conv(module, h.shape[1:])
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, Normalize)):
-        return _ChannelAffine(*_channel_affine(module, h))
+        return _ChannelAffine(*_channel_affine(module, h, "torch"))
     if isinstance(module, nn.AvgPool2d):
         return _Pool(module, h.shape[1:])
     return _Shape(module, h.shape[1:])

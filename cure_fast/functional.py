@@ -30,6 +30,7 @@ _IMPLS: Dict[str, Dict[str, Callable]] = {
     "l2_conv2d": {"torch": reference.l2_conv2d_ref},
     "margins_linear": {"torch": reference.margins_linear_ref},
     "l2_margins_linear": {"torch": reference.l2_margins_linear_ref},
+    "batch_norm_stats": {"torch": reference.batch_norm_stats_ref},
 }
 
 
@@ -205,6 +206,16 @@ def interval_affine(c: Tensor, r: Tensor, scale: Tensor, shift: Tensor, *, relu:
         return interval_relu(*out, backend=name) if relu else out
 
     return _dispatch("interval_affine", backend, c, call, (c, r, scale, shift, relu))
+
+
+def batch_norm_stats(x: Tensor, *, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Train-mode BatchNorm statistics: per-channel mean and biased variance of x (N, C, *) over
+    every dim but 1 (BoundedModule passes the natural stream) -> (C,), (C,); differentiable."""
+    if not x.is_floating_point():
+        raise TypeError(f"batch_norm_stats: x must be a floating tensor, got {x.dtype}")
+    if x.dim() < 2 or x.numel() == 0:
+        raise ValueError(f"batch_norm_stats: expected a non-empty (N, C, *) input, got shape {tuple(x.shape)}")
+    return _dispatch("batch_norm_stats", backend, x, lambda name: _IMPLS["batch_norm_stats"][name](x), (x,))
 
 
 def _check_l2(op: str, x: Tensor, eps: Union[float, Tensor], scale: Optional[Tensor] = None) -> None:

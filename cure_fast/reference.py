@@ -44,6 +44,25 @@ def interval_affine_ref(c: Tensor, r: Tensor, scale: Tensor, shift: Tensor) -> I
     return c * scale.view(shape) + shift.view(shape), r * scale.abs().view(shape)
 
 
+def batch_norm_stats_ref(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x (N, C, *) over every dim but 1 -> (C,), (C,)."""
+    var, mean = torch.var_mean(x, [0] + list(range(2, x.dim())), correction=0)
+    return mean, var
+
+
+def batch_norm_stats_grad(x: Tensor, mean: Tensor, grad_mean: Optional[Tensor],
+                          grad_var: Optional[Tensor]) -> Tensor:
+    """Gradient w.r.t. x (N, C, *) of (mean, biased var) per channel, given theirs (C,) or None."""
+    count = x.numel() // max(x.shape[1], 1)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    grad = torch.zeros_like(x, dtype=mean.dtype)
+    if grad_mean is not None:
+        grad = grad + (grad_mean / count).view(shape)
+    if grad_var is not None:
+        grad = grad + (2 * grad_var / count).view(shape) * (x.to(mean.dtype) - mean.view(shape))
+    return grad.to(x.dtype)
+
+
 def _safe_sqrt(x: Tensor) -> Tensor:
     """``sqrt(x)`` for x >= 0 whose gradient at 0 is 0 instead of inf."""
     positive = x > 0

@@ -7,12 +7,12 @@ function), and each public function registers itself with :mod:`cure_fast.functi
 
 - :mod:`.affine`: ``interval_linear``, ``interval_conv2d`` (implicit GEMM, fused BatchNorm / ReLU
   epilogue), ``l2_linear``, ``l2_conv2d`` (the first layer under an l2 ball).
-- :mod:`.elementwise`: ``interval_relu``, ``interval_affine`` (+ ReLU).
+- :mod:`.elementwise`: ``interval_relu``, ``interval_affine`` (+ ReLU), ``batch_norm_stats``.
 - :mod:`.margins`: ``margins_linear``, ``l2_margins_linear``.
 """
 from .affine import interval_conv2d, interval_linear, l2_conv2d, l2_linear
-from .elementwise import interval_affine, interval_relu
+from .elementwise import batch_norm_stats, interval_affine, interval_relu
 from .margins import l2_margins_linear, margins_linear
 
 __all__ = ["interval_linear", "interval_conv2d", "l2_linear", "l2_conv2d", "interval_relu", "interval_affine",
-           "margins_linear", "l2_margins_linear"]
+           "margins_linear", "l2_margins_linear", "batch_norm_stats"]

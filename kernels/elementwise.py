@@ -1,6 +1,7 @@
-"""Elementwise interval ops: the interval ReLU, and the per-channel affine of Normalize / BatchNorm
-with the ReLU after it fused in. One pass each way; the affine's backward reduces the gradients
-of the scale and the shift per channel in the same pass that writes the input gradients."""
+"""Elementwise interval ops and their reductions: the interval ReLU, the per-channel affine of
+Normalize / BatchNorm with the ReLU after it fused in (one pass each way; the backward reduces the
+gradients of the scale and the shift per channel in the pass that writes the input gradients), and
+the train-mode BatchNorm statistics of the natural stream (one pass)."""
 
 import math
 from typing import Tuple
@@ -10,6 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from cure_fast import reference
 from cure_fast.functional import register
 
 from ._common import (acc_dtype, check_inputs, empty, interval_relu_grad, launch, library_op, load,
@@ -94,6 +96,30 @@ def _channel_affine_grad_kernel(c_ptr, r_ptr, c_out_ptr, r_out_ptr, gc_ptr, gr_p
     tl.store(dt_ptr + split * C + channel, tl.sum(acc_t, axis=0))
 
 
+@triton.jit
+def _moments_kernel(x_ptr, shift_ptr, sum_ptr, sq_ptr, N, C, inner, chunk, FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """Sums of (x - shift) and (x - shift)^2 over one channel's rows [split * chunk, (split + 1) * chunk);
+    grid (channels, splits). The shift (a value of the channel) keeps the squares from cancelling."""
+    channel = tl.program_id(0)
+    split = tl.program_id(1)
+    k = load(shift_ptr + channel, True, FP64)
+    if FP64:
+        acc = tl.zeros([BLOCK], dtype=tl.float64)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_sq = tl.zeros_like(acc)
+    end = tl.minimum(N, split * chunk + chunk) * inner
+    for f0 in range(split * chunk * inner, end, BLOCK):
+        f = f0 + tl.arange(0, BLOCK)  # [BLOCK] (row, position) pairs of the channel
+        ok = f < end
+        e = (f // inner * C + channel).to(tl.int64) * inner + f % inner
+        v = tl.where(ok, load(x_ptr + e, ok, FP64) - k, 0.0)
+        acc += v
+        acc_sq += v * v
+    tl.store(sum_ptr + split * C + channel, tl.sum(acc, axis=0))
+    tl.store(sq_ptr + split * C + channel, tl.sum(acc_sq, axis=0))
+
+
 def _flat_grid(numel: int):
     return (triton.cdiv(numel, BLOCK),)
 
@@ -157,6 +183,26 @@ def _channel_affine_grad(c: Tensor, r: Tensor, c_out: Tensor, r_out: Tensor, gc:
     return dc, dr, ds.sum(0).to(scale.dtype), dt.sum(0).to(scale.dtype)
 
 
+def _moments_outputs(x):
+    return tuple(empty((x.shape[1],), x, acc_dtype(x.dtype)) for _ in range(2))
+
+
+@library_op("triton_batch_norm_stats", _moments_outputs)
+def _moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """(mean, biased variance) per channel of x (N, C, *), in float32 (float64 for float64)."""
+    x = x.contiguous()
+    n, channels, inner = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    shift = x.view(n, channels, inner)[0, :, 0].contiguous()
+    split = splits(x.numel(), channels, x.device)
+    sums, squares = (empty((split, channels), x, acc_dtype(x.dtype)) for _ in range(2))
+    launch(_moments_kernel)[(channels, split)](
+        x, shift, sums, squares, n, channels, inner, triton.cdiv(n, split), FP64=x.dtype == torch.float64,
+        BLOCK=min(BLOCK, max(16, triton.next_power_of_2(triton.cdiv(n, split) * inner))))
+    count = n * inner
+    centred = sums.sum(0) / count
+    return shift.to(centred.dtype) + centred, (squares.sum(0) / count - centred.square()).clamp_min(0)
+
+
 class _IntervalReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c, r):
@@ -182,6 +228,19 @@ class _ChannelAffine(torch.autograd.Function):
         return (*_channel_affine_grad(c, r, c_out, r_out, gc, gr, scale, ctx.relu), None)
 
 
+class _BatchNormStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        mean, var = _moments(x)
+        ctx.save_for_backward(x, mean)
+        return mean.to(x.dtype), var.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        x, mean = ctx.saved_tensors
+        return reference.batch_norm_stats_grad(x, mean, grad_mean, grad_var)
+
+
 @register("interval_relu", "triton")
 def interval_relu(c: Tensor, r: Tensor) -> Tuple[Tensor, Tensor]:
     """Interval ReLU ``l' = relu(c - r)``, ``u' = relu(c + r)`` in centre–radius form; c (N, *),
@@ -198,3 +257,12 @@ def interval_affine(c: Tensor, r: Tensor, scale: Tensor, shift: Tensor, *, relu:
     check_inputs("interval_affine", c, r, scale, shift)
     return _ChannelAffine.apply(c, r, scale, shift, relu)
 
+
+
+@register("batch_norm_stats", "triton")
+def batch_norm_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Train-mode BatchNorm statistics: per-channel mean and biased variance of x (N, C, *) over
+    every dim but 1, in one pass (accumulated in fp32, fp64 for fp64, around a shift taken from
+    the channel) -> (C,), (C,) in x's dtype."""
+    check_inputs("batch_norm_stats", x)
+    return _BatchNormStats.apply(x)

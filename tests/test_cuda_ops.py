@@ -189,7 +189,7 @@ def test_l2_margins_and_linear(dtype, per_sample, scaled):
 @pytest.mark.parametrize("shape,rows", [((6, 5), 2), ((9, 3, 4, 4), 3), ((4, 70, 2, 2), 4)], ids=str)
 def test_batch_norm_stats(shape, rows):
     x = _rand(shape, torch.float32, 0)
-    mean, var = _cuda.batch_norm_stats(x, rows)
+    mean, var = _cuda.channel_moments(x, rows)
     dims = [0] + list(range(2, x.dim()))
     torch.testing.assert_close(mean, x[:rows].mean(dims))
     torch.testing.assert_close(var, x[:rows].var(dims, unbiased=False))

@@ -252,6 +252,11 @@ FUNCTIONAL_ERRORS = {
                           r"l2_margins_linear: labels must be integers of shape \(3,\)"),
     "l2-margins-features": (lambda: BF.l2_margins_linear(_t(3, 6), 0.1, W, None, LABELS), ValueError,
                             r"l2_margins_linear: the weight expects 4 input features, the input has 6"),
+    "bn-stats-integer": (lambda: BF.batch_norm_stats(C4.long()), TypeError, r"batch_norm_stats: x must be a floating"),
+    "bn-stats-1d": (lambda: BF.batch_norm_stats(_t(5)), ValueError,
+                    r"batch_norm_stats: expected a non-empty \(N, C, \*\) input, got shape \(5,\)"),
+    "bn-stats-empty": (lambda: BF.batch_norm_stats(_t(0, 3)), ValueError,
+                       r"batch_norm_stats: expected a non-empty .* got shape \(0, 3\)"),
 }
 
 

@@ -441,6 +441,7 @@ def _gradcheck_cases():
                            (x, x[1:].abs(), w, b)),
         "l2_margins_linear": (lambda x, e, w, b, s: BF.l2_margins_linear(x, e, w, b, labels, s, backend="torch"),
                               (x, eps, w, b, _rand(gen, 3, 4, low=0.5))),
+        "batch_norm_stats": (lambda x: BF.batch_norm_stats(x, backend="torch"), (img,)),
     }
 
 
@@ -474,6 +475,7 @@ def _dispatch_calls():
         "l2_conv2d": lambda **kw: BF.l2_conv2d(img, 0.3, cw, None, **kw),
         "margins_linear": lambda **kw: BF.margins_linear(x, x.abs(), w, None, labels, **kw),
         "l2_margins_linear": lambda **kw: BF.l2_margins_linear(x, 0.3, w, None, labels, **kw),
+        "batch_norm_stats": lambda **kw: BF.batch_norm_stats(img, **kw),
     }
 
 

@@ -90,6 +90,8 @@ def test_elementwise_kernels_compile(dtype):
         _compile(elementwise._channel_affine_kernel, dtype, RELU=relu, FP64=fp64, BLOCK=elementwise.BLOCK)
         _compile(elementwise._channel_affine_grad_kernel, dtype, acc="fp64" if fp64 else "fp32",
                  pointers=("ds_ptr", "dt_ptr"), RELU=relu, FP64=fp64, BLOCK=256)
+    _compile(elementwise._moments_kernel, dtype, acc="fp64" if fp64 else "fp32", pointers=("sum_ptr", "sq_ptr"),
+             FP64=fp64, BLOCK=256)
 
 
 @pytest.mark.parametrize("dtype,l2,bias", [("fp32", False, True), ("fp32", True, False), ("fp64", True, True),

@@ -206,6 +206,16 @@ def test_interval_affine(shape, relu, dtype):
           (c, r, scale, shift), (dtype, "ieee"), shape)
 
 
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES if CUDA else [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,offset", [((7, 3), 0.0), ((5, 4, 3, 5), 0.0), ((6, 2, 9, 7), 100.0), ((1, 3, 2, 2), 0.0)],
+                         ids=str)
+def test_batch_norm_stats(shape, offset, dtype):
+    """Train-mode BatchNorm statistics, split over rows; an offset far from 0 checks the shifted sums."""
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    x = _rand(gen, shape[0] * SCALE, *shape[1:]) + offset
+    check(lambda x, **kw: BF.batch_norm_stats(x, backend=kw["backend"]), (x,), (dtype, "ieee"), str(shape))
+
+
 # ---------------------------------------------------------------- l2 first layer
 
 @pytest.mark.parametrize("mode", MODES, ids=_mode_id)
