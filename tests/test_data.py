@@ -1,7 +1,6 @@
 """Data layer: loaders on small fake copies of each format, augmentation, sharded batching."""
 import gzip
 import importlib.util
-import os
 import pickle
 import struct
 
