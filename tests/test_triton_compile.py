@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for the GPU (sm_80 and sm_90, down to the cubin) with the flag and
-dtype combinations its launcher uses. Triton's compiler and ptxas run on the CPU, so this catches
+dtype combinations its launcher uses, within the shared memory of the architecture. Triton's compiler and ptxas run on the CPU, so this catches
 what the interpreter lets through (it runs kernels as plain Python) without a GPU."""
 import os
 
@@ -15,6 +15,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from cure_fast.kernels import affine, elementwise, margins  # noqa: E402
 
 TYPES = {"fp32": "fp32", "fp64": "fp64", "fp16": "fp16", "bf16": "bf16"}
+# Shared memory a block may use (bytes): A100 (sm_80) and H100 (sm_90). A kernel above it fails to launch.
+SHARED_MEMORY = {80: 163 * 1024, 90: 227 * 1024}
 
 
 def _compile(kernel, dtype, arch=90, acc=None, pointers=None, **constexprs):
@@ -39,6 +41,8 @@ def _compile(kernel, dtype, arch=90, acc=None, pointers=None, **constexprs):
     compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", arch, 32))
     assert compiled.asm["cubin"]
+    assert compiled.metadata.shared <= SHARED_MEMORY[arch], \
+        f"{jit.__name__} needs {compiled.metadata.shared} bytes of shared memory, sm_{arch} has {SHARED_MEMORY[arch]}"
 
 
 def _precision(dtype, precision="ieee"):
