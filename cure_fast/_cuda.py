@@ -322,42 +322,59 @@ def _margins_setup(ctx, inputs, output):
     ctx.save_for_backward(c, r, weight, bias, labels, eps)
 
 
-def _margins_grad(ctx, g):
-    """Gradients of m[n, j] = (W_y - W_j) c_n + b_y - b_j - e_n f(D_nj, r) with D_nj = W_y - W_j,
-    f = |D| . r (interval) or sqrt(D^2 . s2) (l2), as batched torch ops."""
-    c, r, weight, bias, labels, eps = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    g = g.contiguous()
-    n_points = 0 if ctx.l2 else c.shape[0] - r.shape[0]
+def _label_blocks(values: Tensor, labels: Tensor, classes: int) -> Tensor:
+    """(R, K) values -> (R, K * K): row i holds its values in block ``labels[i]``, zeros elsewhere,
+    so that ``blocks @ table.view(K * K, F)`` applies the (K, F) slice ``table[labels[i]]`` to row i."""
+    out = values.new_zeros((values.shape[0], classes, classes))
+    out[torch.arange(values.shape[0], device=values.device), labels] = values
+    return out.view(values.shape[0], classes * classes)
+
+
+def margins_grad(g: Tensor, c: Tensor, r: Tensor, weight: Tensor, labels: Tensor, eps: Optional[Tensor], l2: bool,
+                 needs: Tuple[bool, bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
+    """Gradients (c, r, weight, bias) of ``m[n, j] = D_nj · c_n + b_y - b_j - e_n f(D_nj, r)``,
+    ``D_nj = W_y - W_j``, ``f = |D| · r`` (interval: r holds the radii of c's last rows) or
+    ``sqrt(D² · s2)`` (l2: r holds the squared scales, one row or one per row), given g = dL/dm (N, K).
+
+    Every radius term goes through the (K, K, F) tables ``W_y - W_j`` indexed by label, so the
+    work is GEMMs of the rows against those tables, and no (rows, K, F) tensor is formed.
+    """
+    classes = weight.shape[0]
+    n_points = 0 if l2 else c.shape[0] - r.shape[0]
     g_sum = g.sum(1, keepdim=True)
-    d_c = g_sum * weight[labels] - g @ weight if need[0] else None
-    d_w = torch.index_add(-(g.t() @ c), 0, labels, g_sum * c) if need[2] else None
-    d_b = torch.index_add(-g.sum(0), 0, labels, g_sum[:, 0]) if bias is not None and need[3] else None
-    d_r = None
-    rows = labels[n_points:]
-    if r.shape[0] and (need[1] or need[2]):
-        g_r = g[n_points:]
-        diff = weight[rows][:, None, :] - weight[None]  # (R, K, F)
-        if ctx.l2:
-            e = eps[:, None] if eps is not None else g_r.new_ones(())
-            s2 = r.expand(g_r.shape[0], -1)
-            spread = (diff.square() * s2[:, None, :]).sum(2)
-            positive = spread > 0
-            h = torch.where(positive, -g_r * e / torch.where(positive, spread, 1).sqrt(), 0)  # d m / d spread^2 * 2
-            if need[1]:
-                d_r = 0.5 * torch.einsum("rk,rkf->rf", h, diff.square())
-                d_r = d_r.sum(0, keepdim=True) if r.shape[0] == 1 else d_r
-            grad_diff = h[:, :, None] * diff * s2[:, None, :]
-        else:
-            if need[1]:
-                d_r = -torch.einsum("rk,rkf->rf", g_r, diff.abs())
-            grad_diff = -g_r[:, :, None] * diff.sign() * r[:, None, :]
-        if need[2]:
-            d_w = d_w - grad_diff.sum(0)
-            d_w = torch.index_add(d_w, 0, rows, grad_diff.sum(1))
-    elif need[1]:
-        d_r = torch.zeros_like(r)
-    return d_c, d_r, d_w, d_b, None, None, None
+    d_c = g_sum * weight[labels] - g @ weight if needs[0] else None
+    d_w = torch.index_add(-(g.t() @ c), 0, labels, g_sum * c) if needs[2] else None
+    d_b = torch.index_add(-g.sum(0), 0, labels, g_sum[:, 0]) if needs[3] else None
+    rows, g_r = labels[n_points:], g[n_points:]
+    if not r.shape[0] or not (needs[1] or needs[2]):
+        return d_c, torch.zeros_like(r) if needs[1] else None, d_w, d_b
+    diff = (weight[:, None, :] - weight[None]).reshape(classes * classes, -1)  # [y * K + j] = W_y - W_j
+    if l2:
+        squares = diff.square()
+        spread = (r @ squares.t()).view(r.shape[0], classes, classes)  # (1 or R, K, K)
+        spread = spread[0, rows] if r.shape[0] == 1 else spread[torch.arange(rows.shape[0], device=g.device), rows]
+        e = eps[:, None] if eps is not None else g_r.new_ones(())
+        positive = spread > 0
+        coeff = torch.where(positive, -g_r * e / torch.where(positive, spread, 1).sqrt(), 0)  # 2 d m / d spread
+        blocks = _label_blocks(coeff, rows, classes)
+        d_r = 0.5 * (blocks @ squares) if needs[1] else None
+        if d_r is not None and r.shape[0] == 1:
+            d_r = d_r.sum(0, keepdim=True)
+        table = diff * (blocks.t() @ r.expand(rows.shape[0], -1))  # sum over rows of each label
+    else:
+        blocks = _label_blocks(g_r, rows, classes)
+        d_r = -(blocks @ diff.abs()) if needs[1] else None
+        table = -diff.sign() * (blocks.t() @ r)
+    if needs[2]:
+        table = table.view(classes, classes, -1)  # [y, j]: summed over the rows of label y
+        d_w = d_w - table.sum(0) + table.sum(1)
+    return d_c, d_r, d_w, d_b
+
+
+def _margins_grad(ctx, g):
+    c, r, weight, bias, labels, eps = ctx.saved_tensors
+    needs = tuple(ctx.needs_input_grad[:3]) + (bias is not None and ctx.needs_input_grad[3],)
+    return (*margins_grad(g.contiguous(), c, r, weight, labels, eps, ctx.l2, needs), None, None, None)
 
 
 _margins.register_autograd(_margins_grad, setup_context=_margins_setup)
