@@ -119,6 +119,52 @@ struct GemmParams {
 template <typename T>
 void interval_gemm_cuda(const GemmParams<T>& p, MathMode mode, cudaStream_t stream);
 
+// A 2-d convolution over contiguous NCHW tensors: input (batch, channels, height, width), weight
+// (out_channels, channels, kernel_h, kernel_w), output (batch, out_channels, out_height, out_width)
+// with out_height = (height + 2 pad_h - dil_h (kernel_h - 1) - 1) / stride_h + 1 (likewise the
+// width; the bindings check it). groups == 1. Radii (r, grad_r) hold the LAST radius_rows samples.
+struct ConvGeometry {
+  int64_t batch = 0, channels = 0, height = 0, width = 0;
+  int64_t out_channels = 0, out_height = 0, out_width = 0;
+  int64_t kernel_h = 1, kernel_w = 1;
+  int64_t stride_h = 1, stride_w = 1, pad_h = 0, pad_w = 0, dil_h = 1, dil_w = 1;
+};
+
+// Interval conv2d forward as one implicit GEMM: acc1 = conv(c, W) over the batch samples of c,
+// acc2 = conv(r, |W|) over the last radius_rows samples (r holds their radii), then the epilogue of
+// GemmParams (bias, scale, shift, interval ReLU; points: relu) with NCHW outputs out_c
+// (batch, O, P, Q), out_r (radius_rows, O, P, Q); pre_c / pre_r (optional) get acc1 / acc2.
+template <typename T>
+void interval_conv2d_forward_cuda(const ConvGeometry& g, int64_t radius_rows, const T* c, const T* r,
+                                  const T* weight, const T* bias, const T* scale, const T* shift, bool relu,
+                                  T* out_c, T* out_r, T* pre_c, T* pre_r, MathMode mode, cudaStream_t stream);
+
+// The first conv layer under an l2 ellipsoid, one pass over the weight: centre = conv(x, W) + bias
+// (batch samples) and, for the last radius_rows samples j = n - (batch - radius_rows),
+// radius[j] = eps[j] * sqrt(conv(s2, W^2)) (eps null: 1). s2 holds the squared scale: one image
+// for every sample (s2_shared) or one per sample (then radius_rows == batch).
+template <typename T>
+void l2_conv2d_forward_cuda(const ConvGeometry& g, int64_t radius_rows, const T* x, const T* s2, bool s2_shared,
+                            const T* weight, const T* bias, const T* eps, T* centre, T* radius, MathMode mode,
+                            cudaStream_t stream);
+
+// Input gradient of the interval conv2d: d_c = conv_transpose(grad_c, W) (batch samples),
+// d_r = conv_transpose(grad_r, |W|) (the last radius_rows samples). grad (_, O, P, Q) -> (_, C, H, W).
+template <typename T>
+void interval_conv2d_grad_input_cuda(const ConvGeometry& g, int64_t radius_rows, const T* grad_c,
+                                     const T* grad_r, const T* weight, T* d_c, T* d_r, MathMode mode,
+                                     cudaStream_t stream);
+
+// Weight gradient of the interval conv2d in one GEMM: d_w = sum_n grad_c ⋆ c + sign(W) ⊙ sum_n grad_r ⋆ r.
+// The reduction over the batch pixels is split over conv_grad_weight_splits(g, sm_count) blocks in
+// z; with more than one split, workspace holds splits * O * C * KH * KW values of the compute type
+// (float, double for double) and a second kernel sums them into d_w.
+int64_t conv_grad_weight_splits(const ConvGeometry& g, int sm_count);
+template <typename T, typename A>
+void interval_conv2d_grad_weight_cuda(const ConvGeometry& g, int64_t radius_rows, const T* grad_c, const T* grad_r,
+                                      const T* c, const T* r, const T* weight, T* d_w, A* workspace, int sm_count,
+                                      MathMode mode, cudaStream_t stream);
+
 // Per-channel epilogue on tensors viewed as (rows, channels, inner), contiguous:
 //   z_c = (xc + bias) * scale + shift, z_r = xr * |scale|, then the interval ReLU when relu.
 // xc, out_c: n_rows rows; xr, out_r: m_rows <= n_rows rows (the last ones). The inputs may have

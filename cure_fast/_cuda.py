@@ -11,21 +11,23 @@ cores in their own type.
 """
 import functools
 import importlib
-from typing import List, Optional, Tuple, Union
+from typing import Callable, Dict, Hashable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
+from . import autoselect, reference
 
 _REBUILD = ("rebuild with `CURE_FAST_BUILD_CUDA=1 pip install -e . --no-deps --no-build-isolation` "
             "(CUDA_HOME must point at the CUDA toolkit)")
 
 # Entry points this module needs from the extension; an extension without one of them is stale.
 ENTRY_POINTS = ("interval_relu_forward", "interval_relu_backward", "interval_linear_forward",
-                "interval_linear_grad_input", "interval_linear_grad_weight", "channel_epilogue_forward",
-                "channel_epilogue_backward", "channel_moments", "margins_linear", "l2_row_norms", "set_poison")
+                "interval_linear_grad_input", "interval_linear_grad_weight", "interval_conv2d_forward",
+                "interval_conv2d_grad_input", "interval_conv2d_grad_weight", "l2_conv2d_forward",
+                "channel_epilogue_forward", "channel_epilogue_backward", "channel_moments", "margins_linear",
+                "l2_row_norms", "set_poison")
 
 
 @functools.cache
@@ -266,7 +268,15 @@ def interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
-# Interval conv2d: cuDNN for the two products, then one fused epilogue kernel
+# Interval conv2d: one implicit GEMM (forward, input and weight gradients), or cuDNN for the two
+# products and the fused epilogue kernel after them; method="auto" measures both per shape
+
+_MAX_INDEX = 2 ** 31 - 1  # the implicit GEMM decomposes pixel and tap indices in 32 bits
+CONV_METHODS = ("auto", "implicit_gemm", "cudnn")
+# Per call key: the method "auto" chose, and what it measured ({method: median ms, or why not}).
+_conv_choice: Dict[Hashable, str] = {}
+conv_measurements: Dict[Hashable, Dict[str, object]] = {}
+
 
 def _conv_flags(precision: str):
     """cuDNN TF32 on for ``tf32`` / ``bf16`` (bf16 convolutions run as TF32 here), off for ``ieee``."""
@@ -280,15 +290,133 @@ def _conv_flags(precision: str):
     return _Flags()
 
 
-def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                    stride: Union[int, Tuple[int, int]] = 1, padding: Union[int, Tuple[int, int], str] = 0,
-                    dilation: Union[int, Tuple[int, int]] = 1, groups: int = 1, *, scale: Optional[Tensor] = None,
-                    shift: Optional[Tensor] = None, relu: bool = False,
-                    precision: str = "ieee") -> Tuple[Tensor, Tensor]:
-    """Interval convolution: ``((conv(c, W) + b) * scale + shift, conv(r, |W|) * |scale|)``, then the
-    interval ReLU if ``relu``. The products are cuDNN calls (one grouped call over ``[c; r]`` with
-    ``[W; |W|]`` when every row of c has a radius and groups == 1, else two), the bias / scale /
-    shift / ReLU one fused kernel. c (N, C, H, W), r (M, C, H, W) -> (N, O, P, Q), (M, O, P, Q)."""
+def _pair(value) -> Optional[List[int]]:
+    if isinstance(value, int):
+        return [value, value]
+    value = [int(v) for v in value]
+    return value if len(value) == 2 else None
+
+
+def _conv_out_size(image, weight: Tensor, stride, padding, dilation) -> List[int]:
+    return [(size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip(image, weight.shape[2:], stride, padding, dilation)]
+
+
+def _implicit_geometry(x: Tensor, weight: Tensor, stride, padding, dilation,
+                       groups: int) -> Optional[Tuple[List[int], List[int], List[int]]]:
+    """(stride, padding, dilation) as [height, width] lists for the implicit-GEMM kernels, or None
+    when they cannot run this convolution: groups > 1, padding "same" with an odd kernel span (torch
+    pads the extra pixel at the bottom / right only), a kernel that does not fit the padded input,
+    or pixel / tap counts beyond int32."""
+    stride, dilation = _pair(stride), _pair(dilation)
+    if groups != 1 or stride is None or dilation is None or x.dim() != 4 or weight.dim() != 4:
+        return None
+    spans = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    if padding == "valid":
+        padding = [0, 0]
+    elif padding == "same":
+        if stride != [1, 1] or any(span % 2 for span in spans):
+            return None
+        padding = [span // 2 for span in spans]
+    else:
+        padding = _pair(padding)
+    if padding is None or min(stride + dilation) < 1 or min(padding) < 0:
+        return None
+    image = list(x.shape[2:])
+    out = _conv_out_size(image, weight, stride, padding, dilation)
+    if min(image + out) < 1 or min(weight.shape[1:]) < 1:
+        return None
+    taps = weight.shape[2] * weight.shape[3]
+    if (x.shape[0] * max(image[0] * image[1], out[0] * out[1]) > _MAX_INDEX
+            or max(weight.shape[0], weight.shape[1]) * taps > _MAX_INDEX):
+        return None
+    return stride, padding, dilation
+
+
+@torch.library.custom_op("cure_fast::interval_conv2d_cuda", mutates_args=())
+def _interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                     shift: Optional[Tensor], relu: bool, stride: List[int], padding: List[int], dilation: List[int],
+                     precision: str, save_pre: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return extension().interval_conv2d_forward(c, r, weight, bias, scale, shift, relu, stride, padding, dilation,
+                                               precision, save_pre)
+
+
+@_interval_conv2d.register_fake
+def _(c, r, weight, bias, scale, shift, relu, stride, padding, dilation, precision, save_pre):
+    out = (weight.shape[0], *_conv_out_size(c.shape[2:], weight, stride, padding, dilation))
+    pre_c = c.new_empty((c.shape[0], *out) if save_pre else (0,))
+    pre_r = c.new_empty((r.shape[0], *out) if save_pre else (0,))
+    return c.new_empty((c.shape[0], *out)), c.new_empty((r.shape[0], *out)), pre_c, pre_r
+
+
+@torch.library.custom_op("cure_fast::interval_conv2d_cuda_grad_input", mutates_args=())
+def _conv_grad_input(grad_c: Tensor, grad_r: Tensor, weight: Tensor, input_size: List[int], stride: List[int],
+                     padding: List[int], dilation: List[int], precision: str) -> Tuple[Tensor, Tensor]:
+    return extension().interval_conv2d_grad_input(grad_c.contiguous(), grad_r.contiguous(), weight, input_size,
+                                                  stride, padding, dilation, precision)
+
+
+@_conv_grad_input.register_fake
+def _(grad_c, grad_r, weight, input_size, stride, padding, dilation, precision):
+    return (grad_c.new_empty((grad_c.shape[0], weight.shape[1], *input_size)),
+            grad_c.new_empty((grad_r.shape[0], weight.shape[1], *input_size)))
+
+
+@torch.library.custom_op("cure_fast::interval_conv2d_cuda_grad_weight", mutates_args=())
+def _conv_grad_weight(grad_c: Tensor, grad_r: Tensor, c: Tensor, r: Tensor, weight: Tensor, stride: List[int],
+                      padding: List[int], dilation: List[int], precision: str) -> Tensor:
+    return extension().interval_conv2d_grad_weight(grad_c.contiguous(), grad_r.contiguous(), c, r, weight, stride,
+                                                   padding, dilation, precision)
+
+
+@_conv_grad_weight.register_fake
+def _(grad_c, grad_r, c, r, weight, stride, padding, dilation, precision):
+    return _empty(weight)
+
+
+def _conv_setup(ctx, inputs, output):
+    c, r, weight, bias, scale, shift, relu, stride, padding, dilation, precision, save_pre = inputs
+    ctx.relu, ctx.precision, ctx.has_pre = relu, precision, save_pre
+    ctx.geometry = (stride, padding, dilation)
+    ctx.save_for_backward(c, r, weight, bias, scale, shift, output[2], output[3])
+
+
+def _conv_grad(ctx, grad_c_out, grad_r_out, _grad_pre_c, _grad_pre_r):
+    c, r, weight, bias, scale, shift, pre_c, pre_r = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    out = (weight.shape[0], *_conv_out_size(c.shape[2:], weight, *ctx.geometry))
+    grad_c_out = _zeros_if_none(grad_c_out, c.new_empty((c.shape[0], *out)))
+    grad_r_out = _zeros_if_none(grad_r_out, c.new_empty((r.shape[0], *out)))
+    d_bias = d_scale = d_shift = None
+    if _has_epilogue(scale, shift, ctx.relu):
+        if not ctx.has_pre:  # the accumulators were not kept: recompute them
+            pre_c, pre_r = _interval_conv2d(c, r, weight, None, None, None, False, *ctx.geometry, ctx.precision,
+                                            False)[:2]
+        g_c, g_r, sums = _channel_epilogue_backward(pre_c, pre_r, bias, scale, shift, ctx.relu, grad_c_out, grad_r_out)
+        d_bias, d_scale, d_shift = _epilogue_param_grads(sums, bias, scale, shift, need[3:6])
+    else:
+        g_c, g_r = grad_c_out, grad_r_out
+        if bias is not None and need[3]:
+            d_bias = g_c.sum((0, 2, 3))
+    d_c = d_r = d_w = None
+    if need[0] or need[1]:
+        d_c, d_r = _conv_grad_input(g_c, g_r, weight, list(c.shape[2:]), *ctx.geometry, ctx.precision)
+    if need[2]:
+        d_w = _conv_grad_weight(g_c, g_r, c, r, weight, *ctx.geometry, ctx.precision)
+    return d_c, d_r, d_w, d_bias, d_scale, d_shift, None, None, None, None, None, None
+
+
+_interval_conv2d.register_autograd(_conv_grad, setup_context=_conv_setup)
+
+
+def _conv_implicit_gemm(c, r, weight, bias, scale, shift, *, geometry, relu, precision):
+    opt = [t.contiguous() if t is not None else None for t in (bias, scale, shift)]
+    save_pre = _has_epilogue(scale, shift, relu) and _needs_grad(c, r, weight, *opt)
+    return _interval_conv2d(c.contiguous(), r.contiguous(), weight.contiguous(), *opt, relu, *geometry, precision,
+                            save_pre)[:2]
+
+
+def _conv_cudnn(c, r, weight, bias, scale, shift, *, stride, padding, dilation, groups, relu, precision):
     out = weight.shape[0]
     with _conv_flags(precision):
         if groups == 1 and r.shape[0] == c.shape[0] and c.shape[0] > 0:
@@ -300,6 +428,81 @@ def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
             xr = F.conv2d(r, weight.abs(), None, stride, padding, dilation, groups)
     opt = [t.contiguous() if t is not None else None for t in (bias, scale, shift)]
     return _channel_epilogue(xc, xr, *opt, relu)
+
+
+def _timed(run: Callable, tensors: List[Optional[Tensor]]) -> Callable[[], None]:
+    """``run(*tensors)`` on detached copies of the tensors, as a callable to time: the forward, plus
+    the backward to the tensors that require gradients when the caller records them."""
+    leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    if not (torch.is_grad_enabled() and wanted):
+        def forward():
+            with torch.no_grad():
+                run(*leaves)
+        return forward
+
+    def forward_backward():
+        outs = [o for o in run(*leaves) if o.requires_grad]
+        torch.autograd.grad(outs, wanted, [torch.ones_like(o) for o in outs], allow_unused=True)
+    return forward_backward
+
+
+def _choose_conv_method(key: Hashable, methods: Dict[str, Callable], tensors: List[Optional[Tensor]],
+                        device: torch.device) -> str:
+    """The faster method for this key, measured once (see :func:`_timed`) and cached; the implicit
+    GEMM while torch.compile traces (nothing is measured then)."""
+    if torch.compiler.is_compiling():
+        return "implicit_gemm"
+    if key not in _conv_choice:
+        results: Dict[str, object] = {}
+        for name, run in methods.items():
+            try:
+                results[name] = autoselect._median_ms(_timed(run, tensors), device)
+            except Exception as e:  # a method that fails on these arguments is not eligible
+                results[name] = f"error: {type(e).__name__}: {e}"
+        conv_measurements[key] = results
+        timed = {name: ms for name, ms in results.items() if isinstance(ms, float)}
+        _conv_choice[key] = min(timed, key=timed.get) if timed else "cudnn"
+    return _conv_choice[key]
+
+
+def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                    stride: Union[int, Tuple[int, int]] = 1, padding: Union[int, Tuple[int, int], str] = 0,
+                    dilation: Union[int, Tuple[int, int]] = 1, groups: int = 1, *, scale: Optional[Tensor] = None,
+                    shift: Optional[Tensor] = None, relu: bool = False, precision: str = "ieee",
+                    method: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Interval convolution: ``((conv(c, W) + b) * scale + shift, conv(r, |W|) * |scale|)``, then the
+    interval ReLU if ``relu``. c (N, C, H, W), r (M, C, H, W) the radii of c's last M samples ->
+    (N, O, P, Q), (M, O, P, Q).
+
+    ``method``: ``"implicit_gemm"`` runs one kernel that reads each weight tile once for both
+    products and applies bias / scale / shift / ReLU on the accumulators (its backward: one kernel
+    for the input gradients, one split-K kernel for ``g_c ⋆ c + sign(W) ⊙ (g_r ⋆ r)``);
+    ``"cudnn"`` runs the products as cuDNN calls and the epilogue as one more kernel; ``"auto"``
+    measures both on the first call per shape / dtype / precision / device and keeps the faster.
+    groups > 1 (and padding "same" with an odd kernel span) always takes the cuDNN route.
+    """
+    if method not in CONV_METHODS:
+        raise ValueError(f"interval_conv2d: method must be one of {CONV_METHODS}, got {method!r}")
+    geometry = _implicit_geometry(c, weight, stride, padding, dilation, groups)
+    if geometry is None and method == "implicit_gemm":
+        raise ValueError("interval_conv2d: the implicit GEMM needs groups == 1, numeric padding (or 'same' with an "
+                         "even kernel span) and fewer than 2^31 pixels; use method='cudnn'")
+    methods = {"cudnn": functools.partial(_conv_cudnn, stride=stride, padding=padding, dilation=dilation,
+                                          groups=groups, relu=relu, precision=precision)}
+    if geometry is not None:
+        methods["implicit_gemm"] = functools.partial(_conv_implicit_gemm, geometry=geometry, relu=relu,
+                                                     precision=precision)
+    tensors = [c, r, weight, bias, scale, shift]
+    if method == "auto":
+        if geometry is None:
+            method = "cudnn"
+        else:
+            key = ("interval_conv2d", tuple(c.shape), tuple(r.shape), tuple(weight.shape), bias is not None,
+                   scale is not None, relu, tuple(map(tuple, geometry)), c.dtype, precision, str(c.device),
+                   _needs_grad(*tensors))
+            method = _choose_conv_method(key, methods, tensors, c.device)
+    return methods[method](*tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,14 +651,85 @@ def l2_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
     return c, (reference._batched_eps(eps, x, 2) * radius).expand_as(c)
 
 
+@torch.library.custom_op("cure_fast::l2_conv2d_cuda", mutates_args=())
+def _l2_conv2d(x: Tensor, s2: Tensor, weight: Tensor, bias: Optional[Tensor], eps: Optional[Tensor],
+               stride: List[int], padding: List[int], dilation: List[int], precision: str) -> Tuple[Tensor, Tensor]:
+    return extension().l2_conv2d_forward(x, s2, weight, bias, eps, stride, padding, dilation, precision)
+
+
+@_l2_conv2d.register_fake
+def _(x, s2, weight, bias, eps, stride, padding, dilation, precision):
+    out = (weight.shape[0], *_conv_out_size(x.shape[2:], weight, stride, padding, dilation))
+    rows = x.shape[0] if eps is not None else torch.sym_min(s2.shape[0], x.shape[0])
+    return x.new_empty((x.shape[0], *out)), x.new_empty((rows, *out))
+
+
+def _l2_conv_setup(ctx, inputs, output):
+    x, s2, weight, bias, eps, stride, padding, dilation, precision = inputs
+    ctx.geometry, ctx.precision = (stride, padding, dilation), precision
+    ctx.save_for_backward(x, s2, weight, bias, eps)
+
+
+def _l2_conv_grad(ctx, g_c, g_r):
+    """Gradients of c = conv(x, W) + b and r = e * sqrt(a), a = conv(s2, W²) (e = eps, or 1), from the
+    implicit-GEMM kernels with no radius rows: dL/da = g_r e / (2 sqrt(a)), 0 where a = 0 (the
+    reference's safe square root); W² is the weight of the products that involve s2."""
+    x, s2, weight, bias, eps = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    geometry, precision = ctx.geometry, ctx.precision
+    image = list(x.shape[2:])
+    d_x = d_s2 = d_w = d_b = d_eps = None
+    if g_c is not None:
+        g_c = g_c.contiguous()
+        if need[0]:
+            d_x = _conv_grad_input(g_c, g_c[:0], weight, image, *geometry, precision)[0]
+        if need[2]:
+            d_w = _conv_grad_weight(g_c, g_c[:0], x, x[:0], weight, *geometry, precision)
+        if bias is not None and need[3]:
+            d_b = g_c.sum((0, 2, 3))
+    if g_r is not None and (need[1] or need[2] or (eps is not None and need[4])):
+        w2 = weight.square()
+        a = _interval_conv2d(s2, s2[:0], w2, None, None, None, False, *geometry, precision, False)[0]
+        root = reference._safe_sqrt(a)  # (1 or N, O, P, Q)
+        if eps is not None and need[4]:
+            d_eps = (g_r * root).sum((1, 2, 3))
+        e = eps.view(-1, 1, 1, 1) if eps is not None else 1
+        positive = root > 0
+        g_a = torch.where(positive, g_r * e / (2 * torch.where(positive, root, 1)), 0)
+        if s2.shape[0] == 1:  # one scale image for every sample
+            g_a = g_a.sum(0, keepdim=True)
+        g_a = g_a.contiguous()
+        if need[1]:
+            d_s2 = _conv_grad_input(g_a, g_a[:0], w2, image, *geometry, precision)[0]
+        if need[2]:
+            d_w2 = 2 * weight * _conv_grad_weight(g_a, g_a[:0], s2, s2[:0], weight, *geometry, precision)
+            d_w = d_w2 if d_w is None else d_w + d_w2
+    return d_x, d_s2, d_w, d_b, d_eps, None, None, None, None
+
+
+_l2_conv2d.register_autograd(_l2_conv_grad, setup_context=_l2_conv_setup)
+
+
 def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Optional[Tensor] = None,
               stride: Union[int, Tuple[int, int]] = 1, padding: Union[int, Tuple[int, int], str] = 0,
               dilation: Union[int, Tuple[int, int]] = 1, groups: int = 1, scale: Optional[Tensor] = None, *,
               precision: str = "ieee") -> Tuple[Tensor, Tensor]:
-    """Exact, padding-aware bounds of a convolution over an l2 ellipsoid, as cuDNN calls (the
-    reference formula ``eps * sqrt(conv(scale², W²))``; no custom kernel)."""
-    with _conv_flags(precision):
-        return reference.l2_conv2d_ref(x, eps, weight, bias, stride, padding, dilation, groups, scale)
+    """Exact, padding-aware bounds of a convolution over ``{x + scale ⊙ u : |u|_2 <= eps}``: the
+    centre ``conv(x, W) + b`` and the radius ``eps * sqrt(conv(scale², W²))`` from one implicit GEMM
+    (one pass over the weight; the backward from the implicit-GEMM gradient kernels). groups > 1, or
+    padding the kernel cannot take, runs the reference formula as cuDNN calls. x (B, C, H, W), eps float or (B,), scale None or
+    broadcastable to x -> (B, O, P, Q) twice."""
+    geometry = _implicit_geometry(x, weight, stride, padding, dilation, groups)
+    if geometry is None:
+        with _conv_flags(precision):
+            return reference.l2_conv2d_ref(x, eps, weight, bias, stride, padding, dilation, groups, scale)
+    s2 = reference._scale_squared(scale, x).contiguous()
+    opt_bias = bias.contiguous() if bias is not None else None
+    x, weight = x.contiguous(), weight.contiguous()
+    if s2.shape[0] > 1 or (isinstance(eps, Tensor) and eps.numel() > 1):  # one radius per sample, eps fused
+        return _l2_conv2d(x, s2, weight, opt_bias, _eps_rows(eps, x), *geometry, precision)
+    c, radius = _l2_conv2d(x, s2, weight, opt_bias, None, *geometry, precision)  # one radius for all samples
+    return c, (reference._batched_eps(eps, x, 4) * radius).expand_as(c)
 
 
 # ---------------------------------------------------------------------------------------------

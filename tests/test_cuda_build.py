@@ -30,8 +30,9 @@ def test_ops_are_registered_with_torch_library():
     from cure_fast import _cuda  # noqa: F401
 
     for name in ("interval_relu_cuda", "interval_linear_cuda", "interval_linear_cuda_grad_input",
-                 "interval_linear_cuda_grad_weight", "channel_epilogue_cuda", "channel_epilogue_cuda_backward",
-                 "margins_linear_cuda", "l2_row_norms_cuda", "channel_moments_cuda"):
+                 "interval_linear_cuda_grad_weight", "interval_conv2d_cuda", "interval_conv2d_cuda_grad_input",
+                 "interval_conv2d_cuda_grad_weight", "l2_conv2d_cuda", "channel_epilogue_cuda",
+                 "channel_epilogue_cuda_backward", "margins_linear_cuda", "l2_row_norms_cuda", "channel_moments_cuda"):
         assert hasattr(torch.ops.cure_fast, name), name
 
 
@@ -56,3 +57,39 @@ def test_fake_implementations_trace_on_meta():
         xc, xr = torch.empty(5, 4, 3, 3), torch.empty(2, 4, 3, 3)
         g = torch.ops.cure_fast.channel_epilogue_cuda_backward(xc, xr, None, None, None, True, xc, xr)
         assert [tuple(t.shape) for t in g] == [(5, 4, 3, 3), (2, 4, 3, 3), (2, 4)]
+
+
+def test_conv_fake_implementations_trace_on_meta():
+    """Output shapes of the implicit-GEMM conv ops (stride, padding, dilation per dimension)."""
+    from cure_fast import _cuda  # noqa: F401
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.cure_fast
+    geom = ([2, 1], [1, 0], [1, 2])  # stride, padding, dilation
+    with FakeTensorMode():
+        c, r, w = torch.empty(5, 3, 9, 8), torch.empty(2, 3, 9, 8), torch.empty(4, 3, 3, 2)
+        outs = ops.interval_conv2d_cuda(c, r, w, None, None, None, True, *geom, "ieee", True)
+        assert [tuple(t.shape) for t in outs] == [(5, 4, 5, 6), (2, 4, 5, 6), (5, 4, 5, 6), (2, 4, 5, 6)]
+        outs = ops.interval_conv2d_cuda(c, r, w, None, None, None, False, *geom, "ieee", False)
+        assert [tuple(t.shape) for t in outs[2:]] == [(0,), (0,)]
+        g_c, g_r = torch.empty(5, 4, 5, 6), torch.empty(2, 4, 5, 6)
+        d_c, d_r = ops.interval_conv2d_cuda_grad_input(g_c, g_r, w, [9, 8], *geom, "ieee")
+        assert (tuple(d_c.shape), tuple(d_r.shape)) == ((5, 3, 9, 8), (2, 3, 9, 8))
+        assert tuple(ops.interval_conv2d_cuda_grad_weight(g_c, g_r, c, r, w, *geom, "ieee").shape) == (4, 3, 3, 2)
+        centre, radius = ops.l2_conv2d_cuda(c, c[:1], w, None, None, *geom, "ieee")
+        assert (tuple(centre.shape), tuple(radius.shape)) == ((5, 4, 5, 6), (1, 4, 5, 6))
+        radius = ops.l2_conv2d_cuda(c, c[:1], w, None, torch.empty(5), *geom, "ieee")[1]
+        assert tuple(radius.shape) == (5, 4, 5, 6)
+
+
+def test_implicit_gemm_geometry():
+    """Which convolutions the implicit GEMM takes, and their numeric padding (no GPU needed)."""
+    from cure_fast import _cuda
+
+    x, w = torch.empty(2, 3, 9, 8), torch.empty(4, 3, 3, 3)
+    assert _cuda._implicit_geometry(x, w, 1, 1, 1, 1) == ([1, 1], [1, 1], [1, 1])
+    assert _cuda._implicit_geometry(x, w, (2, 1), "valid", (1, 2), 1) == ([2, 1], [0, 0], [1, 2])
+    assert _cuda._implicit_geometry(x, w, 1, "same", 2, 1) == ([1, 1], [2, 2], [2, 2])
+    assert _cuda._implicit_geometry(x, torch.empty(4, 3, 2, 2), 1, "same", 1, 1) is None  # odd span: asymmetric
+    assert _cuda._implicit_geometry(x, torch.empty(4, 1, 3, 3), 1, 1, 1, 3) is None  # groups
+    assert _cuda._implicit_geometry(x, torch.empty(4, 3, 11, 3), 1, 0, 1, 1) is None  # does not fit

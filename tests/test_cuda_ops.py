@@ -1,11 +1,12 @@
 """The CUDA backend's ops against their pure-PyTorch ``*_ref`` twins, forward and backward (GPU only)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from cure_fast import BoundedModule, L2Ball, LinfBall, _cuda, autoselect, functional
 from cure_fast.reference import (interval_affine_ref, interval_conv2d_ref, interval_linear_ref, interval_relu_ref,
-                                 l2_linear_ref, l2_margins_linear_ref, margins_linear_ref)
+                                 l2_conv2d_ref, l2_linear_ref, l2_margins_linear_ref, margins_linear_ref)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -107,36 +108,166 @@ def test_interval_linear_leading_dims():
         torch.testing.assert_close(out, ref)
 
 
-CONV_CASES = [  # (n, m, channels, size, out, kernel, stride, padding, dilation, groups)
-    (3, 3, 3, 9, 5, 3, 1, 1, 1, 1),   # grouped cuDNN call over [c; r]
-    (4, 2, 4, 8, 6, 3, 2, 0, 1, 2),   # two calls, groups
-    (5, 0, 2, 7, 3, 2, 1, 2, 2, 1),   # no radius rows
-    (2, 1, 3, 5, 4, 1, 1, 0, 1, 1),
+CONV_CASES = [  # (n, m, channels, (height, width), out, kernel, stride, padding, dilation, groups)
+    (3, 3, 3, (9, 9), 5, 3, 1, 1, 1, 1),             # every sample with a radius
+    (4, 2, 4, (8, 8), 6, 3, 2, 0, 1, 2),             # groups: cuDNN only
+    (5, 0, 2, (7, 7), 3, 2, 1, 2, 2, 1),             # no radius rows; even kernel, padding 2, dilation 2
+    (2, 1, 3, (5, 5), 4, 1, 1, 0, 1, 1),             # 1x1 kernel
+    (3, 2, 3, (7, 9), 5, 3, 2, 1, 1, 1),             # 3 -> 5 channels on 7x9, stride 2
+    (2, 2, 5, (9, 7), 7, 5, 2, 2, 1, 1),             # 5x5 kernel
+    (3, 1, 3, (11, 10), 4, 3, 2, 2, 2, 1),           # stride 2 with dilation 2
+    (3, 2, 2, (8, 9), 3, (3, 2), (2, 1), (1, 0), (1, 2), 1),  # every parameter different per dimension
+    (6, 4, 5, (13, 11), 70, 3, 1, 1, 1, 1),          # several row and column tiles; radii from row 286
+    (2, 2, 3, (6, 6), 4, 3, 3, 2, 1, 1),             # stride 3: input pixels that no tap reaches
 ]
 
 
+def _conv_out(image, kernel, stride, padding, dilation):
+    pair = lambda v: (v, v) if isinstance(v, int) else v  # noqa: E731
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip(image, pair(kernel), pair(stride), pair(padding), pair(dilation)))
+
+
+def _conv_inputs(case, dtype):
+    n, m, ch, image, out, kernel, stride, padding, dilation, groups = case
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    c, r = _rand((n, ch) + image, dtype, 0), _rand((m, ch) + image, dtype, 1, True)
+    w = _rand((out, ch // groups, kh, kw), dtype, 2) / (ch * kh * kw) ** 0.5
+    p, q = _conv_out(image, kernel, stride, padding, dilation)
+    return c, r, w, (stride, padding, dilation, groups), _rand((n, out, p, q), dtype, 6), _rand((m, out, p, q), dtype, 7)
+
+
+@pytest.mark.parametrize("method", ["implicit_gemm", "cudnn"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CONV_CASES, ids=str)
-@pytest.mark.parametrize("epilogue", ["none", "affine_relu", "relu"])
-def test_interval_conv2d(case, dtype, epilogue):
-    n, m, ch, size, out, kernel, stride, padding, dilation, groups = case
-    c, r = _rand((n, ch, size, size), dtype, 0), _rand((m, ch, size, size), dtype, 1, True)
-    w = _rand((out, ch // groups, kernel, kernel), dtype, 2) / (ch * kernel) ** 0.5
-    bias = _rand((out,), dtype, 3)
+@pytest.mark.parametrize("epilogue", ["none", "bias", "affine_relu", "relu"])
+def test_interval_conv2d(case, dtype, epilogue, method):
+    c, r, w, geom, gc, gr = _conv_inputs(case, dtype)
+    out = w.shape[0]
+    bias = _rand((out,), dtype, 3) if epilogue != "none" else None
     scale, shift = (_rand((out,), dtype, 4), _rand((out,), dtype, 5)) if "affine" in epilogue else (None, None)
     relu = "relu" in epilogue
-    p = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    gc, gr = _rand((n, out, p, p), dtype, 6), _rand((m, out, p, p), dtype, 7)
-    geom = (stride, padding, dilation, groups)
 
     def fn(c, r, w, b, s, t):
-        return _cuda.interval_conv2d(c, r, w, b, *geom, scale=s, shift=t, relu=relu)
+        return _cuda.interval_conv2d(c, r, w, b, *geom, scale=s, shift=t, relu=relu, method=method)
 
     def ref(c, r, w, b, s, t):
         return _epilogue_ref(*interval_conv2d_ref(c, r, w, b, *geom), s, t, relu, 1)
 
-    # cuDNN picks algorithms by dtype; allow a little more than the 2x of the fused kernels.
-    _check(fn, ref, [c, r, w, bias, scale, shift], [gc, gr], slack=4.0)
+    if method == "implicit_gemm" and geom[3] != 1:
+        with pytest.raises(ValueError, match="groups == 1"):
+            fn(c, r, w, bias, scale, shift)
+        return
+    # cuDNN picks algorithms by dtype; allow it a little more than the 2x of the fused kernels.
+    _check(fn, ref, [c, r, w, bias, scale, shift], [gc, gr], slack=2.0 if method == "implicit_gemm" else 4.0)
+
+
+@pytest.mark.parametrize("method", ["implicit_gemm", "cudnn"])
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_interval_conv2d_tensor_cores(precision, method):
+    """Training precisions, forward and backward: every output within twice the input rounding of
+    TF32 / bf16 times the sum of |products| behind it, of the fp64 result."""
+    c, r, w, geom, gc, gr = _conv_inputs((6, 4, 5, (9, 11), 70, 3, 2, 1, 1, 1), torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (c, r, w)]
+    outs = _cuda.interval_conv2d(*leaves, None, *geom, precision=precision, method=method)
+    grads = torch.autograd.grad(outs, leaves, (gc, gr))
+    c64, r64, w64, gc64, gr64 = (t.double() for t in (c, r, w, gc, gr))
+    ca, ra, wa, gca, gra = (t.abs() for t in (c64, r64, w64, gc64, gr64))
+    conv_geom = geom[:3]
+    grad_input, grad_weight = torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight
+    want = [*interval_conv2d_ref(c64, r64, w64, None, *geom), grad_input(c.shape, w64, gc64, *conv_geom),
+            grad_input(r.shape, wa, gr64, *conv_geom),
+            grad_weight(c64, w.shape, gc64, *conv_geom) + w64.sign() * grad_weight(r64, w.shape, gr64, *conv_geom)]
+    sums = [F.conv2d(ca, wa, None, *geom), F.conv2d(ra, wa, None, *geom), grad_input(c.shape, wa, gca, *conv_geom),
+            grad_input(r.shape, wa, gra, *conv_geom),
+            grad_weight(ca, w.shape, gca, *conv_geom) + grad_weight(ra, w.shape, gra, *conv_geom)]
+    rel = 2.0 ** -10 if precision == "tf32" else 2.0 ** -7
+    for i, (got, ref, s) in enumerate(zip(list(outs) + list(grads), want, sums)):
+        assert not got.isnan().any(), i
+        if method == "cudnn":  # FFT / Winograd algorithms: only a bound on the whole output
+            s = s.max()
+        assert ((got.double() - ref).abs() <= 2 * rel * s + 1e-6).all(), i
+    assert (outs[1] >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_interval_conv2d_split_k(dtype):
+    """A long reduction (8 x 32 x 32 output pixels) over three weight tiles: the weight gradient
+    splits it over blockIdx.z (16 splits on a GPU with 4 or more SMs), with radius rows from the
+    fourth sample on, so that the first splits have no radius terms."""
+    c, r, w, geom, gc, gr = _conv_inputs((8, 5, 16, (32, 32), 16, 3, 1, 1, 1, 1), dtype)
+    bias = _rand((16,), dtype, 3)
+    _check(lambda c, r, w, b: _cuda.interval_conv2d(c, r, w, b, *geom, method="implicit_gemm"),
+           lambda c, r, w, b: interval_conv2d_ref(c, r, w, b, *geom), [c, r, w, bias], [gc, gr])
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_interval_conv2d_auto(requires_grad):
+    """method="auto" measures both methods once per key and returns what one of them returns."""
+    _cuda._conv_choice.clear()
+    _cuda.conv_measurements.clear()
+    c, r, w, geom, gc, gr = _conv_inputs((4, 2, 8, (12, 12), 16, 3, 1, 1, 1, 1), torch.float32)
+    w.requires_grad_(requires_grad)
+    with torch.no_grad():
+        by_method = [_cuda.interval_conv2d(c, r, w, None, *geom, relu=True, method=m) for m in ("implicit_gemm", "cudnn")]
+    auto = _cuda.interval_conv2d(c, r, w, None, *geom, relu=True, method="auto")
+    assert any(all(torch.equal(a, b) for a, b in zip(auto, outs)) for outs in by_method)
+    (results,) = _cuda.conv_measurements.values()
+    assert set(results) == {"implicit_gemm", "cudnn"} and all(isinstance(ms, float) for ms in results.values())
+    if requires_grad:
+        (g_w,) = torch.autograd.grad(auto, [w], (gc, gr))
+        assert not g_w.isnan().any()
+    with pytest.raises(ValueError, match="method"):
+        _cuda.interval_conv2d(c, r, w, method="fastest")
+
+
+L2_CONV_GEOMS = [(3, 1, 1, 1), (3, 2, 0, 1), (5, 1, 2, 2), (2, 2, 1, 1)]  # kernel, stride, padding, dilation
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geom", L2_CONV_GEOMS, ids=str)
+@pytest.mark.parametrize("scaled", [None, "channel", "pixel", "sample"])
+@pytest.mark.parametrize("per_sample_eps", [False, True])
+def test_l2_conv2d(dtype, geom, scaled, per_sample_eps):
+    b_, ch, image, out = 4, 3, (7, 9), 5
+    kernel, stride, padding, dilation = geom
+    x, w = _rand((b_, ch) + image, dtype, 0), _rand((out, ch, kernel, kernel), dtype, 1) / (ch * kernel) ** 0.5
+    bias = _rand((out,), dtype, 2)
+    eps = _rand((b_,), dtype, 3, True) + 0.1 if per_sample_eps else 0.3
+    scale = {None: None, "channel": _rand((ch, 1, 1), dtype, 4, True) + 0.1,
+             "pixel": _rand((ch,) + image, dtype, 4, True) + 0.1,
+             "sample": _rand((b_, ch) + image, dtype, 4, True) + 0.1}[scaled]
+    p, q = _conv_out(image, kernel, stride, padding, dilation)
+    grads = [_rand((b_, out, p, q), dtype, 5), _rand((b_, out, p, q), dtype, 6)]
+    conv = (stride, padding, dilation, 1)
+    _check(lambda x, w, b, e, s: _cuda.l2_conv2d(x, e, w, b, *conv, s),
+           lambda x, w, b, e, s: l2_conv2d_ref(x, e, w, b, *conv, s), [x, w, bias, eps, scale], grads, slack=4.0)
+
+
+def test_conv_input_checks():
+    ext = _cuda.extension()
+    c, r, w = _rand((3, 4, 6, 6), torch.float32, 0), _rand((2, 4, 6, 6), torch.float32, 1), _rand((5, 4, 3, 3), torch.float32, 2)
+    geom = ([1, 1], [1, 1], [1, 1])
+    args = (None, None, None, False, *geom, "ieee", False)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ext.interval_conv2d_forward(c, r.double(), w, *args)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ext.interval_conv2d_forward(c, r, w.transpose(2, 3), *args)
+    with pytest.raises(RuntimeError, match="groups == 1"):
+        ext.interval_conv2d_forward(c, r, w[:, :2].contiguous(), *args)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ext.interval_conv2d_forward(c, r, _rand((5, 4, 9, 9), torch.float32, 3), *args)
+    with pytest.raises(RuntimeError, match="stride"):
+        ext.interval_conv2d_forward(c, r, w, None, None, None, False, [0, 1], [1, 1], [1, 1], "ieee", False)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        ext.interval_conv2d_forward(c.cpu(), r.cpu(), w.cpu(), *args)
+    g = _rand((3, 5, 6, 6), torch.float32, 4)
+    with pytest.raises(RuntimeError, match="pixels for input size"):
+        ext.interval_conv2d_grad_input(g, g[:2], w, [9, 9], *geom, "ieee")
+    with pytest.raises(RuntimeError, match="grad_c must have shape"):
+        ext.interval_conv2d_grad_weight(g[:, :4].contiguous(), g[:2], c, r, w, *geom, "ieee")
+    with pytest.raises(RuntimeError, match="s2 must have shape"):
+        ext.l2_conv2d_forward(c, r, w, None, None, *geom, "ieee")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -205,6 +336,17 @@ def test_opcheck():
     xc, xr = _rand((5, 4, 3, 3), torch.float32, 6), _rand((2, 4, 3, 3), torch.float32, 7, True)
     torch.library.opcheck(torch.ops.cure_fast.channel_epilogue_cuda.default,
                           (xc.requires_grad_(), xr.requires_grad_(), b, s, t, True))
+    xc, xr, wc = _rand((3, 2, 5, 6), torch.float32, 8), _rand((2, 2, 5, 6), torch.float32, 9, True), \
+        _rand((4, 2, 3, 2), torch.float32, 10)
+    for args in [(xc, xr, wc, b, s, t, True, [1, 1], [1, 1], [1, 1], "ieee", True),
+                 (xc, xr, wc, None, None, None, False, [2, 1], [0, 1], [1, 2], "ieee", False)]:
+        torch.library.opcheck(torch.ops.cure_fast.interval_conv2d_cuda.default,
+                              tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args))
+    eps = _rand((3,), torch.float32, 11, True)
+    for s2, e in [(xc[:1].abs(), None), (xc.abs(), eps)]:
+        torch.library.opcheck(torch.ops.cure_fast.l2_conv2d_cuda.default,
+                              (xc.detach().requires_grad_(), s2.detach().requires_grad_(), wc.detach().requires_grad_(),
+                               b.detach().requires_grad_(), e, [1, 1], [1, 0], [1, 1], "ieee"))
     labels = torch.tensor([0, 3, 1, 2, 2], device="cuda")
     torch.library.opcheck(torch.ops.cure_fast.margins_linear_cuda.default,
                           (c.detach().requires_grad_(), r.detach().requires_grad_(), w.requires_grad_(), b, labels, None,
@@ -228,6 +370,33 @@ def test_torch_compile_fullgraph():
     g = _rand((6, 5), torch.float32, 6)
     got = _run(torch.compile(model, fullgraph=True), [c, r], [g])
     want = _run(model_ref, [c, r], [g])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_conv_fullgraph():
+    """method="auto" does not measure while torch.compile traces: the graph holds the implicit GEMM."""
+    c, r = _rand((4, 3, 8, 8), torch.float32, 0), _rand((2, 3, 8, 8), torch.float32, 1, True)
+    w1, w2 = _rand((6, 3, 3, 3), torch.float32, 2), _rand((5, 6, 3, 3), torch.float32, 3)
+    s, t = _rand((6,), torch.float32, 4), _rand((6,), torch.float32, 5)
+
+    def model(c, r):
+        h = _cuda.interval_conv2d(c, r, w1, None, 1, 1, scale=s, shift=t, relu=True)
+        out = _cuda.interval_conv2d(*h, w2, None, 2, 0)
+        return (*out, *_cuda.l2_conv2d(c, 0.5, w1, None, 1, 1))
+
+    def model_ref(c, r):
+        h = _epilogue_ref(*interval_conv2d_ref(c, r, w1, None, 1, 1), s, t, True, 1)
+        return (*interval_conv2d_ref(*h, w2, None, 2, 0), *l2_conv2d_ref(c, 0.5, w1, None, 1, 1))
+
+    grads = [_rand((4, 5, 3, 3), torch.float32, 6), _rand((2, 5, 3, 3), torch.float32, 7),
+             _rand((4, 6, 8, 8), torch.float32, 8), _rand((4, 6, 8, 8), torch.float32, 9)]
+    got = _run(torch.compile(model, fullgraph=True), [c, r], grads)
+    saved, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False  # an fp32 reference
+    try:
+        want = _run(model_ref, [c, r], grads)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
