@@ -1,6 +1,8 @@
 """Per-layer CNN7 (CIFAR-10) timings of the interval layers: the cuda backend against torch eager
 and the two-product floor (cuBLAS / cuDNN doing W·c and |W|·r alone, no epilogue), forward and
-forward + backward, for the stacked natural + l∞ + l2 streams. GPU only.
+forward + backward, for the stacked natural + l∞ + l2 streams; for the convolutions also the two
+methods of the cuda conv on their own (the implicit GEMM and cuDNN + fused epilogue; "cuda" is the
+measured auto choice between them). GPU only.
 
     python bench/bench_cuda.py [--batch 128] [--precision ieee] [--json out.json]
 """
@@ -72,10 +74,11 @@ def _bench_layer(name, kind, dims, batch, streams, dtype, precision):
         it["i"] = (it["i"] + 1) % len(cs)
         return cs[it["i"]], rs[it["i"]]
 
-    def cuda_fwd():
+    def cuda_fwd(method="auto"):
         c, r = pick()
         if kind == "conv":
-            return _cuda.interval_conv2d(c, r, w, b, *geom, scale=s, shift=t, relu=True, precision=precision)
+            return _cuda.interval_conv2d(c, r, w, b, *geom, scale=s, shift=t, relu=True, precision=precision,
+                                         method=method)
         return _cuda.interval_linear(c, r, w, b, scale=s, shift=t, relu=True, precision=precision)
 
     def torch_fwd():
@@ -118,10 +121,14 @@ def _bench_layer(name, kind, dims, batch, streams, dtype, precision):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not ieee
     try:
         row = {"layer": name, "kind": kind, "dims": list(dims), "rows_c": cs[0].shape[0], "rows_r": rs[0].shape[0]}
-        for label, fn in (("cuda", cuda_fwd), ("torch", torch_fwd), ("floor", floor_fwd)):
+        runs = [("cuda", cuda_fwd), ("torch", torch_fwd), ("floor", floor_fwd)]
+        if kind == "conv":
+            runs += [(label, lambda method=method: cuda_fwd(method))
+                     for label, method in (("igemm", "implicit_gemm"), ("cudnn", "cudnn"))]
+        for label, fn in runs:
             with torch.no_grad():
                 row[f"{label}_fwd_ms"] = _median_ms(fn)
-        for label, fn in (("cuda", cuda_fwd), ("torch", torch_fwd), ("floor", floor_fwd)):
+        for label, fn in runs:
             row[f"{label}_fwd_bwd_ms"] = _median_ms(with_backward(fn))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
@@ -147,14 +154,17 @@ def main(argv=None) -> int:
     rows = [_bench_layer(name, kind, dims, args.batch, args.streams, dtype, args.precision)
             for name, kind, dims in LAYERS]
     header = f"{'layer':8s} {'cuda':>9s} {'torch':>9s} {'floor':>9s} {'x torch':>8s} {'/floor':>7s} " \
-             f"{'cuda f+b':>9s} {'torch f+b':>9s} {'floor f+b':>9s}"
+             f"{'cuda f+b':>9s} {'torch f+b':>9s} {'floor f+b':>9s} {'igemm':>9s} {'cudnn':>9s} {'igemm f+b':>9s} " \
+             f"{'cudnn f+b':>9s}"
     print(f"CNN7 per layer, batch {args.batch} x {args.streams} streams, {args.dtype}, precision {args.precision}, "
           f"{torch.cuda.get_device_name()} (ms, median)")
     print(header)
     for r in rows:
+        methods = " ".join(f"{r[key]:9.3f}" if key in r else f"{'-':>9s}"
+                           for key in ("igemm_fwd_ms", "cudnn_fwd_ms", "igemm_fwd_bwd_ms", "cudnn_fwd_bwd_ms"))
         print(f"{r['layer']:8s} {r['cuda_fwd_ms']:9.3f} {r['torch_fwd_ms']:9.3f} {r['floor_fwd_ms']:9.3f} "
               f"{r['speedup_vs_torch_fwd']:8.2f} {r['ratio_to_floor_fwd']:7.2f} {r['cuda_fwd_bwd_ms']:9.3f} "
-              f"{r['torch_fwd_bwd_ms']:9.3f} {r['floor_fwd_bwd_ms']:9.3f}")
+              f"{r['torch_fwd_bwd_ms']:9.3f} {r['floor_fwd_bwd_ms']:9.3f} {methods}")
     result = {
         "benchmark": "bench_cuda", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,

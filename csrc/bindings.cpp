@@ -406,8 +406,8 @@ at::Tensor interval_conv2d_grad_weight(const at::Tensor& grad_c, const at::Tenso
 // radius eps * sqrt(conv(s2, W^2)) (exact, padding-aware) in one implicit GEMM. x (N, C, H, W),
 // s2 = s^2 (1 or N, C, H, W), eps None or (N,) -> centre (N, O, P, Q), radius (R, O, P, Q) with
 // R = N when eps is given, else min(s2 rows, N) (one radius for every sample when s2 is shared).
-std::tuple<at::Tensor, at::Tensor> l2_conv2d_forward(const at::Tensor& x, const at::Tensor& s2, const at::Tensor& weight,
-                                                     const c10::optional<at::Tensor>& bias,
+std::tuple<at::Tensor, at::Tensor> l2_conv2d_forward(const at::Tensor& x, const at::Tensor& s2,
+                                                     const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                                      const c10::optional<at::Tensor>& eps, at::IntArrayRef stride,
                                                      at::IntArrayRef padding, at::IntArrayRef dilation,
                                                      const std::string& precision) {
@@ -419,7 +419,8 @@ std::tuple<at::Tensor, at::Tensor> l2_conv2d_forward(const at::Tensor& x, const 
   const int64_t n = x.size(0);
   check_4d(op, "s2", s2, x);
   TORCH_CHECK(s2.sizes().slice(1) == x.sizes().slice(1) && (s2.size(0) == 1 || s2.size(0) == n), op,
-              ": s2 must have shape (1 or ", n, ", ", x.size(1), ", ", x.size(2), ", ", x.size(3), "), got ", s2.sizes());
+              ": s2 must have shape (1 or ", n, ", ", x.size(1), ", ", x.size(2), ", ", x.size(3), "), got ",
+              s2.sizes());
   check_4d(op, "weight", weight, x);
   TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight must have shape (out, ", x.size(1),
               ", kh, kw) (groups == 1), got ", weight.sizes());

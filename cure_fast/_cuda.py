@@ -717,8 +717,8 @@ def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
     """Exact, padding-aware bounds of a convolution over ``{x + scale ⊙ u : |u|_2 <= eps}``: the
     centre ``conv(x, W) + b`` and the radius ``eps * sqrt(conv(scale², W²))`` from one implicit GEMM
     (one pass over the weight; the backward from the implicit-GEMM gradient kernels). groups > 1, or
-    padding the kernel cannot take, runs the reference formula as cuDNN calls. x (B, C, H, W), eps float or (B,), scale None or
-    broadcastable to x -> (B, O, P, Q) twice."""
+    padding the kernel cannot take, runs the reference formula as cuDNN calls. x (B, C, H, W),
+    eps float or (B,), scale None or broadcastable to x -> (B, O, P, Q) twice."""
     geometry = _implicit_geometry(x, weight, stride, padding, dilation, groups)
     if geometry is None:
         with _conv_flags(precision):

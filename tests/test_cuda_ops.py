@@ -134,7 +134,8 @@ def _conv_inputs(case, dtype):
     c, r = _rand((n, ch) + image, dtype, 0), _rand((m, ch) + image, dtype, 1, True)
     w = _rand((out, ch // groups, kh, kw), dtype, 2) / (ch * kh * kw) ** 0.5
     p, q = _conv_out(image, kernel, stride, padding, dilation)
-    return c, r, w, (stride, padding, dilation, groups), _rand((n, out, p, q), dtype, 6), _rand((m, out, p, q), dtype, 7)
+    grads = _rand((n, out, p, q), dtype, 6), _rand((m, out, p, q), dtype, 7)
+    return c, r, w, (stride, padding, dilation, groups), *grads
 
 
 @pytest.mark.parametrize("method", ["implicit_gemm", "cudnn"])
@@ -209,7 +210,8 @@ def test_interval_conv2d_auto(requires_grad):
     c, r, w, geom, gc, gr = _conv_inputs((4, 2, 8, (12, 12), 16, 3, 1, 1, 1, 1), torch.float32)
     w.requires_grad_(requires_grad)
     with torch.no_grad():
-        by_method = [_cuda.interval_conv2d(c, r, w, None, *geom, relu=True, method=m) for m in ("implicit_gemm", "cudnn")]
+        by_method = [_cuda.interval_conv2d(c, r, w, None, *geom, relu=True, method=m)
+                     for m in ("implicit_gemm", "cudnn")]
     auto = _cuda.interval_conv2d(c, r, w, None, *geom, relu=True, method="auto")
     assert any(all(torch.equal(a, b) for a, b in zip(auto, outs)) for outs in by_method)
     (results,) = _cuda.conv_measurements.values()
@@ -246,7 +248,8 @@ def test_l2_conv2d(dtype, geom, scaled, per_sample_eps):
 
 def test_conv_input_checks():
     ext = _cuda.extension()
-    c, r, w = _rand((3, 4, 6, 6), torch.float32, 0), _rand((2, 4, 6, 6), torch.float32, 1), _rand((5, 4, 3, 3), torch.float32, 2)
+    c, r = _rand((3, 4, 6, 6), torch.float32, 0), _rand((2, 4, 6, 6), torch.float32, 1)
+    w = _rand((5, 4, 3, 3), torch.float32, 2)
     geom = ([1, 1], [1, 1], [1, 1])
     args = (None, None, None, False, *geom, "ieee", False)
     with pytest.raises(RuntimeError, match="dtype"):
