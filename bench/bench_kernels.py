@@ -5,7 +5,9 @@ For every layer op, batch size, precision (``ieee``: fp32 IEEE products, the cer
 ``tf32``: training) and pass (forward, backward, both), the median time of
 
 - ``triton``: the fused Triton kernel (cure_fast.kernels),
-- ``cuda``: the CUDA C++ backend (cure_fast._cuda), when the extension is built,
+- ``cuda``: the CUDA C++ backend (cure_fast._cuda), when the extension is built; for the
+  convolutions also its two methods on their own, ``cuda_igemm`` (the implicit GEMM) and
+  ``cuda_cudnn`` (one grouped cuDNN call + the fused epilogue), ``cuda`` being the measured choice,
 - ``eager``: centre-radius IBP in plain PyTorch (the torch backend: two convolutions, ``|W|``
   rebuilt on every call, separate ReLU passes),
 - ``compile``: ``torch.compile`` of the same,
@@ -18,9 +20,9 @@ every output written once).
     python bench/bench_kernels.py [--batch 128 512] [--json out.json] [--no-compile] [--smoke]
 """
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +33,8 @@ from cure_fast import kernels, models, reference
 
 PRECISIONS = ("ieee", "tf32")
 PASSES = ("forward", "backward", "both")
-COLUMNS = ("layer", "op", "batch", "precision", "pass", "triton_ms", "cuda_ms", "eager_ms", "compile_ms", "floor_ms",
-           "best", "x_eager", "x_compile", "of_floor", "tflops", "gbps")
+COLUMNS = ("layer", "op", "batch", "precision", "pass", "triton_ms", "cuda_ms", "cuda_igemm_ms", "cuda_cudnn_ms",
+           "eager_ms", "compile_ms", "floor_ms", "best", "x_eager", "x_compile", "of_floor", "tflops", "gbps")
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Case:
     flops: float
     bytes: Tuple[float, float]
     input_grads: bool = True
+    methods: Dict[str, Callable[[object, str], Callable]] = field(default_factory=dict)  # extra cuda columns
 
 
 def _numel(*shapes) -> int:
@@ -117,7 +120,10 @@ def _affine_case(name, module, shape, out, inputs: _Inputs, first: bool) -> Case
         floor_inputs=_floor_inputs,
         flops=2.0 * (n + m) * torch.Size(out).numel() * module.weight[0].numel(),
         bytes=(4.0 * io, 4.0 * (2 * io + _numel((n,) + out, (m,) + out))),
-        input_grads=not first)
+        input_grads=not first,
+        methods={f"cuda_{short}": lambda impl, precision, method=method: lambda c, r, w, b: impl.interval_conv2d(
+            c, r, w, b, **conv, relu=True, precision=precision, method=method)
+            for short, method in (("igemm", "implicit_gemm"), ("cudnn", "cudnn"))} if conv else {})
 
 
 def _l2_case(name, module, data, out, inputs: _Inputs, batch: int) -> Case:
@@ -245,6 +251,10 @@ def run(args) -> List[dict]:
                 with harness.tf32(precision == "tf32"):
                     times = {name: _timings(case.fused(impl, precision), case.make, args.device, args.smoke)
                              for name, impl in impls.items()}
+                    if "cuda" in impls:
+                        for name, method in case.methods.items():
+                            times[name] = _timings(method(impls["cuda"], precision), case.make, args.device,
+                                                   args.smoke)
                     times["eager"] = _timings(case.eager, case.make, args.device, args.smoke)
                     if compiled is not None:
                         times["compile"] = _timings(compiled, case.make, args.device, args.smoke)
