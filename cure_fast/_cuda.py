@@ -430,36 +430,24 @@ def _conv_cudnn(c, r, weight, bias, scale, shift, *, stride, padding, dilation, 
     return _channel_epilogue(xc, xr, *opt, relu)
 
 
-def _timed(run: Callable, tensors: List[Optional[Tensor]]) -> Callable[[], None]:
-    """``run(*tensors)`` on detached copies of the tensors, as a callable to time: the forward, plus
-    the backward to the tensors that require gradients when the caller records them."""
-    leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in tensors]
-    wanted = [t for t in leaves if t is not None and t.requires_grad]
-    if not (torch.is_grad_enabled() and wanted):
-        def forward():
-            with torch.no_grad():
-                run(*leaves)
-        return forward
-
-    def forward_backward():
-        outs = [o for o in run(*leaves) if o.requires_grad]
-        torch.autograd.grad(outs, wanted, [torch.ones_like(o) for o in outs], allow_unused=True)
-    return forward_backward
+def _conv_torch(c, r, weight, bias, scale, shift, *, stride, padding, dilation, groups, relu, precision):
+    """The torch backend's result for the same call: the reference the methods are checked against."""
+    from . import functional
+    with _conv_flags(precision):
+        out = reference.interval_conv2d_ref(c, r, weight, bias, stride, padding, dilation, groups)
+    return functional._epilogue(out, scale, shift, relu, 1, "torch")
 
 
 def _choose_conv_method(key: Hashable, methods: Dict[str, Callable], tensors: List[Optional[Tensor]],
-                        device: torch.device) -> str:
-    """The faster method for this key, measured once (see :func:`_timed`) and cached; the implicit
-    GEMM while torch.compile traces (nothing is measured then)."""
+                        precision: str, device: torch.device) -> str:
+    """The faster method for this key among those whose outputs (and gradients, when the caller
+    records them) agree with the torch backend, measured once by :func:`autoselect.measure` and
+    cached; the implicit GEMM while torch.compile traces (nothing is measured then)."""
     if torch.compiler.is_compiling():
         return "implicit_gemm"
     if key not in _conv_choice:
-        results: Dict[str, object] = {}
-        for name, run in methods.items():
-            try:
-                results[name] = autoselect._median_ms(_timed(run, tensors), device)
-            except Exception as e:  # a method that fails on these arguments is not eligible
-                results[name] = f"error: {type(e).__name__}: {e}"
+        results = autoselect.measure(lambda name: methods[name](*tensors), [n for n in methods if n != "torch"],
+                                     device, autoselect.grad_inputs(tensors), precision)
         conv_measurements[key] = results
         timed = {name: ms for name, ms in results.items() if isinstance(ms, float)}
         _conv_choice[key] = min(timed, key=timed.get) if timed else "cudnn"
@@ -479,7 +467,8 @@ def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
     products and applies bias / scale / shift / ReLU on the accumulators (its backward: one kernel
     for the input gradients, one split-K kernel for ``g_c ⋆ c + sign(W) ⊙ (g_r ⋆ r)``);
     ``"cudnn"`` runs the products as cuDNN calls and the epilogue as one more kernel; ``"auto"``
-    measures both on the first call per shape / dtype / precision / device and keeps the faster.
+    measures both on the first call per shape / dtype / precision / device and keeps the faster of
+    those that agree with the torch backend (outputs, and gradients when they are recorded).
     groups > 1 (and padding "same" with an odd kernel span) always takes the cuDNN route.
     """
     if method not in CONV_METHODS:
@@ -488,8 +477,8 @@ def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
     if geometry is None and method == "implicit_gemm":
         raise ValueError("interval_conv2d: the implicit GEMM needs groups == 1, numeric padding (or 'same' with an "
                          "even kernel span) and fewer than 2^31 pixels; use method='cudnn'")
-    methods = {"cudnn": functools.partial(_conv_cudnn, stride=stride, padding=padding, dilation=dilation,
-                                          groups=groups, relu=relu, precision=precision)}
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, relu=relu, precision=precision)
+    methods = {"cudnn": functools.partial(_conv_cudnn, **options), "torch": functools.partial(_conv_torch, **options)}
     if geometry is not None:
         methods["implicit_gemm"] = functools.partial(_conv_implicit_gemm, geometry=geometry, relu=relu,
                                                      precision=precision)
@@ -501,7 +490,7 @@ def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
             key = ("interval_conv2d", tuple(c.shape), tuple(r.shape), tuple(weight.shape), bias is not None,
                    scale is not None, relu, tuple(map(tuple, geometry)), c.dtype, precision, str(c.device),
                    _needs_grad(*tensors))
-            method = _choose_conv_method(key, methods, tensors, c.device)
+            method = _choose_conv_method(key, methods, tensors, precision, c.device)
     return methods[method](*tensors)
 
 
@@ -534,10 +523,11 @@ def _label_blocks(values: Tensor, labels: Tensor, classes: int) -> Tensor:
 
 
 def margins_grad(g: Tensor, c: Tensor, r: Tensor, weight: Tensor, labels: Tensor, eps: Optional[Tensor], l2: bool,
-                 needs: Tuple[bool, bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
-    """Gradients (c, r, weight, bias) of ``m[n, j] = D_nj · c_n + b_y - b_j - e_n f(D_nj, r)``,
+                 needs: Tuple[bool, ...]) -> Tuple[Optional[Tensor], ...]:
+    """Gradients (c, r, weight, bias, eps) of ``m[n, j] = D_nj · c_n + b_y - b_j - e_n f(D_nj, r)``,
     ``D_nj = W_y - W_j``, ``f = |D| · r`` (interval: r holds the radii of c's last rows) or
-    ``sqrt(D² · s2)`` (l2: r holds the squared scales, one row or one per row), given g = dL/dm (N, K).
+    ``sqrt(D² · s2)`` (l2: r holds the squared scales, one row or one per row; e = eps or 1), given
+    g = dL/dm (N, K); ``needs`` says which of the five are wanted (eps: l2 with eps only).
 
     Every radius term goes through the (K, K, F) tables ``W_y - W_j`` indexed by label, so the
     work is GEMMs of the rows against those tables, and no (rows, K, F) tensor is formed.
@@ -549,14 +539,16 @@ def margins_grad(g: Tensor, c: Tensor, r: Tensor, weight: Tensor, labels: Tensor
     d_w = torch.index_add(-(g.t() @ c), 0, labels, g_sum * c) if needs[2] else None
     d_b = torch.index_add(-g.sum(0), 0, labels, g_sum[:, 0]) if needs[3] else None
     rows, g_r = labels[n_points:], g[n_points:]
-    if not r.shape[0] or not (needs[1] or needs[2]):
-        return d_c, torch.zeros_like(r) if needs[1] else None, d_w, d_b
+    want_eps = l2 and eps is not None and len(needs) > 4 and needs[4]
+    if not r.shape[0] or not (needs[1] or needs[2] or want_eps):
+        return d_c, torch.zeros_like(r) if needs[1] else None, d_w, d_b, None
     diff = (weight[:, None, :] - weight[None]).reshape(classes * classes, -1)  # [y * K + j] = W_y - W_j
     if l2:
         squares = diff.square()
         spread = (r @ squares.t()).view(r.shape[0], classes, classes)  # (1 or R, K, K)
         spread = spread[0, rows] if r.shape[0] == 1 else spread[torch.arange(rows.shape[0], device=g.device), rows]
         e = eps[:, None] if eps is not None else g_r.new_ones(())
+        d_eps = -(g_r * spread.clamp_min(0).sqrt()).sum(1) if want_eps else None
         positive = spread > 0
         coeff = torch.where(positive, -g_r * e / torch.where(positive, spread, 1).sqrt(), 0)  # 2 d m / d spread
         blocks = _label_blocks(coeff, rows, classes)
@@ -565,19 +557,22 @@ def margins_grad(g: Tensor, c: Tensor, r: Tensor, weight: Tensor, labels: Tensor
             d_r = d_r.sum(0, keepdim=True)
         table = diff * (blocks.t() @ r.expand(rows.shape[0], -1))  # sum over rows of each label
     else:
+        d_eps = None
         blocks = _label_blocks(g_r, rows, classes)
         d_r = -(blocks @ diff.abs()) if needs[1] else None
         table = -diff.sign() * (blocks.t() @ r)
     if needs[2]:
         table = table.view(classes, classes, -1)  # [y, j]: summed over the rows of label y
         d_w = d_w - table.sum(0) + table.sum(1)
-    return d_c, d_r, d_w, d_b
+    return d_c, d_r, d_w, d_b, d_eps
 
 
 def _margins_grad(ctx, g):
     c, r, weight, bias, labels, eps = ctx.saved_tensors
-    needs = tuple(ctx.needs_input_grad[:3]) + (bias is not None and ctx.needs_input_grad[3],)
-    return (*margins_grad(g.contiguous(), c, r, weight, labels, eps, ctx.l2, needs), None, None, None)
+    need = ctx.needs_input_grad
+    needs = (need[0], need[1], need[2], bias is not None and need[3], eps is not None and need[5])
+    d_c, d_r, d_w, d_b, d_eps = margins_grad(g.contiguous(), c, r, weight, labels, eps, ctx.l2, needs)
+    return d_c, d_r, d_w, d_b, None, d_eps, None
 
 
 _margins.register_autograd(_margins_grad, setup_context=_margins_setup)
