@@ -140,6 +140,16 @@ def load(ptr, mask, FP64: tl.constexpr):
 
 
 @triton.jit
+def acc_zeros(SIZE: tl.constexpr, FP64: tl.constexpr):
+    """A [SIZE] accumulator of zeros in the compute type: float64 for float64 data, else float32."""
+    if FP64:
+        acc = tl.zeros([SIZE], dtype=tl.float64)
+    else:
+        acc = tl.zeros([SIZE], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
 def relu(x):
     """``max(x, 0)`` that keeps NaN, like torch.relu."""
     return tl.where(x < 0, 0.0, x)

@@ -14,7 +14,7 @@ from torch import Tensor
 from cure_fast import reference
 from cure_fast.functional import register
 
-from ._common import (acc_dtype, check_inputs, empty, interval_relu_grad, launch, library_op, load,
+from ._common import (acc_dtype, acc_zeros, check_inputs, empty, interval_relu_grad, launch, library_op, load,
                       sign, splits)
 from ._common import interval_relu as _relu
 
@@ -71,10 +71,7 @@ def _channel_affine_grad_kernel(c_ptr, r_ptr, c_out_ptr, r_out_ptr, gc_ptr, gr_p
     channel = tl.program_id(0)
     split = tl.program_id(1)
     s = load(scale_ptr + channel, True, FP64)
-    if FP64:
-        acc_s = tl.zeros([BLOCK], dtype=tl.float64)
-    else:
-        acc_s = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_s = acc_zeros(BLOCK, FP64)
     acc_t = tl.zeros_like(acc_s)
     end = tl.minimum(N, split * chunk + chunk) * inner
     for f0 in range(split * chunk * inner, end, BLOCK):
@@ -103,10 +100,7 @@ def _moments_kernel(x_ptr, shift_ptr, sum_ptr, sq_ptr, N, C, inner, chunk, FP64:
     channel = tl.program_id(0)
     split = tl.program_id(1)
     k = load(shift_ptr + channel, True, FP64)
-    if FP64:
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
-    else:
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = acc_zeros(BLOCK, FP64)
     acc_sq = tl.zeros_like(acc)
     end = tl.minimum(N, split * chunk + chunk) * inner
     for f0 in range(split * chunk * inner, end, BLOCK):
