@@ -31,28 +31,56 @@ inline unsigned int grid_size(int64_t n, int threads = kThreads) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Device helpers (only seen by nvcc).
+// Device helpers (only seen by nvcc). CURE_HOST_DEVICE marks the ones that the host emulation of
+// the GEMM kernels (tests/cuda_host, built with CURE_FAST_HOST_EMULATION defined) also calls on
+// the host; the device code is the same with or without it.
 #ifdef __CUDACC__
+#define CURE_HOST_DEVICE __host__ __device__
+
+// CURE_THREAD_INDEX is the thread's index in its block (threadIdx.x) and CURE_CHECK_ACCESS(p, write)
+// nothing, except in the host code of the host emulation build: there they are the thread being
+// emulated and a bounds check of the load (store: write) at p, both defined by the test. (Macros
+// rather than functions: device code sees the very same expressions, so its code stays the same.)
+#ifdef CURE_FAST_HOST_EMULATION
+namespace host_emulation {
+inline unsigned int thread_x = 0;
+void check_access(const void* p, size_t bytes, bool write);
+}  // namespace host_emulation
+#endif
+#if defined(CURE_FAST_HOST_EMULATION) && !defined(__CUDA_ARCH__)
+#define CURE_THREAD_INDEX (::cure_fast::host_emulation::thread_x)
+#define CURE_CHECK_ACCESS(p, write) ::cure_fast::host_emulation::check_access((p), sizeof(*(p)), (write))
+#else
+#define CURE_THREAD_INDEX threadIdx.x
+#define CURE_CHECK_ACCESS(p, write) ((void)0)
+#endif
+
 // Compute type: float for every storage type except double.
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-__device__ __forceinline__ float load(const float* p) { return *p; }
-__device__ __forceinline__ double load(const double* p) { return *p; }
-__device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat162float(*p); }
+CURE_HOST_DEVICE __forceinline__ float load(const float* p) { CURE_CHECK_ACCESS(p, false); return *p; }
+CURE_HOST_DEVICE __forceinline__ double load(const double* p) { CURE_CHECK_ACCESS(p, false); return *p; }
+CURE_HOST_DEVICE __forceinline__ float load(const __half* p) { CURE_CHECK_ACCESS(p, false); return __half2float(*p); }
+CURE_HOST_DEVICE __forceinline__ float load(const __nv_bfloat16* p) {
+  CURE_CHECK_ACCESS(p, false);
+  return __bfloat162float(*p);
+}
 
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+CURE_HOST_DEVICE __forceinline__ void store(float* p, float v) { CURE_CHECK_ACCESS(p, true); *p = v; }
+CURE_HOST_DEVICE __forceinline__ void store(double* p, double v) { CURE_CHECK_ACCESS(p, true); *p = v; }
+CURE_HOST_DEVICE __forceinline__ void store(__half* p, float v) { CURE_CHECK_ACCESS(p, true); *p = __float2half_rn(v); }
+CURE_HOST_DEVICE __forceinline__ void store(__nv_bfloat16* p, float v) {
+  CURE_CHECK_ACCESS(p, true);
+  *p = __float2bfloat16_rn(v);
+}
 
 // max(x, 0) that keeps NaN, like torch.relu.
-template <typename A> __device__ __forceinline__ A relu(A x) { return x < A(0) ? A(0) : x; }
-__device__ __forceinline__ float absval(float x) { return fabsf(x); }
-__device__ __forceinline__ double absval(double x) { return fabs(x); }
+template <typename A> CURE_HOST_DEVICE __forceinline__ A relu(A x) { return x < A(0) ? A(0) : x; }
+CURE_HOST_DEVICE __forceinline__ float absval(float x) { return fabsf(x); }
+CURE_HOST_DEVICE __forceinline__ double absval(double x) { return fabs(x); }
 // sign(x) in {-1, 0, 1}, like torch.sgn: the derivative of |x| that autograd uses.
-template <typename A> __device__ __forceinline__ A sign(A x) { return A((x > A(0)) - (x < A(0))); }
+template <typename A> CURE_HOST_DEVICE __forceinline__ A sign(A x) { return A((x > A(0)) - (x < A(0))); }
 #endif
 
 // ---------------------------------------------------------------------------------------------

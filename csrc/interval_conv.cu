@@ -18,6 +18,14 @@
 #include "interval_gemm.cuh"
 
 namespace cure_fast {
+
+#ifdef CURE_FAST_HOST_EMULATION
+namespace host_emulation {
+// Host emulation build: sum_splits_kernel below, run on the host (defined by the test).
+template <typename T, typename A> void sum_splits(const A* workspace, T* out, int64_t size, int64_t splits);
+}  // namespace host_emulation
+#endif
+
 namespace {
 
 using gemm::SecondB;
@@ -67,16 +75,16 @@ template <typename T_, bool PIXEL_IS_X> struct Im2col {
     int h, w;
   };
 
-  __device__ Pixel pixel(int64_t m) const {
+  CURE_HOST_DEVICE Pixel pixel(int64_t m) const {
     const uint32_t i = static_cast<uint32_t>(m), n = pq.div(i), s = i - n * pq.d, p = q.div(s), qq = s - p * q.d;
     return {(static_cast<int64_t>(n) - n_lo) * sample_stride, static_cast<int>(p) * sh - ph,
             static_cast<int>(qq) * sw - pw, static_cast<int64_t>(n) >= n_lo};
   }
-  __device__ Tap tap(int64_t k) const {
+  CURE_HOST_DEVICE Tap tap(int64_t k) const {
     const uint32_t i = static_cast<uint32_t>(k), ci = khw.div(i), t = i - ci * khw.d, r = kw.div(t), s = t - r * kw.d;
     return {static_cast<int64_t>(ci) * plane, static_cast<int>(r) * dh, static_cast<int>(s) * dw};
   }
-  __device__ A at(const Pixel& px, const Tap& tp) const {
+  CURE_HOST_DEVICE A at(const Pixel& px, const Tap& tp) const {
     const int h = px.h + tp.h, w = px.w + tp.w;
     if (!px.ok || static_cast<unsigned>(h) >= static_cast<unsigned>(height) ||
         static_cast<unsigned>(w) >= static_cast<unsigned>(width))
@@ -84,15 +92,15 @@ template <typename T_, bool PIXEL_IS_X> struct Im2col {
     return load(x + px.off + tp.off + static_cast<int64_t>(h) * width + w);
   }
 
-  __device__ bool k_fast() const { return !PIXEL_IS_X; }  // image rows run along the pixels
-  __device__ auto xpart(int64_t i) const {
+  CURE_HOST_DEVICE bool k_fast() const { return !PIXEL_IS_X; }  // image rows run along the pixels
+  CURE_HOST_DEVICE auto xpart(int64_t i) const {
     if constexpr (PIXEL_IS_X) return pixel(i); else return tap(i);
   }
-  __device__ auto kpart(int64_t i) const {
+  CURE_HOST_DEVICE auto kpart(int64_t i) const {
     if constexpr (PIXEL_IS_X) return tap(i); else return pixel(i);
   }
-  __device__ A get(const Pixel& px, const Tap& tp) const { return at(px, tp); }
-  __device__ A get(const Tap& tp, const Pixel& px) const { return at(px, tp); }
+  CURE_HOST_DEVICE A get(const Pixel& px, const Tap& tp) const { return at(px, tp); }
+  CURE_HOST_DEVICE A get(const Tap& tp, const Pixel& px) const { return at(px, tp); }
 };
 
 // The output gradient g (samples, O, P, Q) read as the A operand of the input gradient: pixel
@@ -116,17 +124,17 @@ template <typename T_> struct Col2im {
     int h, w;
   };
 
-  __device__ bool k_fast() const { return false; }  // gradient rows run along the pixels
-  __device__ Pixel xpart(int64_t m) const {
+  CURE_HOST_DEVICE bool k_fast() const { return false; }  // gradient rows run along the pixels
+  CURE_HOST_DEVICE Pixel xpart(int64_t m) const {
     const uint32_t i = static_cast<uint32_t>(m), n = hw.div(i), s = i - n * hw.d, y = w.div(s), x = s - y * w.d;
     return {(static_cast<int64_t>(n) - n_lo) * sample_stride, static_cast<int>(y) + ph, static_cast<int>(x) + pw,
             static_cast<int64_t>(n) >= n_lo};
   }
-  __device__ Tap kpart(int64_t k) const {
+  CURE_HOST_DEVICE Tap kpart(int64_t k) const {
     const uint32_t i = static_cast<uint32_t>(k), o = khw.div(i), t = i - o * khw.d, r = kw.div(t), s = t - r * kw.d;
     return {static_cast<int64_t>(o) * plane, static_cast<int>(r) * dh, static_cast<int>(s) * dw};
   }
-  __device__ A get(const Pixel& px, const Tap& tp) const {
+  CURE_HOST_DEVICE A get(const Pixel& px, const Tap& tp) const {
     const int th = px.h - tp.h, tw = px.w - tp.w;  // p * sh and q * sw when the tap lands on (h, w)
     if (!px.ok || th < 0 || tw < 0) return A(0);
     const uint32_t p = sh.div(static_cast<uint32_t>(th)), q = sw.div(static_cast<uint32_t>(tw));
@@ -147,13 +155,13 @@ template <typename T_> struct WeightByOut {
   struct Part {
     int64_t off;
   };
-  __device__ bool k_fast() const { return true; }
-  __device__ Part xpart(int64_t ci) const { return {ci * taps}; }
-  __device__ Part kpart(int64_t k) const {
+  CURE_HOST_DEVICE bool k_fast() const { return true; }
+  CURE_HOST_DEVICE Part xpart(int64_t ci) const { return {ci * taps}; }
+  CURE_HOST_DEVICE Part kpart(int64_t k) const {
     const uint32_t i = static_cast<uint32_t>(k), o = khw.div(i);
     return {static_cast<int64_t>(o) * per_out + (i - o * khw.d)};
   }
-  __device__ typename Acc<T>::type get(const Part& x, const Part& k) const { return load(w + x.off + k.off); }
+  CURE_HOST_DEVICE typename Acc<T>::type get(const Part& x, const Part& k) const { return load(w + x.off + k.off); }
 };
 
 // The output gradient read as the A operand of the weight gradient: element (x = o, k = (n, p, q)
@@ -171,13 +179,13 @@ template <typename T_> struct GradRows {
     int64_t off;
     bool ok;
   };
-  __device__ bool k_fast() const { return true; }
-  __device__ XPart xpart(int64_t o) const { return {o * plane}; }
-  __device__ KPart kpart(int64_t k) const {
+  CURE_HOST_DEVICE bool k_fast() const { return true; }
+  CURE_HOST_DEVICE XPart xpart(int64_t o) const { return {o * plane}; }
+  CURE_HOST_DEVICE KPart kpart(int64_t k) const {
     const uint32_t i = static_cast<uint32_t>(k), n = pq.div(i);
     return {(static_cast<int64_t>(n) - n_lo) * sample_stride + (i - n * pq.d), static_cast<int64_t>(n) >= n_lo};
   }
-  __device__ A get(const XPart& x, const KPart& k) const { return k.ok ? A(load(g + x.off + k.off)) : A(0); }
+  CURE_HOST_DEVICE A get(const XPart& x, const KPart& k) const { return k.ok ? A(load(g + x.off + k.off)) : A(0); }
 };
 
 // NCHW outputs of the forward and of the input gradient: row m = (n, pixel), column ch. out1 / pre1
@@ -192,7 +200,8 @@ template <typename T> struct ConvStore {
   int64_t channels = 0, pixels = 0, n_lo = 0;
   Divmod per_sample;  // divisor pixels
 
-  template <typename A> __device__ __forceinline__ void operator()(int64_t m, int64_t ch, int, A acc1, A acc2) const {
+  template <typename A>
+  CURE_HOST_DEVICE __forceinline__ void operator()(int64_t m, int64_t ch, int, A acc1, A acc2) const {
     const int64_t n = per_sample.div(static_cast<uint32_t>(m));
     const int64_t idx = (n * channels + ch) * pixels + (m - n * pixels);
     const bool has_r = out2 != nullptr && n >= n_lo;
@@ -216,7 +225,8 @@ template <typename T> struct L2Store {
   int64_t channels = 0, pixels = 0, n_lo = 0;
   Divmod per_sample;  // divisor pixels
 
-  template <typename A> __device__ __forceinline__ void operator()(int64_t m, int64_t ch, int, A acc1, A acc2) const {
+  template <typename A>
+  CURE_HOST_DEVICE __forceinline__ void operator()(int64_t m, int64_t ch, int, A acc1, A acc2) const {
     const int64_t n = per_sample.div(static_cast<uint32_t>(m));
     const int64_t idx = (n * channels + ch) * pixels + (m - n * pixels);
     store(centre + idx, bias != nullptr ? acc1 + A(load(bias + ch)) : acc1);
@@ -235,11 +245,11 @@ template <typename T> struct WgradStore {
   A* workspace = nullptr;
   int64_t cols = 0, size = 0;  // C*KH*KW, O*C*KH*KW
 
-  __device__ __forceinline__ void operator()(int64_t m, int64_t n, int z, A acc1, A acc2) const {
+  CURE_HOST_DEVICE __forceinline__ void operator()(int64_t m, int64_t n, int z, A acc1, A acc2) const {
     const int64_t idx = m * cols + n;
     const A v = acc1 + sign(A(load(weight + idx))) * acc2;
     if (workspace != nullptr) {
-      workspace[z * size + idx] = v;
+      store(workspace + z * size + idx, v);
     } else {
       store(out + idx, v);
     }
@@ -416,8 +426,12 @@ void interval_conv2d_grad_weight_cuda(const ConvGeometry& g, int64_t radius_rows
   p.epi.workspace = split.splits > 1 ? workspace : nullptr;
   gemm::run(p, mode, stream);
   if (split.splits > 1 && p.epi.size > 0) {
+#ifdef CURE_FAST_HOST_EMULATION
+    host_emulation::sum_splits(workspace, d_w, p.epi.size, split.splits);
+#else
     sum_splits_kernel<T, A><<<grid_size(p.epi.size), kThreads, 0, stream>>>(workspace, d_w, p.epi.size, split.splits);
     CURE_CUDA_CHECK(cudaGetLastError());
+#endif
   }
 }
 

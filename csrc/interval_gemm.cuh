@@ -37,6 +37,15 @@
 #include "common.h"
 
 namespace cure_fast {
+
+#ifdef CURE_FAST_HOST_EMULATION
+namespace host_emulation {
+// Host emulation build: the kernel launches of run() below run the kernel's block schedule on the
+// host instead (defined by the test, tests/cuda_host/emulate.h).
+template <class P> void launch(const P& p, dim3 grid, MathMode mode);
+}  // namespace host_emulation
+#endif
+
 namespace gemm {
 
 // Where the second product's B operand comes from.
@@ -66,10 +75,10 @@ struct Problem {
 template <typename T_> struct NoOperand {
   using T = T_;
   struct Part {};
-  __device__ bool k_fast() const { return true; }
-  __device__ Part xpart(int64_t) const { return {}; }
-  __device__ Part kpart(int64_t) const { return {}; }
-  __device__ typename Acc<T>::type get(Part, Part) const { return 0; }
+  CURE_HOST_DEVICE bool k_fast() const { return true; }
+  CURE_HOST_DEVICE Part xpart(int64_t) const { return {}; }
+  CURE_HOST_DEVICE Part kpart(int64_t) const { return {}; }
+  CURE_HOST_DEVICE typename Acc<T>::type get(Part, Part) const { return 0; }
 };
 
 // A strided matrix: element (x, k) at p[(x - x_lo) * sx + (k - k_lo) * sk] for x >= x_lo and
@@ -82,10 +91,10 @@ template <typename T_> struct Strided {
     int64_t off;
     bool ok;
   };
-  __device__ bool k_fast() const { return sk == 1; }
-  __device__ Part xpart(int64_t x) const { return {(x - x_lo) * sx, x >= x_lo}; }
-  __device__ Part kpart(int64_t k) const { return {(k - k_lo) * sk, k >= k_lo}; }
-  __device__ typename Acc<T>::type get(const Part& x, const Part& k) const {
+  CURE_HOST_DEVICE bool k_fast() const { return sk == 1; }
+  CURE_HOST_DEVICE Part xpart(int64_t x) const { return {(x - x_lo) * sx, x >= x_lo}; }
+  CURE_HOST_DEVICE Part kpart(int64_t k) const { return {(k - k_lo) * sk, k >= k_lo}; }
+  CURE_HOST_DEVICE typename Acc<T>::type get(const Part& x, const Part& k) const {
     using A = typename Acc<T>::type;
     return x.ok && k.ok ? A(load(p + x.off + k.off)) : A(0);
   }
@@ -98,7 +107,7 @@ template <typename T> struct Affine {
   const T* scale = nullptr;
   const T* shift = nullptr;
   bool relu = false;
-  template <typename A> __device__ __forceinline__ void operator()(int64_t ch, bool has_r, A& zc, A& zr) const {
+  template <typename A> CURE_HOST_DEVICE __forceinline__ void operator()(int64_t ch, bool has_r, A& zc, A& zr) const {
     if (bias != nullptr) zc += A(load(bias + ch));
     if (scale != nullptr) {
       const A s = load(scale + ch);
@@ -123,10 +132,10 @@ template <typename T> struct Affine {
 // the WMMA kernel (TF32 values are kept in float storage, rounded).
 template <typename S, MathMode MODE> struct ToSmem;
 template <> struct ToSmem<float, MathMode::kFma> {
-  __device__ static float cvt(float v) { return v; }
+  CURE_HOST_DEVICE static float cvt(float v) { return v; }
 };
 template <> struct ToSmem<double, MathMode::kFma> {
-  __device__ static double cvt(double v) { return v; }
+  CURE_HOST_DEVICE static double cvt(double v) { return v; }
 };
 template <> struct ToSmem<float, MathMode::kTf32> {
   __device__ static float cvt(float v) {
@@ -146,7 +155,7 @@ template <> struct ToSmem<__half, MathMode::kHalf> {
 
 // Stores v at dst[i], and v² at sq[i] when sq is given.
 template <MathMode MODE, typename S, typename A>
-__device__ __forceinline__ void put(S* dst, S* sq, int i, A v) {
+CURE_HOST_DEVICE __forceinline__ void put(S* dst, S* sq, int i, A v) {
   dst[i] = ToSmem<S, MODE>::cvt(v);
   if (sq != nullptr) sq[i] = ToSmem<S, MODE>::cvt(v * v);
 }
@@ -156,29 +165,29 @@ __device__ __forceinline__ void put(S* dst, S* sq, int i, A v) {
 // or k0 + k >= k_end are 0. Consecutive threads walk the operand's contiguous dimension (coalesced
 // loads); each thread keeps one coordinate of it, decomposed once, and walks the other dimension.
 template <int TX, int TK, int NT, MathMode MODE, typename S, class Op>
-__device__ __forceinline__ void load_tile(S* dst, S* sq, int dx, int dk, const Op& op, int64_t x0, int64_t k0,
-                                          int64_t x_end, int64_t k_end) {
+CURE_HOST_DEVICE __forceinline__ void load_tile(S* dst, S* sq, int dx, int dk, const Op& op, int64_t x0,
+                                                int64_t k0, int64_t x_end, int64_t k_end) {
   static_assert(NT % TX == 0 && NT % TK == 0 && (TX * TK) % NT == 0, "tile and thread counts do not match");
   using A = typename Acc<typename Op::T>::type;
   constexpr int kIters = TX * TK / NT;
   if (op.k_fast()) {
-    const int k = threadIdx.x % TK;
+    const int k = CURE_THREAD_INDEX % TK;
     const bool k_in = k0 + k < k_end;
     const auto kp = op.kpart(k_in ? k0 + k : k0);
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
-      const int x = threadIdx.x / TK + i * (NT / TK);
+      const int x = CURE_THREAD_INDEX / TK + i * (NT / TK);
       A v = 0;
       if (k_in && x0 + x < x_end) v = op.get(op.xpart(x0 + x), kp);
       put<MODE>(dst, sq, x * dx + k * dk, v);
     }
   } else {
-    const int x = threadIdx.x % TX;
+    const int x = CURE_THREAD_INDEX % TX;
     const bool x_in = x0 + x < x_end;
     const auto xp = op.xpart(x_in ? x0 + x : x0);
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
-      const int k = threadIdx.x / TX + i * (NT / TX);
+      const int k = CURE_THREAD_INDEX / TX + i * (NT / TX);
       A v = 0;
       if (x_in && k0 + k < k_end) v = op.get(xp, op.kpart(k0 + k));
       put<MODE>(dst, sq, x * dx + k * dk, v);
@@ -414,8 +423,13 @@ __global__ void __launch_bounds__(WNT) wmma_kernel(const P p) {
 // std::invalid_argument for a mode the dtype does not have or a grid that does not fit.
 template <class P, MathMode MODE>
 void launch_wmma(const P& p, dim3 grid, cudaStream_t stream) {
+#ifdef CURE_FAST_HOST_EMULATION
+  host_emulation::launch(p, grid, MODE);
+  (void)stream;
+#else
   wmma_kernel<P, MODE><<<grid, WNT, 0, stream>>>(p);
   CURE_CUDA_CHECK(cudaGetLastError());
+#endif
 }
 
 template <class P>
@@ -431,8 +445,12 @@ void run(P p, MathMode mode, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned int>((p.M + FBM - 1) / FBM), static_cast<unsigned int>((p.N + FBN - 1) / FBN),
                   static_cast<unsigned int>(splits));
   if (mode == MathMode::kFma) {
+#ifdef CURE_FAST_HOST_EMULATION
+    host_emulation::launch(p, grid, mode);
+#else
     fma_kernel<P><<<grid, FNT, 0, stream>>>(p);
     CURE_CUDA_CHECK(cudaGetLastError());
+#endif
     return;
   }
   if constexpr (std::is_same_v<T, float>) {

@@ -16,7 +16,8 @@ namespace {
 // The epilogue of GemmParams for output (m, n) of a row-major [M, N] result.
 template <typename T> struct LinearEpilogue {
   GemmParams<T> p;
-  template <typename A> __device__ __forceinline__ void operator()(int64_t m, int64_t n, int, A acc1, A acc2) const {
+  template <typename A>
+  CURE_HOST_DEVICE __forceinline__ void operator()(int64_t m, int64_t n, int, A acc1, A acc2) const {
     const int64_t idx = m * p.N + n;
     if (p.sign_of != nullptr) {  // weight-gradient mode
       store(p.out1 + idx, acc1 + sign(A(load(p.sign_of + idx))) * acc2);
