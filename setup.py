@@ -5,36 +5,19 @@ message otherwise. CURE_FAST_BUILD_CUDA=0 skips it, =1 requires it; TORCH_CUDA_A
 (default "8.0;9.0") and MAX_JOBS (default 2) are passed on to torch.utils.cpp_extension.
 """
 import glob
+import importlib.util
 import os
-import re
-import shutil
 
 from setuptools import find_packages, setup
 
 
-def _is_toolkit(path):
-    return os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
-        os.path.join(path, "include", "cuda_runtime.h"))
-
-
-def _cuda_home():
-    """The CUDA toolkit folder, or None: $CUDA_HOME / $CUDA_PATH, else the toolkit of the nvcc on PATH
-    (through symlinks and `exec /path/to/nvcc` wrapper scripts), else /usr/local/cuda*."""
-    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if env:
-        return env if _is_toolkit(env) else None
-    candidates = []
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        nvcc = os.path.realpath(nvcc)
-        candidates.append(os.path.dirname(os.path.dirname(nvcc)))
-        with open(nvcc, "rb") as f:
-            head = f.read(4096)
-        if head.startswith(b"#!"):
-            found = re.findall(rb"(/\S+)/bin/nvcc\b", head)
-            candidates += [os.path.realpath(p.decode()) for p in found]
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    return next((path for path in candidates if _is_toolkit(path)), None)
+def _load_toolkit():
+    """cure_fast/_toolkit.py, loaded by path (the package is not importable before it is built)."""
+    spec = importlib.util.spec_from_file_location(
+        "cure_fast_toolkit", os.path.join(os.path.dirname(os.path.abspath(__file__)), "cure_fast", "_toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _cuda_extension():
@@ -45,7 +28,7 @@ def _cuda_extension():
         return [], {}
     import torch
 
-    home = _cuda_home()
+    home = _load_toolkit().cuda_home()
     if torch.version.cuda is None:
         reason = f"torch {torch.__version__} is not a CUDA build"
     elif home is None:

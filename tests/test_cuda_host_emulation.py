@@ -10,11 +10,8 @@ first layer and the linear problem. The arithmetic of the kernels (FMA, tensor c
 covered; test_cuda_ops.py does that on a GPU.
 """
 import ctypes
-import glob
 import os
 import random
-import re
-import shutil
 import subprocess
 import time
 from typing import NamedTuple
@@ -23,35 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cure_fast._toolkit import cuda_home
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(ROOT, "tests", "cuda_host", "harness.cu")
 RTOL = 1e-10
 SCHEDULES = {"fma": 1, "wmma": 2}  # host_emulation::Schedule
 F64 = torch.float64
-
-
-def _is_toolkit(path):
-    return os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
-        os.path.join(path, "include", "cuda_runtime.h"))
-
-
-def _cuda_home():
-    """The CUDA toolkit folder, found like setup.py does: $CUDA_HOME / $CUDA_PATH, else the toolkit of
-    the nvcc on PATH (through symlinks and `exec /path/to/nvcc` wrapper scripts), else /usr/local/cuda*."""
-    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if env:
-        return env if _is_toolkit(env) else None
-    candidates = []
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        nvcc = os.path.realpath(nvcc)
-        candidates.append(os.path.dirname(os.path.dirname(nvcc)))
-        with open(nvcc, "rb") as f:
-            head = f.read(4096)
-        if head.startswith(b"#!"):
-            candidates += [os.path.realpath(p.decode()) for p in re.findall(rb"(/\S+)/bin/nvcc\b", head)]
-    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    return next((path for path in candidates if _is_toolkit(path)), None)
 
 
 class Emulator:
@@ -111,7 +86,7 @@ def ptr(t):
 
 @pytest.fixture(scope="session")
 def emu(tmp_path_factory):
-    home = _cuda_home()
+    home = cuda_home()
     if home is None:
         pytest.skip("no CUDA toolkit (bin/nvcc and include/cuda_runtime.h) in $CUDA_HOME, $CUDA_PATH, beside the "
                     "nvcc on PATH or in /usr/local/cuda*: the host emulation is compiled with nvcc")
