@@ -188,6 +188,22 @@ template <typename T_> struct GradRows {
   CURE_HOST_DEVICE A get(const XPart& x, const KPart& k) const { return k.ok ? A(load(g + x.off + k.off)) : A(0); }
 };
 
+// Where GEMM output (m, ch) lives in NCHW tensors, m = (sample n, pixel): idx in a tensor of every
+// sample, idx - first in one of the samples n >= n_lo only (first = n_lo * channels * pixels).
+struct NchwRows {
+  int64_t channels = 0, pixels = 0, n_lo = 0;
+  Divmod per_sample;  // divisor pixels
+
+  NchwRows() = default;
+  NchwRows(int64_t channels_, int64_t pixels_, int64_t n_lo_)
+      : channels(channels_), pixels(pixels_), n_lo(n_lo_), per_sample(Divmod(pixels_)) {}
+  CURE_HOST_DEVICE __forceinline__ int64_t sample(int64_t m) const { return per_sample.div(static_cast<uint32_t>(m)); }
+  CURE_HOST_DEVICE __forceinline__ int64_t index(int64_t n, int64_t m, int64_t ch) const {
+    return (n * channels + ch) * pixels + (m - n * pixels);
+  }
+  CURE_HOST_DEVICE __forceinline__ int64_t first() const { return n_lo * channels * pixels; }
+};
+
 // NCHW outputs of the forward and of the input gradient: row m = (n, pixel), column ch. out1 / pre1
 // hold every sample, out2 / pre2 the samples n >= n_lo (at n - n_lo); the Affine epilogue runs
 // between the accumulators (pre*) and the outputs.
@@ -197,15 +213,14 @@ template <typename T> struct ConvStore {
   T* pre1 = nullptr;
   T* pre2 = nullptr;
   gemm::Affine<T> affine;
-  int64_t channels = 0, pixels = 0, n_lo = 0;
-  Divmod per_sample;  // divisor pixels
+  NchwRows rows;
 
   template <typename A>
   CURE_HOST_DEVICE __forceinline__ void operator()(int64_t m, int64_t ch, int, A acc1, A acc2) const {
-    const int64_t n = per_sample.div(static_cast<uint32_t>(m));
-    const int64_t idx = (n * channels + ch) * pixels + (m - n * pixels);
-    const bool has_r = out2 != nullptr && n >= n_lo;
-    const int64_t idx2 = idx - n_lo * channels * pixels;
+    const int64_t n = rows.sample(m);
+    const int64_t idx = rows.index(n, m, ch);
+    const bool has_r = out2 != nullptr && n >= rows.n_lo;
+    const int64_t idx2 = idx - rows.first();
     if (pre1 != nullptr) store(pre1 + idx, acc1);
     if (has_r && pre2 != nullptr) store(pre2 + idx2, acc2);
     A zc = acc1, zr = acc2;
@@ -222,17 +237,16 @@ template <typename T> struct L2Store {
   T* radius = nullptr;
   const T* bias = nullptr;
   const T* eps = nullptr;
-  int64_t channels = 0, pixels = 0, n_lo = 0;
-  Divmod per_sample;  // divisor pixels
+  NchwRows rows;
 
   template <typename A>
   CURE_HOST_DEVICE __forceinline__ void operator()(int64_t m, int64_t ch, int, A acc1, A acc2) const {
-    const int64_t n = per_sample.div(static_cast<uint32_t>(m));
-    const int64_t idx = (n * channels + ch) * pixels + (m - n * pixels);
+    const int64_t n = rows.sample(m);
+    const int64_t idx = rows.index(n, m, ch);
     store(centre + idx, bias != nullptr ? acc1 + A(load(bias + ch)) : acc1);
-    if (n < n_lo) return;
-    const A e = eps != nullptr ? A(load(eps + (n - n_lo))) : A(1);
-    store(radius + idx - n_lo * channels * pixels, e * sqrt(acc2));
+    if (n < rows.n_lo) return;
+    const A e = eps != nullptr ? A(load(eps + (n - rows.n_lo))) : A(1);
+    store(radius + idx - rows.first(), e * sqrt(acc2));
   }
 };
 
@@ -324,8 +338,7 @@ template <typename T> GradRows<T> grad_rows(const ConvGeometry& g, const T* grad
 template <typename T> ConvStore<T> conv_store(T* out1, T* out2, int64_t channels, int64_t pixels, int64_t n_lo) {
   ConvStore<T> s;
   s.out1 = out1, s.out2 = out2;
-  s.channels = channels, s.pixels = pixels, s.n_lo = n_lo;
-  s.per_sample = Divmod(pixels);
+  s.rows = NchwRows(channels, pixels, n_lo);
   return s;
 }
 
@@ -383,8 +396,7 @@ void l2_conv2d_forward_cuda(const ConvGeometry& g, int64_t radius_rows, const T*
   p.b = {weight, taps(g), 1, 0, 0};
   p.a2 = im2col<T, true>(g, s2, n_lo, s2_shared ? 0 : image);
   p.epi.centre = centre, p.epi.radius = radius, p.epi.bias = bias, p.epi.eps = eps;
-  p.epi.channels = g.out_channels, p.epi.pixels = pixels_out(g), p.epi.n_lo = n_lo;
-  p.epi.per_sample = Divmod(pixels_out(g));
+  p.epi.rows = NchwRows(g.out_channels, pixels_out(g), n_lo);
   gemm::run(p, mode, stream);
 }
 
