@@ -7,14 +7,20 @@
 //   forward  rows m = (n, p, q) over N*P*Q, columns o, reduction k = (ci, kh, kw) over C*KH*KW:
 //            A[m, k] = c[n, ci, p*sh - ph + kh*dh, q*sw - pw + kw*dw]  (0 outside the image)
 //            B[k, o] = W[o, ci, kh, kw] = W_flat[o * C*KH*KW + k]
-//   dgrad    rows m = (n, h, w) over N*H*W, columns ci, reduction k = (o, kh, kw) over O*KH*KW:
-//            A[m, k] = g[n, o, p, q] where p*sh = h + ph - kh*dh, q*sw = w + pw - kw*dw exactly,
-//                      0 <= p < P, 0 <= q < Q (the outputs whose window puts tap (kh, kw) on
-//                      (h, w)); 0 otherwise
+//   dgrad    one GEMM per stride phase (ah, aw) in [0, sh) x [0, sw): rows m = (n, u, v) over the
+//            input pixels h = ah + sh*u, w = aw + sw*v; columns ci; reduction k = (o, jh, jw) over
+//            the taps that reach those pixels, kh = kh0 + jh*tsh (kh*dh = ah + ph mod sh; tsh =
+//            sh / gcd(sh, dh)), likewise kw:
+//            A[m, k] = g[n, o, p, q], p = (h + ph - kh*dh) / sh (exact by the choice of taps),
+//                      q likewise; 0 unless 0 <= p < P, 0 <= q < Q
 //            B[k, ci] = W[o, ci, kh, kw]
+//            (the sub-pixel decomposition: no product with the zeros a strided convolution's
+//            adjoint would otherwise insert; stride 1 is one phase with every tap)
 //   wgrad    rows o, columns x = (ci, kh, kw), reduction k = (n, p, q) over N*P*Q:
 //            A[o, k] = g[n, o, p, q], B[k, x] = the forward's A[(n, p, q), x]
 // The second products read the radius samples through the same maps with n >= n_lo only.
+#include <numeric>
+
 #include "interval_gemm.cuh"
 
 namespace cure_fast {
@@ -33,11 +39,12 @@ using gemm::SecondB;
 // Division by a divisor d >= 1 fixed at launch, for 32-bit dividends, as a multiply-high and two
 // shifts (Granlund & Montgomery, "Division by invariant integers using multiplication", 1994,
 // fig. 4.1): l = ceil(log2 d), mul = floor(2^32 (2^l - d) / d) + 1, t = mulhi(n, mul),
-// n / d = (t + ((n - t) >> min(l, 1))) >> max(l - 1, 0).
+// n / d = (t + ((n - t) >> min(l, 1))) >> max(l - 1, 0). The divisor of an empty extent (0, never
+// divided by) is taken as 1.
 struct Divmod {
   uint32_t d = 1, mul = 1, s1 = 0, s2 = 0;
   Divmod() = default;
-  explicit Divmod(int64_t divisor) : d(static_cast<uint32_t>(divisor)) {
+  explicit Divmod(int64_t divisor) : d(static_cast<uint32_t>(divisor > 1 ? divisor : 1)) {
     uint32_t l = 0;
     while ((uint64_t(1) << l) < d) ++l;
     mul = static_cast<uint32_t>((uint64_t(1) << 32) * ((uint64_t(1) << l) - d) / d + 1);
@@ -103,63 +110,92 @@ template <typename T_, bool PIXEL_IS_X> struct Im2col {
   CURE_HOST_DEVICE A get(const Tap& tp, const Pixel& px) const { return at(px, tp); }
 };
 
-// The output gradient g (samples, O, P, Q) read as the A operand of the input gradient: pixel
-// (n, h, w) over N*H*W, tap (o, kh, kw) over O*KH*KW, element g[n - n_lo, o, p, q] where
-// p*sh = h + ph - kh*dh and q*sw = w + pw - kw*dw are exact multiples with 0 <= p < P, 0 <= q < Q;
-// 0 otherwise and for samples n < n_lo.
+// One axis of a stride phase of the input gradient: the input pixels a + s*u (u < pixels) and the
+// taps kh = tap0 + j*tap_step (j < taps) that reach them, those with kh*d = a + pad (mod s). Tap j
+// reaches pixel a + s*u from output p = u + out0 - j*out_step exactly (out0 = (a + pad -
+// tap0*d) / s, out_step = tap_step*d / s).
+struct PhaseAxis {
+  int64_t pixels = 0;
+  int tap0 = 0, tap_step = 1, taps = 0, out0 = 0, out_step = 0;
+};
+
+PhaseAxis phase_axis(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dil, int64_t a) {
+  PhaseAxis ax;
+  ax.pixels = size > a ? (size - a + stride - 1) / stride : 0;
+  ax.tap_step = static_cast<int>(stride / std::gcd(stride, dil));
+  ax.out_step = static_cast<int>(ax.tap_step * dil / stride);
+  for (int64_t k = 0; k < kernel && k < ax.tap_step; ++k) {
+    if ((a + pad - k * dil) % stride == 0) {  // the first tap of the residue class
+      ax.tap0 = static_cast<int>(k);
+      ax.taps = static_cast<int>((kernel - 1 - k) / ax.tap_step + 1);
+      ax.out0 = static_cast<int>((a + pad - k * dil) / stride);
+      break;
+    }
+  }
+  return ax;
+}
+
+// The output gradient g (samples, O, P, Q) read as the A operand of one phase of the input
+// gradient: pixel (n, u, v) over N * pixels_h * pixels_w, tap (o, jh, jw) over O * taps_h * taps_w,
+// element g[n - n_lo, o, u + out0_h - jh*out_step_h, v + out0_w - jw*out_step_w]; 0 outside the
+// output and for samples n < n_lo.
 template <typename T_> struct Col2im {
   using T = T_;
   using A = typename Acc<T>::type;
   const T* g = nullptr;
   int64_t n_lo = 0, sample_stride = 0, plane = 0;  // sample_stride = O*P*Q, plane = P*Q
-  int out_h = 0, out_w = 0, ph = 0, pw = 0, dh = 1, dw = 1;
-  Divmod hw, w, khw, kw, sh, sw;  // divisors H*W, W, KH*KW, KW, the strides
-  struct Pixel {                  // sample offset, h + ph, w + pw
+  int out_h = 0, out_w = 0, p0 = 0, q0 = 0, p_step = 0, q_step = 0;
+  Divmod per_sample, per_row, per_out, per_tap_row;  // divisors: the phase's pixels, its row length, its taps per
+                                                     // output channel, its taps per kernel row
+  struct Pixel {  // sample offset, output row / column of tap (0, 0)
     int64_t off;
-    int h, w;
+    int p, q;
     bool ok;
   };
-  struct Tap {  // o * P*Q, kh*dh, kw*dw
+  struct Tap {  // o * P*Q, output row / column offset of the tap
     int64_t off;
-    int h, w;
+    int p, q;
   };
 
   CURE_HOST_DEVICE bool k_fast() const { return false; }  // gradient rows run along the pixels
   CURE_HOST_DEVICE Pixel xpart(int64_t m) const {
-    const uint32_t i = static_cast<uint32_t>(m), n = hw.div(i), s = i - n * hw.d, y = w.div(s), x = s - y * w.d;
-    return {(static_cast<int64_t>(n) - n_lo) * sample_stride, static_cast<int>(y) + ph, static_cast<int>(x) + pw,
+    const uint32_t i = static_cast<uint32_t>(m), n = per_sample.div(i), s = i - n * per_sample.d, u = per_row.div(s),
+                   v = s - u * per_row.d;
+    return {(static_cast<int64_t>(n) - n_lo) * sample_stride, static_cast<int>(u) + p0, static_cast<int>(v) + q0,
             static_cast<int64_t>(n) >= n_lo};
   }
   CURE_HOST_DEVICE Tap kpart(int64_t k) const {
-    const uint32_t i = static_cast<uint32_t>(k), o = khw.div(i), t = i - o * khw.d, r = kw.div(t), s = t - r * kw.d;
-    return {static_cast<int64_t>(o) * plane, static_cast<int>(r) * dh, static_cast<int>(s) * dw};
+    const uint32_t i = static_cast<uint32_t>(k), o = per_out.div(i), t = i - o * per_out.d, jh = per_tap_row.div(t),
+                   jw = t - jh * per_tap_row.d;
+    return {static_cast<int64_t>(o) * plane, static_cast<int>(jh) * p_step, static_cast<int>(jw) * q_step};
   }
   CURE_HOST_DEVICE A get(const Pixel& px, const Tap& tp) const {
-    const int th = px.h - tp.h, tw = px.w - tp.w;  // p * sh and q * sw when the tap lands on (h, w)
-    if (!px.ok || th < 0 || tw < 0) return A(0);
-    const uint32_t p = sh.div(static_cast<uint32_t>(th)), q = sw.div(static_cast<uint32_t>(tw));
-    if (p * sh.d != static_cast<uint32_t>(th) || q * sw.d != static_cast<uint32_t>(tw) ||
-        p >= static_cast<uint32_t>(out_h) || q >= static_cast<uint32_t>(out_w))
+    const int p = px.p - tp.p, q = px.q - tp.q;
+    if (!px.ok || static_cast<unsigned>(p) >= static_cast<unsigned>(out_h) ||
+        static_cast<unsigned>(q) >= static_cast<unsigned>(out_w))
       return A(0);
     return load(g + px.off + tp.off + static_cast<int64_t>(p) * out_w + q);
   }
 };
 
-// The weight read as the B operand of the input gradient: element (k = (o, kh, kw), x = ci) is
-// W[o, ci, kh, kw] = W_flat[o * C*KH*KW + ci * KH*KW + kh*KW + kw].
+// The weight read as the B operand of one phase of the input gradient: element (k = (o, jh, jw),
+// x = ci) is W[o, ci, kh0 + jh*tsh, kw0 + jw*tsw] = W_flat[o * C*KH*KW + ci * KH*KW + first +
+// jh * row_step + jw * col_step].
 template <typename T_> struct WeightByOut {
   using T = T_;
   const T* w = nullptr;
-  int64_t per_out = 0, taps = 0;  // C*KH*KW, KH*KW
-  Divmod khw;                     // divisor KH*KW
+  int64_t per_out = 0, taps = 0;           // C*KH*KW, KH*KW
+  int64_t first = 0, row_step = 0, col_step = 0;  // kh0*KW + kw0, tsh*KW, tsw
+  Divmod phase_taps, tap_row;              // divisors: taps_h * taps_w, taps_w
   struct Part {
     int64_t off;
   };
   CURE_HOST_DEVICE bool k_fast() const { return true; }
   CURE_HOST_DEVICE Part xpart(int64_t ci) const { return {ci * taps}; }
   CURE_HOST_DEVICE Part kpart(int64_t k) const {
-    const uint32_t i = static_cast<uint32_t>(k), o = khw.div(i);
-    return {static_cast<int64_t>(o) * per_out + (i - o * khw.d)};
+    const uint32_t i = static_cast<uint32_t>(k), o = phase_taps.div(i), t = i - o * phase_taps.d, jh = tap_row.div(t),
+                   jw = t - jh * tap_row.d;
+    return {static_cast<int64_t>(o) * per_out + first + jh * row_step + jw * col_step};
   }
   CURE_HOST_DEVICE typename Acc<T>::type get(const Part& x, const Part& k) const { return load(w + x.off + k.off); }
 };
@@ -188,18 +224,27 @@ template <typename T_> struct GradRows {
   CURE_HOST_DEVICE A get(const XPart& x, const KPart& k) const { return k.ok ? A(load(g + x.off + k.off)) : A(0); }
 };
 
-// Where GEMM output (m, ch) lives in NCHW tensors, m = (sample n, pixel): idx in a tensor of every
-// sample, idx - first in one of the samples n >= n_lo only (first = n_lo * channels * pixels).
+// Where GEMM output (m, ch) lives in NCHW tensors of `pixels` pixels per sample: m = (sample n, row
+// i of the sample's `rows`), row i at pixel origin + (i / cols) * row_step + (i % cols) * col_step
+// (the identity by default; a stride phase of the input gradient: its grid of pixels). idx in a
+// tensor of every sample, idx - first() in one of the samples n >= n_lo only.
 struct NchwRows {
   int64_t channels = 0, pixels = 0, n_lo = 0;
-  Divmod per_sample;  // divisor pixels
+  int64_t origin = 0, row_step = 1, col_step = 0;
+  Divmod per_sample, cols;  // divisors: rows per sample, rows per pixel-grid row
 
   NchwRows() = default;
   NchwRows(int64_t channels_, int64_t pixels_, int64_t n_lo_)
       : channels(channels_), pixels(pixels_), n_lo(n_lo_), per_sample(Divmod(pixels_)) {}
+  // Rows on the grid origin + s_row * u + s_col * v (u < grid_rows, v < grid_cols) of the pixels.
+  void grid(int64_t origin_, int64_t s_row, int64_t s_col, int64_t grid_rows, int64_t grid_cols) {
+    origin = origin_, row_step = s_row, col_step = s_col;
+    per_sample = Divmod(grid_rows * grid_cols), cols = Divmod(grid_cols);
+  }
   CURE_HOST_DEVICE __forceinline__ int64_t sample(int64_t m) const { return per_sample.div(static_cast<uint32_t>(m)); }
   CURE_HOST_DEVICE __forceinline__ int64_t index(int64_t n, int64_t m, int64_t ch) const {
-    return (n * channels + ch) * pixels + (m - n * pixels);
+    const uint32_t i = static_cast<uint32_t>(m - n * per_sample.d), u = cols.div(i);
+    return (n * channels + ch) * pixels + origin + u * row_step + (i - u * cols.d) * col_step;
   }
   CURE_HOST_DEVICE __forceinline__ int64_t first() const { return n_lo * channels * pixels; }
 };
@@ -313,16 +358,25 @@ Im2col<T, PIXEL_IS_X> im2col(const ConvGeometry& g, const T* x, int64_t n_lo, in
   return op;
 }
 
-template <typename T> Col2im<T> col2im(const ConvGeometry& g, const T* grad, int64_t n_lo) {
+template <typename T>
+Col2im<T> col2im(const ConvGeometry& g, const T* grad, int64_t n_lo, const PhaseAxis& y, const PhaseAxis& x) {
   Col2im<T> op;
   op.g = grad;
   op.n_lo = n_lo, op.sample_stride = g.out_channels * pixels_out(g), op.plane = pixels_out(g);
   op.out_h = static_cast<int>(g.out_height), op.out_w = static_cast<int>(g.out_width);
-  op.ph = static_cast<int>(g.pad_h), op.pw = static_cast<int>(g.pad_w);
-  op.dh = static_cast<int>(g.dil_h), op.dw = static_cast<int>(g.dil_w);
-  op.hw = Divmod(pixels_in(g)), op.w = Divmod(g.width);
-  op.khw = Divmod(g.kernel_h * g.kernel_w), op.kw = Divmod(g.kernel_w);
-  op.sh = Divmod(g.stride_h), op.sw = Divmod(g.stride_w);
+  op.p0 = y.out0, op.q0 = x.out0, op.p_step = y.out_step, op.q_step = x.out_step;
+  op.per_sample = Divmod(y.pixels * x.pixels), op.per_row = Divmod(x.pixels);
+  op.per_out = Divmod(static_cast<int64_t>(y.taps) * x.taps), op.per_tap_row = Divmod(x.taps);
+  return op;
+}
+
+template <typename T> WeightByOut<T> weight_by_out(const ConvGeometry& g, const T* w, const PhaseAxis& y,
+                                                   const PhaseAxis& x) {
+  WeightByOut<T> op;
+  op.w = w;
+  op.per_out = taps(g), op.taps = g.kernel_h * g.kernel_w;
+  op.first = y.tap0 * g.kernel_w + x.tap0, op.row_step = y.tap_step * g.kernel_w, op.col_step = x.tap_step;
+  op.phase_taps = Divmod(static_cast<int64_t>(y.taps) * x.taps), op.tap_row = Divmod(x.taps);
   return op;
 }
 
@@ -406,15 +460,21 @@ void interval_conv2d_grad_input_cuda(const ConvGeometry& g, int64_t radius_rows,
                                      cudaStream_t stream) {
   const int64_t n_lo = g.batch - radius_rows;
   const bool second = radius_rows > 0;
-  GradInputProblem<T> p;
-  p.M = g.batch * pixels_in(g), p.N = g.channels, p.K = g.out_channels * g.kernel_h * g.kernel_w;
-  p.m2_lo = n_lo * pixels_in(g), p.second = second;
-  p.a = col2im<T>(g, grad_c, 0);
-  p.b.w = weight, p.b.per_out = taps(g), p.b.taps = g.kernel_h * g.kernel_w;
-  p.b.khw = Divmod(g.kernel_h * g.kernel_w);
-  p.a2 = col2im<T>(g, grad_r, n_lo);
-  p.epi = conv_store<T>(d_c, second ? d_r : nullptr, g.channels, pixels_in(g), n_lo);
-  gemm::run(p, mode, stream);
+  for (int64_t ah = 0; ah < g.stride_h; ++ah) {
+    const PhaseAxis y = phase_axis(g.height, g.kernel_h, g.stride_h, g.pad_h, g.dil_h, ah);
+    for (int64_t aw = 0; aw < g.stride_w; ++aw) {
+      const PhaseAxis x = phase_axis(g.width, g.kernel_w, g.stride_w, g.pad_w, g.dil_w, aw);
+      GradInputProblem<T> p;  // a phase without taps (K = 0) stores zeros
+      p.M = g.batch * y.pixels * x.pixels, p.N = g.channels, p.K = g.out_channels * y.taps * x.taps;
+      p.m2_lo = n_lo * y.pixels * x.pixels, p.second = second;
+      p.a = col2im<T>(g, grad_c, 0, y, x);
+      p.b = weight_by_out<T>(g, weight, y, x);
+      p.a2 = col2im<T>(g, grad_r, n_lo, y, x);
+      p.epi = conv_store<T>(d_c, second ? d_r : nullptr, g.channels, pixels_in(g), n_lo);
+      p.epi.rows.grid(ah * g.width + aw, g.stride_h * g.width, g.stride_w, y.pixels, x.pixels);
+      gemm::run(p, mode, stream);
+    }
+  }
 }
 
 int64_t conv_grad_weight_splits(const ConvGeometry& g, int sm_count) { return wgrad_split(g, sm_count).splits; }

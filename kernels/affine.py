@@ -41,7 +41,7 @@ def _configs(shapes):
 @triton.jit
 def _affine_kernel(
     c_ptr, r_ptr, w_ptr, scale_ptr, shift_ptr, c_out_ptr, r_out_ptr,
-    row_start, rows, n_points, C, H, W, O, P, Q, KH, KW,
+    sample_start, sample_end, n_points, C, H, W, O, P, Q, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sc_n, sc_c, sc_h, sc_w,
     sr_n, sr_c, sr_h, sr_w,
@@ -52,18 +52,36 @@ def _affine_kernel(
     BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """c_out = W ⊛ c, r_out = f(W) ⊛ r (f = |.| or (.)²) over a (C, H, W) -> (O, P, Q) convolution,
-    then the epilogue, for the output pixels [row_start, rows); row n of r belongs to row n_points + n
-    of c. RADIUS: every row of the range has a radius (else none has). TRANSPOSED: the adjoint of the
-    convolution with this stride / padding / dilation, from its output (C, H, W) to its input (O, P, Q)."""
+    then the epilogue, for the samples [sample_start, sample_end); sample n of r is sample n_points + n
+    of c. RADIUS: every sample of the range has a radius (else none has). TRANSPOSED: the adjoint of
+    the convolution with this stride / padding / dilation, from its output (C, H, W) to its input
+    (O, P, Q), one stride phase (a, b) per program_id(2): the output pixels (a + stride_h*u,
+    b + stride_w*v) and only the taps that reach them (no product with the zeros a strided adjoint
+    would insert)."""
     pid_m = tl.program_id(0)
     pid_o = tl.program_id(1)
-    offs_m = row_start + pid_m * BM + tl.arange(0, BM)  # [BM] output pixels (n, p, q)
+    if TRANSPOSED:
+        a = tl.program_id(2) // stride_w
+        b = tl.program_id(2) % stride_w
+        grid_p = (P - a + stride_h - 1) // stride_h  # rows of the phase's pixel grid (0 when P <= a)
+        grid_q = (Q - b + stride_w - 1) // stride_w
+        step_p = stride_h
+        step_q = stride_w
+    else:
+        a = 0
+        b = 0
+        grid_p = P
+        grid_q = Q
+        step_p = 1
+        step_q = 1
+    cells = tl.maximum(grid_p * grid_q, 1)
+    offs_m = pid_m * BM + tl.arange(0, BM)  # [BM] output pixels (n, u, v) of the sample range
+    n = sample_start + offs_m // cells
+    p = a + step_p * ((offs_m // tl.maximum(grid_q, 1)) % tl.maximum(grid_p, 1))
+    q = b + step_q * (offs_m % tl.maximum(grid_q, 1))
+    row_ok = (n < sample_end) & (grid_p * grid_q > 0)
     offs_o = pid_o * BN + tl.arange(0, BN)  # [BN] output channels
     offs_k = tl.arange(0, BK)  # [BK] input channels of one step
-    n = offs_m // (P * Q)
-    p = (offs_m // Q) % P
-    q = offs_m % Q
-    row_ok = offs_m < rows
     o_ok = offs_o < O
     n_r = n - n_points
     c_rows = c_ptr + n.to(tl.int64) * sc_n  # [BM]
@@ -76,34 +94,38 @@ def _affine_kernel(
         acc_r = tl.zeros([BM, BN], dtype=tl.float32)
     for i in range(KH):
         for j in range(KW):
-            if TRANSPOSED:
+            if TRANSPOSED:  # the tap reaches the phase's pixels exactly, or none of them
+                lands = ((a + pad_h - i * dil_h) % stride_h == 0) & ((b + pad_w - j * dil_w) % stride_w == 0)
                 hh = p + pad_h - i * dil_h
                 ww = q + pad_w - j * dil_w
                 h = hh // stride_h
                 w = ww // stride_w
-                inside = (hh >= 0) & (ww >= 0) & (hh % stride_h == 0) & (ww % stride_w == 0) & (h < H) & (w < W)
+                inside = (hh >= 0) & (ww >= 0) & (h < H) & (w < W)
             else:
+                lands = True
                 h = p * stride_h - pad_h + i * dil_h
                 w = q * stride_w - pad_w + j * dil_w
                 inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            c_pix = c_rows + h * sc_h + w * sc_w  # [BM]
-            r_pix = r_rows + h * sr_h + w * sr_w  # [BM]
-            ok = row_ok & inside
-            w_tap = w_ptr + i * sw_i + j * sw_j
-            for k0 in range(0, C, BK):
-                k = k0 + offs_k
-                k_ok = k < C
-                wt = tl.load(w_tap + k[:, None] * sw_k + offs_o[None, :] * sw_o,
-                             mask=k_ok[:, None] & o_ok[None, :], other=0.0)  # [BK, BN]
-                x = tl.load(c_pix[:, None] + k[None, :] * sc_c, mask=ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-                acc_c = dot(x, wt, acc_c, DOT, BF16)
-                if RADIUS:
-                    xr = tl.load(r_pix[:, None] + k[None, :] * sr_c, mask=ok[:, None] & k_ok[None, :], other=0.0)
-                    if SQUARE:
-                        wr = wt * wt
-                    else:
-                        wr = tl.abs(wt)
-                    acc_r = dot(xr, wr, acc_r, DOT, BF16)  # [BM, BN]
+            if lands:
+                c_pix = c_rows + h * sc_h + w * sc_w  # [BM]
+                r_pix = r_rows + h * sr_h + w * sr_w  # [BM]
+                ok = row_ok & inside
+                w_tap = w_ptr + i * sw_i + j * sw_j
+                for k0 in range(0, C, BK):
+                    k = k0 + offs_k
+                    k_ok = k < C
+                    wt = tl.load(w_tap + k[:, None] * sw_k + offs_o[None, :] * sw_o,
+                                 mask=k_ok[:, None] & o_ok[None, :], other=0.0)  # [BK, BN]
+                    x = tl.load(c_pix[:, None] + k[None, :] * sc_c, mask=ok[:, None] & k_ok[None, :],
+                                other=0.0)  # [BM, BK]
+                    acc_c = dot(x, wt, acc_c, DOT, BF16)
+                    if RADIUS:
+                        xr = tl.load(r_pix[:, None] + k[None, :] * sr_c, mask=ok[:, None] & k_ok[None, :], other=0.0)
+                        if SQUARE:
+                            wr = wt * wt
+                        else:
+                            wr = tl.abs(wt)
+                        acc_r = dot(xr, wr, acc_r, DOT, BF16)  # [BM, BN]
     if HAS_SCALE:
         s = tl.load(scale_ptr + offs_o, mask=o_ok, other=0.0).to(acc_c.dtype)  # [BN]
         acc_c = acc_c * s[None, :]
@@ -222,13 +244,15 @@ def _affine(c: Tensor, r: Tensor, weight: Tensor, scale: Optional[Tensor], shift
     channels, p, q = c_out.shape[1:]
     sw_k, sw_o = (weight.stride(0), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(0))
     n_points = c.shape[0] - r.shape[0]
-    # Two launches: the rows without a radius (the leading points), then those with one.
-    for start, end, radius in ((0, n_points * p * q, False), (n_points * p * q, c.shape[0] * p * q, True)):
+    phases = (stride[0], stride[1]) if transposed else (1, 1)
+    cells = triton.cdiv(p, phases[0]) * triton.cdiv(q, phases[1])  # pixels of the largest stride phase
+    # Two launches: the samples without a radius (the leading points), then those with one.
+    for start, end, radius in ((0, n_points, False), (n_points, c.shape[0], True)):
         if end == start:
             continue
 
-        def grid(meta, rows=end - start):
-            return triton.cdiv(rows, meta["BM"]), triton.cdiv(channels, meta["BN"])
+        def grid(meta, rows=(end - start) * cells):
+            return triton.cdiv(rows, meta["BM"]), triton.cdiv(channels, meta["BN"]), phases[0] * phases[1]
 
         launch(_affine_kernel)[grid](
             c, r, weight, scale, shift, c_out, r_out,

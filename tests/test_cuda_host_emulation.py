@@ -156,6 +156,8 @@ FIXED_CONV = {
     "70-out-channels": Conv(6, 4, 5, 13, 11, 70, 3, 3, (1, 1), (1, 1)),
     "20-channels-no-pad": Conv(4, 3, 20, 6, 6, 9, 3, 3),
     "stride3-gaps": Conv(2, 2, 3, 6, 6, 4, 3, 3, (3, 3), (2, 2)),  # pixels that no tap reaches
+    "1x1-stride2": Conv(2, 1, 3, 7, 8, 4, 1, 1, (2, 2)),  # three of four stride phases without a tap
+    "patchify-4x4-stride4": Conv(2, 2, 3, 12, 10, 5, 4, 4, (4, 4)),  # one tap per phase
     "pad4-beyond-kernel": Conv(2, 1, 2, 5, 5, 3, 3, 3, (1, 1), (4, 4)),
     "split-k": Conv(8, 5, 16, 32, 32, 16, 3, 3, (1, 1), (1, 1)),
     "empty-batch": Conv(0, 0, 3, 5, 5, 4, 3, 3, (1, 1), (1, 1)),
@@ -312,6 +314,19 @@ def test_random_conv(emu, schedule, index):
     conv_grad_weight(emu, cv, gen, rng.choice([1, 4, 132]))
     shared = rng.random() < 0.5
     l2_forward(emu, cv._replace(R=rng.randint(0, cv.N) if shared else cv.N), gen, shared, rng.random() < 0.5)
+
+
+def test_grad_input_multiplies_no_inserted_zeros(emu, schedule):
+    """The input gradient of a strided convolution reduces each stride phase over the taps that reach
+    it only: stride 2, 3x3 kernel, padding 1 -> phases with 1, 2, 2 and 4 taps (9 taps per 4 pixels,
+    not 9 per pixel), one launch per phase."""
+    cv = Conv(2, 2, 3, 16, 16, 64, 3, 3, (2, 2), (1, 1))
+    conv_grad_input(emu, cv, torch.Generator().manual_seed(6))
+    c = emu.counters()
+    k_step = 16 if schedule == "fma" else 32
+    phase_blocks = 2 * 8 * 8 // 64  # 128 rows per phase, 64 per block, one block of 3 input channels
+    assert c["launches"] == 4
+    assert c["ksteps"] == phase_blocks * cv.O * (1 + 2 + 2 + 4) // k_step
 
 
 def test_second_product_only_where_radius_rows_are(emu, schedule):

@@ -141,6 +141,8 @@ CONV_CASES = {  # name: (rows of c, rows of r, C, O, H, W, kernel, conv argument
     "stride-2x3": (2, 2, 18, 5, 8, 9, (2, 3), dict(stride=(2, 3), padding=2, dilation=2)),
     "same": (2, 1, 4, 7, 5, 6, (3, 3), dict(padding="same")),
     "no-radius-1x1": (3, 0, 6, 5, 4, 5, (1, 1), dict()),
+    "1x1-stride2": (2, 1, 3, 4, 7, 6, (1, 1), dict(stride=2)),  # input pixels that no tap reaches
+    "2x2-stride3": (2, 2, 3, 5, 8, 7, (2, 2), dict(stride=3, padding=1)),
 }
 
 
