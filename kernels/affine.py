@@ -1,14 +1,16 @@
 """Affine layers on intervals and on l2 balls: Linear and Conv2d as one implicit-GEMM kernel.
 
 Forward: a program owns a tile of output pixels x output channels and walks the reduction (kernel
-taps x input channels) once; every weight tile it loads feeds two accumulators, ``W ⊛ c`` for all
+taps x input channels; with few input channels, as for an RGB first layer, the (channel, tap) pairs
+together, so that no k-step is mostly padding) once; every weight tile it loads feeds two accumulators, ``W ⊛ c`` for all
 rows of the centres and ``|W| ⊛ r`` for the rows that carry a radius (the trailing rows, so the
 natural stream rides along at no radius cost). The epilogue applies a per-channel scale (a folded
 BatchNorm), adds the shift (bias) and applies the interval ReLU. The first layer under an l2 ball is
 the same kernel with ``W² ⊛ s²`` and a square root for the radius (DESIGN.md §2).
 
 Backward: the gradient of the inputs is the same kernel run on the adjoint convolution (weight
-strides swapped, gather inverted); the weight gradient ``dc^T ⊛ c + sign(W) ⊙ (dr^T ⊛ r)`` (for l2
+strides swapped, gather inverted, one program per stride phase so that no product meets the zeros a
+strided adjoint inserts); the weight gradient ``dc^T ⊛ c + sign(W) ⊙ (dr^T ⊛ r)`` (for l2
 ``+ 2W ⊙ (dr^T ⊛ s²)``) and the shift gradient come from one kernel, split over the output pixels
 when the weight has few tiles. Linear is the 1x1 convolution of 1x1 images. Grouped convolutions
 fall back to the torch backend.
@@ -35,8 +37,24 @@ def _configs(shapes):
     return [triton.Config(dict(zip(("BM", "BN", "BK"), s[:3])), num_warps=s[3], num_stages=s[4]) for s in shapes]
 
 
+@triton.jit
+def _accumulate(acc_c, acc_r, x_ptrs, xr_ptrs, x_mask, w_ptrs, w_mask, RADIUS: tl.constexpr, SQUARE: tl.constexpr,
+                DOT: tl.constexpr, BF16: tl.constexpr):
+    """One k-step: acc_c += x @ W and, when RADIUS, acc_r += xr @ f(W) (f = (.)² when SQUARE, else
+    |.|); x, xr [BM, BK] and W [BK, BN] loaded through the pointers, 0 where masked."""
+    wt = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    acc_c = dot(tl.load(x_ptrs, mask=x_mask, other=0.0), wt, acc_c, DOT, BF16)
+    if RADIUS:
+        if SQUARE:
+            wr = wt * wt
+        else:
+            wr = tl.abs(wt)
+        acc_r = dot(tl.load(xr_ptrs, mask=x_mask, other=0.0), wr, acc_r, DOT, BF16)
+    return acc_c, acc_r
+
+
 @autotune(_configs([(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (32, 64, 32, 4, 4)]),
-          key=["C", "O", "KH", "KW", "TRANSPOSED", "SQUARE", "RADIUS", "DOT", "BF16"],
+          key=["C", "O", "KH", "KW", "TRANSPOSED", "SQUARE", "RADIUS", "FLAT", "DOT", "BF16"],
           interpreter=triton.Config({"BM": 16, "BN": 16, "BK": 16}))
 @triton.jit
 def _affine_kernel(
@@ -48,8 +66,8 @@ def _affine_kernel(
     sw_k, sw_o, sw_i, sw_j,
     so_n, so_o, so_p, so_q,
     TRANSPOSED: tl.constexpr, SQUARE: tl.constexpr, RADIUS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, SQRT: tl.constexpr, FP64: tl.constexpr, DOT: tl.constexpr,
-    BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, SQRT: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr,
+    DOT: tl.constexpr, BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """c_out = W ⊛ c, r_out = f(W) ⊛ r (f = |.| or (.)²) over a (C, H, W) -> (O, P, Q) convolution,
     then the epilogue, for the samples [sample_start, sample_end); sample n of r is sample n_points + n
@@ -57,7 +75,8 @@ def _affine_kernel(
     the convolution with this stride / padding / dilation, from its output (C, H, W) to its input
     (O, P, Q), one stride phase (a, b) per program_id(2): the output pixels (a + stride_h*u,
     b + stride_w*v) and only the taps that reach them (no product with the zeros a strided adjoint
-    would insert)."""
+    would insert). FLAT (not TRANSPOSED): the reduction runs over (input channel, tap) pairs
+    together, for C too small to fill a k-step."""
     pid_m = tl.program_id(0)
     pid_o = tl.program_id(1)
     if TRANSPOSED:
@@ -92,40 +111,48 @@ def _affine_kernel(
     else:
         acc_c = tl.zeros([BM, BN], dtype=tl.float32)
         acc_r = tl.zeros([BM, BN], dtype=tl.float32)
-    for i in range(KH):
-        for j in range(KW):
-            if TRANSPOSED:  # the tap reaches the phase's pixels exactly, or none of them
-                lands = ((a + pad_h - i * dil_h) % stride_h == 0) & ((b + pad_w - j * dil_w) % stride_w == 0)
-                hh = p + pad_h - i * dil_h
-                ww = q + pad_w - j * dil_w
-                h = hh // stride_h
-                w = ww // stride_w
-                inside = (hh >= 0) & (ww >= 0) & (h < H) & (w < W)
-            else:
-                lands = True
-                h = p * stride_h - pad_h + i * dil_h
-                w = q * stride_w - pad_w + j * dil_w
-                inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            if lands:
-                c_pix = c_rows + h * sc_h + w * sc_w  # [BM]
-                r_pix = r_rows + h * sr_h + w * sr_w  # [BM]
-                ok = row_ok & inside
-                w_tap = w_ptr + i * sw_i + j * sw_j
-                for k0 in range(0, C, BK):
-                    k = k0 + offs_k
-                    k_ok = k < C
-                    wt = tl.load(w_tap + k[:, None] * sw_k + offs_o[None, :] * sw_o,
-                                 mask=k_ok[:, None] & o_ok[None, :], other=0.0)  # [BK, BN]
-                    x = tl.load(c_pix[:, None] + k[None, :] * sc_c, mask=ok[:, None] & k_ok[None, :],
-                                other=0.0)  # [BM, BK]
-                    acc_c = dot(x, wt, acc_c, DOT, BF16)
-                    if RADIUS:
-                        xr = tl.load(r_pix[:, None] + k[None, :] * sr_c, mask=ok[:, None] & k_ok[None, :], other=0.0)
-                        if SQUARE:
-                            wr = wt * wt
-                        else:
-                            wr = tl.abs(wt)
-                        acc_r = dot(xr, wr, acc_r, DOT, BF16)  # [BM, BN]
+    if FLAT:  # few input channels: one reduction over the (input channel, tap) pairs, BK at a time
+        taps = KH * KW
+        for k0 in range(0, C * taps, BK):
+            k = k0 + offs_k  # [BK]
+            k_ok = k < C * taps
+            ci = k // taps
+            i = (k % taps) // KW
+            j = k % KW
+            h = p[:, None] * stride_h - pad_h + (i * dil_h)[None, :]  # [BM, BK]
+            w = q[:, None] * stride_w - pad_w + (j * dil_w)[None, :]
+            ok = row_ok[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            acc_c, acc_r = _accumulate(acc_c, acc_r, c_rows[:, None] + ci[None, :] * sc_c + h * sc_h + w * sc_w,
+                                       r_rows[:, None] + ci[None, :] * sr_c + h * sr_h + w * sr_w, ok,
+                                       w_ptr + (ci * sw_k + i * sw_i + j * sw_j)[:, None] + offs_o[None, :] * sw_o,
+                                       k_ok[:, None] & o_ok[None, :], RADIUS, SQUARE, DOT, BF16)
+    else:  # tap by tap, BK input channels at a time
+        for i in range(KH):
+            for j in range(KW):
+                if TRANSPOSED:  # the tap reaches the phase's pixels exactly, or none of them
+                    lands = ((a + pad_h - i * dil_h) % stride_h == 0) & ((b + pad_w - j * dil_w) % stride_w == 0)
+                    hh = p + pad_h - i * dil_h
+                    ww = q + pad_w - j * dil_w
+                    h = hh // stride_h
+                    w = ww // stride_w
+                    inside = (hh >= 0) & (ww >= 0) & (h < H) & (w < W)
+                else:
+                    lands = True
+                    h = p * stride_h - pad_h + i * dil_h
+                    w = q * stride_w - pad_w + j * dil_w
+                    inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                if lands:
+                    c_pix = c_rows + h * sc_h + w * sc_w  # [BM]
+                    r_pix = r_rows + h * sr_h + w * sr_w  # [BM]
+                    ok = row_ok & inside
+                    w_tap = w_ptr + i * sw_i + j * sw_j
+                    for k0 in range(0, C, BK):
+                        k = k0 + offs_k
+                        k_ok = k < C
+                        acc_c, acc_r = _accumulate(acc_c, acc_r, c_pix[:, None] + k[None, :] * sc_c,
+                                                   r_pix[:, None] + k[None, :] * sr_c, ok[:, None] & k_ok[None, :],
+                                                   w_tap + k[:, None] * sw_k + offs_o[None, :] * sw_o,
+                                                   k_ok[:, None] & o_ok[None, :], RADIUS, SQUARE, DOT, BF16)
     if HAS_SCALE:
         s = tl.load(scale_ptr + offs_o, mask=o_ok, other=0.0).to(acc_c.dtype)  # [BN]
         acc_c = acc_c * s[None, :]
@@ -145,25 +172,25 @@ def _affine_kernel(
 
 
 @triton.jit
-def _gather_grad(acc, acc_b, g_ptr, x_ptr, start, end, offs_o, offs_c, i, j, C, H, W, O, P, Q,
+def _gather_grad(acc, acc_b, g_ptr, x_ptr, start, end, offs_o, ci, col_ok, i, j, H, W, O, P, Q,
                  stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, sg_n, sg_o, sg_p, sg_q, sx_n, sx_c, sx_h, sx_w,
                  SUM: tl.constexpr, DOT: tl.constexpr, BF16: tl.constexpr, BK: tl.constexpr):
-    """acc += g^T ⊛ x at tap (i, j) over the output pixels [start, end); acc_b += g's row sums when SUM."""
+    """acc += g^T ⊛ x over the output pixels [start, end) for the columns (input channel ci [BN],
+    tap (i, j): scalars, or [1, BN] per column); acc_b += g's row sums when SUM."""
     o_ok = offs_o < O
-    c_ok = offs_c < C
     for m0 in range(start, end, BK):
         m = m0 + tl.arange(0, BK)  # [BK] output pixels (n, p, q)
         m_ok = m < end
         n = (m // (P * Q)).to(tl.int64)
         p = (m // Q) % P
         q = m % Q
-        h = p * stride_h - pad_h + i * dil_h
-        w = q * stride_w - pad_w + j * dil_w
-        inside = m_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        h = p[:, None] * stride_h - pad_h + i * dil_h  # [BK, 1] or [BK, BN]
+        w = q[:, None] * stride_w - pad_w + j * dil_w
+        inside = m_ok[:, None] & col_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)  # [BK, BN]
         g = tl.load(g_ptr + offs_o[:, None] * sg_o + (n * sg_n + p * sg_p + q * sg_q)[None, :],
                     mask=o_ok[:, None] & m_ok[None, :], other=0.0)  # [BO, BK]
-        x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + offs_c[None, :] * sx_c,
-                    mask=inside[:, None] & c_ok[None, :], other=0.0)  # [BK, BC]
+        x = tl.load(x_ptr + (n * sx_n)[:, None] + h * sx_h + w * sx_w + ci[None, :] * sx_c, mask=inside,
+                    other=0.0)  # [BK, BN]
         acc = dot(g, x, acc, DOT, BF16)
         if SUM:
             acc_b += tl.sum(g.to(acc_b.dtype), axis=1)
@@ -171,7 +198,7 @@ def _gather_grad(acc, acc_b, g_ptr, x_ptr, start, end, offs_o, offs_c, i, j, C, 
 
 
 @autotune(_configs([(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3), (32, 32, 64, 4, 3)]),
-          key=["C", "O", "KH", "KW", "SQUARE", "DOT", "BF16"],
+          key=["C", "O", "KH", "KW", "SQUARE", "FLAT", "DOT", "BF16"],
           interpreter=triton.Config({"BM": 16, "BN": 16, "BK": 16}))
 @triton.jit
 def _weight_grad_kernel(
@@ -182,19 +209,32 @@ def _weight_grad_kernel(
     sc_n, sc_c, sc_h, sc_w, sr_n, sr_c, sr_h, sr_w,
     sw_o, sw_k, sw_i, sw_j,
     sd_s, sd_o, sd_k, sd_i, sd_j, sb_s,
-    SQUARE: tl.constexpr, HAS_BIAS: tl.constexpr, FP64: tl.constexpr, DOT: tl.constexpr, BF16: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SQUARE: tl.constexpr, HAS_BIAS: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr, DOT: tl.constexpr,
+    BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
     """Piece ``split`` of dW[o, k, i, j] = gc^T ⊛ c + f'(W) ⊙ (gr^T ⊛ r) (f' = sign or 2W) and of
-    db[o] = sum of gc; grid (output-channel tiles, input-channel tiles, taps x splits)."""
+    db[o] = sum of gc; grid (output-channel tiles, column tiles, splits): the columns are the input
+    channels of one tap (program_id(2) = split * KH*KW + tap), or with FLAT the (input channel, tap)
+    pairs together (program_id(2) = split), for C too small to fill a tile."""
     pid_o = tl.program_id(0)
     pid_c = tl.program_id(1)
-    tap = tl.program_id(2) % (KH * KW)
-    split = tl.program_id(2) // (KH * KW)
-    i = tap // KW
-    j = tap % KW
+    if FLAT:
+        split = tl.program_id(2)
+        cols = pid_c * BN + tl.arange(0, BN)  # [BN] (input channel, tap) pairs
+        ci = cols // (KH * KW)
+        i = ((cols % (KH * KW)) // KW)[None, :]  # [1, BN]
+        j = (cols % KW)[None, :]
+        col_ok = cols < C * KH * KW
+        first = pid_c == 0
+    else:
+        tap = tl.program_id(2) % (KH * KW)
+        split = tl.program_id(2) // (KH * KW)
+        ci = pid_c * BN + tl.arange(0, BN)  # [BN] input channels
+        i = tap // KW
+        j = tap % KW
+        col_ok = ci < C
+        first = (pid_c == 0) & (tap == 0)
     offs_o = pid_o * BM + tl.arange(0, BM)  # [BM] output channels
-    offs_c = pid_c * BN + tl.arange(0, BN)  # [BN] input channels
     if FP64:
         acc = tl.zeros([BM, BN], dtype=tl.float64)
         acc_b = tl.zeros([BM], dtype=tl.float64)
@@ -204,23 +244,29 @@ def _weight_grad_kernel(
     acc_r = tl.zeros_like(acc)
     end_c = tl.minimum(pixels_c, split * chunk_c + chunk_c)
     end_r = tl.minimum(pixels_r, split * chunk_r + chunk_r)
-    acc, acc_b = _gather_grad(acc, acc_b, gc_ptr, c_ptr, split * chunk_c, end_c, offs_o, offs_c, i, j,
-                              C, H, W, O, P, Q, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    acc, acc_b = _gather_grad(acc, acc_b, gc_ptr, c_ptr, split * chunk_c, end_c, offs_o, ci, col_ok, i, j,
+                              H, W, O, P, Q, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                               sgc_n, sgc_o, sgc_p, sgc_q, sc_n, sc_c, sc_h, sc_w, HAS_BIAS, DOT, BF16, BK)
-    acc_r, acc_b = _gather_grad(acc_r, acc_b, gr_ptr, r_ptr, split * chunk_r, end_r, offs_o, offs_c, i, j,
-                                C, H, W, O, P, Q, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    acc_r, acc_b = _gather_grad(acc_r, acc_b, gr_ptr, r_ptr, split * chunk_r, end_r, offs_o, ci, col_ok, i, j,
+                                H, W, O, P, Q, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                                 sgr_n, sgr_o, sgr_p, sgr_q, sr_n, sr_c, sr_h, sr_w, False, DOT, BF16, BK)
-    mask = (offs_o < O)[:, None] & (offs_c < C)[None, :]
-    wt = tl.load(w_ptr + offs_o[:, None] * sw_o + offs_c[None, :] * sw_k + i * sw_i + j * sw_j,
+    mask = (offs_o < O)[:, None] & col_ok[None, :]
+    wt = tl.load(w_ptr + offs_o[:, None] * sw_o + ci[None, :] * sw_k + i * sw_i + j * sw_j,
                  mask=mask, other=0.0).to(acc.dtype)  # [BM, BN]
     if SQUARE:
         acc += 2.0 * wt * acc_r
     else:
         acc += sign(wt) * acc_r
-    tl.store(dw_ptr + split * sd_s + offs_o[:, None] * sd_o + offs_c[None, :] * sd_k + i * sd_i + j * sd_j, acc,
+    tl.store(dw_ptr + split * sd_s + offs_o[:, None] * sd_o + ci[None, :] * sd_k + i * sd_i + j * sd_j, acc,
              mask=mask)
     if HAS_BIAS:
-        tl.store(db_ptr + split * sb_s + offs_o, acc_b, mask=(offs_o < O) & (pid_c == 0) & (tap == 0))
+        tl.store(db_ptr + split * sb_s + offs_o, acc_b, mask=(offs_o < O) & first)
+
+
+def _flat(weight: Tensor, transposed: bool = False) -> bool:
+    """Whether a convolution's reduction runs over (input channel, tap) pairs together: fewer input
+    channels than the 32 of a tuned k-step (an RGB first layer), a kernel of several taps."""
+    return not transposed and weight.shape[1] < 32 and weight.shape[2] * weight.shape[3] > 1
 
 
 def _affine_outputs(c, r, weight, scale, shift, stride, padding, dilation, out_size, transposed, square, relu, sqrt,
@@ -260,7 +306,8 @@ def _affine(c: Tensor, r: Tensor, weight: Tensor, scale: Optional[Tensor], shift
             weight.shape[3], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             *c.stride(), *r.stride(), sw_k, sw_o, weight.stride(2), weight.stride(3), *c_out.stride(),
             TRANSPOSED=transposed, SQUARE=square, RADIUS=radius, HAS_SCALE=scale is not None,
-            HAS_SHIFT=shift is not None, RELU=relu, SQRT=sqrt, FP64=c.dtype == torch.float64,
+            HAS_SHIFT=shift is not None, RELU=relu, SQRT=sqrt, FLAT=_flat(weight, transposed),
+            FP64=c.dtype == torch.float64,
             **dot_flags(c.dtype, precision))
     return c_out, r_out
 
@@ -277,7 +324,10 @@ def _weight_grad(gc: Tensor, gr: Tensor, c: Tensor, r: Tensor, weight: Tensor, s
     and of a shift (gc's channel sums, when bias; else an empty tensor). gc (N, O, P, Q), gr (M, O, P, Q)."""
     out_o, n, p, q = weight.shape[0], gc.shape[0], gc.shape[2], gc.shape[3]
     acc = acc_dtype(weight.dtype)
-    tiles = triton.cdiv(out_o, 64) * triton.cdiv(weight.shape[1], 64) * weight.shape[2] * weight.shape[3]
+    taps = weight.shape[2] * weight.shape[3]
+    flat = _flat(weight)
+    columns, column_groups = (weight.shape[1] * taps, 1) if flat else (weight.shape[1], taps)
+    tiles = triton.cdiv(out_o, 64) * triton.cdiv(columns, 64) * column_groups
     split = splits((n + gr.shape[0]) * p * q, tiles, weight.device)
     direct = split == 1 and acc == weight.dtype
     if direct:
@@ -286,8 +336,7 @@ def _weight_grad(gc: Tensor, gr: Tensor, c: Tensor, r: Tensor, weight: Tensor, s
         dw, db = empty((split, *weight.shape), weight, acc), empty((split, out_o if bias else 0), weight, acc)
     if out_o and weight.numel():
         def grid(meta):
-            return (triton.cdiv(out_o, meta["BM"]), triton.cdiv(weight.shape[1], meta["BN"]),
-                    weight.shape[2] * weight.shape[3] * split)
+            return triton.cdiv(out_o, meta["BM"]), triton.cdiv(columns, meta["BN"]), column_groups * split
 
         launch(_weight_grad_kernel)[grid](
             gc, gr, c, r, weight, dw, db if bias else None,
@@ -296,7 +345,7 @@ def _weight_grad(gc: Tensor, gr: Tensor, c: Tensor, r: Tensor, weight: Tensor, s
             stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
             *gc.stride(), *gr.stride(), *c.stride(), *r.stride(), *weight.stride(),
             0 if direct else dw.stride(0), *dw.stride()[-4:], 0 if direct else db.stride(0),
-            SQUARE=square, HAS_BIAS=bias, FP64=acc == torch.float64, **dot_flags(c.dtype, precision))
+            SQUARE=square, HAS_BIAS=bias, FLAT=flat, FP64=acc == torch.float64, **dot_flags(c.dtype, precision))
     if direct:
         return dw, db
     return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)

@@ -58,6 +58,8 @@ AFFINE = {  # name: (flags, dtype, precision, arch)
     "interval-fp64": (dict(HAS_SCALE=True, HAS_SHIFT=True, RELU=True), "fp64", "ieee", 80),
     "interval-fp16-points": (dict(RELU=True, RADIUS=False), "fp16", "ieee", 90),
     "l2": (dict(SQUARE=True, HAS_SHIFT=True, SQRT=True), "bf16", "ieee", 80),
+    "l2-rgb-flat": (dict(SQUARE=True, HAS_SHIFT=True, SQRT=True, FLAT=True), "fp32", "tf32", 90),
+    "interval-rgb-flat-fp64": (dict(HAS_SCALE=True, HAS_SHIFT=True, RELU=True, FLAT=True), "fp64", "ieee", 80),
     "input-grad": (dict(TRANSPOSED=True, SQUARE=True), "fp32", "tf32", 90),
 }
 
@@ -66,7 +68,7 @@ AFFINE = {  # name: (flags, dtype, precision, arch)
 def test_affine_kernel_compiles(case):
     flags, dtype, precision, arch = AFFINE[case]
     constexprs = dict(TRANSPOSED=False, SQUARE=False, RADIUS=True, HAS_SCALE=False, HAS_SHIFT=False, RELU=False,
-                      SQRT=False, FP64=dtype == "fp64", **_precision(dtype, precision))
+                      SQRT=False, FLAT=False, FP64=dtype == "fp64", **_precision(dtype, precision))
     constexprs.update(flags)
     for name, needed in (("scale_ptr", "HAS_SCALE"), ("shift_ptr", "HAS_SHIFT")):
         if not constexprs[needed]:
@@ -74,12 +76,14 @@ def test_affine_kernel_compiles(case):
     _compile(affine._affine_kernel, dtype, arch, **constexprs)
 
 
-@pytest.mark.parametrize("dtype,square,bias,precision,arch", [("fp32", False, True, "ieee", 90),
-                                                              ("bf16", True, False, "ieee", 80),
-                                                              ("fp32", False, True, "tf32", 80)])
-def test_weight_grad_kernel_compiles(dtype, square, bias, precision, arch):
+@pytest.mark.parametrize("dtype,square,bias,flat,precision,arch", [("fp32", False, True, False, "ieee", 90),
+                                                                   ("bf16", True, False, False, "ieee", 80),
+                                                                   ("fp32", False, True, False, "tf32", 80),
+                                                                   ("fp32", True, True, True, "tf32", 90),
+                                                                   ("fp64", False, True, True, "ieee", 80)])
+def test_weight_grad_kernel_compiles(dtype, square, bias, flat, precision, arch):
     acc = "fp64" if dtype == "fp64" else "fp32"
-    constexprs = dict(SQUARE=square, HAS_BIAS=bias, FP64=dtype == "fp64", **_precision(dtype, precision))
+    constexprs = dict(SQUARE=square, HAS_BIAS=bias, FLAT=flat, FP64=dtype == "fp64", **_precision(dtype, precision))
     if not bias:
         constexprs["db_ptr"] = None
     _compile(affine._weight_grad_kernel, dtype, arch, acc=acc, pointers=("dw_ptr", "db_ptr"), **constexprs)

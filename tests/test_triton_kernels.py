@@ -143,6 +143,7 @@ CONV_CASES = {  # name: (rows of c, rows of r, C, O, H, W, kernel, conv argument
     "no-radius-1x1": (3, 0, 6, 5, 4, 5, (1, 1), dict()),
     "1x1-stride2": (2, 1, 3, 4, 7, 6, (1, 1), dict(stride=2)),  # input pixels that no tap reaches
     "2x2-stride3": (2, 2, 3, 5, 8, 7, (2, 2), dict(stride=3, padding=1)),
+    "33-channels-by-tap": (2, 1, 33, 4, 5, 4, (2, 3), dict(stride=(1, 2), padding=1)),  # C >= 32: tap by tap
 }
 
 
