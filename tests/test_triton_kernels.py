@@ -18,10 +18,11 @@ from cure_fast.kernels import _common  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = [pytest.mark.gpu] if CUDA else []
-# (dtype, precision): the interpreter multiplies bfloat16 tiles as integers, so bf16 runs on a GPU only.
-MODES = [(torch.float32, "ieee"), (torch.float64, "ieee")]
+# (dtype, precision): the interpreter multiplies bfloat16 tiles as integers, so bf16 runs on a GPU only
+# (and tf32 is plain fp32 there).
+MODES = [(torch.float32, "ieee"), (torch.float64, "ieee"), (torch.float16, "ieee")]
 if CUDA:
-    MODES += [(torch.float32, "tf32"), (torch.float32, "bf16"), (torch.float16, "ieee"), (torch.bfloat16, "ieee")]
+    MODES += [(torch.float32, "tf32"), (torch.float32, "bf16"), (torch.bfloat16, "ieee")]
 ELEMENTWISE_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SCALE = 4 if CUDA else 1  # shapes grow on a GPU
 
