@@ -1,20 +1,13 @@
 """The CUDA extension compiled with every entry point the cuda backend uses (runs without a GPU)."""
 import os
-import shutil
 
 import pytest
 import torch
 
-
-def _toolchain() -> bool:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    nvcc = os.path.join(home, "bin", "nvcc") if home else shutil.which("nvcc")
-    return bool(nvcc and os.path.isfile(nvcc)) or any(
-        os.path.isfile(f"{p}/bin/nvcc") for p in ["/usr/local/cuda"] + sorted(__import__("glob").glob("/usr/local/cuda-*")))
-
+from cure_fast._toolkit import cuda_home
 
 pytestmark = pytest.mark.skipif(
-    os.environ.get("CURE_FAST_BUILD_CUDA") == "0" or torch.version.cuda is None or not _toolchain(),
+    os.environ.get("CURE_FAST_BUILD_CUDA") == "0" or torch.version.cuda is None or cuda_home() is None,
     reason="no CUDA toolchain / CUDA build of torch (or CURE_FAST_BUILD_CUDA=0)")
 
 
