@@ -12,7 +12,9 @@ Backward: the gradient of the inputs is the same kernel run on the adjoint convo
 strides swapped, gather inverted, one program per stride phase so that no product meets the zeros a
 strided adjoint inserts); the weight gradient ``dc^T ⊛ c + sign(W) ⊙ (dr^T ⊛ r)`` (for l2
 ``+ 2W ⊙ (dr^T ⊛ s²)``) and the shift gradient come from one kernel, split over the output pixels
-when the weight has few tiles. Linear is the 1x1 convolution of 1x1 images. Grouped convolutions
+when the weight has few tiles. Likewise a forward with few output tiles and a long reduction (a
+Linear layer on flattened features: a few hundred rows, 512 outputs, 32768 inputs) splits its input
+channels over the grid and finishes the epilogue in a second, element-wise kernel. Linear is the 1x1 convolution of 1x1 images. Grouped convolutions
 fall back to the torch backend.
 """
 
@@ -26,9 +28,9 @@ from torch import Tensor
 from cure_fast import functional, reference
 from cure_fast.functional import register
 
-from ._common import (acc_dtype, autotune, check_inputs, dot, dot_flags, empty, interval_relu, launch, library_op,
+from ._common import (acc_dtype, acc_zeros, autotune, check_inputs, dot, dot_flags, empty, interval_relu, launch, library_op,
                       pair, sign, splits, warn_once)
-from .elementwise import relu_grad
+from .elementwise import BLOCK, relu_grad
 
 Geometry = Tuple[List[int], List[int], List[int], List[int]]  # stride, padding (top, left), dilation, output size
 
@@ -53,21 +55,60 @@ def _accumulate(acc_c, acc_r, x_ptrs, xr_ptrs, x_mask, w_ptrs, w_mask, RADIUS: t
     return acc_c, acc_r
 
 
+@triton.jit
+def _epilogue(acc_c, acc_r, scale_ptr, shift_ptr, channel, mask, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+              SQRT: tl.constexpr, RELU: tl.constexpr):
+    """(acc_c * scale + shift, acc_r * |scale|), then the square root of the radius (SQRT) and the
+    interval ReLU (RELU); scale and shift are read at ``channel`` (broadcast against the accumulators)."""
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + channel, mask=mask, other=0.0).to(acc_c.dtype)
+        acc_c = acc_c * s
+        acc_r = acc_r * tl.abs(s)
+    if HAS_SHIFT:
+        acc_c += tl.load(shift_ptr + channel, mask=mask, other=0.0).to(acc_c.dtype)
+    if SQRT:
+        acc_r = tl.sqrt(acc_r)
+    if RELU:
+        acc_c, acc_r = interval_relu(acc_c, acc_r)
+    return acc_c, acc_r
+
+
+@triton.jit
+def _finish_splits_kernel(ws_c_ptr, ws_r_ptr, scale_ptr, shift_ptr, c_out_ptr, r_out_ptr, numel, r_start, splits, O,
+                          inner, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SQRT: tl.constexpr,
+                          RELU: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """The outputs of a split _affine_kernel: its pieces summed (c: ``splits`` x numel elements; r:
+    the elements from r_start on), then the epilogue; flat (N, O, inner) layout."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    ok = e < numel
+    has_r = ok & (e >= r_start)
+    acc_c = acc_zeros(BLOCK, FP64)
+    acc_r = acc_zeros(BLOCK, FP64)
+    for piece in range(splits):
+        acc_c += tl.load(ws_c_ptr + piece * numel + e, mask=ok, other=0.0)
+        acc_r += tl.load(ws_r_ptr + piece * (numel - r_start) + e - r_start, mask=has_r, other=0.0)
+    acc_c, acc_r = _epilogue(acc_c, acc_r, scale_ptr, shift_ptr, (e // inner) % O, ok, HAS_SCALE, HAS_SHIFT, SQRT,
+                             RELU)
+    tl.store(c_out_ptr + e, acc_c.to(c_out_ptr.dtype.element_ty), mask=ok)
+    tl.store(r_out_ptr + e - r_start, acc_r.to(r_out_ptr.dtype.element_ty), mask=has_r)
+
+
 @autotune(_configs([(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (32, 64, 32, 4, 4)]),
-          key=["C", "O", "KH", "KW", "TRANSPOSED", "SQUARE", "RADIUS", "FLAT", "DOT", "BF16"],
+          key=["C", "O", "KH", "KW", "TRANSPOSED", "SQUARE", "RADIUS", "FLAT", "SPLIT", "DOT", "BF16"],
           interpreter=triton.Config({"BM": 16, "BN": 16, "BK": 16}))
 @triton.jit
 def _affine_kernel(
     c_ptr, r_ptr, w_ptr, scale_ptr, shift_ptr, c_out_ptr, r_out_ptr,
-    sample_start, sample_end, n_points, C, H, W, O, P, Q, KH, KW,
+    sample_start, sample_end, n_points, chunk, piece_c, piece_r, C, H, W, O, P, Q, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     sc_n, sc_c, sc_h, sc_w,
     sr_n, sr_c, sr_h, sr_w,
     sw_k, sw_o, sw_i, sw_j,
     so_n, so_o, so_p, so_q,
     TRANSPOSED: tl.constexpr, SQUARE: tl.constexpr, RADIUS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, SQRT: tl.constexpr, FLAT: tl.constexpr, FP64: tl.constexpr,
-    DOT: tl.constexpr, BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, SQRT: tl.constexpr, FLAT: tl.constexpr, SPLIT: tl.constexpr,
+    FP64: tl.constexpr, DOT: tl.constexpr, BF16: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr,
 ):
     """c_out = W ⊛ c, r_out = f(W) ⊛ r (f = |.| or (.)²) over a (C, H, W) -> (O, P, Q) convolution,
     then the epilogue, for the samples [sample_start, sample_end); sample n of r is sample n_points + n
@@ -76,9 +117,14 @@ def _affine_kernel(
     (O, P, Q), one stride phase (a, b) per program_id(2): the output pixels (a + stride_h*u,
     b + stride_w*v) and only the taps that reach them (no product with the zeros a strided adjoint
     would insert). FLAT (not TRANSPOSED): the reduction runs over (input channel, tap) pairs
-    together, for C too small to fill a k-step."""
+    together, for C too small to fill a k-step. SPLIT (neither): program_id(2) sums the input
+    channels [split * chunk, (split + 1) * chunk) only and stores its raw products into piece
+    ``split`` of workspaces shaped like the outputs (piece_c / piece_r elements apart), for
+    _finish_splits_kernel to sum and finish (a long reduction over few output tiles: Linear layers
+    on flattened features)."""
     pid_m = tl.program_id(0)
     pid_o = tl.program_id(1)
+    split = 0
     if TRANSPOSED:
         a = tl.program_id(2) // stride_w
         b = tl.program_id(2) % stride_w
@@ -93,6 +139,10 @@ def _affine_kernel(
         grid_q = Q
         step_p = 1
         step_q = 1
+        if SPLIT:
+            split = tl.program_id(2)
+    k_lo = split * chunk  # the input channels of this program: [k_lo, k_hi)
+    k_hi = tl.minimum(C, k_lo + chunk)
     cells = tl.maximum(grid_p * grid_q, 1)
     offs_m = pid_m * BM + tl.arange(0, BM)  # [BM] output pixels (n, u, v) of the sample range
     n = sample_start + offs_m // cells
@@ -146,23 +196,19 @@ def _affine_kernel(
                     r_pix = r_rows + h * sr_h + w * sr_w  # [BM]
                     ok = row_ok & inside
                     w_tap = w_ptr + i * sw_i + j * sw_j
-                    for k0 in range(0, C, BK):
+                    for k0 in range(k_lo, k_hi, BK):
                         k = k0 + offs_k
-                        k_ok = k < C
+                        k_ok = k < k_hi
                         acc_c, acc_r = _accumulate(acc_c, acc_r, c_pix[:, None] + k[None, :] * sc_c,
                                                    r_pix[:, None] + k[None, :] * sr_c, ok[:, None] & k_ok[None, :],
                                                    w_tap + k[:, None] * sw_k + offs_o[None, :] * sw_o,
                                                    k_ok[:, None] & o_ok[None, :], RADIUS, SQUARE, DOT, BF16)
-    if HAS_SCALE:
-        s = tl.load(scale_ptr + offs_o, mask=o_ok, other=0.0).to(acc_c.dtype)  # [BN]
-        acc_c = acc_c * s[None, :]
-        acc_r = acc_r * tl.abs(s)[None, :]
-    if HAS_SHIFT:
-        acc_c += tl.load(shift_ptr + offs_o, mask=o_ok, other=0.0).to(acc_c.dtype)[None, :]
-    if SQRT:
-        acc_r = tl.sqrt(acc_r)
-    if RELU:
-        acc_c, acc_r = interval_relu(acc_c, acc_r)
+    if SPLIT:
+        c_out_ptr += split * piece_c
+        r_out_ptr += split * piece_r
+    else:
+        acc_c, acc_r = _epilogue(acc_c, acc_r, scale_ptr, shift_ptr, offs_o[None, :], o_ok[None, :], HAS_SCALE,
+                                 HAS_SHIFT, SQRT, RELU)
     pix = p * so_p + q * so_q
     c_out = c_out_ptr + (n.to(tl.int64) * so_n + pix)[:, None] + offs_o[None, :] * so_o  # [BM, BN]
     tl.store(c_out, acc_c.to(c_out_ptr.dtype.element_ty), mask=row_ok[:, None] & o_ok[None, :])
@@ -292,24 +338,46 @@ def _affine(c: Tensor, r: Tensor, weight: Tensor, scale: Optional[Tensor], shift
     n_points = c.shape[0] - r.shape[0]
     phases = (stride[0], stride[1]) if transposed else (1, 1)
     cells = triton.cdiv(p, phases[0]) * triton.cdiv(q, phases[1])  # pixels of the largest stride phase
+    flat = _flat(weight, transposed)
+    pieces, chunk = (1, c.shape[1]) if transposed or flat else _input_splits(c.shape[0] * cells, channels, weight)
+    if pieces > 1:  # raw products into workspaces, finished by _finish_splits_kernel
+        acc = acc_dtype(c.dtype)
+        outputs = empty((pieces, *c_out.shape), c, acc), empty((pieces, *r_out.shape), c, acc)
+    else:
+        outputs = c_out, r_out
     # Two launches: the samples without a radius (the leading points), then those with one.
     for start, end, radius in ((0, n_points, False), (n_points, c.shape[0], True)):
         if end == start:
             continue
 
         def grid(meta, rows=(end - start) * cells):
-            return triton.cdiv(rows, meta["BM"]), triton.cdiv(channels, meta["BN"]), phases[0] * phases[1]
+            return triton.cdiv(rows, meta["BM"]), triton.cdiv(channels, meta["BN"]), phases[0] * phases[1] * pieces
 
         launch(_affine_kernel)[grid](
-            c, r, weight, scale, shift, c_out, r_out,
-            start, end, n_points, c.shape[1], c.shape[2], c.shape[3], channels, p, q, weight.shape[2],
-            weight.shape[3], stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            *c.stride(), *r.stride(), sw_k, sw_o, weight.stride(2), weight.stride(3), *c_out.stride(),
+            c, r, weight, scale, shift, *outputs,
+            start, end, n_points, chunk, c_out.numel(), r_out.numel(), c.shape[1], c.shape[2], c.shape[3], channels,
+            p, q, weight.shape[2], weight.shape[3], stride[0], stride[1], padding[0], padding[1], dilation[0],
+            dilation[1], *c.stride(), *r.stride(), sw_k, sw_o, weight.stride(2), weight.stride(3), *c_out.stride(),
             TRANSPOSED=transposed, SQUARE=square, RADIUS=radius, HAS_SCALE=scale is not None,
-            HAS_SHIFT=shift is not None, RELU=relu, SQRT=sqrt, FLAT=_flat(weight, transposed),
-            FP64=c.dtype == torch.float64,
-            **dot_flags(c.dtype, precision))
+            HAS_SHIFT=shift is not None, RELU=relu, SQRT=sqrt, FLAT=flat, SPLIT=pieces > 1,
+            FP64=c.dtype == torch.float64, **dot_flags(c.dtype, precision))
+    if pieces > 1:
+        launch(_finish_splits_kernel)[(triton.cdiv(c_out.numel(), BLOCK),)](
+            *outputs, scale, shift, c_out, r_out, c_out.numel(), c_out.numel() - r_out.numel(), pieces, channels,
+            p * q, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SQRT=sqrt, RELU=relu,
+            FP64=c.dtype == torch.float64, BLOCK=BLOCK)
     return c_out, r_out
+
+
+def _input_splits(rows: int, channels: int, weight: Tensor) -> Tuple[int, int]:
+    """(pieces, input channels per piece) of a forward whose reduction over the input channels is
+    split so that the grid fills the device: a long reduction over few output tiles, like a Linear
+    layer on flattened features. Pieces are multiples of 32 channels (the tuned k-step)."""
+    in_channels = weight.shape[1]
+    tiles = triton.cdiv(rows, 64) * triton.cdiv(channels, 64)
+    pieces = splits(in_channels * weight.shape[2] * weight.shape[3], tiles, weight.device)
+    chunk = triton.cdiv(triton.cdiv(in_channels, pieces), 32) * 32
+    return triton.cdiv(in_channels, chunk), chunk
 
 
 def _weight_grad_outputs(gc, gr, c, r, weight, stride, padding, dilation, square, bias, precision):

@@ -60,6 +60,7 @@ AFFINE = {  # name: (flags, dtype, precision, arch)
     "l2": (dict(SQUARE=True, HAS_SHIFT=True, SQRT=True), "bf16", "ieee", 80),
     "l2-rgb-flat": (dict(SQUARE=True, HAS_SHIFT=True, SQRT=True, FLAT=True), "fp32", "tf32", 90),
     "interval-rgb-flat-fp64": (dict(HAS_SCALE=True, HAS_SHIFT=True, RELU=True, FLAT=True), "fp64", "ieee", 80),
+    "linear-split": (dict(SPLIT=True, HAS_SHIFT=True, RELU=True), "bf16", "ieee", 90),
     "input-grad": (dict(TRANSPOSED=True, SQUARE=True), "fp32", "tf32", 90),
 }
 
@@ -68,12 +69,20 @@ AFFINE = {  # name: (flags, dtype, precision, arch)
 def test_affine_kernel_compiles(case):
     flags, dtype, precision, arch = AFFINE[case]
     constexprs = dict(TRANSPOSED=False, SQUARE=False, RADIUS=True, HAS_SCALE=False, HAS_SHIFT=False, RELU=False,
-                      SQRT=False, FLAT=False, FP64=dtype == "fp64", **_precision(dtype, precision))
+                      SQRT=False, FLAT=False, SPLIT=False, FP64=dtype == "fp64", **_precision(dtype, precision))
     constexprs.update(flags)
     for name, needed in (("scale_ptr", "HAS_SCALE"), ("shift_ptr", "HAS_SHIFT")):
         if not constexprs[needed]:
             constexprs[name] = None
-    _compile(affine._affine_kernel, dtype, arch, **constexprs)
+    pointers = ("c_out_ptr", "r_out_ptr") if constexprs["SPLIT"] else ()
+    _compile(affine._affine_kernel, dtype, arch, acc="fp32", pointers=pointers, **constexprs)
+
+
+@pytest.mark.parametrize("dtype,sqrt", [("fp32", False), ("bf16", True), ("fp64", False)])
+def test_finish_splits_kernel_compiles(dtype, sqrt):
+    _compile(affine._finish_splits_kernel, dtype, acc="fp64" if dtype == "fp64" else "fp32",
+             pointers=("ws_c_ptr", "ws_r_ptr"), HAS_SCALE=True, HAS_SHIFT=True, SQRT=sqrt, RELU=True,
+             FP64=dtype == "fp64", BLOCK=affine.BLOCK)
 
 
 @pytest.mark.parametrize("dtype,square,bias,flat,precision,arch", [("fp32", False, True, False, "ieee", 90),

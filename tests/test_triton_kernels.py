@@ -111,6 +111,7 @@ LINEAR_CASES = {  # name: (rows of c, rows of r, in, out, extra dims)
     "no-radius": (6, 0, 18, 17, ()),
     "one-row": (1, 1, 3, 2, ()),
     "extra-dims": (5, 2, 17, 9, (3,)),
+    "long-reduction": (4, 3, 150, 9, ()),  # few output tiles: the reduction is split over the grid
 }
 
 
@@ -227,7 +228,7 @@ def test_batch_norm_stats(shape, offset, dtype):
 @pytest.mark.parametrize("eps_kind", ["float", "per-sample"])
 def test_l2_linear(scale_kind, eps_kind, mode):
     gen = torch.Generator(device=DEVICE).manual_seed(5)
-    b, k, o = 5 * SCALE, 21 * SCALE, 19 * SCALE
+    b, k, o = 5 * SCALE, 41 * SCALE, 19 * SCALE  # k long enough for a split reduction
     x, weight, bias = _rand(gen, b, k), _rand(gen, o, k) / k ** 0.5, _rand(gen, o)
     scale = {None: None, "feature": _rand(gen, k, low=0.2, high=2.0), "sample": _rand(gen, b, k, low=0.2, high=2.0),
              "shared": _rand(gen, 1, low=0.2, high=2.0)}[scale_kind]
