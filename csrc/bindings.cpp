@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <limits>
+#include <type_traits>
 
 #include "common.h"
 
@@ -136,6 +137,26 @@ void run_gemm(const char* op, at::ScalarType dtype, const std::string& precision
   }
 }
 
+int sm_count() {
+  int count = 0;
+  CURE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return count;
+}
+
+// The interval GEMM p on the current stream, with the workspace of its split-K pieces (if it splits).
+template <typename T>
+void run_interval_gemm(const char* op, const at::Tensor& like, const std::string& precision,
+                       const cure_fast::GemmParams<T>& p) {
+  using A = typename cure_fast::Acc<T>::type;
+  const int sms = sm_count();
+  const int64_t splits = cure_fast::interval_gemm_splits(p.M, p.N, p.K, sms);
+  const auto acc = std::is_same_v<A, double> ? at::kDouble : at::kFloat;
+  auto workspace = at::empty({splits > 1 ? 2 * splits * p.M * p.N : 0}, like.options().dtype(acc));
+  run_gemm(op, like.scalar_type(), precision, [&](cure_fast::MathMode mode, cudaStream_t s) {
+    cure_fast::interval_gemm_cuda<T>(p, static_cast<A*>(workspace.mutable_data_ptr()), sms, mode, s);
+  });
+}
+
 void check_linear(const char* op, const at::Tensor& c, const at::Tensor& r, const at::Tensor& weight) {
   check_interval(op, c, r);
   TORCH_CHECK(c.dim() == 2, op, ": c must be 2-d (rows, in_features), got ", c.sizes());
@@ -176,8 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> interval_linear_forwa
       p.pre1 = out<T>(pre_c);
       if (m > 0) p.pre2 = out<T>(pre_r);
     }
-    run_gemm(op, c.scalar_type(), precision,
-             [&](cure_fast::MathMode mode, cudaStream_t s) { cure_fast::interval_gemm_cuda<T>(p, mode, s); });
+    run_interval_gemm<T>(op, c, precision, p);
   });
   return {c_out, r_out, pre_c, pre_r};
 }
@@ -205,8 +225,7 @@ std::tuple<at::Tensor, at::Tensor> interval_linear_grad_input(const at::Tensor& 
     if (m > 0) p.a2 = in<T>(grad_r), p.sa2_m = o, p.sa2_k = 1, p.out2 = out<T>(dr);
     p.m2_lo = n - m;
     p.out1 = out<T>(dc);
-    run_gemm(op, grad_c.scalar_type(), precision,
-             [&](cure_fast::MathMode mode, cudaStream_t s) { cure_fast::interval_gemm_cuda<T>(p, mode, s); });
+    run_interval_gemm<T>(op, grad_c, precision, p);
   });
   return {dc, dr};
 }
@@ -238,8 +257,7 @@ at::Tensor interval_linear_grad_weight(const at::Tensor& grad_c, const at::Tenso
     p.k2_lo = n - m;
     p.sign_of = in<T>(weight);
     p.out1 = out<T>(dw);
-    run_gemm(op, c.scalar_type(), precision,
-             [&](cure_fast::MathMode mode, cudaStream_t s) { cure_fast::interval_gemm_cuda<T>(p, mode, s); });
+    run_interval_gemm<T>(op, c, precision, p);
   });
   return dw;
 }
@@ -297,12 +315,6 @@ void check_conv(const char* op, const at::Tensor& c, const at::Tensor& r, const 
   check_4d(op, "weight", weight, c);
   TORCH_CHECK(weight.size(1) == c.size(1), op, ": weight must have shape (out, ", c.size(1),
               ", kh, kw) (groups == 1), got ", weight.sizes());
-}
-
-int sm_count() {
-  int count = 0;
-  CURE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return count;
 }
 
 // conv(c, W) + bias and conv(r, |W|) as one implicit GEMM, then * scale + shift (r: * |scale|)

@@ -30,6 +30,10 @@ inline unsigned int grid_size(int64_t n, int threads = kThreads) {
   return static_cast<unsigned int>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
 }
 
+// Compute type (accumulators, split-K workspaces): float for every storage type except double.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
 // ---------------------------------------------------------------------------------------------
 // Device helpers (only seen by nvcc). CURE_HOST_DEVICE marks the ones that the host emulation of
 // the GEMM kernels (tests/cuda_host, built with CURE_FAST_HOST_EMULATION defined) also calls on
@@ -54,10 +58,6 @@ void check_access(const void* p, size_t bytes, bool write);
 #define CURE_THREAD_INDEX threadIdx.x
 #define CURE_CHECK_ACCESS(p, write) ((void)0)
 #endif
-
-// Compute type: float for every storage type except double.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
 
 CURE_HOST_DEVICE __forceinline__ float load(const float* p) { CURE_CHECK_ACCESS(p, false); return *p; }
 CURE_HOST_DEVICE __forceinline__ double load(const double* p) { CURE_CHECK_ACCESS(p, false); return *p; }
@@ -143,9 +143,13 @@ struct GemmParams {
 };
 
 // Launches the interval GEMM. mode kFma for every T; kTf32 / kBf16 for float; kBf16 for bfloat16;
-// kHalf for half (the bindings pick a valid one). Throws std::invalid_argument otherwise.
+// kHalf for half (the bindings pick a valid one). Throws std::invalid_argument otherwise. The
+// reduction is split over interval_gemm_splits(M, N, K, sm_count) blocks; when that is more than
+// one, workspace holds 2 * splits * M * N elements of the compute type.
+int64_t interval_gemm_splits(int64_t M, int64_t N, int64_t K, int sm_count);
 template <typename T>
-void interval_gemm_cuda(const GemmParams<T>& p, MathMode mode, cudaStream_t stream);
+void interval_gemm_cuda(const GemmParams<T>& p, typename Acc<T>::type* workspace, int sm_count, MathMode mode,
+                        cudaStream_t stream);
 
 // A 2-d convolution over contiguous NCHW tensors: input (batch, channels, height, width), weight
 // (out_channels, channels, kernel_h, kernel_w), output (batch, out_channels, out_height, out_width)

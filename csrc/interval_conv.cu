@@ -396,26 +396,9 @@ template <typename T> ConvStore<T> conv_store(T* out1, T* out2, int64_t channels
   return s;
 }
 
-// Reduction splits of the weight gradient: enough blocks for about four per SM, at least
-// kMinSplitK reduction steps per split, chunks a multiple of the k-steps of both kernels.
-constexpr int64_t kMinSplitK = 512;
-
-struct SplitK {
-  int64_t splits, chunk;
-};
-
-SplitK wgrad_split(const ConvGeometry& g, int sm_count) {
-  const int64_t k = g.batch * pixels_out(g);
-  if (k == 0) return {1, 1};
-  const int64_t tiles = ((g.out_channels + gemm::FBM - 1) / gemm::FBM) * ((taps(g) + gemm::FBN - 1) / gemm::FBN);
-  const int64_t want = (4 * static_cast<int64_t>(sm_count) + tiles - 1) / tiles;
-  int64_t most = k / kMinSplitK;
-  if (most > 65535) most = 65535;
-  const int64_t splits = want < most ? want : most;
-  if (splits <= 1) return {1, k};
-  const int64_t step = gemm::WBK;  // a multiple of both k-steps
-  const int64_t chunk = ((k + splits - 1) / splits + step - 1) / step * step;
-  return {(k + chunk - 1) / chunk, chunk};
+// Reduction splits of the weight gradient (split-K over the batch pixels).
+gemm::SplitK wgrad_split(const ConvGeometry& g, int sm_count) {
+  return gemm::split_k(g.out_channels, taps(g), g.batch * pixels_out(g), sm_count);
 }
 
 }  // namespace
@@ -485,7 +468,7 @@ void interval_conv2d_grad_weight_cuda(const ConvGeometry& g, int64_t radius_rows
                                       MathMode mode, cudaStream_t stream) {
   static_assert(std::is_same_v<A, typename Acc<T>::type>, "the workspace is in the compute type");
   const int64_t n_lo = g.batch - radius_rows, image = g.channels * pixels_in(g);
-  const SplitK split = wgrad_split(g, sm_count);
+  const gemm::SplitK split = wgrad_split(g, sm_count);
   GradWeightProblem<T> p;
   p.M = g.out_channels, p.N = taps(g), p.K = g.batch * pixels_out(g);
   p.k2_lo = n_lo * pixels_out(g), p.second = radius_rows > 0;

@@ -418,6 +418,29 @@ __global__ void __launch_bounds__(WNT) wmma_kernel(const P p) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Split-K: how to cut the reduction of an M x N problem over K so that the grid holds about four
+// blocks per SM, with at least kMinSplitK reduction steps per split and chunks a multiple of the
+// k-steps of both kernels. splits == 1 (chunk K): no split.
+constexpr int64_t kMinSplitK = 512;
+
+struct SplitK {
+  int64_t splits, chunk;
+};
+
+inline SplitK split_k(int64_t M, int64_t N, int64_t K, int sm_count) {
+  if (K == 0) return {1, 1};
+  const int64_t tiles = ((M + FBM - 1) / FBM) * ((N + FBN - 1) / FBN);
+  const int64_t want = (4 * static_cast<int64_t>(sm_count) + tiles - 1) / tiles;
+  int64_t most = K / kMinSplitK;
+  if (most > 65535) most = 65535;
+  const int64_t splits = want < most ? want : most;
+  if (splits <= 1) return {1, K};
+  const int64_t step = WBK;  // a multiple of both k-steps
+  const int64_t chunk = ((K + splits - 1) / splits + step - 1) / step * step;
+  return {(K + chunk - 1) / chunk, chunk};
+}
+
+// ---------------------------------------------------------------------------------------------
 // Launch: grid (M / 64, N / 64, splits of the reduction) on `stream`, with the kernel of `mode`:
 // kFma for every T; kTf32 / kBf16 for float; kBf16 for bfloat16; kHalf for half. Throws
 // std::invalid_argument for a mode the dtype does not have or a grid that does not fit.

@@ -55,6 +55,9 @@ class Emulator:
         lib.cure_emu_counters.argtypes = [ctypes.c_void_p]
         lib.cure_emu_conv_grad_weight_splits.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.cure_emu_conv_grad_weight_splits.restype = ctypes.c_longlong
+        lib.cure_emu_set_sm_count.argtypes = [ctypes.c_int]
+        lib.cure_emu_linear_splits.argtypes = [ctypes.c_longlong] * 3 + [ctypes.c_int]
+        lib.cure_emu_linear_splits.restype = ctypes.c_longlong
 
     def schedule(self, name):
         self.lib.cure_emu_set_schedule(SCHEDULES[name])
@@ -354,7 +357,10 @@ LINEAR = {  # n rows, m radius rows, k features, o outputs
     "exact-tiles": (64, 64, 64, 64),
     "long-k-no-radius": (3, 0, 300, 9),
     "radius-k-inside-a-step": (45, 7, 20, 3),  # the weight gradient's radius terms start at k = 38
+    "split-k-forward": (5, 3, 2100, 7),  # 4 reduction splits of the forward with 132 SMs
+    "split-k-weight-grad": (1100, 300, 9, 6),  # 2 splits of the weight gradient, radius rows from k = 800
 }
+SPLIT_K = {"split-k-forward": ((5, 7, 2100), 4), "split-k-weight-grad": ((6, 9, 1100), 2)}  # (M, N, K), splits
 
 
 def _random_linear(rng):
@@ -368,6 +374,10 @@ LINEAR.update({f"random-{seed}": _random_linear(random.Random(seed)) for seed in
 @pytest.mark.parametrize("name", list(LINEAR))
 def test_linear(emu, schedule, name):
     n, m, k, o = LINEAR[name]
+    emu.lib.cure_emu_set_sm_count(132)
+    if name in SPLIT_K:
+        shape, splits = SPLIT_K[name]
+        assert emu.lib.cure_emu_linear_splits(*shape, 132) == splits
     gen = torch.Generator().manual_seed(6)
     c, r, w = (torch.randn(n, k, dtype=F64, generator=gen), torch.rand(m, k, dtype=F64, generator=gen),
                torch.randn(o, k, dtype=F64, generator=gen))

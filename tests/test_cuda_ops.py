@@ -66,7 +66,8 @@ def _epilogue_ref(c, r, scale, shift, relu, channel_dim):
     return interval_relu_ref(c, r) if relu else (c, r)
 
 
-LINEAR_SHAPES = [(1, 0, 1, 1), (5, 3, 7, 4), (67, 67, 129, 65), (130, 40, 33, 70), (64, 64, 64, 64), (3, 0, 300, 9)]
+LINEAR_SHAPES = [(1, 0, 1, 1), (5, 3, 7, 4), (67, 67, 129, 65), (130, 40, 33, 70), (64, 64, 64, 64), (3, 0, 300, 9),
+                 (96, 64, 4100, 70), (1100, 300, 9, 6)]  # split-K of the forward, of the weight gradient
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -5,7 +5,9 @@
 // message cure_emu_error() then gives (out-of-bounds access, unwritten tile element, or an
 // exception of the sources).
 #include <exception>
+#include <limits>
 #include <string>
+#include <vector>
 
 #include "emulate.h"
 // The sources under test, in this translation unit.
@@ -39,6 +41,21 @@ ConvGeometry geometry(const long long* v) {
   g.kernel_h = v[7], g.kernel_w = v[8];
   g.stride_h = v[9], g.stride_w = v[10], g.pad_h = v[11], g.pad_w = v[12], g.dil_h = v[13], g.dil_w = v[14];
   return g;
+}
+
+// The SM count the split-K rules of the linear problem assume (cure_emu_set_sm_count).
+int linear_sm_count = 1;
+
+// interval_gemm_cuda as the bindings run it: with a workspace for its split-K pieces, NaN-filled
+// and registered as a writable buffer.
+void run_linear_gemm(const GemmParams<double>& p) {
+  const int64_t splits = interval_gemm_splits(p.M, p.N, p.K, linear_sm_count);
+  std::vector<double> workspace(splits > 1 ? 2 * splits * p.M * p.N : 0, std::numeric_limits<double>::quiet_NaN());
+  if (!workspace.empty()) {
+    const char* begin = reinterpret_cast<const char*>(workspace.data());
+    host_emulation::buffers.push_back({begin, begin + workspace.size() * sizeof(double), true});
+  }
+  interval_gemm_cuda<double>(p, workspace.data(), linear_sm_count, MathMode::kFma, nullptr);
 }
 
 }  // namespace
@@ -105,6 +122,11 @@ int cure_emu_conv_grad_weight(const long long* geom, long long radius_rows, cons
   });
 }
 
+void cure_emu_set_sm_count(int sm_count) { linear_sm_count = sm_count; }
+long long cure_emu_linear_splits(long long M, long long N, long long K, int sm_count) {
+  return interval_gemm_splits(M, N, K, sm_count);
+}
+
 // interval_gemm_cuda as the bindings call it for interval_linear: c (n, k), the radii r of the
 // last m rows (m, k), weight (o, k).
 //   forward:      out_c = epilogue(c W^T), out_r = epilogue(r |W|^T); pre_c / pre_r optional
@@ -120,7 +142,7 @@ int cure_emu_linear_forward(long long n, long long m, long long k, long long o, 
     p.m2_lo = n - m;
     p.bias = bias, p.scale = scale, p.shift = shift, p.relu = relu != 0;
     p.out1 = out_c, p.pre1 = pre_c;
-    interval_gemm_cuda<double>(p, MathMode::kFma, nullptr);
+    run_linear_gemm(p);
   });
 }
 
@@ -135,7 +157,7 @@ int cure_emu_linear_grad_input(long long n, long long m, long long o, long long 
     if (m > 0) p.a2 = grad_r, p.sa2_m = o, p.sa2_k = 1, p.out2 = d_r;
     p.m2_lo = n - m;
     p.out1 = d_c;
-    interval_gemm_cuda<double>(p, MathMode::kFma, nullptr);
+    run_linear_gemm(p);
   });
 }
 
@@ -155,7 +177,7 @@ int cure_emu_linear_grad_weight(long long n, long long m, long long k, long long
     p.k2_lo = n - m;
     p.sign_of = w;
     p.out1 = d_w;
-    interval_gemm_cuda<double>(p, MathMode::kFma, nullptr);
+    run_linear_gemm(p);
   });
 }
 
