@@ -84,9 +84,11 @@ def _finish_splits_kernel(ws_c_ptr, ws_r_ptr, scale_ptr, shift_ptr, c_out_ptr, r
     has_r = ok & (e >= r_start)
     acc_c = acc_zeros(BLOCK, FP64)
     acc_r = acc_zeros(BLOCK, FP64)
-    for piece in range(splits):
-        acc_c += tl.load(ws_c_ptr + piece * numel + e, mask=ok, other=0.0)
-        acc_r += tl.load(ws_r_ptr + piece * (numel - r_start) + e - r_start, mask=has_r, other=0.0)
+    for _ in range(splits):
+        acc_c += tl.load(ws_c_ptr + e, mask=ok, other=0.0)
+        acc_r += tl.load(ws_r_ptr + e - r_start, mask=has_r, other=0.0)
+        ws_c_ptr += numel  # the next piece (64-bit pointer arithmetic)
+        ws_r_ptr += numel - r_start
     acc_c, acc_r = _epilogue(acc_c, acc_r, scale_ptr, shift_ptr, (e // inner) % O, ok, HAS_SCALE, HAS_SHIFT, SQRT,
                              RELU)
     tl.store(c_out_ptr + e, acc_c.to(c_out_ptr.dtype.element_ty), mask=ok)
