@@ -6,8 +6,10 @@ For every layer op, batch size, precision (``ieee``: fp32 IEEE products, the cer
 
 - ``triton``: the fused Triton kernel (cure_fast.kernels),
 - ``cuda``: the CUDA C++ backend (cure_fast._cuda), when the extension is built; for the
-  convolutions also its two methods on their own, ``cuda_igemm`` (the implicit GEMM) and
-  ``cuda_cudnn`` (one grouped cuDNN call + the fused epilogue), ``cuda`` being the measured choice,
+  convolutions and linear layers also its two methods on their own, ``cuda_fused`` (the implicit
+  GEMM / the fused interval GEMM) and ``cuda_library`` (one grouped cuDNN call / one strided
+  batched cuBLAS GEMM when the row counts allow, + the fused epilogue), ``cuda`` being the measured
+  choice,
 - ``eager``: centre-radius IBP in plain PyTorch (the torch backend: two convolutions, ``|W|``
   rebuilt on every call, separate ReLU passes),
 - ``compile``: ``torch.compile`` of the same,
@@ -29,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import harness
-from cure_fast import kernels, models, reference
+from cure_fast import backends, kernels, models, reference
 
 PRECISIONS = ("ieee", "tf32")
 PASSES = ("forward", "backward", "both")
-COLUMNS = ("layer", "op", "batch", "precision", "pass", "triton_ms", "cuda_ms", "cuda_igemm_ms", "cuda_cudnn_ms",
+CUDA_METHODS = {"conv": ("implicit_gemm", "cudnn"), "linear": ("fused_gemm", "cublas")}  # (fused, library)
+COLUMNS = ("layer", "op", "batch", "precision", "pass", "triton_ms", "cuda_ms", "cuda_fused_ms", "cuda_library_ms",
            "eager_ms", "compile_ms", "floor_ms", "best", "x_eager", "x_compile", "of_floor", "tflops", "gbps")
 
 
@@ -121,9 +124,9 @@ def _affine_case(name, module, shape, out, inputs: _Inputs, first: bool) -> Case
         flops=2.0 * (n + m) * torch.Size(out).numel() * module.weight[0].numel(),
         bytes=(4.0 * io, 4.0 * (2 * io + _numel((n,) + out, (m,) + out))),
         input_grads=not first,
-        methods={f"cuda_{short}": lambda impl, precision, method=method: lambda c, r, w, b: impl.interval_conv2d(
-            c, r, w, b, **conv, relu=True, precision=precision, method=method)
-            for short, method in (("igemm", "implicit_gemm"), ("cudnn", "cudnn"))} if conv else {})
+        methods={f"cuda_{short}": lambda impl, precision, method=method: lambda c, r, w, b: op(impl)(
+            c, r, w, b, relu=True, precision=precision, method=method)
+            for short, method in zip(("fused", "library"), CUDA_METHODS["conv" if conv else "linear"])})
 
 
 def _l2_case(name, module, data, out, inputs: _Inputs, batch: int) -> Case:
@@ -248,7 +251,7 @@ def run(args) -> List[dict]:
         for case in _cases(batch, args.device, args.smoke):
             compiled = None if args.no_compile else torch.compile(case.eager)
             for precision in PRECISIONS[:1] if args.smoke else PRECISIONS:
-                with harness.tf32(precision == "tf32"):
+                with backends.library_tf32(precision == "tf32"):
                     times = {name: _timings(case.fused(impl, precision), case.make, args.device, args.smoke)
                              for name, impl in impls.items()}
                     if "cuda" in impls:

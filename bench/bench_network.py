@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import harness
 from bench_kernels import fused_backends
-from cure_fast import BoundedModule, L2Ball, LinfBall, models
+from cure_fast import BoundedModule, L2Ball, LinfBall, backends, models
 
 SETTINGS = (("train", "tf32"), ("train", "ieee"), ("eval", "ieee"))
 PASSES = ("forward", "backward", "both")
@@ -70,7 +70,7 @@ def run(args) -> List[dict]:
             return x, torch.randint(0, data.classes, (batch,), device=args.device)
         for mode, precision in SETTINGS[2:] if args.smoke else SETTINGS:
             model.train(mode == "train")
-            with harness.tf32(precision == "tf32"):
+            with backends.library_tf32(precision == "tf32"):
                 eager = _bounded_loss(BoundedModule(model, backend="torch", precision=precision))
                 losses = {"natural": _natural_loss(model), "eager": eager}
                 for name in list(fused_backends(args.device)) + ([] if args.smoke else ["auto"]):

@@ -125,17 +125,3 @@ def report(title: str, rows: List[Dict], columns: Sequence[str], args: argparse.
     print(table(rows, columns))
     if args.json:
         save_json(args.json, title, args.device, {"results": rows})
-
-
-class tf32:
-    """Context: PyTorch's TF32 switches set to ``on`` (restored on exit)."""
-
-    def __init__(self, on: bool):
-        self.on = on
-
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.on
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved

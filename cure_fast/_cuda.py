@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import autoselect, reference
+from . import autoselect, backends, reference
 
 _REBUILD = ("rebuild with `CURE_FAST_BUILD_CUDA=1 pip install -e . --no-deps --no-build-isolation` "
             "(CUDA_HOME must point at the CUDA toolkit)")
@@ -252,42 +252,92 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
-                    scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, relu: bool = False,
-                    precision: str = "ieee") -> Tuple[Tensor, Tensor]:
-    """Fused interval linear layer: ``((c W^T + b) * scale + shift, r |W|^T * |scale|)``, then the
-    interval ReLU if ``relu``, from one kernel that reads each weight tile once for both products.
-    c (N, *, in), r (M, *, in) the radii of c's last M rows, weight (out, in), bias / scale / shift
-    (out,) or None -> (N, *, out), (M, *, out)."""
-    features, out = c.shape[-1], weight.shape[0]
-    c2, r2 = c.reshape(-1, features).contiguous(), r.reshape(-1, features).contiguous()
+# method="auto" of the affine ops: the fused kernel or library calls for the two products, measured
+# per call key. Per key: the method chosen, and what was measured ({method: median ms, or why not}).
+_method_choice: Dict[Hashable, str] = {}
+method_measurements: Dict[Hashable, Dict[str, object]] = {}
+
+
+def _choose_method(key: Hashable, methods: Dict[str, Callable], tensors: List[Optional[Tensor]], precision: str,
+                   device: torch.device, fused: str, library: str) -> str:
+    """The faster method for this key among those whose outputs (and gradients, when the caller
+    records them) agree with the torch backend (``methods["torch"]``), measured once by
+    :func:`autoselect.measure` and cached; ``fused`` while torch.compile traces (nothing is measured
+    then), ``library`` when no method could be timed."""
+    if torch.compiler.is_compiling():
+        return fused
+    if key not in _method_choice:
+        results = autoselect.measure(lambda name: methods[name](*tensors), [n for n in methods if n != "torch"],
+                                     device, autoselect.grad_inputs(tensors), precision)
+        method_measurements[key] = results
+        timed = {name: ms for name, ms in results.items() if isinstance(ms, float)}
+        _method_choice[key] = min(timed, key=timed.get) if timed else library
+    return _method_choice[key]
+
+
+LINEAR_METHODS = ("auto", "fused_gemm", "cublas")
+
+
+def _linear_fused(c, r, weight, bias, scale, shift, *, relu, precision):
     opt = [t.contiguous() if t is not None else None for t in (bias, scale, shift)]
     save_pre = _has_epilogue(scale, shift, relu) and _needs_grad(c, r, weight, *opt)
-    c_out, r_out = _interval_linear(c2, r2, weight.contiguous(), *opt, relu, precision, save_pre)[:2]
+    return _interval_linear(c.contiguous(), r.contiguous(), weight.contiguous(), *opt, relu, precision, save_pre)[:2]
+
+
+def _linear_cublas(c, r, weight, bias, scale, shift, *, relu, precision):
+    """The two products from cuBLAS (one strided batched GEMM of ``[c; r]`` against ``[W; |W|]``
+    when every row has a radius, else two GEMMs), then the fused epilogue kernel."""
+    with backends.library_tf32(precision != "ieee"):  # bf16 runs as TF32 here
+        if r.shape[0] == c.shape[0] and c.shape[0] > 0:
+            xc, xr = torch.bmm(torch.stack([c, r]), torch.stack([weight, weight.abs()]).transpose(1, 2)).unbind(0)
+        else:
+            xc, xr = c @ weight.t(), r @ weight.abs().t()
+    opt = [t.contiguous() if t is not None else None for t in (bias, scale, shift)]
+    return _channel_epilogue(xc, xr, *opt, relu)
+
+
+def _linear_torch(c, r, weight, bias, scale, shift, *, relu, precision):
+    """The torch backend's result for the same call: the reference the methods are checked against."""
+    from . import functional
+    with backends.library_tf32(precision != "ieee"):
+        out = reference.interval_linear_ref(c, r, weight, bias)
+    return functional._epilogue(out, scale, shift, relu, -1, "torch")
+
+
+def interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+                    scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, relu: bool = False,
+                    precision: str = "ieee", method: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Interval linear layer: ``((c W^T + b) * scale + shift, r |W|^T * |scale|)``, then the interval
+    ReLU if ``relu``. c (N, *, in), r (M, *, in) the radii of c's last M rows, weight (out, in),
+    bias / scale / shift (out,) or None -> (N, *, out), (M, *, out).
+
+    ``method``: ``"fused_gemm"`` runs one kernel that reads each weight tile once for both products
+    and applies bias / scale / shift / ReLU on the accumulators; ``"cublas"`` runs the products as
+    cuBLAS calls and the epilogue as one more kernel; ``"auto"`` measures both on the first call per
+    shape / dtype / precision / device and keeps the faster of those that agree with the torch
+    backend (outputs, and gradients when they are recorded).
+    """
+    if method not in LINEAR_METHODS:
+        raise ValueError(f"interval_linear: method must be one of {LINEAR_METHODS}, got {method!r}")
+    features, out = c.shape[-1], weight.shape[0]
+    tensors = [c.reshape(-1, features), r.reshape(-1, features), weight, bias, scale, shift]
+    options = dict(relu=relu, precision=precision)
+    methods = {"fused_gemm": functools.partial(_linear_fused, **options),
+               "cublas": functools.partial(_linear_cublas, **options),
+               "torch": functools.partial(_linear_torch, **options)}
+    if method == "auto":
+        key = autoselect.key("interval_linear", c.device, (tensors, relu, precision, torch.is_grad_enabled()))
+        method = _choose_method(key, methods, tensors, precision, c.device, "fused_gemm", "cublas")
+    c_out, r_out = methods[method](*tensors)
     return c_out.view(*c.shape[:-1], out), r_out.view(*r.shape[:-1], out)
 
 
 # ---------------------------------------------------------------------------------------------
 # Interval conv2d: one implicit GEMM (forward, input and weight gradients), or cuDNN for the two
-# products and the fused epilogue kernel after them; method="auto" measures both per shape
+# products and the fused epilogue kernel after them
 
 _MAX_INDEX = 2 ** 31 - 1  # the implicit GEMM decomposes pixel and tap indices in 32 bits
 CONV_METHODS = ("auto", "implicit_gemm", "cudnn")
-# Per call key: the method "auto" chose, and what it measured ({method: median ms, or why not}).
-_conv_choice: Dict[Hashable, str] = {}
-conv_measurements: Dict[Hashable, Dict[str, object]] = {}
-
-
-def _conv_flags(precision: str):
-    """cuDNN TF32 on for ``tf32`` / ``bf16`` (bf16 convolutions run as TF32 here), off for ``ieee``."""
-    class _Flags:
-        def __enter__(self):
-            self.saved = torch.backends.cudnn.allow_tf32
-            torch.backends.cudnn.allow_tf32 = precision != "ieee"
-
-        def __exit__(self, *exc):
-            torch.backends.cudnn.allow_tf32 = self.saved
-    return _Flags()
 
 
 def _pair(value) -> Optional[List[int]]:
@@ -418,7 +468,7 @@ def _conv_implicit_gemm(c, r, weight, bias, scale, shift, *, geometry, relu, pre
 
 def _conv_cudnn(c, r, weight, bias, scale, shift, *, stride, padding, dilation, groups, relu, precision):
     out = weight.shape[0]
-    with _conv_flags(precision):
+    with backends.library_tf32(precision != "ieee"):  # bf16 runs as TF32 here
         if groups == 1 and r.shape[0] == c.shape[0] and c.shape[0] > 0:
             both = F.conv2d(torch.cat([c, r], 1), torch.cat([weight, weight.abs()], 0), None, stride, padding,
                             dilation, 2)
@@ -433,25 +483,9 @@ def _conv_cudnn(c, r, weight, bias, scale, shift, *, stride, padding, dilation, 
 def _conv_torch(c, r, weight, bias, scale, shift, *, stride, padding, dilation, groups, relu, precision):
     """The torch backend's result for the same call: the reference the methods are checked against."""
     from . import functional
-    with _conv_flags(precision):
+    with backends.library_tf32(precision != "ieee"):  # bf16 runs as TF32 here
         out = reference.interval_conv2d_ref(c, r, weight, bias, stride, padding, dilation, groups)
     return functional._epilogue(out, scale, shift, relu, 1, "torch")
-
-
-def _choose_conv_method(key: Hashable, methods: Dict[str, Callable], tensors: List[Optional[Tensor]],
-                        precision: str, device: torch.device) -> str:
-    """The faster method for this key among those whose outputs (and gradients, when the caller
-    records them) agree with the torch backend, measured once by :func:`autoselect.measure` and
-    cached; the implicit GEMM while torch.compile traces (nothing is measured then)."""
-    if torch.compiler.is_compiling():
-        return "implicit_gemm"
-    if key not in _conv_choice:
-        results = autoselect.measure(lambda name: methods[name](*tensors), [n for n in methods if n != "torch"],
-                                     device, autoselect.grad_inputs(tensors), precision)
-        conv_measurements[key] = results
-        timed = {name: ms for name, ms in results.items() if isinstance(ms, float)}
-        _conv_choice[key] = min(timed, key=timed.get) if timed else "cudnn"
-    return _conv_choice[key]
 
 
 def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -487,10 +521,9 @@ def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
         if geometry is None:
             method = "cudnn"
         else:
-            key = ("interval_conv2d", tuple(c.shape), tuple(r.shape), tuple(weight.shape), bias is not None,
-                   scale is not None, relu, tuple(map(tuple, geometry)), c.dtype, precision, str(c.device),
-                   _needs_grad(*tensors))
-            method = _choose_conv_method(key, methods, tensors, precision, c.device)
+            key = autoselect.key("interval_conv2d", c.device,
+                                 (tensors, relu, precision, geometry, torch.is_grad_enabled()))
+            method = _choose_method(key, methods, tensors, precision, c.device, "implicit_gemm", "cudnn")
     return methods[method](*tensors)
 
 
@@ -716,7 +749,7 @@ def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
     eps float or (B,), scale None or broadcastable to x -> (B, O, P, Q) twice."""
     geometry = _implicit_geometry(x, weight, stride, padding, dilation, groups)
     if geometry is None:
-        with _conv_flags(precision):
+        with backends.library_tf32(precision != "ieee"):  # bf16 runs as TF32 here
             return reference.l2_conv2d_ref(x, eps, weight, bias, stride, padding, dilation, groups, scale)
     s2 = reference._scale_squared(scale, x).contiguous()
     opt_bias = bias.contiguous() if bias is not None else None

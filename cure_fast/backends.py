@@ -15,6 +15,7 @@ turns TF32 off for ``ieee`` calls on CUDA tensors and otherwise follows torch's 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from typing import Callable, Dict, Optional
@@ -63,6 +64,20 @@ def set_precision(name: str) -> None:
 def get_precision() -> str:
     """The process-wide dot-product precision (``ieee`` unless :func:`set_precision` changed it)."""
     return _precision
+
+
+@contextlib.contextmanager
+def library_tf32(enabled: bool):
+    """cuBLAS matmuls and cuDNN convolutions with TF32 on (``enabled``) or off inside the block."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [f.allow_tf32 for f in flags]
+    for f in flags:
+        f.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        for f, value in zip(flags, saved):
+            f.allow_tf32 = value
 
 
 def is_available(name: str, device: torch.device) -> bool:

@@ -2,7 +2,6 @@
 union accuracy (certified for every norm at once)."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from . import backends
 from .attacks import pgd_batched
 from .bounded import BoundedModule
 from .losses import certified
@@ -26,17 +26,6 @@ def make_spec(norm: str, eps: float, **kwargs):
     if norm == "2":
         return L2Ball(eps, **kwargs)
     raise ValueError(f"unknown norm {norm!r}; choose 'inf' or '2'")
-
-
-@contextlib.contextmanager
-def sound_precision():
-    """fp32 matmuls and convolutions without TF32 while certifying."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @dataclass
@@ -93,7 +82,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
     parts = {"correct": [], **{f"{k}_{n}": [] for n in norms for k in ("pgd", "cert", "margin", "by")}}
     seconds = dict.fromkeys(("pgd",) + cascade, 0.0)
     try:
-        with sound_precision():
+        with backends.library_tf32(False):  # certificates need IEEE fp32 products
             for start in range(0, len(labels), batch_size):
                 x = images[start:start + batch_size].to(device)
                 x = x.float().div(255) if x.dtype == torch.uint8 else x.float()

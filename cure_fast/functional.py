@@ -70,21 +70,11 @@ def _precision(precision: Optional[str]) -> str:
     return backends.get_precision() if precision is None else backends.check_precision(precision)
 
 
-@contextlib.contextmanager
 def _honoured(precision: str, device: torch.device):
     """Run torch ops with TF32 off when ``precision`` is ``ieee`` on a CUDA device."""
-    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
-    saved = [f.allow_tf32 for f in flags]
-    if precision != "ieee" or device.type != "cuda" or not any(saved):
-        yield
-        return
-    for f in flags:
-        f.allow_tf32 = False
-    try:
-        yield
-    finally:
-        for f, value in zip(flags, saved):
-            f.allow_tf32 = value
+    if precision != "ieee" or device.type != "cuda":
+        return contextlib.nullcontext()
+    return backends.library_tf32(False)
 
 
 # Backends whose implementations take ``precision=`` and the epilogue keywords (and fuse the

@@ -16,11 +16,11 @@ DT = torch.float64
 @pytest.fixture(autouse=True)
 def emulated(monkeypatch):
     monkeypatch.setattr(_cuda, "extension", lambda: cuda_emulator.extension)
-    _cuda._conv_choice.clear()
-    _cuda.conv_measurements.clear()
+    _cuda._method_choice.clear()
+    _cuda.method_measurements.clear()
     yield
-    _cuda._conv_choice.clear()
-    _cuda.conv_measurements.clear()
+    _cuda._method_choice.clear()
+    _cuda.method_measurements.clear()
 
 
 def _rand(gen, *shape, low=-1.0, high=1.0):
@@ -54,15 +54,16 @@ def test_the_emulator_has_every_entry_point():
 EPILOGUES = {"none": (False, False), "bn": (True, False), "relu": (False, True), "bn+relu": (True, True)}
 
 
+@pytest.mark.parametrize("method", ["fused_gemm", "cublas", "auto"])
 @pytest.mark.parametrize("epilogue", list(EPILOGUES))
 @pytest.mark.parametrize("rows,radii,extra", [(5, 3, ()), (4, 4, (2,)), (3, 0, ())], ids=str)
-def test_interval_linear(rows, radii, extra, epilogue):
+def test_interval_linear(rows, radii, extra, epilogue, method):
     gen = torch.Generator().manual_seed(rows + radii)
     bn, relu = EPILOGUES[epilogue]
     c, r = _rand(gen, rows, *extra, 6), _rand(gen, radii, *extra, 6, low=0.0)
     w, b, s, t = _rand(gen, 4, 6), _rand(gen, 4), _rand(gen, 4, low=-2.0, high=2.0), _rand(gen, 4)
     kw = lambda s, t: dict(scale=s if bn else None, shift=t if bn else None, relu=relu)  # noqa: E731
-    check(lambda c, r, w, b, s, t: _cuda.interval_linear(c, r, w, b, **kw(s, t)),
+    check(lambda c, r, w, b, s, t: _cuda.interval_linear(c, r, w, b, **kw(s, t), method=method),
           lambda c, r, w, b, s, t: BF.interval_linear(c, r, w, b, **kw(s, t), backend="torch"), [c, r, w, b, s, t])
 
 
@@ -91,30 +92,50 @@ def test_interval_conv2d(case, epilogue, method):
           [c, r, w, b, s, t])
 
 
-def test_conv_auto_leaves_out_a_method_that_disagrees(monkeypatch):
+def _conv_call(c, r, w, **kw):
+    return _cuda.interval_conv2d(c, r, w, None, 1, 1, **kw)
+
+
+AUTO_CASES = {  # op, (c, r, w) shapes, its fused method and entry point, the call
+    "conv": ((3, 2, 5, 5), (2, 2, 5, 5), (3, 2, 3, 3), "implicit_gemm", "interval_conv2d_forward", _conv_call),
+    "linear": ((5, 6), (3, 6), (4, 6), "fused_gemm", "interval_linear_forward", _cuda.interval_linear),
+}
+
+
+def _auto_inputs(case):
     gen = torch.Generator().manual_seed(0)
-    c, r, w = _rand(gen, 3, 2, 5, 5), _rand(gen, 2, 2, 5, 5, low=0.0), _rand(gen, 3, 2, 3, 3)
-    real = cuda_emulator.extension.interval_conv2d_forward
+    c_shape, r_shape, w_shape = AUTO_CASES[case][:3]
+    return _rand(gen, *c_shape), _rand(gen, *r_shape, low=0.0), _rand(gen, *w_shape)
+
+
+@pytest.mark.parametrize("case", list(AUTO_CASES))
+def test_auto_leaves_out_a_method_that_disagrees(monkeypatch, case):
+    c, r, w = _auto_inputs(case)
+    fused, entry, call = AUTO_CASES[case][3:]
+    real = getattr(cuda_emulator.extension, entry)
 
     def shrunk(*args):
         out = real(*args)
         return (out[0], out[1] * 0.999, *out[2:])  # radii 0.1% too small: unsound
-    monkeypatch.setattr(cuda_emulator.extension, "interval_conv2d_forward", shrunk)
-    got = _cuda.interval_conv2d(c, r, w, None, 1, 1, relu=True)
-    (results,) = _cuda.conv_measurements.values()
-    assert results["implicit_gemm"] == "output mismatch against the torch backend"
-    assert isinstance(results["cudnn"], float)
-    for a, b in zip(got, BF.interval_conv2d(c, r, w, None, 1, 1, relu=True, backend="torch")):
+    monkeypatch.setattr(cuda_emulator.extension, entry, shrunk)
+    got = call(c, r, w, relu=True)
+    (results,) = _cuda.method_measurements.values()
+    assert results[fused] == "output mismatch against the torch backend"
+    (library,) = set(results) - {fused}
+    assert isinstance(results[library], float)
+    monkeypatch.setattr(cuda_emulator.extension, entry, real)
+    for a, b in zip(got, call(c, r, w, relu=True, method=fused)):
         torch.testing.assert_close(a, b)
 
 
-def test_conv_auto_measures_once_per_key():
-    gen = torch.Generator().manual_seed(0)
-    c, r, w = _rand(gen, 3, 2, 5, 5), _rand(gen, 2, 2, 5, 5, low=0.0), _rand(gen, 3, 2, 3, 3)
+@pytest.mark.parametrize("case", list(AUTO_CASES))
+def test_auto_measures_once_per_key(case):
+    c, r, w = _auto_inputs(case)
+    call = AUTO_CASES[case][-1]
     for _ in range(3):
-        _cuda.interval_conv2d(c, r, w, None, 1, 1)
-    _cuda.interval_conv2d(c, r, w.requires_grad_(), None, 1, 1)  # training calls have their own key
-    assert len(_cuda.conv_measurements) == 2
+        call(c, r, w)
+    call(c, r, w.requires_grad_())  # training calls have their own key
+    assert len(_cuda.method_measurements) == 2
 
 
 @pytest.mark.parametrize("scale_kind", [None, "channel", "pixel", "sample"])
