@@ -19,6 +19,7 @@
 //   wgrad    rows o, columns x = (ci, kh, kw), reduction k = (n, p, q) over N*P*Q:
 //            A[o, k] = g[n, o, p, q], B[k, x] = the forward's A[(n, p, q), x]
 // The second products read the radius samples through the same maps with n >= n_lo only.
+#include <algorithm>
 #include <numeric>
 
 #include "interval_gemm.cuh"
@@ -443,9 +444,10 @@ void interval_conv2d_grad_input_cuda(const ConvGeometry& g, int64_t radius_rows,
                                      cudaStream_t stream) {
   const int64_t n_lo = g.batch - radius_rows;
   const bool second = radius_rows > 0;
-  for (int64_t ah = 0; ah < g.stride_h; ++ah) {
+  // Phases at or past the image's edge have no pixels: at most min(stride, size) per axis.
+  for (int64_t ah = 0; ah < std::min(g.stride_h, g.height); ++ah) {
     const PhaseAxis y = phase_axis(g.height, g.kernel_h, g.stride_h, g.pad_h, g.dil_h, ah);
-    for (int64_t aw = 0; aw < g.stride_w; ++aw) {
+    for (int64_t aw = 0; aw < std::min(g.stride_w, g.width); ++aw) {
       const PhaseAxis x = phase_axis(g.width, g.kernel_w, g.stride_w, g.pad_w, g.dil_w, aw);
       GradInputProblem<T> p;  // a phase without taps (K = 0) stores zeros
       p.M = g.batch * y.pixels * x.pixels, p.N = g.channels, p.K = g.out_channels * y.taps * x.taps;

@@ -429,6 +429,7 @@ struct SplitK {
 
 inline SplitK split_k(int64_t M, int64_t N, int64_t K, int sm_count) {
   if (K == 0) return {1, 1};
+  if (M == 0 || N == 0) return {1, K};  // an empty output: nothing to split
   const int64_t tiles = ((M + FBM - 1) / FBM) * ((N + FBN - 1) / FBN);
   const int64_t want = (4 * static_cast<int64_t>(sm_count) + tiles - 1) / tiles;
   int64_t most = K / kMinSplitK;

@@ -320,7 +320,8 @@ def interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
     if method not in LINEAR_METHODS:
         raise ValueError(f"interval_linear: method must be one of {LINEAR_METHODS}, got {method!r}")
     features, out = c.shape[-1], weight.shape[0]
-    tensors = [c.reshape(-1, features), r.reshape(-1, features), weight, bias, scale, shift]
+    rows = [t.reshape(t.shape[:-1].numel(), features) for t in (c, r)]  # (no -1: features may be 0)
+    tensors = [*rows, weight, bias, scale, shift]
     options = dict(relu=relu, precision=precision)
     methods = {"fused_gemm": functools.partial(_linear_fused, **options),
                "cublas": functools.partial(_linear_cublas, **options),

@@ -102,7 +102,7 @@ def _finish_splits_kernel(ws_c_ptr, ws_r_ptr, scale_ptr, shift_ptr, c_out_ptr, r
 def _affine_kernel(
     c_ptr, r_ptr, w_ptr, scale_ptr, shift_ptr, c_out_ptr, r_out_ptr,
     sample_start, sample_end, n_points, chunk, piece_c, piece_r, C, H, W, O, P, Q, KH, KW,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_h, stride_w, phases_w, pad_h, pad_w, dil_h, dil_w,
     sc_n, sc_c, sc_h, sc_w,
     sr_n, sr_c, sr_h, sr_w,
     sw_k, sw_o, sw_i, sw_j,
@@ -116,8 +116,9 @@ def _affine_kernel(
     then the epilogue, for the samples [sample_start, sample_end); sample n of r is sample n_points + n
     of c. RADIUS: every sample of the range has a radius (else none has). TRANSPOSED: the adjoint of
     the convolution with this stride / padding / dilation, from its output (C, H, W) to its input
-    (O, P, Q), one stride phase (a, b) per program_id(2): the output pixels (a + stride_h*u,
-    b + stride_w*v) and only the taps that reach them (no product with the zeros a strided adjoint
+    (O, P, Q), one stride phase (a, b) per program_id(2) = a * phases_w + b (phases past the image's
+    edge have no pixels and get no program): the output pixels (a + stride_h*u, b + stride_w*v) and
+    only the taps that reach them (no product with the zeros a strided adjoint
     would insert). FLAT (not TRANSPOSED): the reduction runs over (input channel, tap) pairs
     together, for C too small to fill a k-step. SPLIT (neither): program_id(2) sums the input
     channels [split * chunk, (split + 1) * chunk) only and stores its raw products into piece
@@ -128,8 +129,8 @@ def _affine_kernel(
     pid_o = tl.program_id(1)
     split = 0
     if TRANSPOSED:
-        a = tl.program_id(2) // stride_w
-        b = tl.program_id(2) % stride_w
+        a = tl.program_id(2) // phases_w
+        b = tl.program_id(2) % phases_w
         grid_p = (P - a + stride_h - 1) // stride_h  # rows of the phase's pixel grid (0 when P <= a)
         grid_q = (Q - b + stride_w - 1) // stride_w
         step_p = stride_h
@@ -340,7 +341,8 @@ def _affine(c: Tensor, r: Tensor, weight: Tensor, scale: Optional[Tensor], shift
     channels, p, q = c_out.shape[1:]
     sw_k, sw_o = (weight.stride(0), weight.stride(1)) if transposed else (weight.stride(1), weight.stride(0))
     n_points = c.shape[0] - r.shape[0]
-    phases = (stride[0], stride[1]) if transposed else (1, 1)
+    # stride phases of the output pixels: phases at or past the image's edge have no pixels
+    phases = (min(stride[0], p), min(stride[1], q)) if transposed else (1, 1)
     cells = triton.cdiv(p, phases[0]) * triton.cdiv(q, phases[1])  # pixels of the largest stride phase
     flat = _flat(weight, transposed)
     pieces, chunk = (1, c.shape[1]) if transposed or flat else _input_splits(c.shape[0] * cells, channels, weight)
@@ -360,7 +362,7 @@ def _affine(c: Tensor, r: Tensor, weight: Tensor, scale: Optional[Tensor], shift
         launch(_affine_kernel)[grid](
             c, r, weight, scale, shift, *outputs,
             start, end, n_points, chunk, c_out.numel(), r_out.numel(), c.shape[1], c.shape[2], c.shape[3], channels,
-            p, q, weight.shape[2], weight.shape[3], stride[0], stride[1], padding[0], padding[1], dilation[0],
+            p, q, weight.shape[2], weight.shape[3], stride[0], stride[1], phases[1], padding[0], padding[1], dilation[0],
             dilation[1], *c.stride(), *r.stride(), sw_k, sw_o, weight.stride(2), weight.stride(3), *c_out.stride(),
             TRANSPOSED=transposed, SQUARE=square, RADIUS=radius, HAS_SCALE=scale is not None,
             HAS_SHIFT=shift is not None, RELU=relu, SQRT=sqrt, FLAT=flat, SPLIT=pieces > 1,
@@ -380,8 +382,8 @@ def _input_splits(rows: int, channels: int, weight: Tensor) -> Tuple[int, int]:
     in_channels = weight.shape[1]
     tiles = triton.cdiv(rows, 64) * triton.cdiv(channels, 64)
     pieces = splits(in_channels * weight.shape[2] * weight.shape[3], tiles, weight.device)
-    chunk = triton.cdiv(triton.cdiv(in_channels, pieces), 32) * 32
-    return triton.cdiv(in_channels, chunk), chunk
+    chunk = max(triton.cdiv(triton.cdiv(in_channels, pieces), 32), 1) * 32
+    return max(triton.cdiv(in_channels, chunk), 1), chunk
 
 
 def _weight_grad_outputs(gc, gr, c, r, weight, stride, padding, dilation, square, bias, precision):
@@ -395,6 +397,8 @@ def _weight_grad(gc: Tensor, gr: Tensor, c: Tensor, r: Tensor, weight: Tensor, s
     """Gradients of the weight, ``gc^T ⊛ c + f'(W) ⊙ (gr^T ⊛ r)`` (f' = sign, or 2W when square),
     and of a shift (gc's channel sums, when bias; else an empty tensor). gc (N, O, P, Q), gr (M, O, P, Q)."""
     out_o, n, p, q = weight.shape[0], gc.shape[0], gc.shape[2], gc.shape[3]
+    if weight.numel() == 0:  # no products (no input channels): the shift's gradient is gc's channel sums
+        return torch.zeros_like(weight), gc.sum((0, 2, 3)) if bias else weight.new_empty(0)
     acc = acc_dtype(weight.dtype)
     taps = weight.shape[2] * weight.shape[3]
     flat = _flat(weight)
@@ -406,18 +410,18 @@ def _weight_grad(gc: Tensor, gr: Tensor, c: Tensor, r: Tensor, weight: Tensor, s
         dw, db = _weight_grad_outputs(gc, gr, c, r, weight, stride, padding, dilation, square, bias, precision)
     else:
         dw, db = empty((split, *weight.shape), weight, acc), empty((split, out_o if bias else 0), weight, acc)
-    if out_o and weight.numel():
-        def grid(meta):
-            return triton.cdiv(out_o, meta["BM"]), triton.cdiv(columns, meta["BN"]), column_groups * split
 
-        launch(_weight_grad_kernel)[grid](
-            gc, gr, c, r, weight, dw, db if bias else None,
-            n * p * q, gr.shape[0] * p * q, triton.cdiv(n * p * q, split), triton.cdiv(gr.shape[0] * p * q, split),
-            weight.shape[1], c.shape[2], c.shape[3], out_o, p, q, weight.shape[2], weight.shape[3],
-            stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-            *gc.stride(), *gr.stride(), *c.stride(), *r.stride(), *weight.stride(),
-            0 if direct else dw.stride(0), *dw.stride()[-4:], 0 if direct else db.stride(0),
-            SQUARE=square, HAS_BIAS=bias, FLAT=flat, FP64=acc == torch.float64, **dot_flags(c.dtype, precision))
+    def grid(meta):
+        return triton.cdiv(out_o, meta["BM"]), triton.cdiv(columns, meta["BN"]), column_groups * split
+
+    launch(_weight_grad_kernel)[grid](
+        gc, gr, c, r, weight, dw, db if bias else None,
+        n * p * q, gr.shape[0] * p * q, triton.cdiv(n * p * q, split), triton.cdiv(gr.shape[0] * p * q, split),
+        weight.shape[1], c.shape[2], c.shape[3], out_o, p, q, weight.shape[2], weight.shape[3],
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *gc.stride(), *gr.stride(), *c.stride(), *r.stride(), *weight.stride(),
+        0 if direct else dw.stride(0), *dw.stride()[-4:], 0 if direct else db.stride(0),
+        SQUARE=square, HAS_BIAS=bias, FLAT=flat, FP64=acc == torch.float64, **dot_flags(c.dtype, precision))
     if direct:
         return dw, db
     return dw.sum(0).to(weight.dtype), db.sum(0).to(weight.dtype)
@@ -522,7 +526,8 @@ def interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
     check_inputs("interval_linear", c, r, weight, bias, scale, shift)
     functional._check_epilogue("interval_linear", c, weight.shape[0], scale, shift)
     features = c.shape[-1]
-    c_out, r_out = _IntervalAffine.apply(c.reshape(-1, features, 1, 1), r.reshape(-1, features, 1, 1),
+    c_out, r_out = _IntervalAffine.apply(c.reshape(c.shape[:-1].numel(), features, 1, 1),
+                                         r.reshape(r.shape[:-1].numel(), features, 1, 1),
                                          weight[:, :, None, None], bias, scale, shift, _LINEAR, relu, precision)
     return c_out.view(*c.shape[:-1], weight.shape[0]), r_out.view(*r.shape[:-1], weight.shape[0])
 

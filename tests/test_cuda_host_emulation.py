@@ -164,6 +164,7 @@ FIXED_CONV = {
     "pad4-beyond-kernel": Conv(2, 1, 2, 5, 5, 3, 3, 3, (1, 1), (4, 4)),
     "split-k": Conv(8, 5, 16, 32, 32, 16, 3, 3, (1, 1), (1, 1)),
     "empty-batch": Conv(0, 0, 3, 5, 5, 4, 3, 3, (1, 1), (1, 1)),
+    "stride-past-image": Conv(2, 1, 3, 2, 3, 4, 1, 1, (5, 4)),  # stride phases past the image's edge
 }
 
 # bias, scale, shift, relu, save_pre
@@ -332,6 +333,21 @@ def test_grad_input_multiplies_no_inserted_zeros(emu, schedule):
     assert c["ksteps"] == phase_blocks * cv.O * (1 + 2 + 2 + 4) // k_step
 
 
+def test_empty_problems_are_not_split(emu):
+    """An empty output (no rows, no columns) or reduction is one split, not a division by zero."""
+    for sm_count in (1, 132):
+        for shape in [(0, 3, 5000), (3, 0, 5000), (0, 0, 0), (3, 4, 0)]:
+            assert emu.lib.cure_emu_linear_splits(*shape, sm_count) == 1, (shape, sm_count)
+        assert emu.splits(Conv(2, 1, 3, 40, 40, 0, 3, 3, (1, 1), (1, 1)).geometry(), sm_count) == 1
+
+
+def test_grad_input_launches_no_phase_past_the_image(emu, schedule):
+    """Stride phases at or past the image's edge have no pixels and get no launch: a 2 x 3 image
+    with stride (5, 4) has 2 x 3 phases, not 5 x 4 (one with the tap, five storing zeros)."""
+    conv_grad_input(emu, FIXED_CONV["stride-past-image"], torch.Generator().manual_seed(7))
+    assert emu.counters()["launches"] == 2 * 3
+
+
 def test_second_product_only_where_radius_rows_are(emu, schedule):
     """The radius tiles are loaded only for the k-steps / row blocks that have radius terms."""
     gen = torch.Generator().manual_seed(5)
@@ -359,6 +375,9 @@ LINEAR = {  # n rows, m radius rows, k features, o outputs
     "radius-k-inside-a-step": (45, 7, 20, 3),  # the weight gradient's radius terms start at k = 38
     "split-k-forward": (5, 3, 2100, 7),  # 4 reduction splits of the forward with 132 SMs
     "split-k-weight-grad": (1100, 300, 9, 6),  # 2 splits of the weight gradient, radius rows from k = 800
+    "empty-batch": (0, 0, 5, 3),
+    "no-outputs": (3, 1, 5, 0),
+    "no-features": (3, 1, 0, 4),
 }
 SPLIT_K = {"split-k-forward": ((5, 7, 2100), 4), "split-k-weight-grad": ((6, 9, 1100), 2)}  # (M, N, K), splits
 

@@ -67,7 +67,8 @@ def _epilogue_ref(c, r, scale, shift, relu, channel_dim):
 
 
 LINEAR_SHAPES = [(1, 0, 1, 1), (5, 3, 7, 4), (67, 67, 129, 65), (130, 40, 33, 70), (64, 64, 64, 64), (3, 0, 300, 9),
-                 (96, 64, 4100, 70), (1100, 300, 9, 6)]  # split-K of the forward, of the weight gradient
+                 (96, 64, 4100, 70), (1100, 300, 9, 6),  # split-K of the forward, of the weight gradient
+                 (0, 0, 7, 5), (3, 1, 0, 4), (3, 1, 5, 0)]  # empty: batch, features, outputs
 
 
 @pytest.mark.parametrize("method", ["fused_gemm", "cublas"])

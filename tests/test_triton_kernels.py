@@ -112,6 +112,8 @@ LINEAR_CASES = {  # name: (rows of c, rows of r, in, out, extra dims)
     "one-row": (1, 1, 3, 2, ()),
     "extra-dims": (5, 2, 17, 9, (3,)),
     "long-reduction": (4, 3, 150, 9, ()),  # few output tiles: the reduction is split over the grid
+    "empty-batch": (0, 0, 7, 5, ()),
+    "no-features": (3, 1, 0, 4, ()),  # outputs from the epilogue alone; the bias gradient still sums
 }
 
 
@@ -146,6 +148,7 @@ CONV_CASES = {  # name: (rows of c, rows of r, C, O, H, W, kernel, conv argument
     "1x1-stride2": (2, 1, 3, 4, 7, 6, (1, 1), dict(stride=2)),  # input pixels that no tap reaches
     "2x2-stride3": (2, 2, 3, 5, 8, 7, (2, 2), dict(stride=3, padding=1)),
     "33-channels-by-tap": (2, 1, 33, 4, 5, 4, (2, 3), dict(stride=(1, 2), padding=1)),  # C >= 32: tap by tap
+    "stride-past-image": (2, 1, 3, 4, 2, 3, (2, 1), dict(stride=(5, 4), padding=(1, 0))),  # phases past the edge
 }
 
 
