@@ -62,6 +62,11 @@ def _empty(t: Tensor) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
+def _contiguous(*tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
+    """The tensors made contiguous (None stays None)."""
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
 def _zeros_if_none(g: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like, memory_format=torch.contiguous_format) if g is None else g.contiguous()
 
@@ -279,7 +284,7 @@ LINEAR_METHODS = ("auto", "fused_gemm", "cublas")
 
 
 def _linear_fused(c, r, weight, bias, scale, shift, *, relu, precision):
-    opt = [t.contiguous() if t is not None else None for t in (bias, scale, shift)]
+    opt = _contiguous(bias, scale, shift)
     save_pre = _has_epilogue(scale, shift, relu) and _needs_grad(c, r, weight, *opt)
     return _interval_linear(c.contiguous(), r.contiguous(), weight.contiguous(), *opt, relu, precision, save_pre)[:2]
 
@@ -292,7 +297,7 @@ def _linear_cublas(c, r, weight, bias, scale, shift, *, relu, precision):
             xc, xr = torch.bmm(torch.stack([c, r]), torch.stack([weight, weight.abs()]).transpose(1, 2)).unbind(0)
         else:
             xc, xr = c @ weight.t(), r @ weight.abs().t()
-    opt = [t.contiguous() if t is not None else None for t in (bias, scale, shift)]
+    opt = _contiguous(bias, scale, shift)
     return _channel_epilogue(xc, xr, *opt, relu)
 
 
@@ -461,7 +466,7 @@ _interval_conv2d.register_autograd(_conv_grad, setup_context=_conv_setup)
 
 
 def _conv_implicit_gemm(c, r, weight, bias, scale, shift, *, geometry, relu, precision):
-    opt = [t.contiguous() if t is not None else None for t in (bias, scale, shift)]
+    opt = _contiguous(bias, scale, shift)
     save_pre = _has_epilogue(scale, shift, relu) and _needs_grad(c, r, weight, *opt)
     return _interval_conv2d(c.contiguous(), r.contiguous(), weight.contiguous(), *opt, relu, *geometry, precision,
                             save_pre)[:2]
@@ -477,7 +482,7 @@ def _conv_cudnn(c, r, weight, bias, scale, shift, *, stride, padding, dilation, 
         else:
             xc = F.conv2d(c, weight, None, stride, padding, dilation, groups)
             xr = F.conv2d(r, weight.abs(), None, stride, padding, dilation, groups)
-    opt = [t.contiguous() if t is not None else None for t in (bias, scale, shift)]
+    opt = _contiguous(bias, scale, shift)
     return _channel_epilogue(xc, xr, *opt, relu)
 
 

@@ -71,6 +71,9 @@ def library_tf32(enabled: bool):
     """cuBLAS matmuls and cuDNN convolutions with TF32 on (``enabled``) or off inside the block."""
     flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
     saved = [f.allow_tf32 for f in flags]
+    if all(value == enabled for value in saved):  # already so (the common case per op): touch nothing
+        yield
+        return
     for f in flags:
         f.allow_tf32 = enabled
     try:

@@ -131,7 +131,7 @@ def _affine_kernel(
     if TRANSPOSED:
         a = tl.program_id(2) // phases_w
         b = tl.program_id(2) % phases_w
-        grid_p = (P - a + stride_h - 1) // stride_h  # rows of the phase's pixel grid (0 when P <= a)
+        grid_p = (P - a + stride_h - 1) // stride_h  # rows of the phase's pixel grid (a < P: at least 1)
         grid_q = (Q - b + stride_w - 1) // stride_w
         step_p = stride_h
         step_q = stride_w
@@ -146,14 +146,11 @@ def _affine_kernel(
             split = tl.program_id(2)
     k_lo = split * chunk  # the input channels of this program: [k_lo, k_hi)
     k_hi = tl.minimum(C, k_lo + chunk)
-    has_pixels = grid_p * grid_q > 0
-    grid_p = tl.maximum(grid_p, 1)  # (divisors below; an empty phase stores nothing)
-    grid_q = tl.maximum(grid_q, 1)
     offs_m = pid_m * BM + tl.arange(0, BM)  # [BM] output pixels (n, u, v) of the sample range
     n = sample_start + offs_m // (grid_p * grid_q)
     p = a + step_p * ((offs_m // grid_q) % grid_p)
     q = b + step_q * (offs_m % grid_q)
-    row_ok = (n < sample_end) & has_pixels
+    row_ok = n < sample_end
     offs_o = pid_o * BN + tl.arange(0, BN)  # [BN] output channels
     offs_k = tl.arange(0, BK)  # [BK] input channels of one step
     o_ok = offs_o < O
