@@ -1,14 +1,20 @@
 """A pure-PyTorch stand-in for the extension ``cure_fast._C``: every entry point computes what its
-CUDA kernel computes (as csrc/bindings.cpp documents it), on any device. Swapped in for
-``cure_fast._cuda.extension()``, it lets the CPU tests check the Python side of the cuda backend:
-the custom ops, their fake implementations and their autograd formulas."""
+CUDA kernel computes (as csrc/bindings.cpp documents it), on any device. Swapped in with
+``cure_fast.cuda.use(extension)``, it lets the CPU tests check the Python side of the cuda backend:
+the custom ops, their fake implementations and their autograd formulas.
+
+:func:`entry_points` reads the names the cuda backend calls from its sources, so no list of them is
+kept by hand."""
+import ast
+import pathlib
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from cure_fast.reference import interval_relu_ref
+import cure_fast.cuda
+from cure_fast.ops import interval_relu_ref
 
 
 def _relu_backward(c, r, grad_c, grad_r):
@@ -131,3 +137,14 @@ extension = SimpleNamespace(
     l2_row_norms=_row_norms,
     set_poison=lambda on: None,
 )
+
+
+def entry_points():
+    """The extension's entry points the cuda backend calls: every ``load().NAME`` in cure_fast/cuda/."""
+    names = set()
+    for path in pathlib.Path(cure_fast.cuda.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Call)
+                    and isinstance(node.value.func, ast.Name) and node.value.func.id == "load"):
+                names.add(node.attr)
+    return sorted(names)

@@ -19,7 +19,7 @@ def test_cuda_extension_built():
     nvcc = _nvcc()
     if not (nvcc and os.path.isfile(nvcc)):
         pytest.skip("nvcc not found")
-    from cure_fast import _cuda
+    from cure_fast import cuda
 
-    ext = _cuda.extension()
+    ext = cuda.load()
     assert callable(ext.interval_relu_forward) and callable(ext.interval_relu_backward)

@@ -12,15 +12,19 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_every_entry_point_is_exported():
-    from cure_fast import _cuda
+    """Every entry point the cuda backend calls (read from its sources) is in the built extension."""
+    import cuda_emulator
+    from cure_fast import cuda
 
-    ext = _cuda.extension()
-    for name in _cuda.ENTRY_POINTS:
-        assert callable(getattr(ext, name)), name
+    ext = cuda.load()
+    used = cuda_emulator.entry_points()
+    assert "interval_linear_forward" in used
+    missing = [name for name in used if not callable(getattr(ext.module, name, None))]
+    assert not missing, f"cure_fast._C lacks {missing}"
 
 
 def test_ops_are_registered_with_torch_library():
-    from cure_fast import _cuda  # noqa: F401
+    import cure_fast.cuda  # noqa: F401
 
     for name in ("interval_relu_cuda", "interval_linear_cuda", "interval_linear_cuda_grad_input",
                  "interval_linear_cuda_grad_weight", "interval_conv2d_cuda", "interval_conv2d_cuda_grad_input",
@@ -30,15 +34,16 @@ def test_ops_are_registered_with_torch_library():
 
 
 def test_cuda_backend_registers_every_functional_op():
-    from cure_fast import _cuda, functional
+    from cure_fast import cuda, ops
+    from cure_fast.ops import registry
 
-    for op in _cuda.register_ops():
-        assert functional._IMPLS[op]["cuda"] is _cuda._IMPLEMENTATIONS[op]
+    for op in ops.OPS:
+        assert registry.implementation(op, "cuda") is getattr(cuda, op), op
 
 
 def test_fake_implementations_trace_on_meta():
     """The fake (meta) implementations give the output shapes without a GPU."""
-    from cure_fast import _cuda  # noqa: F401
+    import cure_fast.cuda  # noqa: F401
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
@@ -54,7 +59,7 @@ def test_fake_implementations_trace_on_meta():
 
 def test_conv_fake_implementations_trace_on_meta():
     """Output shapes of the implicit-GEMM conv ops (stride, padding, dilation per dimension)."""
-    from cure_fast import _cuda  # noqa: F401
+    import cure_fast.cuda  # noqa: F401
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     ops = torch.ops.cure_fast
@@ -77,12 +82,12 @@ def test_conv_fake_implementations_trace_on_meta():
 
 def test_implicit_gemm_geometry():
     """Which convolutions the implicit GEMM takes, and their numeric padding (no GPU needed)."""
-    from cure_fast import _cuda
+    from cure_fast.cuda.conv import implicit_geometry
 
     x, w = torch.empty(2, 3, 9, 8), torch.empty(4, 3, 3, 3)
-    assert _cuda._implicit_geometry(x, w, 1, 1, 1, 1) == ([1, 1], [1, 1], [1, 1])
-    assert _cuda._implicit_geometry(x, w, (2, 1), "valid", (1, 2), 1) == ([2, 1], [0, 0], [1, 2])
-    assert _cuda._implicit_geometry(x, w, 1, "same", 2, 1) == ([1, 1], [2, 2], [2, 2])
-    assert _cuda._implicit_geometry(x, torch.empty(4, 3, 2, 2), 1, "same", 1, 1) is None  # odd span: asymmetric
-    assert _cuda._implicit_geometry(x, torch.empty(4, 1, 3, 3), 1, 1, 1, 3) is None  # groups
-    assert _cuda._implicit_geometry(x, torch.empty(4, 3, 11, 3), 1, 0, 1, 1) is None  # does not fit
+    assert implicit_geometry(x, w, 1, 1, 1, 1) == ([1, 1], [1, 1], [1, 1])
+    assert implicit_geometry(x, w, (2, 1), "valid", (1, 2), 1) == ([2, 1], [0, 0], [1, 2])
+    assert implicit_geometry(x, w, 1, "same", 2, 1) == ([1, 1], [2, 2], [2, 2])
+    assert implicit_geometry(x, torch.empty(4, 3, 2, 2), 1, "same", 1, 1) is None  # odd span: asymmetric
+    assert implicit_geometry(x, torch.empty(4, 1, 3, 3), 1, 1, 1, 3) is None  # groups
+    assert implicit_geometry(x, torch.empty(4, 3, 11, 3), 1, 0, 1, 1) is None  # does not fit

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from cure_fast import _cuda
-from cure_fast.reference import interval_relu_ref
+from cure_fast import cuda
+from cure_fast.ops import interval_relu_ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -49,7 +49,7 @@ def test_forward_backward(shape, m, dtype):
     grad_c_out, grad_r_out = _interval(shape, m, dtype, seed=1)
     grad_r_out = grad_r_out - 0.5
     _poison(c, r, c, r)
-    outs, grads = _grads(_cuda.interval_relu, c, r, grad_c_out, grad_r_out)
+    outs, grads = _grads(cuda.interval_relu, c, r, grad_c_out, grad_r_out)
     outs_torch, grads_torch = _grads(interval_relu_ref, c, r, grad_c_out, grad_r_out)
     outs64, grads64 = _grads(interval_relu_ref, *(t.double() for t in (c, r, grad_c_out, grad_r_out)))
     for out, out_torch, ref64 in zip(outs + grads, outs_torch + grads_torch, outs64 + grads64):
@@ -60,7 +60,7 @@ def test_grid_stride_loop():
     """More elements than one grid covers (8192 blocks x 256 threads)."""
     c, r = _interval((5, 700_001), 2, torch.float32)
     _poison(c, r)
-    c_out, r_out = _cuda.interval_relu(c, r)
+    c_out, r_out = cuda.interval_relu(c, r)
     c_ref, r_ref = interval_relu_ref(c, r)
     torch.testing.assert_close(c_out, c_ref)
     torch.testing.assert_close(r_out, r_ref)
@@ -69,22 +69,22 @@ def test_grid_stride_loop():
 def test_noncontiguous_inputs():
     c, r = _interval((6, 8, 5), 4, torch.float32)
     c, r = c.transpose(1, 2), r.transpose(1, 2)
-    for out, ref in zip(_cuda.interval_relu(c, r), interval_relu_ref(c, r)):
+    for out, ref in zip(cuda.interval_relu(c, r), interval_relu_ref(c, r)):
         torch.testing.assert_close(out, ref)
 
 
 def test_input_checks():
     c, r = _interval((4, 3), 2, torch.float32)
     with pytest.raises(RuntimeError, match="at most as many rows"):
-        _cuda.extension().interval_relu_forward(c[:1].contiguous(), r)
+        cuda.load().interval_relu_forward(c[:1].contiguous(), r)
     with pytest.raises(RuntimeError, match="trailing shapes"):
-        _cuda.extension().interval_relu_forward(c, r[:, :2].contiguous())
+        cuda.load().interval_relu_forward(c, r[:, :2].contiguous())
     with pytest.raises(RuntimeError, match="dtype"):
-        _cuda.extension().interval_relu_forward(c, r.double())
+        cuda.load().interval_relu_forward(c, r.double())
     with pytest.raises(RuntimeError, match="CUDA tensor"):
-        _cuda.extension().interval_relu_forward(c.cpu(), r.cpu())
+        cuda.load().interval_relu_forward(c.cpu(), r.cpu())
     with pytest.raises(RuntimeError, match="contiguous"):
-        _cuda.extension().interval_relu_forward(c.t(), r.t())
+        cuda.load().interval_relu_forward(c.t(), r.t())
 
 
 @pytest.mark.parametrize("m", [0, 2, 4])
@@ -105,7 +105,7 @@ def _model(relu):
 def test_torch_compile_fullgraph():
     c, r = _interval((6, 3, 7), 4, torch.float32)
     grad_c_out, grad_r_out = _interval((6, 3, 7), 4, torch.float32, seed=1)
-    outs, grads = _grads(torch.compile(_model(_cuda.interval_relu), fullgraph=True), c, r, grad_c_out, grad_r_out)
+    outs, grads = _grads(torch.compile(_model(cuda.interval_relu), fullgraph=True), c, r, grad_c_out, grad_r_out)
     ref_outs, ref_grads = _grads(_model(interval_relu_ref), c, r, grad_c_out, grad_r_out)
     for out, ref in zip(outs + grads, ref_outs + ref_grads):
         torch.testing.assert_close(out, ref)

@@ -3,8 +3,8 @@ through the reference ops (the kernels themselves need a GPU: tests/test_cuda_op
 import pytest
 import torch
 
-from cure_fast import _cuda
-from cure_fast.reference import l2_margins_linear_ref, margins_linear_ref
+from cure_fast.cuda import margins_grad
+from cure_fast.ops import l2_margins_linear_ref, margins_linear_ref
 
 DT = torch.float64
 
@@ -27,7 +27,7 @@ def test_interval_margins_grad(rows, radii, classes, features):
     labels = torch.randint(0, classes, (rows,), generator=gen)
     g = _rand(gen, rows, classes)
     want = _autograd(lambda c, r, w, b: margins_linear_ref(c, r, w, b, labels), [c, r, w, b], g)
-    got = _cuda.margins_grad(g, c, r, w, labels, None, False, (True, True, True, True))
+    got = margins_grad(g, c, r, w, labels, None, False, (True, True, True, True))
     assert got[4] is None
     for k, (a, e) in enumerate(zip(got[:4], want)):
         torch.testing.assert_close(a, torch.zeros_like(a) if e is None else e, msg=f"gradient {k}")
@@ -48,7 +48,7 @@ def test_l2_margins_grad(scale_rows, classes):
         return l2_margins_linear_ref(x, eps, w, b, labels, s2.sqrt())
 
     want = _autograd(ref, [x, s2, w, b, eps], g)
-    got = _cuda.margins_grad(g, x, s2, w, labels, eps, True, (True,) * 5)
+    got = margins_grad(g, x, s2, w, labels, eps, True, (True,) * 5)
     for k, (a, e) in enumerate(zip(got, want)):
         torch.testing.assert_close(a, e, msg=f"gradient {k}")
 
@@ -57,6 +57,6 @@ def test_margins_grad_skips_what_is_not_needed():
     gen = torch.Generator().manual_seed(0)
     c, r, w = _rand(gen, 3, 4), _rand(gen, 2, 4, low=0.0), _rand(gen, 5, 4)
     labels, g = torch.tensor([0, 4, 2]), _rand(gen, 3, 5)
-    assert _cuda.margins_grad(g, c, r, w, labels, None, False, (False,) * 5) == (None,) * 5
-    d_c, d_r, d_w, d_b, d_eps = _cuda.margins_grad(g, c, r, w, labels, None, False, (False, True, False, False, True))
+    assert margins_grad(g, c, r, w, labels, None, False, (False,) * 5) == (None,) * 5
+    d_c, d_r, d_w, d_b, d_eps = margins_grad(g, c, r, w, labels, None, False, (False, True, False, False, True))
     assert d_r.shape == r.shape and d_c is d_w is d_b is d_eps is None

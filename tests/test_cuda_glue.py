@@ -1,26 +1,25 @@
 """The Python side of the cuda backend on the CPU: custom ops, fake implementations, autograd
 formulas, shape handling and the conv method choice, with the extension replaced by its
-pure-PyTorch stand-in (tests/cuda_emulator.py). Each public function of cure_fast._cuda must give
+pure-PyTorch stand-in (tests/cuda_emulator.py). Each public function of cure_fast.cuda must give
 the torch backend's outputs and gradients (float64). The kernels themselves: tests/test_cuda_ops.py
 (GPU) and tests/test_cuda_host_emulation.py (their index maps, on the host)."""
 import pytest
 import torch
 
 import cuda_emulator
-from cure_fast import _cuda, autoselect
+from cure_fast import cuda
 from cure_fast import functional as BF
+from cure_fast.ops import autoselect, registry
 
 DT = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def emulated(monkeypatch):
-    monkeypatch.setattr(_cuda, "extension", lambda: cuda_emulator.extension)
-    _cuda._method_choice.clear()
-    _cuda.method_measurements.clear()
-    yield
-    _cuda._method_choice.clear()
-    _cuda.method_measurements.clear()
+def emulated():
+    autoselect.clear()
+    with cuda.use(cuda_emulator.extension):
+        yield
+    autoselect.clear()
 
 
 def _rand(gen, *shape, low=-1.0, high=1.0):
@@ -47,8 +46,19 @@ def check(cuda_fn, torch_fn, inputs):
 
 
 def test_the_emulator_has_every_entry_point():
-    missing = [name for name in _cuda.ENTRY_POINTS if not hasattr(cuda_emulator.extension, name)]
+    used = cuda_emulator.entry_points()
+    assert {"interval_relu_forward", "interval_linear_forward", "margins_linear", "set_poison"} <= set(used)
+    missing = [name for name in used if not hasattr(cuda_emulator.extension, name)]
     assert not missing
+
+
+def test_a_missing_entry_point_names_itself():
+    """An extension built from older sources fails at the first call of what it lacks, in one line."""
+    c, r = torch.zeros(2, 3, dtype=DT), torch.zeros(1, 3, dtype=DT)
+    with cuda.use(object()):
+        with pytest.raises(RuntimeError, match=r"^cure_fast\._C is stale \(it lacks interval_relu_forward\); rebuild "
+                                               r"with `CURE_FAST_BUILD_CUDA=1 pip install[^\n]*$"):
+            cuda.interval_relu(c, r)
 
 
 EPILOGUES = {"none": (False, False), "bn": (True, False), "relu": (False, True), "bn+relu": (True, True)}
@@ -63,7 +73,7 @@ def test_interval_linear(rows, radii, extra, epilogue, method):
     c, r = _rand(gen, rows, *extra, 6), _rand(gen, radii, *extra, 6, low=0.0)
     w, b, s, t = _rand(gen, 4, 6), _rand(gen, 4), _rand(gen, 4, low=-2.0, high=2.0), _rand(gen, 4)
     kw = lambda s, t: dict(scale=s if bn else None, shift=t if bn else None, relu=relu)  # noqa: E731
-    check(lambda c, r, w, b, s, t: _cuda.interval_linear(c, r, w, b, **kw(s, t), method=method),
+    check(lambda c, r, w, b, s, t: cuda.interval_linear(c, r, w, b, **kw(s, t), method=method),
           lambda c, r, w, b, s, t: BF.interval_linear(c, r, w, b, **kw(s, t), backend="torch"), [c, r, w, b, s, t])
 
 
@@ -87,18 +97,18 @@ def test_interval_conv2d(case, epilogue, method):
     s, t = _rand(gen, out, low=-2.0, high=2.0), _rand(gen, out)
     geom = (stride, padding, dilation)
     kw = lambda s, t: dict(scale=s if bn else None, shift=t if bn else None, relu=relu)  # noqa: E731
-    check(lambda c, r, w, b, s, t: _cuda.interval_conv2d(c, r, w, b, *geom, **kw(s, t), method=method),
+    check(lambda c, r, w, b, s, t: cuda.interval_conv2d(c, r, w, b, *geom, **kw(s, t), method=method),
           lambda c, r, w, b, s, t: BF.interval_conv2d(c, r, w, b, *geom, **kw(s, t), backend="torch"),
           [c, r, w, b, s, t])
 
 
 def _conv_call(c, r, w, **kw):
-    return _cuda.interval_conv2d(c, r, w, None, 1, 1, **kw)
+    return cuda.interval_conv2d(c, r, w, None, 1, 1, **kw)
 
 
 AUTO_CASES = {  # op, (c, r, w) shapes, its fused method and entry point, the call
     "conv": ((3, 2, 5, 5), (2, 2, 5, 5), (3, 2, 3, 3), "implicit_gemm", "interval_conv2d_forward", _conv_call),
-    "linear": ((5, 6), (3, 6), (4, 6), "fused_gemm", "interval_linear_forward", _cuda.interval_linear),
+    "linear": ((5, 6), (3, 6), (4, 6), "fused_gemm", "interval_linear_forward", cuda.interval_linear),
 }
 
 
@@ -119,7 +129,7 @@ def test_auto_leaves_out_a_method_that_disagrees(monkeypatch, case):
         return (out[0], out[1] * 0.999, *out[2:])  # radii 0.1% too small: unsound
     monkeypatch.setattr(cuda_emulator.extension, entry, shrunk)
     got = call(c, r, w, relu=True)
-    (results,) = _cuda.method_measurements.values()
+    (results,) = autoselect.measurements.values()
     assert results[fused] == "output mismatch against the torch backend"
     (library,) = set(results) - {fused}
     assert isinstance(results[library], float)
@@ -135,7 +145,7 @@ def test_auto_measures_once_per_key(case):
     for _ in range(3):
         call(c, r, w)
     call(c, r, w.requires_grad_())  # training calls have their own key
-    assert len(_cuda.method_measurements) == 2
+    assert len(autoselect.measurements) == 2
 
 
 @pytest.mark.parametrize("scale_kind", [None, "channel", "pixel", "sample"])
@@ -157,7 +167,7 @@ def test_l2_conv2d(case, scale_kind, eps_kind):
             e = rest[-1] if eps_kind == "sample" else eps
             return fn(x, e, w, b, stride, padding, dilation, 1, s)
         return run
-    check(call(_cuda.l2_conv2d), call(lambda *a: BF.l2_conv2d(*a, backend="torch")), inputs)
+    check(call(cuda.l2_conv2d), call(lambda *a: BF.l2_conv2d(*a, backend="torch")), inputs)
 
 
 @pytest.mark.parametrize("scale_kind", [None, "feature", "sample"])
@@ -166,7 +176,7 @@ def test_l2_linear(scale_kind):
     x, w, b, eps = _rand(gen, 3, 5), _rand(gen, 4, 5), _rand(gen, 4), _rand(gen, 3, low=0.1)
     scale = {None: None, "feature": _rand(gen, 5, low=0.5), "sample": _rand(gen, 3, 5, low=0.5)}[scale_kind]
     inputs = [x, eps, w, b] + ([scale] if scale is not None else [])
-    check(lambda *a: _cuda.l2_linear(*a), lambda *a: BF.l2_linear(*a, backend="torch"), inputs)
+    check(lambda *a: cuda.l2_linear(*a), lambda *a: BF.l2_linear(*a, backend="torch"), inputs)
 
 
 @pytest.mark.parametrize("radii", [4, 2, 0])
@@ -174,7 +184,7 @@ def test_margins_linear(radii):
     gen = torch.Generator().manual_seed(radii)
     c, r, w, b = _rand(gen, 4, 6), _rand(gen, radii, 6, low=0.0), _rand(gen, 5, 6), _rand(gen, 5)
     labels = torch.tensor([0, 4, 2, 2])
-    check(lambda c, r, w, b: _cuda.margins_linear(c, r, w, b, labels),
+    check(lambda c, r, w, b: cuda.margins_linear(c, r, w, b, labels),
           lambda c, r, w, b: BF.margins_linear(c, r, w, b, labels, backend="torch"), [c, r, w, b])
 
 
@@ -185,7 +195,7 @@ def test_l2_margins_linear(scale_kind):
     scale = {None: None, "feature": _rand(gen, 6, low=0.5), "sample": _rand(gen, 3, 6, low=0.5)}[scale_kind]
     labels = torch.tensor([1, 0, 3])
     inputs = [x, eps, w, b] + ([scale] if scale is not None else [])
-    check(lambda x, e, w, b, *s: _cuda.l2_margins_linear(x, e, w, b, labels, *s),
+    check(lambda x, e, w, b, *s: cuda.l2_margins_linear(x, e, w, b, labels, *s),
           lambda x, e, w, b, *s: BF.l2_margins_linear(x, e, w, b, labels, *s, backend="torch"), inputs)
 
 
@@ -194,15 +204,15 @@ def test_interval_affine_and_relu(relu):
     gen = torch.Generator().manual_seed(6)
     c, r = _rand(gen, 4, 3, 2, 5), _rand(gen, 2, 3, 2, 5, low=0.0)
     s, t = torch.tensor([-1.5, 0.0, 0.7], dtype=DT), _rand(gen, 3)
-    check(lambda c, r, s, t: _cuda.interval_affine(c, r, s, t, relu=relu),
+    check(lambda c, r, s, t: cuda.interval_affine(c, r, s, t, relu=relu),
           lambda c, r, s, t: BF.interval_affine(c, r, s, t, relu=relu, backend="torch"), [c, r, s, t])
-    check(_cuda.interval_relu, lambda c, r: BF.interval_relu(c, r, backend="torch"), [c, r])
+    check(cuda.interval_relu, lambda c, r: BF.interval_relu(c, r, backend="torch"), [c, r])
 
 
 def test_batch_norm_stats():
     gen = torch.Generator().manual_seed(7)
     x = _rand(gen, 5, 3, 4, 2) + 10
-    check(_cuda.batch_norm_stats, lambda x: BF.batch_norm_stats(x, backend="torch"), [x])
+    check(cuda.batch_norm_stats, lambda x: BF.batch_norm_stats(x, backend="torch"), [x])
 
 
 def _op_cases():
@@ -212,14 +222,17 @@ def _op_cases():
     lc, lr, lw = _rand(gen, 4, 6), _rand(gen, 2, 6, low=0.0), _rand(gen, 5, 6)
     geom = ([1, 1], [1, 1], [1, 1])
     return {
-        "interval_conv2d": (_cuda._interval_conv2d, (c, r, w, b, s, t, True, *geom, "ieee", True)),
-        "interval_conv2d_grad_input": (_cuda._conv_grad_input, (c[:, :1].repeat(1, 3, 1, 1), r[:, :1].repeat(1, 3, 1, 1),
-                                                                w, [5, 5], *geom, "ieee")),
-        "l2_conv2d": (_cuda._l2_conv2d, (c, r[:1].abs(), w, b, None, *geom, "ieee")),
-        "interval_linear": (_cuda._interval_linear, (lc, lr, lw, None, None, None, True, "ieee", False)),
-        "margins": (_cuda._margins, (lc, lr, lw, None, torch.tensor([0, 1, 4, 2]), None, False)),
-        "channel_epilogue": (_cuda._channel_epilogue, (c, r, b[:2], s[:2], t[:2], True)),
-        "channel_moments": (_cuda._channel_moments, (c, 2)),
+        "interval_conv2d": (cuda.conv.interval_conv2d_op, (c, r, w, b, s, t, True, *geom, "ieee", True)),
+        "interval_conv2d_grad_input": (cuda.conv.conv_grad_input_op,
+                                       (c[:, :1].repeat(1, 3, 1, 1), r[:, :1].repeat(1, 3, 1, 1), w, [5, 5], *geom,
+                                        "ieee")),
+        "l2_conv2d": (cuda.l2.l2_conv2d_op, (c, r[:1].abs(), w, b, None, *geom, "ieee")),
+        "l2_row_norms": (cuda.l2.row_norms_op, (lw, lr[0].abs())),
+        "interval_linear": (cuda.linear.interval_linear_op, (lc, lr, lw, None, None, None, True, "ieee", False)),
+        "margins": (cuda.margins.margins_op, (lc, lr, lw, None, torch.tensor([0, 1, 4, 2]), None, False)),
+        "channel_epilogue": (cuda.elementwise.channel_epilogue_op, (c, r, b[:2], s[:2], t[:2], True)),
+        "channel_moments": (cuda.elementwise.channel_moments_op, (c, 2)),
+        "interval_relu": (cuda.elementwise.interval_relu_op, (c, r)),
     }
 
 
@@ -241,6 +254,6 @@ def test_autoselect_measures_the_cpu_stand_in_like_any_backend():
     """The stand-in's results go through the same validation as on a GPU (timing on the CPU)."""
     gen = torch.Generator().manual_seed(9)
     c, r, w = _rand(gen, 4, 6), _rand(gen, 2, 6, low=0.0), _rand(gen, 5, 6).requires_grad_()
-    impls = {"torch": BF._IMPLS["interval_linear"]["torch"], "cuda": _cuda.interval_linear}
+    impls = {"torch": registry.implementation("interval_linear", "torch"), "cuda": cuda.interval_linear}
     results = autoselect.measure(lambda name: impls[name](c, r, w), ["cuda"], c.device, [w])
     assert isinstance(results["cuda"], float)
