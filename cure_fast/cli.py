@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import torch
 
-from . import BoundedModule, L2Ball, LinfBall, backends, models
+from . import BoundedModule, L2Ball, LinfBall, models
+from .ops import policy as backends
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -63,8 +64,8 @@ DEMO = [("mnist-demo-inf", "l∞ certified"), ("mnist-demo-2", "l2 certified"), 
 def demo(args: argparse.Namespace) -> None:
     """Train a small CNN on real MNIST three ways (l∞ only, l2 only, CURE multi-norm) and compare."""
     from .config import load_config
-    from .plots import plot_summary
-    from .train import format_table, train
+    from .reporting import format_table, plot_summary
+    from .training.trainer import train
     start, rows = time.perf_counter(), {}
     for preset, title in DEMO:
         config = load_config(preset, overrides=[f"out_dir={args.out_dir}"] + args.set)
@@ -82,7 +83,7 @@ def demo(args: argparse.Namespace) -> None:
 
 def train_command(args: argparse.Namespace) -> None:
     """Train a model (presets: --list-presets)."""
-    from .train import TrainingError, run_from_args
+    from .training.trainer import TrainingError, run_from_args
     try:
         run_from_args(args)
     except (TrainingError, ValueError, FileNotFoundError) as e:
@@ -91,7 +92,7 @@ def train_command(args: argparse.Namespace) -> None:
 
 def certify_command(args: argparse.Namespace) -> None:
     """Certify a trained model: IBP / CROWN family per norm and union, smoothing, geometric."""
-    from .certify import run_from_args
+    from .certification.certify import run_from_args
     try:
         run_from_args(args)
     except (ValueError, FileNotFoundError) as e:
@@ -122,11 +123,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     quick.add_argument("--repeats", type=int, default=5)
     quick.set_defaults(run=quickstart)
     commands.add_parser("info", help=info.__doc__).set_defaults(run=info)
-    from .train import add_arguments
+    from .training.trainer import add_arguments
     trainer = commands.add_parser("train", help=train_command.__doc__)
     add_arguments(trainer)
     trainer.set_defaults(run=train_command)
-    from .certify import add_arguments as certify_arguments
+    from .certification.certify import add_arguments as certify_arguments
     certifier = commands.add_parser("certify", help=certify_command.__doc__)
     certify_arguments(certifier)
     certifier.set_defaults(run=certify_command)

@@ -1,6 +1,8 @@
-"""Training configuration: one flat dataclass, presets shipped as YAML, validated with clear errors.
+"""Training configuration: one flat dataclass, presets shipped as YAML, validated with clear errors;
+and what its values name: the input set of a norm (``make_spec``) and the device (``resolve_device``).
 
 >>> config = load_config(preset="mnist-demo-cure", overrides=["epochs=3", "norms=[inf]"])
+>>> make_spec("2", config.eps_2), resolve_device(config.device)
 """
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+import torch
 import yaml
 
 from .models import DATASETS, MODELS
+from .specs import L2Ball, LinfBall
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
 METHODS = ("natural", "pgd", "ibp", "sabr")
@@ -77,6 +81,24 @@ class TrainConfig:
 
     def train_eps(self, norm: str) -> float:
         return self.eps_inf if norm == "inf" else self.eps_2
+
+
+def make_spec(norm: str, eps: float, **kwargs):
+    """The input set of norm ``"inf"`` or ``"2"`` with radius eps (pixel space, domain [0, 1])."""
+    if norm == "inf":
+        return LinfBall(eps, **kwargs)
+    if norm == "2":
+        return L2Ball(eps, **kwargs)
+    raise ValueError(f"unknown norm {norm!r}; choose 'inf' or '2'")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a ``device`` value names: "auto" (CUDA when available, else the CPU), "cpu", "cuda"."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available")
+    return torch.device(name)
 
 
 def _fail(message: str):

@@ -55,8 +55,10 @@ def load_mnist(split: str = "test", path: Optional[str] = None) -> Tuple[Tensor,
     return torch.from_numpy(images).view(-1, 1, 28, 28), torch.from_numpy(labels).long()
 
 
-def _to_float(images: Tensor) -> Tensor:
-    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+def to_float(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Images as floating point in [0, 1]: uint8 pixel bytes divided by 255, floating images cast
+    to ``dtype`` (default float32)."""
+    return images.to(dtype).div_(255) if images.dtype == torch.uint8 else images.to(dtype)
 
 
 class ImageData(Dataset):
@@ -70,7 +72,7 @@ class ImageData(Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int) -> Tuple[Tensor, Tensor]:
-        return _to_float(self.images[i]), self.labels[i]
+        return to_float(self.images[i]), self.labels[i]
 
 
 def _where(data_root: Optional[str]) -> str:
@@ -242,4 +244,4 @@ def batches(images: Tensor, labels: Tensor, batch_size: int, shuffle: bool,
     device = images.device if device is None else device
     for i in range(num_batches(n, batch_size, drop_last, world_size)):
         index = shard[i * batch_size:(i + 1) * batch_size]
-        yield _to_float(images[index].to(device)), labels[index.to(labels.device)].to(device)
+        yield to_float(images[index].to(device)), labels[index.to(labels.device)].to(device)

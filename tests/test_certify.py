@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from cure_fast.certify import certify_run, load_trained, parse_norms
+from cure_fast.certification.certify import certify_run, load_trained, parse_norms
 from cure_fast.cli import main
 from cure_fast.config import from_dict
-from cure_fast.train import Trainer
+from cure_fast.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

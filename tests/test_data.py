@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cure_fast import data
-from cure_fast.data import augment, batches, crop_flip, load_dataset, num_batches
+from cure_fast.data import augment, batches, crop_flip, load_dataset, num_batches, to_float
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -282,6 +282,15 @@ def test_batches_drop_last_and_float_input():
     assert len(out) == num_batches(23, 5, drop_last=True) == 4 and all(len(y) == 5 for _, y in out)
     for x, y in out:
         assert torch.equal(x, images[y].float() / 255)
+
+
+def test_to_float_scales_bytes_and_casts_floats():
+    images = torch.tensor([[0, 51, 255]], dtype=torch.uint8)
+    assert torch.equal(to_float(images), torch.tensor([[0.0, 0.2, 1.0]]))
+    assert to_float(images, torch.float64).dtype == torch.float64
+    torch.testing.assert_close(to_float(images, torch.float64), torch.tensor([[0.0, 0.2, 1.0]], dtype=torch.float64))
+    halves = torch.full((2,), 0.5, dtype=torch.float64)
+    assert to_float(halves).dtype == torch.float32 and torch.equal(to_float(halves, torch.float64), halves)
 
 
 @pytest.mark.parametrize("n", [20, 23])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from cure_fast.geometric import (DEFAULT_GRID, TRANSFORMS, brightness, contrast, geometric_robustness, rotate,
-                                 scale, translate)
+from cure_fast.certification.geometric import (DEFAULT_GRID, TRANSFORMS, brightness, contrast,
+                                               geometric_robustness, rotate, scale, translate)
 
 EXACT = dict(rtol=0, atol=1e-6)
 IDENTITY = {"rotation": [0.0], "translation": [(0, 0)], "scale": [1.0], "brightness": [0.0], "contrast": [1.0]}
@@ -110,6 +110,18 @@ def test_a_one_pixel_classifier_is_not_robust_to_translations():
                                   "contrast": 1.0}
     assert result["worst_case"] == 0.0
     assert all(not s["robust"]["translation"] and s["robust"]["rotation"] for s in result["samples"])
+
+
+def test_a_float64_model_is_evaluated_in_float64():
+    images = torch.zeros(4, 1, 9, 9, dtype=torch.uint8)
+    images[:, 0, 4, 4] = 255
+    labels = torch.ones(4, dtype=torch.int64)
+    model = CentrePixel().double()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    result = geometric_robustness(model, images, labels, batch_size=100)
+    assert set(seen) == {torch.float64}
+    assert result == geometric_robustness(CentrePixel(), images, labels, batch_size=100)
 
 
 def test_custom_grid_and_errors(images):

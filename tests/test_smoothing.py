@@ -8,9 +8,9 @@ import torch
 from scipy.stats import beta, binom, norm
 from torch import nn
 
+from cure_fast.certification.smoothing import (ABSTAIN, Smooth, adapt_batchnorm, clopper_pearson_lower,
+                                               per_batch_batchnorm, plot_smoothing, smoothing_report)
 from cure_fast.models import DATASETS, cnn3
-from cure_fast.smoothing import (ABSTAIN, Smooth, adapt_batchnorm, clopper_pearson_lower, per_batch_batchnorm,
-                                 plot_smoothing, smoothing_report)
 
 SIGMA, ALPHA, N = 0.5, 0.001, 2000
 SHAPE = (1, 4, 4)
@@ -206,3 +206,21 @@ def test_report_of_the_halfspace_matches_the_exact_radii(halfspace):
     assert report["certified_accuracy"] == [2 / 3, 1 / 3]
     assert report["acr"] == pytest.approx(sum(radii) / 3)
     assert report["sound"]
+
+
+def test_a_float64_model_is_evaluated_in_float64(halfspace):
+    """Inputs (float32 or uint8) and noise follow the model's dtype, in Smooth, adapt_batchnorm and
+    smoothing_report alike."""
+    model = Halfspace(halfspace.w.double(), halfspace.b)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    torch.manual_seed(8)
+    label, radius = Smooth(model, 2, SIGMA).certify(_point(halfspace, 0.6), n=N, batch_size=500)
+    low, exact = _radius_bounds(0.6, N)
+    assert label == 0 and low <= radius <= exact
+    assert seen and set(seen) == {torch.float64}
+    bn = _bn_model().double()
+    adapt_batchnorm(bn, _images(16, 9), sigma=0.25, batch_size=8)
+    assert bn[2].running_mean.dtype == torch.float64 and bn[2].num_batches_tracked.item() == 2
+    report = smoothing_report(bn, _images(2, 10), torch.tensor([0, 1]), 0.25, n0=10, n=20, batch_size=20)
+    assert [s["index"] for s in report["samples"]] == [0, 1]

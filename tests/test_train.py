@@ -7,10 +7,12 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from cure_fast import BoundedModule, L2Ball, LinfBall, attacks, losses
+from cure_fast import BoundedModule, L2Ball, LinfBall
 from cure_fast.config import from_dict, load_config, presets
+from cure_fast.reporting import format_table
 from cure_fast.specs import contains
-from cure_fast.train import Trainer, TrainingError, format_table, small_set
+from cure_fast.training import attacks, objectives
+from cure_fast.training.trainer import Trainer, TrainingError, small_set
 
 TINY = dict(dataset="mnist", model="mlp", model_args={"hidden": [32]}, train_limit=256, eval_limit=64,
             batch_size=64, epochs=4, eps_start_epoch=0, eps_end_epoch=1, eps_inf=0.05, eps_2=0.3, lr=2e-3,
@@ -74,7 +76,7 @@ def test_gradient_projection_formula_by_hand():
     theta0 = {"w": torch.tensor([1.0, 1.0]), "v": torch.tensor([0.0])}
     ct = {"w": torch.tensor([2.0, 1.0]), "v": torch.tensor([1.0])}
     nt = {"w": torch.tensor([2.0, 2.0]), "v": torch.tensor([-1.0])}
-    merged = losses.gradient_projection(theta0, ct, nt, beta=0.5)
+    merged = objectives.gradient_projection(theta0, ct, nt, beta=0.5)
     cos = 1 / math.sqrt(2)  # between (1, 0) and (1, 1)
     expected_w = torch.tensor([1.0, 1.0]) + 0.5 * torch.tensor([1.0, 0.0]) + 0.5 * cos * torch.tensor([1.0, 1.0])
     torch.testing.assert_close(merged["w"], expected_w)
@@ -88,19 +90,19 @@ def test_alignment_formula_by_hand():
     p = torch.softmax(-ref[0], 0)
     q = torch.softmax(-other[0], 0)
     expected = (p * (p.log() - q.log())).sum()
-    torch.testing.assert_close(losses.alignment(ref, other, y), expected)
-    assert losses.alignment(ref[1:], other[1:], y[1:]) == 0
+    torch.testing.assert_close(objectives.alignment(ref, other, y), expected)
+    assert objectives.alignment(ref[1:], other[1:], y[1:]) == 0
 
 
 def test_combinations():
     a, b = torch.tensor([1.0, 4.0]), torch.tensor([3.0, 2.0])
-    assert losses.combine([a, b], "joint", 0.25, None) == 0.75 * 2.5 + 0.25 * 2.5
-    assert losses.combine([a, b], "max", 0.5, None) == 3.5
-    assert losses.combine([a, b], "random", 0.5, torch.tensor([1, 0])) == 3.5
+    assert objectives.combine([a, b], "joint", 0.25, None) == 0.75 * 2.5 + 0.25 * 2.5
+    assert objectives.combine([a, b], "max", 0.5, None) == 3.5
+    assert objectives.combine([a, b], "random", 0.5, torch.tensor([1, 0])) == 3.5
 
 
 def test_eps_ramp_is_exponential_then_linear_continuous_and_reaches_eps():
-    values = [losses.eps_ramp(s, 10, 110, 0.3) for s in range(0, 130)]
+    values = [objectives.eps_ramp(s, 10, 110, 0.3) for s in range(0, 130)]
     assert values[:11] == [0.0] * 11 and values[110:] == [0.3] * 20
     steps = [b - a for a, b in zip(values, values[1:])]
     assert all(d >= 0 for d in steps)
@@ -113,7 +115,7 @@ def test_ibp_init_scales_all_but_the_last_layer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 4, 256), nn.Linear(256, 10))
     last = model[4].weight.clone()
-    losses.ibp_init(model)
+    objectives.ibp_init(model)
     for layer in (model[0], model[3]):
         fan_in = layer.weight[0].numel()
         assert abs(layer.weight.std().item() / (math.sqrt(2 * math.pi) / fan_in) - 1) < 0.05
@@ -127,7 +129,7 @@ def test_warmup_regularizer_by_hand():
         model[0].bias.copy_(torch.tensor([0.5, -0.5, 0.0]))
     x = torch.tensor([[0.2, 0.3]])
     out = BoundedModule(model).propagate(x, [LinfBall(0.1, domain=None)])
-    reg = losses.warmup_regularizer(out, 0, 0, tol=0.5)
+    reg = objectives.warmup_regularizer(out, 0, 0, tol=0.5)
     centre, radius = torch.tensor([0.7, -0.2, 0.5]), torch.tensor([0.1, 0.1, 0.2])
     tight = max(0.5 - 0.1 / radius.mean().item(), 0) / 0.5
     active, inactive = torch.tensor([1.0, 0, 1]), torch.tensor([0.0, 1, 0])

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import _to_float
+from ..data import to_float
 
 DEFAULT_GRID: Dict[str, tuple] = {
     "rotation": (-15.0, -10.0, -5.0, 5.0, 10.0, 15.0),
@@ -95,14 +95,14 @@ def _identity(images: Tensor, params: Tensor) -> Tensor:
 
 
 def _robust(model: nn.Module, images: Tensor, labels: Tensor, transform: Callable[[Tensor, Tensor], Tensor],
-            params: Tensor, batch_size: int, device: torch.device) -> Tensor:
+            params: Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """(N,) bool on the CPU: the model is correct on ``transform(x, params)`` for all G parameters,
-    evaluated on about ``batch_size`` transformed images per forward pass."""
+    evaluated on about ``batch_size`` transformed images (in ``dtype``) per forward pass."""
     chunk = max(1, batch_size // len(params))
     params = params.to(device)
     parts = []
     for start in range(0, len(labels), chunk):
-        x = _to_float(images[start:start + chunk].to(device))
+        x = to_float(images[start:start + chunk].to(device), dtype)
         views = transform(x, params)                                              # [G, b, C, H, W]
         predictions = model(views.flatten(0, 1)).argmax(1).view(views.shape[:2])
         parts.append((predictions == labels[start:start + chunk].to(device)).all(0).cpu())
@@ -114,10 +114,10 @@ def geometric_robustness(model: nn.Module, images: Tensor, labels: Tensor,
                          device: Optional[torch.device] = None) -> Dict:
     """Worst-case accuracy of ``model`` (evaluated in eval mode) over a grid of transforms.
 
-    images (N, C, H, W) in [0, 1] (uint8 bytes or float), labels (N,). ``grid`` maps families of
-    :data:`TRANSFORMS` (rotation: degrees, translation: (dx, dy) pixels, scale: factors,
-    brightness: additive shifts, contrast: factors) to their parameter values; default
-    :data:`DEFAULT_GRID`. A sample is robust to a family when it is classified correctly clean and
+    images (N, C, H, W) in [0, 1] (uint8 bytes or float; transformed in the model's floating dtype),
+    labels (N,). ``grid`` maps families of :data:`TRANSFORMS` (rotation: degrees, translation:
+    (dx, dy) pixels, scale: factors, brightness: additive shifts, contrast: factors) to their
+    parameter values; default :data:`DEFAULT_GRID`. A sample is robust to a family when it is classified correctly clean and
     on every grid point of the family; ``worst_case``: robust to every family at once.
 
     Returns a JSON-serializable dict: clean, families (family -> robust accuracy), worst_case, grid,
@@ -131,12 +131,15 @@ def geometric_robustness(model: nn.Module, images: Tensor, labels: Tensor,
         raise ValueError("every family of the grid needs at least one value")
     params = {family: torch.tensor(values, dtype=torch.float64) for family, values in grid.items()}
     device = device or next(itertools.chain(model.parameters(), model.buffers()), images).device
+    floating = (t.dtype for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point())
+    dtype = next(floating, torch.float32)  # the model's own precision
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            correct = _robust(model, images, labels, _identity, torch.zeros(1), batch_size, device)
-            robust = {family: correct & _robust(model, images, labels, TRANSFORMS[family], values, batch_size, device)
+            correct = _robust(model, images, labels, _identity, torch.zeros(1), batch_size, device, dtype)
+            robust = {family: correct & _robust(model, images, labels, TRANSFORMS[family], values, batch_size,
+                                                device, dtype)
                       for family, values in params.items()}
     finally:
         model.train(was_training)

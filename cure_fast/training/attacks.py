@@ -6,15 +6,18 @@ the minimizer of ``|p - z|^2 + mu |p - x|^2`` over the box is ``clip((z + mu x) 
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .specs import L2Ball, LinfBall, _Ball
+from ..specs import L2Ball, LinfBall
+
+Ball = Union[LinfBall, L2Ball]
+"""An input set the attacks take."""
 
 
-def _clip_domain(spec: _Ball, z: Tensor) -> Tensor:
+def _clip_domain(spec: Ball, z: Tensor) -> Tensor:
     return z if spec.domain is None else z.clamp(spec.domain[0], spec.domain[1])
 
 
@@ -24,7 +27,7 @@ def _l2_norm(v: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def project(spec: _Ball, x: Tensor, z: Tensor, iterations: int = 60) -> Tensor:
+def project(spec: Ball, x: Tensor, z: Tensor, iterations: int = 60) -> Tensor:
     """Euclidean projection of ``z`` (B, ...) onto the input set ``spec`` around ``x`` (B, ...)
     (around the set's own centre when it has one)."""
     eps = spec.per_sample_eps(x)
@@ -46,7 +49,7 @@ def project(spec: _Ball, x: Tensor, z: Tensor, iterations: int = 60) -> Tensor:
 
 
 @torch.no_grad()
-def random_point(spec: _Ball, x: Tensor) -> Tensor:
+def random_point(spec: Ball, x: Tensor) -> Tensor:
     """A random point of the input set (uniform in the box; uniform direction and radius in the ball)."""
     eps = spec.per_sample_eps(x)
     x = spec.center_for(x)
@@ -58,7 +61,7 @@ def random_point(spec: _Ball, x: Tensor) -> Tensor:
     return project(spec, x, x + direction * radius * eps)
 
 
-def pgd(objective: Callable[[Tensor], Tensor], x: Tensor, spec: _Ball, steps: int = 20,
+def pgd(objective: Callable[[Tensor], Tensor], x: Tensor, spec: Ball, steps: int = 20,
         step_size: Optional[float] = None, restarts: int = 1, random_start: bool = True) -> Tensor:
     """Maximize ``objective`` (points (B, ...) -> values (B,)) over the input set around ``x``.
 
@@ -68,7 +71,7 @@ def pgd(objective: Callable[[Tensor], Tensor], x: Tensor, spec: _Ball, steps: in
     return pgd_batched(objective, x, [spec], steps, step_size, restarts, random_start)[0]
 
 
-def pgd_batched(objective: Callable[[Tensor], Tensor], x: Tensor, specs: Sequence[_Ball], steps: int = 20,
+def pgd_batched(objective: Callable[[Tensor], Tensor], x: Tensor, specs: Sequence[Ball], steps: int = 20,
                 step_size: Optional[float] = None, restarts: int = 1, random_start: bool = True) -> List[Tensor]:
     """:func:`pgd` for several input sets at once: the points of all sets are stacked along the
     batch, so each step is one call of ``objective`` ((S*B, ...) -> (S*B,)) and one backward.
@@ -100,7 +103,7 @@ def pgd_batched(objective: Callable[[Tensor], Tensor], x: Tensor, specs: Sequenc
     return split(best)
 
 
-def _ascent(spec: _Ball, grad: Tensor) -> Tensor:
+def _ascent(spec: Ball, grad: Tensor) -> Tensor:
     """The steepest-ascent direction of unit norm for the set's norm."""
     return grad.sign() if isinstance(spec, LinfBall) else grad / _l2_norm(grad).clamp_min(1e-12)
 

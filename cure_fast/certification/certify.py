@@ -17,10 +17,11 @@ import torch
 import yaml
 from torch import nn
 
-from . import data, models
-from .config import TrainConfig, from_dict
+from .. import data, models
+from ..config import TrainConfig, from_dict, resolve_device
+from ..reporting import format_table, plot_summary, pyplot
 from .evaluate import CERTIFIERS, Evaluation, evaluate
-from .train import format_table, resolve_device
+from .geometric import geometric_robustness
 
 CURVE = (0.25, 0.5, 0.75, 1.0)
 
@@ -79,7 +80,7 @@ def write_per_sample(evaluation: Evaluation, labels: torch.Tensor, path: str) ->
 
 def plot_curve(curve: Dict[float, Dict[str, float]], eps: Dict[str, float], path: str) -> None:
     """Certified accuracy against the fraction of eps, per norm and for the union."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fractions = sorted(curve)
     fig, ax = plt.subplots(figsize=(6, 4))
     for key in [f"certified_{n}" for n in eps] + ["union"]:
@@ -121,10 +122,8 @@ def certify_run(path: str, eps: Dict[str, float], method: str = "ibp", limit: Op
     if smoothing:
         summary["smoothing"] = _smoothing(model, test, config, data_root, smoothing, smoothing_n, batch_size, out_dir)
     if geometric:
-        from .geometric import geometric_robustness
         report = geometric_robustness(model, test.images, test.labels, batch_size=batch_size, device=dev)
         summary["geometric"] = {k: v for k, v in report.items() if k != "samples"}
-    from .plots import plot_summary
     plot_summary({method: summary}, os.path.join(out_dir, "summary.png"))
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
@@ -133,7 +132,7 @@ def certify_run(path: str, eps: Dict[str, float], method: str = "ibp", limit: Op
 
 def _smoothing(model, test, config, data_root, sigmas, n, batch_size, out_dir) -> Dict:
     """Randomized smoothing per sigma, plain and with BatchNorm re-estimated once on held-out noisy data."""
-    from .smoothing import plot_smoothing, smoothing_report
+    from .smoothing import plot_smoothing, smoothing_report  # scipy: loaded only when smoothing is asked for
     heldout = data.load_dataset(config.dataset, "train", data_root or config.data_root, limit=1000).images
     reports = {}
     for sigma in sigmas:

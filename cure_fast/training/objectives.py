@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bounded import Propagation
+from ..engine import Propagation
 
 
 def robust_logits(margins: Tensor) -> Tensor:

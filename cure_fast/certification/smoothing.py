@@ -21,7 +21,8 @@ from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .data import _to_float
+from ..data import to_float
+from ..reporting import pyplot
 
 ABSTAIN = -1
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -31,6 +32,13 @@ ADAPT_MODES = (None, "heldout", "per-batch")
 def _device(model: nn.Module, fallback: Tensor) -> torch.device:
     """The device of the model's first parameter or buffer, else that of ``fallback``."""
     return next(itertools.chain(model.parameters(), model.buffers()), fallback).device
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype the model computes in: that of its first floating parameter or buffer
+    (float32 when it has none). Inputs and noise are cast to it."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
 
 def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
@@ -48,7 +56,8 @@ class Smooth:
     and is evaluated as given: put it in eval mode (its first layer is its Normalize, so the noise is
     added in pixel space, unclipped, as in the original). Noise is drawn on the model's device from
     ``generator`` (a ``torch.Generator`` on that device), by default torch's global RNG, so seeding
-    either reproduces every result.
+    either reproduces every result. Inputs and noise take the model's floating dtype (float32 when it
+    has no floating parameter or buffer).
     """
 
     ABSTAIN = ABSTAIN
@@ -92,7 +101,7 @@ class Smooth:
         copies of x (C, H, W), classified in batches of ``batch_size`` with the noise drawn on the
         device."""
         device = _device(self.base_classifier, x)
-        x = _to_float(x.to(device))
+        x = to_float(x.to(device), _dtype(self.base_classifier))
         counts = torch.zeros(self.num_classes, dtype=torch.int64, device=device)
         with torch.no_grad():
             for start in range(0, num, batch_size):
@@ -136,7 +145,7 @@ def adapt_batchnorm(model: nn.Module, images: Tensor, sigma: float, batch_size: 
                 layer.momentum = None
                 layer.train()
             for start in range(0, len(images), batch_size):
-                x = _to_float(images[start:start + batch_size].to(device))
+                x = to_float(images[start:start + batch_size].to(device), _dtype(model))
                 model(x + sigma * torch.randn(x.shape, dtype=x.dtype, device=device, generator=generator))
     finally:
         for layer, momentum in zip(layers, momenta):
@@ -199,7 +208,7 @@ def smoothing_report(model: nn.Module, images: Tensor, labels: Tensor, sigma: fl
     frozen = copy.deepcopy(model).eval()
     if num_classes is None:
         with torch.no_grad():
-            num_classes = frozen(_to_float(images[:1].to(_device(frozen, images)))).shape[1]
+            num_classes = frozen(to_float(images[:1].to(_device(frozen, images)), _dtype(frozen))).shape[1]
     base = _adapted(frozen, sigma, adapt, heldout_images, batch_size, generator)
     smooth = Smooth(base, num_classes, sigma, generator)
     samples = [_certify_one(smooth, i, images[i], int(labels[i]), n0, n, alpha, batch_size)
@@ -225,7 +234,7 @@ def plot_smoothing(reports: Dict[str, Dict], path: str) -> None:
     """Certified accuracy against the l2 radius, one curve per named report of
     :func:`smoothing_report` (e.g. with and without adaptive BatchNorm), computed from the
     per-sample radii; reports that are not sound certificates are dashed and labelled so."""
-    from .plots import plt
+    plt = pyplot()
     top = max(max(r["radii"]) for r in reports.values())
     top = max([top] + [s["radius"] for r in reports.values() for s in r["samples"]])
     grid = np.linspace(0, 1.05 * top if top > 0 else 1.0, 300)

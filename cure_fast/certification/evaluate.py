@@ -10,22 +10,13 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from . import backends
-from .attacks import pgd_batched
-from .bounded import BoundedModule
-from .losses import certified
-from .specs import L2Ball, LinfBall
+from ..engine import BoundedModule
+from ..config import make_spec
+from ..ops import policy as backends
+from ..training.attacks import pgd_batched
+from ..training.objectives import certified
 
 CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")  # cheapest first: the cascade order
-
-
-def make_spec(norm: str, eps: float, **kwargs):
-    """The input set of norm ``"inf"`` or ``"2"`` with radius eps (pixel space, domain [0, 1])."""
-    if norm == "inf":
-        return LinfBall(eps, **kwargs)
-    if norm == "2":
-        return L2Ball(eps, **kwargs)
-    raise ValueError(f"unknown norm {norm!r}; choose 'inf' or '2'")
 
 
 @dataclass

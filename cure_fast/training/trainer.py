@@ -2,7 +2,7 @@
 alignment and gradient projection; checkpoints, exact resume, DDP.
 
     cure-fast train --preset mnist-demo-cure --set epochs=5
-    torchrun --nproc_per_node=2 -m cure_fast.train --preset mnist-0.1-cure
+    torchrun --nproc_per_node=2 -m cure_fast.training.trainer --preset mnist-0.1-cure
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import argparse
 import copy
 import csv
 import json
-import math
 import os
 import time
 from typing import Dict, List, Optional, Sequence
@@ -22,24 +21,18 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import data, losses, models
-from .attacks import project, pgd_batched
-from .bounded import BoundedModule
-from .config import TrainConfig, from_dict, load_config, to_dict
-from .evaluate import Evaluation, evaluate, make_spec
-from .specs import LinfBall
+from .. import data, models
+from ..engine import BoundedModule
+from ..certification.evaluate import Evaluation, evaluate
+from ..config import TrainConfig, from_dict, load_config, make_spec, presets, resolve_device, to_dict
+from ..reporting import format_table, plot_curves, plot_summary
+from ..specs import LinfBall
+from . import objectives
+from .attacks import pgd_batched, project
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (a NaN/Inf loss); the message names the last good checkpoint."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def _save_atomic(obj, path: str) -> None:
@@ -85,15 +78,17 @@ class Objective(nn.Module):
         if cfg.method == "pgd":
             logits = self.model(torch.cat(specs))
             per_norm = [F.cross_entropy(z, y, reduction="none") for z in logits.chunk(len(specs))]
-            return losses.combine(per_norm, cfg.combine, cfg.alpha, assignment), logits[: len(y)], []
+            return objectives.combine(per_norm, cfg.combine, cfg.alpha, assignment), logits[: len(y)], []
         out = self.bounded.propagate(x, specs, y)
-        robust = losses.combine([losses.robust_ce(m, y) for m in out.margins], cfg.combine, cfg.alpha, assignment)
+        per_norm = [objectives.robust_ce(m, y) for m in out.margins]
+        robust = objectives.combine(per_norm, cfg.combine, cfg.alpha, assignment)
         loss = (1 - cfg.natural_weight) * robust + cfg.natural_weight * F.cross_entropy(out.logits, y)
         if cfg.align_lambda > 0:
             ref = cfg.norms.index(cfg.align_reference)
-            loss = loss + cfg.align_lambda * losses.alignment(out.margins[ref], out.margins[1 - ref], y)
+            loss = loss + cfg.align_lambda * objectives.alignment(out.margins[ref], out.margins[1 - ref], y)
         if regularizer_weight > 0 and self.bounded.first_affine is not None:
-            reg = sum(losses.warmup_regularizer(out, k, self.bounded.first_affine, cfg.reg_tol) for k in range(len(specs)))
+            reg = sum(objectives.warmup_regularizer(out, k, self.bounded.first_affine, cfg.reg_tol)
+                      for k in range(len(specs)))
             loss = loss + regularizer_weight * reg / len(specs)
         return loss, out.logits, out.margins
 
@@ -150,7 +145,7 @@ class Trainer:
         if cfg.init_from:
             self.model.load_state_dict(torch.load(cfg.init_from, map_location=self.device, weights_only=True)["model"])
         elif cfg.ibp_init and cfg.method in ("ibp", "sabr"):
-            losses.ibp_init(self.model)
+            objectives.ibp_init(self.model)
         self.objective = Objective(self.model, cfg)
         self.step_fn = self.objective
         if self.world > 1:
@@ -183,7 +178,7 @@ class Trainer:
         start, end = cfg.eps_start_epoch * self.steps_per_epoch, cfg.eps_end_epoch * self.steps_per_epoch
         if cfg.method in ("natural", "pgd"):
             return cfg.train_eps(norm)
-        return losses.eps_ramp(step, start, end, cfg.train_eps(norm))
+        return objectives.eps_ramp(step, start, end, cfg.train_eps(norm))
 
     def lr(self, epoch: int) -> float:
         cfg = self.config
@@ -227,7 +222,7 @@ class Trainer:
             totals["correct"] += (logits.argmax(1) == y).sum().item()
             totals["seen"] += len(y)
             for norm, m in zip(cfg.norms, margins):
-                totals[f"certified_{norm}"] += losses.certified(m, y).sum().item()
+                totals[f"certified_{norm}"] += objectives.certified(m, y).sum().item()
             bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{totals['seen'] * self.world / (time.perf_counter() - start):.0f}")
         seconds = time.perf_counter() - start
         seen = max(totals.pop("seen"), 1)
@@ -255,7 +250,7 @@ class Trainer:
                 p.copy_(start[n])
         natural_metrics = self.train_epoch(epoch, natural=True)
         natural_params = {n: p.detach().clone() for n, p in self.model.named_parameters()}
-        merged = losses.gradient_projection(start, certified_params, natural_params, self.config.gp_beta)
+        merged = objectives.gradient_projection(start, certified_params, natural_params, self.config.gp_beta)
         buffers.update(merged)
         self.model.load_state_dict(buffers)
         metrics["natural_train_loss"] = natural_metrics["train_loss"]
@@ -329,7 +324,6 @@ class Trainer:
         print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
 
     def _finish(self, final: Dict[str, float]) -> None:
-        from .plots import plot_curves, plot_summary
         torch.save(self.model.state_dict(), os.path.join(self.run_dir, "model.pt"))
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump({"name": self.config.name, **final}, f, indent=2)
@@ -350,19 +344,6 @@ def _write_per_sample(evaluation: Evaluation, path: str) -> None:
                 row += [int(evaluation.pgd_robust[n][i]), int(evaluation.certified[n][i]),
                         f"{evaluation.margin[n][i].item():.6g}"]
             writer.writerow(row)
-
-
-COLUMNS = [("clean", "clean"), ("pgd_inf", "PGD l∞"), ("pgd_2", "PGD l2"), ("certified_inf", "cert l∞"),
-           ("certified_2", "cert l2"), ("union", "union")]
-
-
-def format_table(rows: Dict[str, Dict[str, float]]) -> str:
-    """The accuracy table, one row per run, in percent."""
-    width = max(len(name) for name in rows) + 2
-    lines = [f"{'run':<{width}}" + "".join(f"{title:>10}" for _, title in COLUMNS)]
-    for name, summary in rows.items():
-        lines.append(f"{name:<{width}}" + "".join(f"{100 * summary.get(key, math.nan):>9.1f}%" for key, _ in COLUMNS))
-    return "\n".join(lines)
 
 
 def _new_run_dir(out_dir: str, name: str) -> str:
@@ -388,7 +369,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> Dict[str, float]:
-    from .config import presets
     if args.list_presets:
         print("\n".join(presets()))
         return {}
@@ -403,8 +383,8 @@ def run_from_args(args: argparse.Namespace) -> Dict[str, float]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """``python -m cure_fast.train`` (also under torchrun: one process per device, DDP)."""
-    parser = argparse.ArgumentParser(prog="cure_fast.train", description=__doc__)
+    """``python -m cure_fast.training.trainer`` (also under torchrun: one process per device, DDP)."""
+    parser = argparse.ArgumentParser(prog="cure_fast.training.trainer", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -413,7 +393,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         run_from_args(args)
     except (TrainingError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"cure_fast.train: {e}")
+        raise SystemExit(f"cure_fast.training.trainer: {e}")
     finally:
         if distributed:
             dist.destroy_process_group()
