@@ -6,8 +6,8 @@
 >>> out.logits, out.bounds, out.margins
 """
 from . import functional, models, nn
-from .backends import get_backend, get_precision, set_backend, set_precision
-from .bounded import BoundedModule, Propagation
+from .ops.policy import get_backend, get_precision, set_backend, set_precision
+from .engine import BoundedModule, Propagation
 from .specs import L2Ball, LinfBall
 
 __all__ = ["BoundedModule", "Propagation", "LinfBall", "L2Ball", "functional", "models", "nn",

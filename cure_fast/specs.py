@@ -46,7 +46,9 @@ def _check_eps(eps: Eps) -> Eps:
 
 
 @dataclass(frozen=True, eq=False)
-class _Ball:
+class Ball:
+    """An input set: a norm ball of radius ``eps`` (float or (B,)) around each input, intersected with ``domain``."""
+
     eps: Eps
     domain: Domain = (0.0, 1.0)
     center: Optional[Tensor] = None
@@ -65,6 +67,11 @@ class _Ball:
             return x
         if self.center.shape != x.shape:
             raise ValueError(f"{self.name}: center has shape {tuple(self.center.shape)} but the input has {tuple(x.shape)}")
+        if self.domain is not None and self.center.numel():
+            low, high = (float(v) for v in torch.aminmax(self.center))
+            if low < self.domain[0] or high > self.domain[1]:
+                raise ValueError(f"{self.name}: center values span [{low:g}, {high:g}], outside the domain "
+                                 f"{self.domain}; give a center inside the domain (or domain=None)")
         return self.center.to(device=x.device, dtype=x.dtype)
 
     def per_sample_eps(self, x: Tensor) -> Tensor:
@@ -103,7 +110,7 @@ class _Ball:
         return f"{self.name}(eps={eps}, domain={self.domain}{centre})"
 
 
-class LinfBall(_Ball):
+class LinfBall(Ball):
     """The l∞ ball ``{x' : |x' - x|_∞ <= eps} ∩ domain``: the box ``[max(x-eps, lo), min(x+eps, hi)]``.
 
     Args:
@@ -116,10 +123,10 @@ class LinfBall(_Ball):
     p = math.inf
 
 
-class L2Ball(_Ball):
+class L2Ball(Ball):
     """The l2 ball ``{x' : |x' - x|_2 <= eps}`` (∩ domain when ``domain`` is given).
 
-    The first affine layer is bounded exactly through the dual norm (see DESIGN.md §2); where a
+    The first affine layer is bounded exactly through the dual norm (docs/design.md); where a
     domain is given, the domain box's bound is intersected with it.
 
     Args:
@@ -131,7 +138,7 @@ class L2Ball(_Ball):
     p = 2.0
 
 
-def contains(spec: _Ball, x: Tensor, points: Tensor, tol: float = 0.0) -> Tensor:
+def contains(spec: Ball, x: Tensor, points: Tensor, tol: float = 0.0) -> Tensor:
     """Whether each of ``points`` (B, ...) lies in the input set around ``x`` (B, ...) (around its own
     centre when it has one); returns (B,) bool."""
     eps = spec.per_sample_eps(x).reshape(-1)

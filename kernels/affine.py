@@ -6,7 +6,7 @@ together, so that no k-step is mostly padding) once; every weight tile it loads 
 rows of the centres and ``|W| ⊛ r`` for the rows that carry a radius (the trailing rows, so the
 natural stream rides along at no radius cost). The epilogue applies a per-channel scale (a folded
 BatchNorm), adds the shift (bias) and applies the interval ReLU. The first layer under an l2 ball is
-the same kernel with ``W² ⊛ s²`` and a square root for the radius (DESIGN.md §2).
+the same kernel with ``W² ⊛ s²`` and a square root for the radius (docs/design.md, "First affine layer under an l2 ball").
 
 Backward: the gradient of the inputs is the same kernel run on the adjoint convolution (weight
 strides swapped, gather inverted, one program per stride phase so that no product meets the zeros a
@@ -25,8 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cure_fast import functional, reference
-from cure_fast.functional import register
+from cure_fast import functional
+from cure_fast.ops.common import batched_eps, check_epilogue, scale_squared
+from cure_fast.ops.registry import register
 
 from ._common import (acc_dtype, acc_zeros, autotune, check_inputs, dot, dot_flags, empty, interval_relu, launch, library_op,
                       pair, sign, splits, warn_once)
@@ -521,7 +522,7 @@ def interval_linear(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
     interval ReLU if ``relu``. c (N, *, in), r (M, *, in) the radii of c's last M rows,
     weight (out, in), bias / scale / shift (out,) or None -> (N, *, out), (M, *, out)."""
     check_inputs("interval_linear", c, r, weight, bias, scale, shift)
-    functional._check_epilogue("interval_linear", c, weight.shape[0], scale, shift)
+    check_epilogue("interval_linear", c, weight.shape[0], scale, shift)
     features = c.shape[-1]
     c_out, r_out = _IntervalAffine.apply(c.reshape(c.shape[:-1].numel(), features, 1, 1),
                                          r.reshape(r.shape[:-1].numel(), features, 1, 1),
@@ -544,7 +545,7 @@ def interval_conv2d(c: Tensor, r: Tensor, weight: Tensor, bias: Optional[Tensor]
         return functional.interval_conv2d(c, r, weight, bias, stride, padding, dilation, groups, scale=scale,
                                           shift=shift, relu=relu, backend="torch", precision=precision)
     check_inputs("interval_conv2d", c, r, weight, bias, scale, shift)
-    functional._check_epilogue("interval_conv2d", c, weight.shape[0], scale, shift)
+    check_epilogue("interval_conv2d", c, weight.shape[0], scale, shift)
     geometry = _conv_geometry("interval_conv2d", c.shape[2:], weight, stride, padding, dilation)
     return _IntervalAffine.apply(c, r, weight, bias, scale, shift, geometry, relu, precision)
 
@@ -555,11 +556,11 @@ def l2_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
     """Exact bounds of a linear layer over ``{x + scale ⊙ u : |u|_2 <= eps}``, centre and dual-norm
     radius ``eps * |W_i ⊙ scale|_2`` from one pass over the weight. x (B, in) -> (B, out) twice."""
     check_inputs("l2_linear", x, weight, bias)
-    s2 = reference._scale_squared(scale, x)
+    s2 = scale_squared(scale, x)
     c, radius = _L2Affine.apply(x[:, :, None, None], s2[:, :, None, None], weight[:, :, None, None], bias, _LINEAR,
                                 precision)
     c, radius = c.view(x.shape[0], -1), radius.view(radius.shape[0], -1)
-    return c, (reference._batched_eps(eps, x, 2) * radius).expand_as(c)
+    return c, (batched_eps(eps, x, 2) * radius).expand_as(c)
 
 
 @register("l2_conv2d", "triton")
@@ -576,5 +577,5 @@ def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
                                     precision=precision)
     check_inputs("l2_conv2d", x, weight, bias)
     geometry = _conv_geometry("l2_conv2d", x.shape[2:], weight, stride, padding, dilation)
-    c, radius = _L2Affine.apply(x, reference._scale_squared(scale, x), weight, bias, geometry, precision)
-    return c, (reference._batched_eps(eps, x, 4) * radius).expand_as(c)
+    c, radius = _L2Affine.apply(x, scale_squared(scale, x), weight, bias, geometry, precision)
+    return c, (batched_eps(eps, x, 4) * radius).expand_as(c)

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cure_fast import reference
-from cure_fast.functional import register
+from cure_fast.ops.elementwise import batch_norm_stats_grad
+from cure_fast.ops.registry import register
 
 from ._common import (acc_dtype, acc_zeros, check_inputs, empty, interval_relu_grad, launch, library_op, load,
                       sign, splits)
@@ -232,7 +232,7 @@ class _BatchNormStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_mean, grad_var):
         x, mean = ctx.saved_tensors
-        return reference.batch_norm_stats_grad(x, mean, grad_mean, grad_var)
+        return batch_norm_stats_grad(x, mean, grad_mean, grad_var)
 
 
 @register("interval_relu", "triton")

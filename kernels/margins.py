@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from cure_fast import reference
-from cure_fast.functional import register
+from cure_fast.ops.common import batched_eps, scale_squared
+from cure_fast.ops.registry import register
 
 from ._common import acc_dtype, check_inputs, empty, launch, library_op, load, sign, splits
 
@@ -184,6 +184,6 @@ def l2_margins_linear(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias
     """Exact lower bounds on ``z_y - z_j`` of a linear layer over ``{x + scale ⊙ u : |u|_2 <= eps}``:
     ``(W_y - W_j)·x + b_y - b_j - eps |(W_y - W_j) ⊙ scale|_2``. x (B, in) -> (B, K), 0 at j = y."""
     check_inputs("l2_margins_linear", x, weight, bias)
-    s2 = reference._scale_squared(scale, x).expand_as(x)
+    s2 = scale_squared(scale, x).expand_as(x)
     centre, spread = _Margins.apply(x, s2, weight, bias, labels, True)
-    return centre - reference._batched_eps(eps, x, 2) * spread
+    return centre - batched_eps(eps, x, 2) * spread

@@ -23,10 +23,19 @@ def _randomize_batchnorm(bn: nn.Module, gen: torch.Generator) -> None:
             bn.bias.copy_(torch.randn(n, generator=gen) * 0.2)
 
 
+def _activation(name: str) -> nn.Module:
+    return {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(0.1), "identity": nn.Identity}[name]()
+
+
+def modules_of(bounded) -> List[nn.Module]:
+    """The modules of a BoundedModule's flattened layers, in order."""
+    return [layer.module for layer in bounded.layers]
+
+
 @st.composite
 def networks(draw, conv: bool = True, dropout: bool = True):
     """(model, input shape) with Normalize, Conv2d (stride/padding/dilation/groups), BatchNorm,
-    ReLU, AvgPool2d, Flatten, Linear, Identity and Dropout layers, in random order and sizes."""
+    ReLU, LeakyReLU, AvgPool2d, Flatten, Linear, Identity and Dropout layers, in random order and sizes."""
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
     channels = draw(st.integers(1, 3))
@@ -60,7 +69,7 @@ def networks(draw, conv: bool = True, dropout: bool = True):
         if draw(st.booleans()) and side >= 2:
             layers.append(nn.AvgPool2d(2, 1))
             shape = (out, side - 1, side - 1)
-        layers.append(draw(st.sampled_from([nn.ReLU(), nn.ReLU(), nn.Identity()])))
+        layers.append(draw(st.sampled_from(["relu", "relu", "leaky", "identity"]).map(_activation)))
     layers.append(nn.Flatten())
     features = shape[0] * shape[1] * shape[2]
     for _ in range(draw(st.integers(0, 2))):
@@ -71,7 +80,7 @@ def networks(draw, conv: bool = True, dropout: bool = True):
             layers.append(nn.BatchNorm1d(units))
         if dropout and draw(st.booleans()):
             layers.append(nn.Dropout(0.3))
-        layers.append(nn.ReLU())
+        layers.append(draw(st.sampled_from(["relu", "relu", "leaky"]).map(_activation)))
     layers.append(nn.Linear(features, draw(st.integers(2, 4))))
     model = nn.Sequential(*layers)
     with torch.no_grad():

@@ -3,8 +3,9 @@ backend is never eligible, and measuring leaves the caller's autograd graph inta
 import pytest
 import torch
 
-from cure_fast import autoselect, functional
-from cure_fast.reference import interval_linear_ref
+from cure_fast import functional
+from cure_fast.ops import autoselect
+from cure_fast.ops import interval_linear_ref
 
 
 class _WrongGradient(torch.autograd.Function):

@@ -1,4 +1,4 @@
-"""CROWN family (cure_fast.crown): sound on random architectures (sampling and PGD), ordered
+"""CROWN family (cure_fast.engine.crown): sound on random architectures (sampling and PGD), ordered
 (IBP <= CROWN-IBP, CROWN-IBP <= CROWN on average, CROWN <= α-CROWN), exact where the network is affine
 on the input set, per-sample eps, eval mode only."""
 import copy
@@ -8,9 +8,11 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from cure_fast import BoundedModule, L2Ball, LinfBall, attacks, crown
+from cure_fast import BoundedModule, L2Ball, LinfBall
+from cure_fast.engine import crown
+from cure_fast.training import attacks
 from cure_fast.nn import Normalize
-from netgen import networks, run_layers
+from netgen import modules_of, networks, run_layers
 from test_soundness import _sample, _tol, _true_margins
 
 METHODS = crown.METHODS
@@ -59,12 +61,12 @@ def test_sampled_points_respect_every_method(net, data):
         margins = _all_margins(bm, x, y, spec)
         _assert_ordered(margins)
         points = _sample(spec, x)
-        outputs = run_layers(bm._layers, points.flatten(0, 1), {})
+        outputs = run_layers(modules_of(bm), points.flatten(0, 1), {})
         true = _true_margins(outputs[-1].view(points.shape[:2] + outputs[-1].shape[1:]), y).amin(0)
         for method, bound in margins.items():
             assert (true >= bound - _tol(bound)).all(), f"{spec} {method}: a sampled margin is below its bound"
             assert (bound.gather(1, y[:, None]) == 0).all()
-        relus = [i for i, m in enumerate(bm._layers) if isinstance(m, nn.ReLU)]
+        relus = [i for i, m in enumerate(modules_of(bm)) if isinstance(m, (nn.ReLU, nn.LeakyReLU))]
         ibp = crown.preactivation_bounds(bm, x, spec, method="crown-ibp")
         for i, (lower, upper), (ibp_lower, ibp_upper) in zip(relus, crown.preactivation_bounds(bm, x, spec), ibp):
             assert (lower >= ibp_lower - _tol(ibp_lower)).all() and (upper <= ibp_upper + _tol(ibp_upper)).all()
@@ -77,7 +79,7 @@ def test_sampled_points_respect_every_method(net, data):
 @given(net=networks(), data=st.data())
 def test_pgd_never_crosses_the_certified_margins(net, data):
     bm, x, y, specs = _eval_setup(net, data)
-    other = torch.randint(0, bm._layers[-1].out_features, (x.shape[0], 1))
+    other = torch.randint(0, modules_of(bm)[-1].out_features, (x.shape[0], 1))
     margin = lambda p: _true_margins(bm(p), y).gather(1, other)[:, 0]  # noqa: E731
     for spec in specs:
         point = attacks.pgd(lambda p: -margin(p), x, spec, steps=15)

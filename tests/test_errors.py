@@ -41,7 +41,7 @@ def test_model_must_be_sequential(model):
 
 
 def test_supported_layers_are_listed():
-    with pytest.raises(ValueError, match=r"supported: Conv2d, Linear, .*ReLU"):
+    with pytest.raises(ValueError, match=r"layer 0 \(Sigmoid\(\)\) is not supported by BoundedModule; supported: AvgPool2d, .*Conv2d, .*LeakyReLU, Linear, .*ReLU"):
         BoundedModule(nn.Sequential(nn.Sigmoid()))
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from cure_fast import BoundedModule, L2Ball, LinfBall, attacks
+from cure_fast import BoundedModule, L2Ball, LinfBall
+from cure_fast.training import attacks
 from cure_fast.specs import contains
-from netgen import batch_stats, networks, run_layers
+from netgen import batch_stats, modules_of, networks, run_layers
 
 SAMPLES = 24
 
@@ -30,7 +31,7 @@ def _setup(net, data, dtype=torch.float64):
     specs = [LinfBall(eps(0.3)), L2Ball(eps(1.0)), L2Ball(eps(0.5), domain=None), LinfBall(eps(0.2), domain=None)]
     y = torch.randint(0, model[-1].out_features, (batch,))
     bm = BoundedModule(model)
-    stats = batch_stats(bm._layers, x) if train else {}
+    stats = batch_stats(modules_of(bm), x) if train else {}
     return bm, x, y, specs, stats
 
 
@@ -75,7 +76,7 @@ def check_sampled_points(bm, x, y, specs, stats):
     out = bm.propagate(x, specs, y)
     for k, spec in enumerate(specs):
         points = _sample(spec, x)
-        outputs = run_layers(bm._layers, points.flatten(0, 1), stats)
+        outputs = run_layers(modules_of(bm), points.flatten(0, 1), stats)
         for name, value, (lower, upper) in zip(bm.layer_names, outputs, out.layer_bounds(k)):
             _assert_inside(value.view(points.shape[:2] + value.shape[1:]), lower, upper, f"{spec} layer {name}")
         logits = outputs[-1].view(points.shape[:2] + outputs[-1].shape[1:])
@@ -86,21 +87,21 @@ def check_pgd_extremes(bm, x, y, specs, stats, steps=15, every_relu=True):
     """PGD inside each input set, maximizing and minimizing a random neuron (at every ReLU when
     ``every_relu``, and at the output), and minimizing a random margin, never crosses a bound."""
     out = bm.propagate(x, specs, y)
-    last = len(bm._layers) - 1
-    watched = [i for i, m in enumerate(bm._layers) if every_relu and isinstance(m, torch.nn.ReLU)] + [last]
+    last = len(modules_of(bm)) - 1
+    watched = [i for i, m in enumerate(modules_of(bm)) if every_relu and isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU))] + [last]
     for k, spec in enumerate(specs):
         bounds = out.layer_bounds(k)
         for i in watched:
             lower, upper = (b.flatten(1) for b in bounds[i])
             neuron = torch.randint(0, lower.shape[1], (x.shape[0], 1))
-            value = lambda p: run_layers(bm._layers[: i + 1], p, stats)[-1].flatten(1).gather(1, neuron)[:, 0]  # noqa: E731
+            value = lambda p: run_layers(modules_of(bm)[: i + 1], p, stats)[-1].flatten(1).gather(1, neuron)[:, 0]  # noqa: E731
             for sign in (1.0, -1.0):
                 point = attacks.pgd(lambda p: sign * value(p), x, spec, steps=steps)
                 assert contains(spec, x, point, tol=1e-9).all()
                 _assert_inside(value(point), lower.gather(1, neuron)[:, 0], upper.gather(1, neuron)[:, 0],
                                f"{spec} PGD on layer {bm.layer_names[i]}")
         other = torch.randint(0, out.logits.shape[1], (x.shape[0], 1))
-        margin = lambda p: _true_margins(run_layers(bm._layers, p, stats)[-1], y).gather(1, other)[:, 0]  # noqa: E731
+        margin = lambda p: _true_margins(run_layers(modules_of(bm), p, stats)[-1], y).gather(1, other)[:, 0]  # noqa: E731
         point = attacks.pgd(lambda p: -margin(p), x, spec, steps=steps)
         bound = out.margins[k].gather(1, other)[:, 0]
         assert (margin(point) >= bound - _tol(bound)).all(), f"{spec}: PGD crossed the certified margin"
@@ -141,9 +142,9 @@ def test_float32_bounds_contain_float64_points(train):
     bm = BoundedModule(model)
     out = bm.propagate(x, [spec])
     reference = BoundedModule(copy.deepcopy(model).double())
-    stats = batch_stats(reference._layers, x.double()) if train else {}
+    stats = batch_stats(modules_of(reference), x.double()) if train else {}
     points = _sample(spec, x.double())
-    logits = run_layers(reference._layers, points.flatten(0, 1), stats)[-1].view(SAMPLES, 4, -1)
+    logits = run_layers(modules_of(reference), points.flatten(0, 1), stats)[-1].view(SAMPLES, 4, -1)
     lower, upper = out.bounds[0]
     slack = 1e-4 * (1 + upper.abs().double())
     assert (logits >= lower.double() - slack).all() and (logits <= upper.double() + slack).all()

@@ -18,7 +18,9 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 import cure_fast  # noqa: E402
-from cure_fast import BoundedModule, L2Ball, LinfBall, backends, kernels, models  # noqa: E402
+from cure_fast import BoundedModule, L2Ball, LinfBall, kernels, models  # noqa: E402
+from cure_fast import ops  # noqa: E402
+from cure_fast.ops import policy as backends, registry  # noqa: E402
 from cure_fast import functional as BF  # noqa: E402
 from cure_fast.kernels import _common, affine, elementwise, margins  # noqa: E402
 from netgen import networks  # noqa: E402
@@ -49,13 +51,13 @@ def test_importing_cure_fast_does_not_import_triton():
 def test_the_triton_backend_runs_the_registered_kernels():
     c = torch.rand(3, 4, device=DEVICE)
     BF.interval_relu(c, c[1:], backend="triton")
-    for op in BF._IMPLS:
-        assert BF._IMPLS[op]["triton"] is getattr(kernels, op)
+    for op in ops.OPS:
+        assert ops.implementations(op)["triton"] is getattr(kernels, op)
 
 
 @pytest.mark.skipif(CUDA, reason="the CPU case")
 def test_auto_never_picks_the_interpreter():
-    assert backends.select("interval_linear", BF._IMPLS["interval_linear"], "auto", torch.device("cpu")) == "torch"
+    assert registry.select("interval_linear", "auto", torch.device("cpu")) == "torch"
 
 
 def test_precision_api(monkeypatch):
@@ -75,8 +77,8 @@ def test_precision_api(monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="TF32 exists on CUDA devices only")
 def test_torch_backend_turns_tf32_off_for_ieee(monkeypatch):
     seen = []
-    real = BF._IMPLS["interval_linear"]["torch"]
-    monkeypatch.setitem(BF._IMPLS["interval_linear"], "torch", lambda *a: seen.append(
+    real = ops.implementations("interval_linear")["torch"]
+    monkeypatch.setitem(ops.implementations("interval_linear"), "torch", lambda *a: seen.append(
         torch.backends.cuda.matmul.allow_tf32) or real(*a))
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     x = torch.rand(2, 3, device="cuda")
@@ -198,8 +200,8 @@ def test_bounded_module_runs_the_fused_kernels(monkeypatch):
     model.eval()
     calls = []
     for op in ("interval_conv2d", "interval_relu", "interval_affine"):
-        real = BF._IMPLS[op]["triton"]
-        monkeypatch.setitem(BF._IMPLS[op], "triton",
+        real = ops.implementations(op)["triton"]
+        monkeypatch.setitem(ops.implementations(op), "triton",
                             lambda *a, _op=op, _real=real, **k: calls.append(_op) or _real(*a, **k))
     BoundedModule(model, backend="triton").propagate(x, SPECS[:1])
     # Normalize (no ReLU after it), then Conv2d + BatchNorm + ReLU three times as one call each

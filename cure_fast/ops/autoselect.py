@@ -10,10 +10,14 @@ warm-up, CUDA events) is cached for the process. A backend that raises or disagr
 chosen, so an untested or broken kernel cannot slip into a training run through ``auto``.
 
 On the CPU, while ``torch.compile`` traces, or with ``CURE_FAST_AUTOSELECT=0``, :func:`choose`
-returns None and the caller falls back to the static order of :mod:`cure_fast.backends`.
+returns None and the caller falls back to the static order of :mod:`cure_fast.ops.registry`.
+
+The same measurement chooses between a backend's alternative methods for one op
+(:func:`choose_method`: the CUDA backend's fused kernels against cuBLAS / cuDNN calls).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -34,13 +38,6 @@ Runner = Callable[[str], object]  # backend name -> the op's result on that back
 
 def enabled() -> bool:
     return os.environ.get("CURE_FAST_AUTOSELECT", "1") != "0"
-
-
-def prepare(device: torch.device) -> None:
-    """Register the CUDA backend's ops (on CUDA devices, once); makes no CUDA call."""
-    if device.type == "cuda":
-        from . import _cuda
-        _cuda.register_ops()
 
 
 def _describe(value) -> Hashable:
@@ -134,22 +131,19 @@ class _Trial:
         self.outputs = [o.detach() for o in self.outputs]
 
 
-def _median_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on a CUDA device)."""
-    if device.type != "cuda":
-        for _ in range(WARMUP):
+def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = WARMUP, repeats: int = REPEATS) -> float:
+    """Median wall time of ``fn`` in milliseconds over ``repeats`` runs after ``warmup`` (CUDA
+    events on a CUDA device, ``time.perf_counter`` elsewhere)."""
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for _ in range(warmup):
             fn()
         times = []
-        for _ in range(REPEATS):
-            start = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - start))
-        return statistics.median(times)
-    with torch.cuda.device(device):
-        for _ in range(WARMUP):
-            fn()
-        times = []
-        for _ in range(REPEATS):
+        for _ in range(repeats):
+            if device.type != "cuda":
+                start = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - start))
+                continue
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -185,7 +179,7 @@ def measure(run: Runner, names: Iterable[str], device: torch.device, inputs: Seq
             if not _matches(trial.grads, reference.grads, precision):
                 results[name] = "gradient mismatch against the torch backend"
                 continue
-            results[name] = _median_ms(lambda: _Trial(run, name, inputs, reference.cotangents) if training
+            results[name] = median_ms(lambda: _Trial(run, name, inputs, reference.cotangents) if training
                                        else run(name), device)
     return results
 
@@ -204,6 +198,21 @@ def choose(op: str, names: Sequence[str], device: torch.device, call_args, run: 
         timed = {name: ms for name, ms in results.items() if isinstance(ms, float)}
         _cache[k] = min(timed, key=timed.get) if timed else "torch"
     return _cache[k]
+
+
+def choose_method(key: Hashable, methods: Dict[str, Callable], tensors: Sequence, precision: str,
+                  device: torch.device, fallback: str) -> str:
+    """The faster of a backend's alternative methods for one op (e.g. a fused kernel or library
+    calls), among those whose outputs (and gradients, when the caller records them) agree with
+    ``methods["torch"]``; measured once per ``key`` with :func:`measure` and cached beside the
+    backend choices. ``fallback`` when none could be timed. Callers skip this under torch.compile."""
+    if key not in _cache:
+        results = measure(lambda name: methods[name](*tensors), [n for n in methods if n != "torch"], device,
+                          grad_inputs(tensors), precision)
+        measurements[key] = results
+        timed = {name: ms for name, ms in results.items() if isinstance(ms, float)}
+        _cache[key] = min(timed, key=timed.get) if timed else fallback
+    return _cache[key]
 
 
 def clear() -> None:

@@ -1,6 +1,6 @@
 """Linear relaxation bounds (the CROWN family) on the margins of a :class:`~cure_fast.BoundedModule`.
 
-Backward linear bound propagation (DESIGN.md §2, "Linear relaxation (CROWN family)") through the
+Backward linear bound propagation (docs/design.md, "Linear relaxation (CROWN family)") through the
 eval-mode network: a linear lower bound ``A h + a`` on the quantity of interest is pushed from the
 output back to the input, exactly through every linear layer (Linear, Conv2d, AvgPool2d, BatchNorm and
 Normalize as per-channel affines, Flatten; Identity and eval-mode Dropout are identities), and through
@@ -52,257 +52,35 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
+from torch import Tensor
 
-from . import reference
-from .bounded import BoundedModule, Propagation, _channel_affine
-from .nn import Normalize
-from .specs import L2Ball, LinfBall
+from ..specs import L2Ball, LinfBall
+from .layers import Layer, Operator
+from .layers.activation import Relaxation
+from .window import Window, rowdot
+
+if TYPE_CHECKING:  # BoundedModule calls into this module
+    from .bounded import BoundedModule, Propagation
 
 Interval = Tuple[Tensor, Tensor]
 Spec = Union[LinfBall, L2Ball]
 
 METHODS = ("crown-ibp", "crown", "alpha-crown")
 ROW_BUDGET_BYTES = 2 ** 28
-_MODE_DEPENDENT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout)
 
 
-class _Dense:
-    """A Linear layer ``h W^T + b`` (on the last dimension)."""
-
-    local = False
-
-    def __init__(self, module: nn.Linear, in_shape: torch.Size):
-        self.weight = module.weight.detach()
-        self.bias = None if module.bias is None else module.bias.detach()
-        self.in_shape = in_shape
-
-    def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        """A (N, *out shape) -> ``A W`` (N, *in shape) and the bias term ``A b`` (N,) or None."""
-        bias = None if self.bias is None else (A @ self.bias).reshape(A.shape[0], -1).sum(1)
-        return A @ self.weight, bias
-
-    def interval(self, c: Tensor, r: Tensor) -> Interval:
-        return reference.interval_linear_ref(c, r, self.weight, self.bias)
-
-
-def _int_padding(module: nn.Conv2d) -> Tuple[int, int]:
-    """The padding of a Conv2d as two ints ('valid' and symmetric 'same' converted)."""
-    if not isinstance(module.padding, str):
-        return module.padding
-    if module.padding == "valid":
-        return (0, 0)
-    total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-    if any(t % 2 for t in total):
-        raise ValueError(f"{module}: padding='same' with an asymmetric padding is not supported by CROWN")
-    return tuple(t // 2 for t in total)
-
-
-class _Conv:
-    """A Conv2d layer; its transpose is the gradient of the convolution with respect to its input."""
-
-    local = True
-
-    def __init__(self, module: nn.Conv2d, in_shape: torch.Size):
-        self.weight = module.weight.detach()
-        self.bias = None if module.bias is None else module.bias.detach()
-        self.stride, self.dilation, self.groups = module.stride, module.dilation, module.groups
-        self.padding = _int_padding(module)
-        self.in_shape = in_shape
-
-    def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        """A (N, O, H', W') -> the transposed convolution of A (N, C, H, W), bias term (N,) or None."""
-        bias = None if self.bias is None else A.sum((2, 3)) @ self.bias
-        size = (A.shape[0],) + tuple(self.in_shape)
-        return torch.nn.grad.conv2d_input(size, self.weight, A, self.stride, self.padding, self.dilation,
-                                          self.groups), bias
-
-    def back_window(self, window: "_Window") -> Tuple["_Window", Optional[Tensor]]:
-        """The transposed convolution of each row's window: the window grows by the receptive field;
-        the positions that fall outside the input map (the zero padding) are cleared."""
-        A = window.A
-        bias = None if self.bias is None else A.sum((2, 3)) @ self.bias
-        A = F.conv_transpose2d(A, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
-        top = window.top * self.stride[0] - self.padding[0]
-        left = window.left * self.stride[1] - self.padding[1]
-        grown = _Window(A, top, left)
-        return _Window(A * grown.inside(*self.in_shape[1:]), top, left), bias
-
-    def interval(self, c: Tensor, r: Tensor) -> Interval:
-        return reference.interval_conv2d_ref(c, r, self.weight, self.bias, self.stride, self.padding,
-                                             self.dilation, self.groups)
-
-
-class _ChannelAffine:
-    """A per-channel affine ``h * scale + shift`` (eval-mode BatchNorm, Normalize); channels on dim 1."""
-
-    local = True
-
-    def __init__(self, scale: Tensor, shift: Tensor):
-        self.scale, self.shift = scale.detach(), shift.detach()
-
-    def back(self, A: Tensor) -> Tuple[Tensor, Tensor]:
-        """A (N, C, ...) -> ``A * scale`` (N, C, ...), bias term (N,)."""
-        bias = A.reshape(A.shape[0], A.shape[1], -1).sum(2) @ self.shift
-        return A * self.scale.view((1, -1) + (1,) * (A.dim() - 2)), bias
-
-    def back_window(self, window: "_Window") -> Tuple["_Window", Tensor]:
-        A, bias = self.back(window.A)
-        return _Window(A, window.top, window.left), bias
-
-    def interval(self, c: Tensor, r: Tensor) -> Interval:
-        return reference.interval_affine_ref(c, r, self.scale, self.shift)
-
-
-class _Pool:
-    """An AvgPool2d layer (linear with non-negative weights)."""
-
-    local = False
-
-    def __init__(self, module: nn.AvgPool2d, in_shape: torch.Size):
-        self.module, self.in_shape = module, in_shape
-
-    def back(self, A: Tensor) -> Tuple[Tensor, None]:
-        """A (N, C, H', W') -> the transposed pooling of A (N, C, H, W)."""
-        m = self.module
-        like = A.new_empty(1).expand((A.shape[0],) + tuple(self.in_shape))
-        return torch.ops.aten.avg_pool2d_backward(A, like, _pair(m.kernel_size), _pair(m.stride), _pair(m.padding),
-                                                  m.ceil_mode, m.count_include_pad, m.divisor_override), None
-
-    def interval(self, c: Tensor, r: Tensor) -> Interval:
-        return self.module(c), self.module(r)
-
-
-class _Shape:
-    """Flatten, Identity or eval-mode Dropout: a reshape (possibly to the same shape)."""
-
-    def __init__(self, module: nn.Module, in_shape: torch.Size):
-        self.module, self.in_shape = module, in_shape
-        self.local = isinstance(module, (nn.Identity, nn.Dropout))
-
-    def back(self, A: Tensor) -> Tuple[Tensor, None]:
-        return A.reshape((A.shape[0],) + tuple(self.in_shape)), None
-
-    def back_window(self, window: "_Window") -> Tuple["_Window", None]:
-        return window, None
-
-    def interval(self, c: Tensor, r: Tensor) -> Interval:
-        return self.module(c), self.module(r)
-
-
-Operator = Union[_Dense, _Conv, _ChannelAffine, _Pool, _Shape]
-
-
-def _operator(module: nn.Module, h: Tensor) -> Optional[Operator]:
-    """The backward operator of one eval-mode layer for its input h (B, ...); None for a ReLU."""
-    if isinstance(module, nn.ReLU):
-        return None
-    if isinstance(module, nn.Linear):
-        return _Dense(module, h.shape[1:])
-    if isinstance(module, nn.Conv2d):
-        return _Conv(module, h.shape[1:])
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, Normalize)):
-        return _ChannelAffine(*_channel_affine(module, h, "torch"))
-    if isinstance(module, nn.AvgPool2d):
-        return _Pool(module, h.shape[1:])
-    return _Shape(module, h.shape[1:])
-
-
-def _operators(layers: List[nn.Module], x: Tensor) -> Tuple[List[Optional[Operator]], List[torch.Size]]:
-    """The operator of every layer, and the per-sample shape of every layer's input, then of the output."""
-    ops, h, shapes = [], x, [x.shape[1:]]
-    for module in layers:
-        ops.append(_operator(module, h))
-        h = module(h)
+def _operators(layers: List[Layer], x: Tensor) -> Tuple[List[Optional[Operator]], List[torch.Size]]:
+    """The operator of every layer (None for an activation), and the per-sample shape of every
+    layer's input, then of the output. Runs the modules on a copy of x (some work in place)."""
+    ops, h, shapes = [], x.clone(), [x.shape[1:]]
+    for layer in layers:
+        ops.append(layer.operator(h))
+        h = layer.module(h)
         shapes.append(h.shape[1:])
     return ops, shapes
-
-
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot product of a, b (N, d) -> (N,)."""
-    return (a * b).sum(1)
-
-
-@dataclass
-class _Window:
-    """Coefficients of each row on a spatial window of a (C, H, W) feature map: ``A`` (N, C, h, w) on map
-    rows ``top .. top + h - 1`` and columns ``left .. left + w - 1`` (``top``, ``left`` (N,)). A window may
-    reach outside the map; A is zero there. Backward passes from one neuron of a convolutional layer
-    stay on its receptive field, so they run on windows instead of whole maps."""
-    A: Tensor
-    top: Tensor
-    left: Tensor
-
-    def _grid(self) -> Tuple[Tensor, Tensor]:
-        """Map row (N, h) and column (N, w) of every window position."""
-        h, w = self.A.shape[2:]
-        return (self.top[:, None] + torch.arange(h, device=self.top.device),
-                self.left[:, None] + torch.arange(w, device=self.left.device))
-
-    def inside(self, height: int, width: int) -> Tensor:
-        """Whether each window position lies on the (height, width) map: (N, 1, h, w) bool."""
-        i, j = self._grid()
-        return (((i >= 0) & (i < height))[:, None, :, None]) & (((j >= 0) & (j < width))[:, None, None, :])
-
-    def take(self, t: Tensor, rows: Tensor) -> Tensor:
-        """The values of t (B, C, H, W, *extra) of sample ``rows`` (N,) on each window, (N, C, h, w, *extra);
-        positions outside the map take the nearest border value (A is zero there)."""
-        i, j = self._grid()
-        i, j = i.clamp(0, t.shape[2] - 1), j.clamp(0, t.shape[3] - 1)
-        channels = torch.arange(t.shape[1], device=t.device)
-        return t[rows[:, None, None, None], channels[None, :, None, None], i[:, None, :, None], j[:, None, None, :]]
-
-    def dense(self, height: int, width: int) -> Tensor:
-        """A on the whole (height, width) map, (N, C, height, width)."""
-        n, c, h, w = self.A.shape
-        i, j = self._grid()
-        i, j = i.clamp(0, height - 1), j.clamp(0, width - 1)
-        flat = (i[:, :, None] * width + j[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
-        return self.A.new_zeros(n, c, height * width).scatter_add_(2, flat, self.A.reshape(n, c, h * w)).view(
-            n, c, height, width)
-
-
-@dataclass
-class _Relaxation:
-    """Linear bounds ``lower * h <= relu(h) <= upper * h + offset`` of a ReLU: ``packed`` (B, *shape, 3)
-    holds lower, upper and offset; ``unstable`` (B, *shape) marks the neurons with ``l < 0 < u``."""
-    packed: Tensor
-    unstable: Tensor
-
-    @classmethod
-    def of(cls, l: Tensor, u: Tensor) -> "_Relaxation":
-        """The CROWN relaxation over pre-activation bounds l, u (B, *shape): adaptive lower slope."""
-        unstable = (l < 0) & (u > 0)
-        active = (l >= 0).to(l.dtype)
-        upper = torch.where(unstable, u / torch.where(unstable, u - l, torch.ones_like(u)), active)
-        offset = torch.where(unstable, -l * upper, torch.zeros_like(l))
-        lower = torch.where(unstable, (u > -l).to(l.dtype), active)
-        return cls(torch.stack([lower, upper, offset], -1), unstable)
-
-    @property
-    def lower(self) -> Tensor:
-        return self.packed[..., 0]
-
-    def back(self, A: Tensor, rows: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """A (N, *shape) for the samples ``rows`` (N,) -> coefficients on the pre-activation (N, *shape)
-        and the bias term (N,); ``alpha`` (N, *shape) replaces the lower slopes of unstable neurons."""
-        lower, upper, offset = self.packed[rows].unbind(-1)
-        if alpha is not None:
-            lower = torch.where(self.unstable[rows], alpha, lower)
-        bias = _rowdot(A.clamp(max=0).flatten(1), offset.flatten(1))
-        return A * torch.where(A >= 0, lower, upper), bias
-
-    def back_window(self, window: _Window, rows: Tensor) -> Tuple[_Window, Tensor]:
-        """:meth:`back` on windows of a (C, H, W) map."""
-        A = window.A
-        lower, upper, offset = window.take(self.packed, rows).unbind(-1)
-        bias = _rowdot(A.clamp(max=0).flatten(1), offset.flatten(1))
-        return _Window(A * torch.where(A >= 0, lower, upper), window.top, window.left), bias
 
 
 class _InputSet:
@@ -315,34 +93,35 @@ class _InputSet:
         self.values = torch.stack(parts, -1)  # (B, *input shape, parts): [l2 centre], [box centre, box radius]
         self.eps = spec.per_sample_eps(x).reshape(-1)
 
-    def minimum(self, A: Union[Tensor, "_Window"], bias: Tensor, rows: Tensor) -> Tensor:
+    def minimum(self, A: Union[Tensor, "Window"], bias: Tensor, rows: Tensor) -> Tensor:
         """Lower bound of ``A x + bias`` over the set of sample ``rows`` (N,): A (N, *input shape) or windows
         of a (C, H, W) input, bias (N,) -> (N,)."""
-        if isinstance(A, _Window):
+        if isinstance(A, Window):
             values, A = A.take(self.values, rows), A.A
         else:
             values = self.values[rows]
         A, parts = A.flatten(1), values.flatten(1, -2).unbind(-1)
         bound = None
         if self.l2:
-            bound = _rowdot(A, parts[0]) - self.eps[rows] * A.norm(dim=1)
+            bound = rowdot(A, parts[0]) - self.eps[rows] * A.norm(dim=1)
         if self.boxed:
-            boxed = _rowdot(A, parts[-2]) - _rowdot(A.abs(), parts[-1])
+            boxed = rowdot(A, parts[-2]) - rowdot(A.abs(), parts[-1])
             bound = boxed if bound is None else torch.maximum(bound, boxed)
         return bound + bias
 
 
 @dataclass
 class _Problem:
-    """The network's operators, the input set and the IBP propagation, in the working dtype."""
+    """The network's layers and operators, the input set and the IBP propagation, in the working dtype."""
+    layers: List[Layer]
     ops: List[Optional[Operator]]
     shapes: List[torch.Size]
     inputs: _InputSet
-    propagation: Propagation
+    propagation: "Propagation"
     max_rows: int
 
 
-def _backward(problem: _Problem, relaxations: Dict[int, _Relaxation], end: int, A: Tensor, rows: Tensor,
+def _backward(problem: _Problem, relaxations: Dict[int, Relaxation], end: int, A: Tensor, rows: Tensor,
               alphas: Optional[Dict[int, Tensor]] = None, bias: Optional[Tensor] = None) -> Tensor:
     """Lower bounds of ``A h + bias`` over the input set, h the output of layer ``end - 1``.
 
@@ -360,7 +139,7 @@ def _backward(problem: _Problem, relaxations: Dict[int, _Relaxation], end: int, 
     return problem.inputs.minimum(A, bias, rows)
 
 
-def _window_backward(problem: _Problem, relaxations: Dict[int, _Relaxation], end: int, window: _Window,
+def _window_backward(problem: _Problem, relaxations: Dict[int, Relaxation], end: int, window: Window,
                      rows: Tensor) -> Tensor:
     """Lower bounds of the window coefficients times the output of layer ``end - 1`` (a (C, H, W) map)
     over the input set: windows through the local layers (convolutions, per-channel affines, ReLUs,
@@ -370,8 +149,7 @@ def _window_backward(problem: _Problem, relaxations: Dict[int, _Relaxation], end
     while end > 0 and (problem.ops[end - 1] is None or problem.ops[end - 1].local):
         op = problem.ops[end - 1]
         window, term = relaxations[end - 1].back_window(window, rows) if op is None else op.back_window(window)
-        if isinstance(op, _Conv):
-            height, width = op.in_shape[1:]
+        height, width = problem.shapes[end - 1][1:]  # the layer's input map
         bias = bias if term is None else bias + term
         end -= 1
     if end == 0:
@@ -384,15 +162,13 @@ def _chunks(n: int, size: int) -> List[slice]:
 
 
 def _ibp_is_exact(ops: List[Optional[Operator]]) -> bool:
-    """Whether IBP's bounds after these layers are exact: one Linear/Conv2d on a flat or image input
-    and otherwise per-channel affines and reshapes (no ReLU, no pooling)."""
-    kinds = [type(op) for op in ops]
-    dense = [op for op in ops if isinstance(op, _Dense)]
-    return (None not in ops and _Pool not in kinds and kinds.count(_Dense) + kinds.count(_Conv) <= 1
-            and all(len(op.in_shape) == 1 for op in dense))
+    """Whether IBP's bounds after these layers are exact: one Linear on a flat input or Conv2d, and
+    otherwise per-channel affines and reshapes (no activation, no pooling)."""
+    kinds = ["inexact" if op is None else op.ibp for op in ops]
+    return "inexact" not in kinds and kinds.count("affine") <= 1
 
 
-def _unit_bound(problem: _Problem, relaxations: Dict[int, _Relaxation], end: int, neurons: Tensor, signs: Tensor,
+def _unit_bound(problem: _Problem, relaxations: Dict[int, Relaxation], end: int, neurons: Tensor, signs: Tensor,
                 rows: Tensor) -> Tensor:
     """Lower bounds of ``sign * h[neuron]`` for the neurons (N,) of the output h of layer ``end - 1``,
     signs (N,) ±1, of samples rows (N,) -> (N,); on windows when h is a (C, H, W) map."""
@@ -402,14 +178,14 @@ def _unit_bound(problem: _Problem, relaxations: Dict[int, _Relaxation], end: int
         _, height, width = shape
         A = signs.new_zeros(n, shape[0], 1, 1)
         A[torch.arange(n, device=A.device), neurons // (height * width), 0, 0] = signs
-        window = _Window(A, (neurons // width) % height, neurons % width)
+        window = Window(A, (neurons // width) % height, neurons % width)
         return _window_backward(problem, relaxations, end, window, rows)
     A = signs.new_zeros(n, shape.numel())
     A[torch.arange(n, device=A.device), neurons] = signs
     return _backward(problem, relaxations, end, A.view((n,) + shape), rows)
 
 
-def _crown_bounds(problem: _Problem, relaxations: Dict[int, _Relaxation], end: int, lower: Tensor,
+def _crown_bounds(problem: _Problem, relaxations: Dict[int, Relaxation], end: int, lower: Tensor,
                   upper: Tensor) -> Interval:
     """CROWN bounds on the output of layer ``end - 1`` for the neurons unstable under ``lower``, ``upper``
     (B, *shape), intersected with them; returns the new ``(lower, upper)``."""
@@ -427,19 +203,20 @@ def _crown_bounds(problem: _Problem, relaxations: Dict[int, _Relaxation], end: i
     return l.view_as(lower), torch.maximum(u, l).view_as(upper)
 
 
-def _forward_interval(ops: List[Optional[Operator]], start: int, end: int, bounds: Interval) -> Interval:
-    """IBP through the linear layers ``start .. end - 1`` from the bounds on the input of ReLU ``start - 1``."""
-    lower, upper = (b.relu() for b in bounds)
+def _forward_interval(problem: _Problem, start: int, end: int, bounds: Interval) -> Interval:
+    """IBP from the bounds on the input of activation ``start - 1`` through it and the linear layers
+    ``start .. end - 1``."""
+    lower, upper = problem.layers[start - 1].image(*bounds)
     c, r = (upper + lower) / 2, (upper - lower) / 2
-    for op in ops[start:end]:
+    for op in problem.ops[start:end]:
         c, r = op.interval(c, r)
     return c - r, c + r
 
 
-def _relaxations(problem: _Problem, crown: bool) -> Tuple[Dict[int, _Relaxation], Dict[int, Interval]]:
+def _relaxations(problem: _Problem, crown: bool) -> Tuple[Dict[int, Relaxation], Dict[int, Interval]]:
     """The relaxation of every ReLU and its pre-activation bounds, keyed by layer index, from IBP
     (``crown=False``) or CROWN bounds."""
-    relaxations: Dict[int, _Relaxation] = {}
+    relaxations: Dict[int, Relaxation] = {}
     bounds: Dict[int, Interval] = {}
     previous: Optional[Tuple[int, Interval]] = None
     for i, op in enumerate(problem.ops):
@@ -448,13 +225,13 @@ def _relaxations(problem: _Problem, crown: bool) -> Tuple[Dict[int, _Relaxation]
         lower, upper = problem.propagation.input_bounds(0, i)
         if crown:
             if previous is not None:
-                low, high = _forward_interval(problem.ops, previous[0] + 1, i, previous[1])
+                low, high = _forward_interval(problem, previous[0] + 1, i, previous[1])
                 lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
                 upper = torch.maximum(upper, lower)
             if not _ibp_is_exact(problem.ops[:i]):
                 lower, upper = _crown_bounds(problem, relaxations, i, lower, upper)
             previous = (i, (lower, upper))
-        relaxations[i] = _Relaxation.of(lower, upper)
+        relaxations[i] = problem.layers[i].relaxation(lower, upper)
         bounds[i] = (lower, upper)
     return relaxations, bounds
 
@@ -468,14 +245,14 @@ def _specification(y: Tensor, classes: int, dtype: torch.dtype) -> Tuple[Tensor,
     return C, mask.nonzero()[:, 0], mask
 
 
-def _linear_bound(problem: _Problem, relaxations: Dict[int, _Relaxation], C: Tensor, rows: Tensor) -> Tensor:
+def _linear_bound(problem: _Problem, relaxations: Dict[int, Relaxation], C: Tensor, rows: Tensor) -> Tensor:
     """Lower bounds of ``C z`` (z the output) with the fixed relaxations; C (N, K), rows (N,) -> (N,)."""
     end = len(problem.ops)
     return torch.cat([_backward(problem, relaxations, end, C[part], rows[part])
                       for part in _chunks(C.shape[0], problem.max_rows)])
 
 
-def _optimized_bound(problem: _Problem, relaxations: Dict[int, _Relaxation], C: Tensor, rows: Tensor,
+def _optimized_bound(problem: _Problem, relaxations: Dict[int, Relaxation], C: Tensor, rows: Tensor,
                      steps: int, lr: float) -> Tensor:
     """α-CROWN lower bounds of ``C z``: C (N, K), rows (N,) -> (N,), never below the fixed-slope bound."""
     if steps == 0 or not any(r.unstable.any() for r in relaxations.values()):
@@ -485,7 +262,7 @@ def _optimized_bound(problem: _Problem, relaxations: Dict[int, _Relaxation], C: 
                       for part in _chunks(C.shape[0], size)])
 
 
-def _optimize_part(problem: _Problem, relaxations: Dict[int, _Relaxation], C: Tensor, rows: Tensor,
+def _optimize_part(problem: _Problem, relaxations: Dict[int, Relaxation], C: Tensor, rows: Tensor,
                    steps: int, lr: float) -> Tensor:
     """Projected Adam on the lower slopes α (one per neuron and row) from CROWN's choice; best bound per row."""
     end = len(problem.ops)
@@ -500,41 +277,32 @@ def _optimize_part(problem: _Problem, relaxations: Dict[int, _Relaxation], C: Te
             (-value.sum()).backward()
             optimizer.step()
             with torch.no_grad():
-                for alpha in alphas.values():
-                    alpha.clamp_(0, 1)
+                for i, alpha in alphas.items():
+                    alpha.clamp_(*relaxations[i].alpha_range)
     return torch.maximum(best, _backward(problem, relaxations, end, C, rows, alphas))
-
-
-def _check_eval(bounded: BoundedModule) -> None:
-    for name, module in zip(bounded.layer_names, bounded._layers):
-        if isinstance(module, _MODE_DEPENDENT) and module.training:
-            raise ValueError(f"layer {name} ({module}) is in training mode; CROWN certifies the eval-mode network: "
-                             f"call model.eval() first")
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.running_mean is None:
-            raise ValueError(f"layer {name} ({module}) has no running statistics, so its eval-mode output depends "
-                             f"on the batch and cannot be certified")
 
 
 def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec, sound: bool,
              max_rows: Optional[int]) -> _Problem:
-    if not isinstance(bounded, BoundedModule):
+    if not (callable(getattr(bounded, "propagate", None)) and hasattr(bounded, "layers")):
         raise TypeError(f"expected a BoundedModule, got {type(bounded).__name__}")
     if not isinstance(spec, (LinfBall, L2Ball)):
         raise TypeError(f"spec must be a LinfBall or L2Ball, got {type(spec).__name__}")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}")
-    _check_eval(bounded)
+    for layer in bounded.layers:
+        layer.check_certifiable()
     if sound:
         tensors = list(bounded.model.parameters()) + list(bounded.model.buffers())
         in_float64 = all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
         model = bounded.model if in_float64 else copy.deepcopy(bounded.model).double()
-        bounded = BoundedModule(model, backend="torch", precision="ieee")
+        bounded = type(bounded)(model, backend="torch", precision="ieee")
         x = x.double()
     propagation = bounded.propagate(x, [spec], y)
-    ops, shapes = _operators(bounded._layers, x)
+    ops, shapes = _operators(bounded.layers, x)
     widest = max(shape.numel() for shape in shapes)
     rows = max_rows or max(1, ROW_BUDGET_BYTES // (widest * x.element_size()))
-    return _Problem(ops, shapes, _InputSet(spec, x), propagation, rows)
+    return _Problem(bounded.layers, ops, shapes, _InputSet(spec, x), propagation, rows)
 
 
 def _round_down(t: Tensor, dtype: torch.dtype) -> Tensor:

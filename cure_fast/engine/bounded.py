@@ -1,0 +1,287 @@
+"""BoundedModule: sound interval / l2 bound propagation through an ``nn.Sequential``.
+
+One call of :meth:`BoundedModule.propagate` pushes the natural input and every input set through
+the network together (:mod:`.streams`): each layer is one op over the weights for all streams. An
+l2 ball is kept exact until the first affine layer (dual norm), then becomes an interval like the
+rest. What each layer type does lives in its class in :mod:`.layers`; this module only loops.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..ops.policy import check_precision
+from ..specs import Ball, L2Ball, LinfBall
+from .layers import Affine, Context, Layer, bound_layer
+from .streams import Interval, Lazy, Streams, lower_upper
+
+Spec = Union[LinfBall, L2Ball]
+
+
+def _flatten(module: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:
+    """Layers of nested ``nn.Sequential`` containers in order, named by their dotted position."""
+    layers = []
+    for name, child in module.named_children():
+        position = f"{prefix}{name}"
+        if type(child) is nn.Sequential:
+            layers += _flatten(child, position + ".")
+        else:
+            layers.append((position, child))
+    return layers
+
+
+@dataclass
+class Propagation:
+    """What :meth:`BoundedModule.propagate` returns.
+
+    Attributes:
+        logits: natural output (B, K).
+        bounds: per spec, ``(lower, upper)`` on the output, each (B, K).
+        margins: per spec, lower bounds on ``z_y - z_j`` (B, K), 0 at ``j = y``; None without labels.
+        layer_names: position of every layer of the flattened model.
+    """
+    logits: Tensor
+    bounds: List[Interval]
+    margins: Optional[List[Tensor]]
+    layer_names: List[str]
+    # the input of every layer, then the output (inside fused groups computed on request)
+    states: List[Union[Streams, Lazy]] = field(repr=False, default_factory=list)
+    activations: List[int] = field(repr=False, default_factory=list)
+
+    def _state(self, i: int) -> Streams:
+        state = self.states[i]
+        return state.get() if isinstance(state, Lazy) else state
+
+    def input_bounds(self, spec: int, layer: int) -> Interval:
+        """Bounds ``(lower, upper)`` of spec number ``spec`` on the input of layer number ``layer``."""
+        return lower_upper(self._state(layer).block(spec))
+
+    def layer_bounds(self, spec: int) -> List[Interval]:
+        """Bounds ``(lower, upper)`` of spec number ``spec`` on the output of every layer, each (B, *shape)."""
+        return [lower_upper(self._state(i).block(spec)) for i in range(1, len(self.states))]
+
+    def preactivation_bounds(self, spec: int) -> List[Interval]:
+        """Bounds ``(lower, upper)`` of spec number ``spec`` on the input of every activation, in order."""
+        return [lower_upper(self._state(i).block(spec)) for i in self.activations]
+
+
+def _spec_list(specs) -> List[Spec]:
+    specs = [specs] if isinstance(specs, Ball) else list(specs)
+    for spec in specs:
+        if not isinstance(spec, Ball):
+            raise TypeError(f"specs must be LinfBall / L2Ball objects, got {type(spec).__name__}")
+    return specs
+
+
+def _check_input(x: Tensor, specs: Sequence[Spec]) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"input must be a floating tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"input must be a non-empty batch of shape (B, ...), got {tuple(x.shape)}")
+    low, high = (float(v) for v in torch.aminmax(x.detach()))
+    if not (torch.isfinite(torch.tensor([low, high])).all()):
+        raise ValueError("input contains NaN or Inf")
+    for spec in specs:
+        if spec.domain is not None and (low < spec.domain[0] or high > spec.domain[1]):
+            raise ValueError(f"input values span [{low:g}, {high:g}], outside the domain {spec.domain} of {spec}")
+
+
+def _fold_affines(linear: nn.Linear, affines: List[Affine]) -> Tuple[Tensor, Tensor]:
+    """Weight and bias of ``linear`` followed by per-feature affines ``z * scale + shift``."""
+    weight = linear.weight
+    bias = linear.bias if linear.bias is not None else weight.new_zeros(weight.shape[0])
+    for scale, shift in affines:
+        weight, bias = weight * scale[:, None], bias * scale + shift
+    return weight, bias
+
+
+def _margins_from_bounds(lower: Tensor, upper: Tensor, labels: Tensor) -> Tensor:
+    """``l_y - u_j`` (0 at j = y): the margin bound when the specification cannot be folded."""
+    margins = lower.gather(1, labels[:, None]) - upper
+    return margins.scatter(1, labels[:, None], 0.0)
+
+
+class BoundedModule(nn.Module):
+    """Sound bound propagation through an ``nn.Sequential``, sharing the model's parameters.
+
+    Supported layers: those of :mod:`cure_fast.engine.layers` — Conv2d (any stride, padding,
+    dilation, groups; zero padding), Linear, BatchNorm1d/2d, ReLU, LeakyReLU, Flatten, AvgPool2d,
+    Identity, Dropout and :class:`cure_fast.nn.Normalize`; nested ``nn.Sequential`` containers are
+    flattened. In train mode BatchNorm normalizes every stream with the natural stream's batch
+    statistics (and updates the running statistics once per call); in eval mode it uses the
+    running statistics.
+
+    A Linear / Conv2d with the eval-mode BatchNorm and / or ReLU after it, and a BatchNorm /
+    Normalize with a ReLU after it, run as one op (the ``triton`` and ``cuda`` backends fuse them
+    into one kernel); the bounds between those layers (``layer_bounds``, ``preactivation_bounds``)
+    are computed when first asked for.
+
+    Args:
+        model: the network, an ``nn.Sequential``.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"``, ``"auto"``, or None for the process default.
+        precision: dot-product precision of the affine layers, ``"ieee"``, ``"tf32"``, ``"bf16"``, or
+            None for the process default (:func:`cure_fast.set_precision`, ``"ieee"`` unless changed).
+    """
+
+    def __init__(self, model: nn.Sequential, backend: Optional[str] = None, precision: Optional[str] = None):
+        if not isinstance(model, nn.Sequential):
+            raise ValueError(f"BoundedModule needs an nn.Sequential, got {type(model).__name__}")
+        super().__init__()
+        named = _flatten(model)
+        if not named:
+            raise ValueError("BoundedModule needs a model with at least one layer")
+        self.model = model
+        self.backend = backend
+        self.precision = None if precision is None else check_precision(precision)
+        self.layer_names = [position for position, _ in named]
+        self.layers: List[Layer] = [bound_layer(module, position) for position, module in named]
+        self.spec_layer = self._find_spec_layer()
+        affine = [i for i, layer in enumerate(self.layers) if layer.fuses == "affine"]
+        self.first_affine = affine[0] if affine else None
+        self._copies_input = any(getattr(module, "inplace", False) for _, module in named)
+
+    def _find_spec_layer(self) -> Optional[int]:
+        """Index of the last Linear when only layers the specification folds through follow it."""
+        for i in reversed(range(len(self.layers))):
+            if isinstance(self.layers[i].module, nn.Linear):
+                return i
+            if not self.layers[i].follows_spec():
+                return None
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The natural output, ``model(x)`` (on a copy of x when a layer works in place)."""
+        return self.model(x.clone() if self._copies_input else x)
+
+    def bounds(self, x: Tensor, spec: Spec) -> Interval:
+        """``(lower, upper)`` on the output over the input set ``spec`` around x; each (B, K)."""
+        return self.propagate(x, [spec]).bounds[0]
+
+    def margins(self, x: Tensor, y: Tensor, spec: Spec, method: str = "ibp", **options) -> Tensor:
+        """Lower bounds on ``z_y - z_j`` over ``spec`` around x, (B, K), 0 at ``j = y``; > 0 off y certifies.
+
+        ``method``: ``"ibp"`` (this module's interval propagation), or ``"crown-ibp"``, ``"crown"``,
+        ``"alpha-crown"`` (eval mode; ``options`` go to :func:`cure_fast.engine.crown.crown_margins`).
+        """
+        if method == "ibp":
+            if options:
+                raise TypeError(f"options {sorted(options)} apply to the CROWN methods only, not to 'ibp'")
+            return self.propagate(x, [spec], y).margins[0]
+        from . import crown
+        if method not in crown.METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of ibp, {', '.join(crown.METHODS)}")
+        return crown.crown_margins(self, x, y, spec, method=method, **options)
+
+    def propagate(self, x: Tensor, specs: Union[Spec, Sequence[Spec]] = (), y: Optional[Tensor] = None) -> Propagation:
+        """One pass for the natural input and every spec, stacked along the batch.
+
+        Args:
+            x: inputs (B, ...), inside every spec's domain.
+            specs: input sets (LinfBall / L2Ball), or one of them.
+            y: optional labels (B,); when given, margins are returned too.
+        Returns:
+            a :class:`Propagation` with the logits (B, K), the bounds per spec, the margins per spec
+            when ``y`` is given, and the bounds of every layer (``layer_bounds``, ``preactivation_bounds``).
+        """
+        specs = _spec_list(specs)
+        _check_input(x, specs)
+        if y is not None and (not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point()):
+            raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', y)}")
+        ctx = Context(self.backend, self.precision, len(specs))
+        streams = self._input_streams(x, specs)
+        states, tail, penultimate = [streams.boxed(len(specs))], [], None
+        i = 0
+        while i < len(self.layers):
+            if i == self.spec_layer:
+                penultimate = streams
+            size = self._group_size(i, streams)
+            self.layers[i].check_input(streams.c)
+            if size > 1:
+                streams, inside = self._fused_step(i, size, streams, ctx)
+                states += inside + [streams]
+            else:
+                streams, affine = self.layers[i].step(streams, ctx)
+                if affine is not None and self.spec_layer is not None and i > self.spec_layer:
+                    tail.append(affine)
+                states.append(streams.boxed(len(specs)))
+            i += size
+        out = states[-1]
+        bounds = [lower_upper(out.block(k)) for k in range(len(specs))]
+        margins = None if y is None else self._margins(out, penultimate, tail, specs, bounds, y.long(), ctx)
+        activations = [i for i, layer in enumerate(self.layers) if layer.activation]
+        return Propagation(out.natural(), bounds, margins, self.layer_names, states, activations)
+
+    def _input_streams(self, x: Tensor, specs: List[Spec]) -> Streams:
+        boxes = [spec.domain_box(x) for spec in specs]
+        order = [k for k, box in enumerate(boxes) if box is not None]
+        l2 = [k for k, spec in enumerate(specs) if isinstance(spec, L2Ball)]
+        centred = [k for k in l2 if specs[k].center is not None]
+        c = torch.cat([x] + [specs[k].center_for(x) for k in centred] + [boxes[k][0] for k in order])
+        r = torch.cat([boxes[k][1] for k in order]) if order else x[:0]
+        balls = {k: (specs[k].per_sample_eps(x).reshape(-1), 1 + centred.index(k) if k in centred else 0) for k in l2}
+        return Streams(c, r, order, balls, points=1 + len(centred))
+
+    def _group_size(self, i: int, s: Streams) -> int:
+        """How many layers from ``i`` on run as one op: an affine layer with a following channel
+        layer that folds into its epilogue and / or a ReLU, or a channel layer with a ReLU. Not while
+        l2 balls are pending, nor at the layer the specification folds into."""
+        layers, j = self.layers, i + 1
+        head = layers[i]
+        if s.balls or i == self.spec_layer or not head.fuses:
+            return 1
+        if head.fuses == "affine" and j < len(layers) and layers[j].folds_into(head, s):
+            j += 1
+        if j < len(layers) and layers[j].relu_epilogue:
+            j += 1
+        return j - i
+
+    def _fused_step(self, i: int, size: int, s: Streams, ctx: Context) -> Tuple[Streams, List[Lazy]]:
+        """Layers ``i .. i + size - 1`` (see :meth:`_group_size`) as one op; returns the output streams
+        and the states between the layers, computed only if asked for."""
+        group = self.layers[i: i + size]
+        head = group[0]
+        channel = head if head.fuses == "channel" else next((g for g in group[1:] if g.fuses == "channel"), None)
+        affine = channel.affine(s.natural(), ctx) if channel is not None else None  # once: may update BN statistics
+
+        def through(k: int) -> Streams:
+            """The streams after the group's first k layers."""
+            inside = group[:k]
+            return head.fused(s, ctx, affine if channel in inside else None, inside[-1].relu_epilogue)
+
+        return through(size), [Lazy(functools.partial(through, k)) for k in range(1, size)]
+
+    def _margins(self, out: Streams, pen: Optional[Streams], tail: List[Affine], specs, bounds, labels: Tensor,
+                 ctx: Context) -> List[Tensor]:
+        logits = out.natural()
+        if logits.dim() != 2:
+            raise ValueError(f"margins need a (B, K) output, the model gives {tuple(logits.shape)}")
+        low, high = (float(v) for v in torch.aminmax(labels))
+        if low < 0 or high >= logits.shape[1]:
+            raise ValueError(f"labels must lie in [0, {logits.shape[1]}), got values in [{low:g}, {high:g}]")
+        foldable = pen is not None and pen.c.dim() == 2 and not any(
+            layer.is_random() for layer in self.layers[self.spec_layer:])
+        if not foldable:
+            return [_margins_from_bounds(lo, hi, labels) for lo, hi in bounds]
+        weight, bias = _fold_affines(self.layers[self.spec_layer].module, tail)
+        options = dict(backend=ctx.backend, precision=ctx.precision)
+        per_block = {}
+        if pen.order:
+            folded = ops.margins_linear(pen.intervals(), pen.r, weight, bias, labels.repeat(len(pen.order)), **options)
+            per_block = dict(zip(pen.order, folded.chunk(len(pen.order))))
+        margins = []
+        for k in range(len(specs)):
+            if k in pen.balls:
+                eps, j = pen.balls[k]
+                ball = ops.l2_margins_linear(pen.point(j), eps, weight, bias, labels, pen.scale, **options)
+                margins.append(torch.maximum(ball, per_block[k]) if k in per_block else ball)
+            else:
+                margins.append(per_block[k])
+        return margins
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend or 'default'}"

@@ -1,0 +1,113 @@
+"""Piecewise-linear activations: ReLU and LeakyReLU (negative slope ``a`` in [0, 1]).
+
+Interval step: both are monotone, so ``[f(c - r), f(c + r)]`` is exact. Linear relaxation over
+pre-activation bounds ``[l, u]`` (docs/design.md, "Linear relaxation"): a stable neuron is exact
+(slope 1 when ``l >= 0``, ``a`` when ``u <= 0``); an unstable one (``l < 0 < u``) is bounded above
+by the chord ``f(l) + (u - f(l)) (h - l) / (u - l)`` (f is convex) and below by ``α h`` for any
+``α ∈ [a, 1]`` (a line through the origin between the two slopes), by default 1 if ``u > -l`` else
+``a`` (CROWN's adaptive choice); α-CROWN optimizes α inside that range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ... import ops
+from ..streams import Streams
+from ..window import Window, rowdot
+from .base import Context, Layer, register_layer
+
+
+@dataclass
+class Relaxation:
+    """Linear bounds ``lower * h <= f(h) <= upper * h + offset`` of an activation: ``packed``
+    (B, *shape, 3) holds lower, upper and offset; ``unstable`` (B, *shape) marks the neurons with
+    ``l < 0 < u``; ``alpha_range`` the sound range of an unstable neuron's lower slope."""
+    packed: Tensor
+    unstable: Tensor
+    alpha_range: Tuple[float, float]
+
+    @classmethod
+    def of(cls, l: Tensor, u: Tensor, slope: float = 0.0) -> "Relaxation":
+        """The CROWN relaxation of LeakyReLU with negative slope ``slope`` (0: ReLU) over l, u (B, *shape)."""
+        unstable = (l < 0) & (u > 0)
+        stable = torch.where(l >= 0, torch.ones_like(l), torch.full_like(l, slope))
+        chord = (u - slope * l) / torch.where(unstable, u - l, torch.ones_like(u))
+        upper = torch.where(unstable, chord, stable)
+        offset = torch.where(unstable, l * (slope - upper), torch.zeros_like(l))
+        adaptive = torch.where(u > -l, torch.ones_like(l), torch.full_like(l, slope))
+        lower = torch.where(unstable, adaptive, stable)
+        return cls(torch.stack([lower, upper, offset], -1), unstable, (slope, 1.0))
+
+    @property
+    def lower(self) -> Tensor:
+        return self.packed[..., 0]
+
+    def back(self, A: Tensor, rows: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """A (N, *shape) for the samples ``rows`` (N,) -> coefficients on the pre-activation (N, *shape)
+        and the bias term (N,); ``alpha`` (N, *shape) replaces the lower slopes of unstable neurons."""
+        lower, upper, offset = self.packed[rows].unbind(-1)
+        if alpha is not None:
+            lower = torch.where(self.unstable[rows], alpha, lower)
+        bias = rowdot(A.clamp(max=0).flatten(1), offset.flatten(1))
+        return A * torch.where(A >= 0, lower, upper), bias
+
+    def back_window(self, window: Window, rows: Tensor) -> Tuple[Window, Tensor]:
+        """:meth:`back` on windows of a (C, H, W) map."""
+        A = window.A
+        lower, upper, offset = window.take(self.packed, rows).unbind(-1)
+        bias = rowdot(A.clamp(max=0).flatten(1), offset.flatten(1))
+        return window.with_A(A * torch.where(A >= 0, lower, upper)), bias
+
+
+@register_layer
+class ReLULayer(Layer):
+    types = (nn.ReLU,)
+    relu_epilogue = True
+    activation = True
+
+    def step(self, s: Streams, ctx: Context) -> Tuple[Streams, None]:
+        s = s.boxed(ctx.n_specs)
+        return s.like(*ops.interval_relu(s.c, s.r, backend=ctx.backend)), None
+
+    def operator(self, h: Tensor) -> None:
+        return None
+
+    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
+        return Relaxation.of(lower, upper)
+
+    def image(self, lower: Tensor, upper: Tensor) -> Tuple[Tensor, Tensor]:
+        return lower.relu(), upper.relu()
+
+
+@register_layer
+class LeakyReLULayer(Layer):
+    types = (nn.LeakyReLU,)
+    activation = True
+
+    def check(self) -> None:
+        slope = self.module.negative_slope
+        if not 0.0 <= slope <= 1.0:
+            raise ValueError(f"{self.describe()}: negative_slope must lie in [0, 1] (a convex, monotone "
+                             f"activation), got {slope}")
+
+    def step(self, s: Streams, ctx: Context) -> Tuple[Streams, None]:
+        s = s.boxed(ctx.n_specs)
+        points = s.c.shape[0] - s.r.shape[0]
+        lower, upper = self.image(s.c[points:] - s.r, s.c[points:] + s.r)
+        c = torch.cat([F.leaky_relu(s.c[:points], self.module.negative_slope), (upper + lower) / 2])
+        return s.like(c, (upper - lower) / 2), None
+
+    def operator(self, h: Tensor) -> None:
+        return None
+
+    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
+        return Relaxation.of(lower, upper, self.module.negative_slope)
+
+    def image(self, lower: Tensor, upper: Tensor) -> Tuple[Tensor, Tensor]:
+        slope = self.module.negative_slope
+        return F.leaky_relu(lower, slope), F.leaky_relu(upper, slope)

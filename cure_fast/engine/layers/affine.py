@@ -1,0 +1,160 @@
+"""Linear and Conv2d: ``c' = W c + b``, ``r' = |W| r`` (exact hull), the exact first layer under an
+l2 ball (dual norm), and CROWN's backward step (dense, and on windows for convolutions)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ... import ops
+from ..streams import Interval, Streams, intersect
+from ..window import Window
+from .base import Affine, Context, Layer, Operator, register_layer
+
+
+class _AffineLayer(Layer):
+    """A layer ``W h + b`` that mixes features: its interval op takes a channel affine and a ReLU as epilogue."""
+    fuses = "affine"
+
+    def interval(self, c: Tensor, r: Tensor, ctx: Context, affine: Optional[Affine] = None,
+                 relu: bool = False) -> Interval:
+        raise NotImplementedError
+
+    def l2(self, x: Tensor, eps: Tensor, scale: Optional[Tensor], ctx: Context) -> Interval:
+        """Exact bounds over the ellipsoid ``{x + eps * scale ⊙ u : |u|_2 <= 1}``."""
+        raise NotImplementedError
+
+    def step(self, s: Streams, ctx: Context) -> Tuple[Streams, None]:
+        out = s.like(*self.interval(s.c, s.r, ctx))
+        if not s.balls:
+            return out, None
+        balls = {}
+        for k, (eps, j) in s.balls.items():
+            ball = self.l2(s.point(j), eps, s.scale, ctx)
+            balls[k] = intersect(ball, out.block(k)) if k in out.order else ball
+        return out.resolved(ctx.n_specs, balls), None
+
+    def fused(self, s: Streams, ctx: Context, affine: Optional[Affine], relu: bool) -> Streams:
+        return s.like(*self.interval(s.c, s.r, ctx, affine, relu))
+
+    @staticmethod
+    def _epilogue(ctx: Context, affine: Optional[Affine], relu: bool) -> dict:
+        scale, shift = affine if affine is not None else (None, None)
+        return dict(scale=scale, shift=shift, relu=relu, backend=ctx.backend, precision=ctx.precision)
+
+
+@register_layer
+class LinearLayer(_AffineLayer):
+    types = (nn.Linear,)
+
+    def check_input(self, c: Tensor) -> None:
+        features = self.module.in_features
+        self.expect(c.dim() >= 2 and c.shape[-1] == features, f"(..., {features})", c)
+
+    def interval(self, c, r, ctx, affine=None, relu=False) -> Interval:
+        m = self.module
+        return ops.interval_linear(c, r, m.weight, m.bias, **self._epilogue(ctx, affine, relu))
+
+    def l2(self, x, eps, scale, ctx) -> Interval:
+        m = self.module
+        return ops.l2_linear(x, eps, m.weight, m.bias, scale, backend=ctx.backend, precision=ctx.precision)
+
+    def step(self, s: Streams, ctx: Context) -> Tuple[Streams, None]:
+        if s.balls and s.c.dim() != 2:  # on (B, L, F) inputs the ball is bounded by its box
+            s = s.boxed(ctx.n_specs)
+        return super().step(s, ctx)
+
+    def operator(self, h: Tensor) -> Operator:
+        return DenseOperator(self.module, h.shape[1:])
+
+
+@register_layer
+class Conv2dLayer(_AffineLayer):
+    types = (nn.Conv2d,)
+
+    def check(self) -> None:
+        if self.module.padding_mode != "zeros":
+            raise ValueError(f"{self.describe()}: only padding_mode='zeros' is supported")
+
+    def check_input(self, c: Tensor) -> None:
+        channels = self.module.in_channels
+        self.expect(c.dim() == 4 and c.shape[1] == channels, f"({channels}, H, W)", c)
+
+    def _geometry(self) -> tuple:
+        m = self.module
+        return m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups
+
+    def interval(self, c, r, ctx, affine=None, relu=False) -> Interval:
+        return ops.interval_conv2d(c, r, *self._geometry(), **self._epilogue(ctx, affine, relu))
+
+    def l2(self, x, eps, scale, ctx) -> Interval:
+        return ops.l2_conv2d(x, eps, *self._geometry(), scale, backend=ctx.backend, precision=ctx.precision)
+
+    def operator(self, h: Tensor) -> Operator:
+        return ConvOperator(self.module, h.shape[1:])
+
+
+class DenseOperator(Operator):
+    """A Linear layer ``h W^T + b`` (on the last dimension)."""
+
+    def __init__(self, module: nn.Linear, in_shape: torch.Size):
+        self.weight = module.weight.detach()
+        self.bias = None if module.bias is None else module.bias.detach()
+        self.in_shape = in_shape
+        self.ibp = "affine" if len(in_shape) == 1 else "inexact"
+
+    def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        bias = None if self.bias is None else (A @ self.bias).reshape(A.shape[0], -1).sum(1)
+        return A @ self.weight, bias
+
+    def interval(self, c: Tensor, r: Tensor) -> Interval:
+        return ops.interval_linear_ref(c, r, self.weight, self.bias)
+
+
+def int_padding(module: nn.Conv2d) -> Tuple[int, int]:
+    """The padding of a Conv2d as two ints ('valid' and symmetric 'same' converted)."""
+    if not isinstance(module.padding, str):
+        return module.padding
+    if module.padding == "valid":
+        return (0, 0)
+    total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+    if any(t % 2 for t in total):
+        raise ValueError(f"{module}: padding='same' with an asymmetric padding is not supported by CROWN")
+    return tuple(t // 2 for t in total)
+
+
+class ConvOperator(Operator):
+    """A Conv2d layer; its transpose is the gradient of the convolution with respect to its input."""
+    local = True
+    ibp = "affine"
+
+    def __init__(self, module: nn.Conv2d, in_shape: torch.Size):
+        self.weight = module.weight.detach()
+        self.bias = None if module.bias is None else module.bias.detach()
+        self.stride, self.dilation, self.groups = module.stride, module.dilation, module.groups
+        self.padding = int_padding(module)
+        self.in_shape = in_shape
+
+    def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """A (N, O, H', W') -> the transposed convolution of A (N, C, H, W), bias term (N,) or None."""
+        bias = None if self.bias is None else A.sum((2, 3)) @ self.bias
+        size = (A.shape[0],) + tuple(self.in_shape)
+        return torch.nn.grad.conv2d_input(size, self.weight, A, self.stride, self.padding, self.dilation,
+                                          self.groups), bias
+
+    def back_window(self, window: Window) -> Tuple[Window, Optional[Tensor]]:
+        """The transposed convolution of each row's window: the window grows by the receptive field;
+        the positions that fall outside the input map (the zero padding) are cleared."""
+        A = window.A
+        bias = None if self.bias is None else A.sum((2, 3)) @ self.bias
+        A = F.conv_transpose2d(A, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
+        top = window.top * self.stride[0] - self.padding[0]
+        left = window.left * self.stride[1] - self.padding[1]
+        grown = Window(A, top, left)
+        return grown.with_A(A * grown.inside(*self.in_shape[1:])), bias
+
+    def interval(self, c: Tensor, r: Tensor) -> Interval:
+        return ops.interval_conv2d_ref(c, r, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                       self.groups)

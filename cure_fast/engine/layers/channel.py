@@ -1,0 +1,126 @@
+"""Per-channel affine layers (BatchNorm1d/2d, Normalize): ``c' = g c + h``, ``r' = |g| r``.
+
+In train mode BatchNorm normalizes every stream with the natural stream's batch statistics and
+updates its running statistics once per call, as ``module(x)`` would; in eval mode it uses the
+running statistics (docs/design.md, "Per-channel affine layers"). An l2 ball passes through
+exactly: its axes are scaled by ``|g|``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ... import ops
+from ...nn import Normalize
+from ..streams import Interval, Streams
+from ..window import Window
+from .base import Affine, Context, Layer, Operator, register_layer
+
+
+class _ChannelLayer(Layer):
+    fuses = "channel"
+
+    def step(self, s: Streams, ctx: Context) -> Tuple[Streams, Affine]:
+        scale, shift = self.affine(s.natural(), ctx)
+        c, r = ops.interval_affine(s.c, s.r, scale, shift, backend=ctx.backend)
+        axes = s.scale
+        if s.balls:
+            channel = scale.abs().view((1, -1) + (1,) * (s.c.dim() - 2))
+            axes = channel if axes is None else axes * channel
+        return s.like(c, r, axes), (scale, shift)
+
+    def fused(self, s: Streams, ctx: Context, affine: Optional[Affine], relu: bool) -> Streams:
+        return s.like(*ops.interval_affine(s.c, s.r, *affine, relu=relu, backend=ctx.backend))
+
+    def operator(self, h: Tensor) -> Operator:
+        return ChannelOperator(*self.affine(h, Context("torch", "ieee", 0)))
+
+
+@register_layer
+class BatchNormLayer(_ChannelLayer):
+    types = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+    def check_input(self, c: Tensor) -> None:
+        n = self.module.num_features
+        if isinstance(self.module, nn.BatchNorm2d):
+            self.expect(c.dim() == 4 and c.shape[1] == n, f"({n}, H, W)", c)
+        else:
+            self.expect(c.dim() in (2, 3) and c.shape[1] == n, f"({n}[, L])", c)
+
+    def affine(self, natural: Tensor, ctx: Context) -> Affine:
+        """(scale, shift) (C,); train mode: the natural stream's statistics (running ones updated once)."""
+        bn = self.module
+        if bn.training or bn.running_mean is None:
+            count = natural.numel() // natural.shape[1]
+            if bn.training and count <= 1:
+                raise ValueError(f"{bn}: expected more than 1 value per channel when training, got input of "
+                                 f"shape {tuple(natural.shape)}")
+            mean, var = ops.batch_norm_stats(natural, backend=ctx.backend)
+            if bn.training and bn.track_running_stats:
+                _update_running_stats(bn, mean.detach(), var.detach() * count / (count - 1))
+        else:
+            mean, var = bn.running_mean.to(natural.dtype), bn.running_var.to(natural.dtype)
+        scale = torch.rsqrt(var + bn.eps)
+        if bn.affine:
+            scale = scale * bn.weight
+            return scale, bn.bias - mean * scale
+        return scale, -mean * scale
+
+    def folds_into(self, head: Layer, s: Streams) -> bool:
+        bn, weight = self.module, head.module.weight
+        matching = nn.BatchNorm2d if isinstance(head.module, nn.Conv2d) else nn.BatchNorm1d
+        return (type(bn) is matching and not bn.training and bn.running_mean is not None
+                and bn.num_features == weight.shape[0] and (matching is nn.BatchNorm2d or s.c.dim() == 2))
+
+    def follows_spec(self) -> bool:
+        return isinstance(self.module, nn.BatchNorm1d)
+
+    def check_certifiable(self) -> None:
+        if self.module.training:
+            raise ValueError(f"{self.describe()} is in training mode; CROWN certifies the eval-mode network: "
+                             f"call model.eval() first")
+        if self.module.running_mean is None:
+            raise ValueError(f"{self.describe()} has no running statistics, so its eval-mode output depends "
+                             f"on the batch and cannot be certified")
+
+
+@torch.no_grad()
+def _update_running_stats(bn: nn.Module, mean: Tensor, unbiased_var: Tensor) -> None:
+    bn.num_batches_tracked.add_(1)
+    momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_(unbiased_var.to(bn.running_var.dtype), momentum)
+
+
+@register_layer
+class NormalizeLayer(_ChannelLayer):
+    types = (Normalize,)
+
+    def affine(self, natural: Tensor, ctx: Context) -> Affine:
+        return self.module.channel_affine(natural)
+
+    def follows_spec(self) -> bool:
+        return True
+
+
+class ChannelOperator(Operator):
+    """A per-channel affine ``h * scale + shift`` (eval-mode BatchNorm, Normalize); channels on dim 1."""
+    local = True
+    ibp = "neutral"
+
+    def __init__(self, scale: Tensor, shift: Tensor):
+        self.scale, self.shift = scale.detach(), shift.detach()
+
+    def back(self, A: Tensor) -> Tuple[Tensor, Tensor]:
+        """A (N, C, ...) -> ``A * scale`` (N, C, ...), bias term (N,)."""
+        bias = A.reshape(A.shape[0], A.shape[1], -1).sum(2) @ self.shift
+        return A * self.scale.view((1, -1) + (1,) * (A.dim() - 2)), bias
+
+    def back_window(self, window: Window) -> Tuple[Window, Tensor]:
+        A, bias = self.back(window.A)
+        return window.with_A(A), bias
+
+    def interval(self, c: Tensor, r: Tensor) -> Interval:
+        return ops.interval_affine_ref(c, r, self.scale, self.shift)

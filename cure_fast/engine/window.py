@@ -1,0 +1,59 @@
+"""Coefficients of backward (CROWN) passes on spatial windows of a feature map.
+
+A backward pass from one neuron of a convolutional layer stays on its receptive field until it
+reaches a layer that mixes positions, so it runs on windows instead of whole maps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+
+def rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product of a, b (N, d) -> (N,)."""
+    return (a * b).sum(1)
+
+
+@dataclass
+class Window:
+    """Coefficients of each row on a spatial window of a (C, H, W) feature map: ``A`` (N, C, h, w) on map
+    rows ``top .. top + h - 1`` and columns ``left .. left + w - 1`` (``top``, ``left`` (N,)). A window may
+    reach outside the map; A is zero there."""
+    A: Tensor
+    top: Tensor
+    left: Tensor
+
+    def _grid(self) -> Tuple[Tensor, Tensor]:
+        """Map row (N, h) and column (N, w) of every window position."""
+        h, w = self.A.shape[2:]
+        return (self.top[:, None] + torch.arange(h, device=self.top.device),
+                self.left[:, None] + torch.arange(w, device=self.left.device))
+
+    def with_A(self, A: Tensor) -> "Window":
+        """The same window position with new coefficients of the same spatial size."""
+        return Window(A, self.top, self.left)
+
+    def inside(self, height: int, width: int) -> Tensor:
+        """Whether each window position lies on the (height, width) map: (N, 1, h, w) bool."""
+        i, j = self._grid()
+        return (((i >= 0) & (i < height))[:, None, :, None]) & (((j >= 0) & (j < width))[:, None, None, :])
+
+    def take(self, t: Tensor, rows: Tensor) -> Tensor:
+        """The values of t (B, C, H, W, *extra) of sample ``rows`` (N,) on each window, (N, C, h, w, *extra);
+        positions outside the map take the nearest border value (A is zero there)."""
+        i, j = self._grid()
+        i, j = i.clamp(0, t.shape[2] - 1), j.clamp(0, t.shape[3] - 1)
+        channels = torch.arange(t.shape[1], device=t.device)
+        return t[rows[:, None, None, None], channels[None, :, None, None], i[:, None, :, None], j[:, None, None, :]]
+
+    def dense(self, height: int, width: int) -> Tensor:
+        """A on the whole (height, width) map, (N, C, height, width)."""
+        n, c, h, w = self.A.shape
+        i, j = self._grid()
+        i, j = i.clamp(0, height - 1), j.clamp(0, width - 1)
+        flat = (i[:, :, None] * width + j[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+        return self.A.new_zeros(n, c, height * width).scatter_add_(2, flat, self.A.reshape(n, c, h * w)).view(
+            n, c, height, width)
