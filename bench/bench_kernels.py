@@ -19,7 +19,8 @@ with the speed-ups of the faster fused backend (``best``) over eager and compile
 floor, TFLOP/s (counting the two products) and GB/s (the minimum traffic: every input read once,
 every output written once).
 
-    python bench/bench_kernels.py [--batch 128 512] [--json out.json] [--no-compile] [--smoke]
+    python bench/bench_kernels.py [--batch 128 512] [--precisions ieee,tf32] [--json out.json] [--no-compile]
+                                  [--warmup-ms 25] [--rep-ms 200] [--smoke]
 """
 import itertools
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from cure_fast import backends, kernels, models, reference
 PRECISIONS = ("ieee", "tf32")
 PASSES = ("forward", "backward", "both")
 CUDA_METHODS = {"conv": ("implicit_gemm", "cudnn"), "linear": ("fused_gemm", "cublas")}  # (fused, library)
+TITLE = "CNN7 layer kernels (fused Triton / CUDA vs PyTorch IBP)"
 COLUMNS = ("layer", "op", "batch", "precision", "pass", "triton_ms", "cuda_ms", "cuda_fused_ms", "cuda_library_ms",
            "eager_ms", "compile_ms", "floor_ms", "best", "x_eager", "x_compile", "of_floor", "tflops", "gbps")
 
@@ -229,51 +231,64 @@ def fused_backends(device: torch.device) -> dict:
     return impls
 
 
-def _row(case: Case, batch: int, precision: str, step: str, ms: dict, fused: List[str]) -> dict:
+def _row(case: Case, batch: int, precision: str, step: str, ms: dict, fused: List[str], errors: dict) -> dict:
     flops = case.flops * {"forward": 1, "backward": 2 if case.input_grads else 1,
                           "both": 3 if case.input_grads else 2}[step]
     traffic = {"forward": case.bytes[0], "backward": case.bytes[1], "both": sum(case.bytes)}[step]
-    best = min(fused, key=ms.get)
     row = dict(layer=case.layer, op=case.op, batch=batch, precision=precision, **{"pass": step},
-               **{f"{impl}_ms": v for impl, v in ms.items()}, best=best,
-               x_eager=ms["eager"] / ms[best], tflops=flops / ms[best] / 1e9, gbps=traffic / ms[best] / 1e6)
-    if "compile" in ms:
-        row["x_compile"] = ms["compile"] / ms[best]
-    if "floor" in ms:
-        row["of_floor"] = ms[best] / ms["floor"]
+               **{f"{impl}_ms": v for impl, v in ms.items()})
+    measured = [impl for impl in fused if impl in ms]
+    if measured:
+        best = row["best"] = min(measured, key=ms.get)
+        row.update(tflops=flops / ms[best] / 1e9, gbps=traffic / ms[best] / 1e6)
+        for other, key in (("eager", "x_eager"), ("compile", "x_compile")):
+            if other in ms:
+                row[key] = ms[other] / ms[best]
+        if "floor" in ms:
+            row["of_floor"] = ms[best] / ms["floor"]
+    if errors:
+        row["errors"] = dict(errors)
     return row
 
 
 def run(args) -> List[dict]:
     rows = []
     impls = fused_backends(args.device)
+    precisions = PRECISIONS[:1] if args.smoke else args.precisions
     for batch in args.batch:
         for case in _cases(batch, args.device, args.smoke):
             compiled = None if args.no_compile else torch.compile(case.eager)
-            for precision in PRECISIONS[:1] if args.smoke else PRECISIONS:
+            for precision in precisions:
+                variants = {name: case.fused(impl, precision) for name, impl in impls.items()}
+                if "cuda" in impls:
+                    variants.update({name: method(impls["cuda"], precision) for name, method in case.methods.items()})
+                variants["eager"] = case.eager
+                if compiled is not None:
+                    variants["compile"] = compiled
+                times, errors = {}, {}
                 with backends.library_tf32(precision == "tf32"):
-                    times = {name: _timings(case.fused(impl, precision), case.make, args.device, args.smoke)
-                             for name, impl in impls.items()}
-                    if "cuda" in impls:
-                        for name, method in case.methods.items():
-                            times[name] = _timings(method(impls["cuda"], precision), case.make, args.device,
-                                                   args.smoke)
-                    times["eager"] = _timings(case.eager, case.make, args.device, args.smoke)
-                    if compiled is not None:
-                        times["compile"] = _timings(compiled, case.make, args.device, args.smoke)
+                    for name, fn in variants.items():
+                        times[name] = harness.attempt(
+                            errors, name, lambda: _timings(fn, case.make, args.device, args.smoke), args.smoke)
                     if case.floor is not None:
-                        times["floor"] = _timings(case.floor, lambda: case.floor_inputs(case.make()), args.device,
-                                                  args.smoke)
+                        times["floor"] = harness.attempt(errors, "floor", lambda: _timings(
+                            case.floor, lambda: case.floor_inputs(case.make()), args.device, args.smoke), args.smoke)
                 for step in PASSES:
-                    rows.append(_row(case, batch, precision, step, {impl: t[step] for impl, t in times.items()},
-                                     list(impls)))
+                    rows.append(_row(case, batch, precision, step,
+                                     {impl: t[step] for impl, t in times.items() if t is not None}, list(impls), errors))
+                harness.partial(TITLE, rows, args)
     return rows
 
 
+def _options(parser) -> None:
+    parser.add_argument("--precisions", type=lambda s: s.split(","), default=list(PRECISIONS),
+                        help=f"comma-separated, of {', '.join(PRECISIONS)} (default: both)")
+
+
 def main() -> None:
-    args = harness.arguments(__doc__.splitlines()[0])
+    args = harness.arguments(__doc__.splitlines()[0], _options)
     rows = run(args)
-    harness.report("CNN7 layer kernels (fused Triton / CUDA vs PyTorch IBP)", rows, COLUMNS, args)
+    harness.report(TITLE, rows, COLUMNS, args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ fastest backend that agrees with torch, measured on the first call), the ``torch
 centre-radius IBP) and ``torch.compile`` of the latter, and the ratio of each full step to the
 natural one (the target: at most 3 at batch 128; the arithmetic alone would say 5).
 
-    python bench/bench_network.py [--batch 128 512] [--json out.json] [--no-compile] [--smoke]
+    python bench/bench_network.py [--batch 128 512] [--settings train:tf32,eval:ieee] [--json out.json]
+                                  [--no-compile] [--warmup-ms 25] [--rep-ms 200] [--smoke]
 """
 import itertools
 from typing import Callable, List
@@ -25,6 +26,7 @@ from cure_fast import BoundedModule, L2Ball, LinfBall, backends, models
 SETTINGS = (("train", "tf32"), ("train", "ieee"), ("eval", "ieee"))
 PASSES = ("forward", "backward", "both")
 BOUNDED = ("triton", "cuda", "auto", "eager", "compile")
+TITLE = "CNN7 step, natural + l∞ + l2 bounds vs the natural step"
 COLUMNS = ("batch", "mode", "precision", "pass", "natural_ms") + tuple(f"{n}_ms" for n in BOUNDED) + \
     tuple(f"{n}_x_natural" for n in BOUNDED) + ("x_eager", "x_compile")
 
@@ -68,7 +70,7 @@ def run(args) -> List[dict]:
         def make():
             x = torch.rand((batch,) + data.shape, device=args.device)
             return x, torch.randint(0, data.classes, (batch,), device=args.device)
-        for mode, precision in SETTINGS[2:] if args.smoke else SETTINGS:
+        for mode, precision in SETTINGS[2:] if args.smoke else args.settings:
             model.train(mode == "train")
             with backends.library_tf32(precision == "tf32"):
                 eager = _bounded_loss(BoundedModule(model, backend="torch", precision=precision))
@@ -77,25 +79,47 @@ def run(args) -> List[dict]:
                     losses[name] = _bounded_loss(BoundedModule(model, backend=name, precision=precision))
                 if not args.no_compile:
                     losses["compile"] = torch.compile(eager)
-                times = {name: _timings(loss, params, make, args.device, args.smoke) for name, loss in losses.items()}
+                times, errors = {}, {}
+                for name, loss in losses.items():
+                    times[name] = harness.attempt(
+                        errors, name, lambda: _timings(loss, params, make, args.device, args.smoke), args.smoke)
             for step in PASSES:
-                ms = {name: t[step] for name, t in times.items()}
+                ms = {name: t[step] for name, t in times.items() if t is not None}
                 row = dict(batch=batch, mode=mode, precision=precision, **{"pass": step},
                            **{f"{name}_ms": v for name, v in ms.items()})
-                for name in BOUNDED:
-                    if name in ms:
-                        row[f"{name}_x_natural"] = ms[name] / ms["natural"]
-                row["x_eager"] = ms["eager"] / ms["triton"]
-                if "compile" in ms:
-                    row["x_compile"] = ms["compile"] / ms["triton"]
+                if "natural" in ms:
+                    for name in BOUNDED:
+                        if name in ms:
+                            row[f"{name}_x_natural"] = ms[name] / ms["natural"]
+                if "triton" in ms:
+                    for other, key in (("eager", "x_eager"), ("compile", "x_compile")):
+                        if other in ms:
+                            row[key] = ms[other] / ms["triton"]
+                if errors:
+                    row["errors"] = dict(errors)
                 rows.append(row)
+            harness.partial(TITLE, rows, args)
     return rows
 
 
+def _settings(text: str):
+    settings = [tuple(s.split(":")) for s in text.split(",")]
+    for setting in settings:
+        if setting not in SETTINGS:
+            raise ValueError(f"unknown setting {':'.join(setting)}; known: "
+                             f"{', '.join(':'.join(s) for s in SETTINGS)}")
+    return settings
+
+
+def _options(parser) -> None:
+    parser.add_argument("--settings", type=_settings, default=list(SETTINGS),
+                        help="comma-separated MODE:PRECISION (default: train:tf32,train:ieee,eval:ieee)")
+
+
 def main() -> None:
-    args = harness.arguments(__doc__.splitlines()[0])
+    args = harness.arguments(__doc__.splitlines()[0], _options)
     rows = run(args)
-    harness.report("CNN7 step, natural + l∞ + l2 bounds vs the natural step", rows, COLUMNS, args)
+    harness.report(TITLE, rows, COLUMNS, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Certification time per image and peak memory of CNN7 (CIFAR-10 shape) per method (ibp, crown-ibp,
 crown, alpha-crown) for l∞ 2/255 and l2 0.25, in float64 (the sound mode), on the current device.
 
-    python bench/certify_time.py [--images 2] [--quick] [--device cpu] [--json out.json]
+    python bench/certify_time.py [--images 2] [--quick] [--device cpu] [--methods ibp,crown] [--json out.json]
+    python bench/certify_time.py --smoke       # a tiny CNN7 (8x8 inputs, width 1) in one process: checks the script
 
 The model has random weights (seed 0) in eval mode, its BatchNorm running statistics estimated on
 random images, so every pre-activation is roughly standardized; the labels are its own predictions.
@@ -20,6 +21,8 @@ average before and after, as CPU timings on shared cores depend on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import resource
@@ -36,18 +39,24 @@ METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 NORMS = {"linf 2/255": lambda: LinfBall(2 / 255), "l2 0.25": lambda: L2Ball(0.25)}
 
 
-def _model(device: torch.device, width: int) -> torch.nn.Sequential:
+def _data(smoke: bool) -> models.DatasetInfo:
+    data = models.DATASETS["cifar10"]
+    return models.DatasetInfo((3, 8, 8), 10, data.mean, data.std) if smoke else data
+
+
+def _model(device: torch.device, width: int, smoke: bool = False) -> torch.nn.Sequential:
     """CNN7 in float64 with random weights and BatchNorm running statistics estimated on random images,
     in eval mode."""
     torch.manual_seed(0)
-    model = models.cnn7(models.DATASETS["cifar10"], width=width).to(device, torch.float64)
+    data = _data(smoke)
+    model = models.cnn7(data, width=width, **({"linear": 8} if smoke else {})).to(device, torch.float64)
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = None
     model.train()
     with torch.no_grad():
         for _ in range(8):
-            model(torch.rand(32, 3, 32, 32, device=device, dtype=torch.float64))
+            model(torch.rand((32,) + data.shape, device=device, dtype=torch.float64))
     return model.eval()
 
 
@@ -56,12 +65,12 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(method: str, norm: str, images: int, device: torch.device, width: int) -> dict:
+def measure(method: str, norm: str, images: int, device: torch.device, width: int, smoke: bool = False) -> dict:
     """Seconds per image, peak memory and the bounds of one (method, norm) on ``images`` random images."""
-    model = _model(device, width)
+    model = _model(device, width, smoke)
     bounded = BoundedModule(model)
     torch.manual_seed(1)
-    x = torch.rand(images, 3, 32, 32, device=device, dtype=torch.float64)
+    x = torch.rand((images,) + _data(smoke).shape, device=device, dtype=torch.float64)
     with torch.no_grad():
         y = model(x).argmax(1)
     spec = NORMS[norm]()
@@ -92,11 +101,25 @@ def measure(method: str, norm: str, images: int, device: torch.device, width: in
 
 
 def _run_isolated(method: str, norm: str, args: argparse.Namespace) -> dict:
-    """:func:`measure` in a fresh subprocess (its own peak memory)."""
+    """:func:`measure` in a fresh subprocess (its own peak memory); on failure, the error's last line."""
     command = [sys.executable, __file__, "--worker", method, norm, "--images", str(args.images),
                "--device", args.device, "--width", str(args.width)]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.stderr.write(run.stderr)
+        lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+        return {"method": method, "norm": norm, "images": args.images,
+                "error": lines[-1] if lines else f"exit status {run.returncode}"}
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _save(args: argparse.Namespace, device: torch.device, load, results: list, complete: bool) -> None:
+    if args.json:
+        with contextlib.redirect_stdout(io.StringIO()) if not complete else contextlib.nullcontext():
+            harness.save_json(args.json, "certify_time", device, {
+                "load_average_before": load, "smoke": args.smoke,
+                "model": f"cnn7 {'8x8 smoke' if args.smoke else 'cifar10'} width {args.width}, random weights, eval mode",
+                "sound": True, "images": args.images, "results": results, "complete": complete})
 
 
 def main() -> None:
@@ -107,9 +130,13 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64, help="CNN7 width (64 is the paper's)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CNN7 on 8x8 inputs, width 1, one image, in this process: checks the script")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "NORM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.smoke:
+        args.width, args.images = 1, 1
     args.images = 1 if args.quick else args.images or (16 if device.type == "cuda" else 2)
     if args.worker:
         print(json.dumps(measure(*args.worker, args.images, device, args.width)))
@@ -119,15 +146,19 @@ def main() -> None:
           f"{'mean worst margin':>18}")
     for norm in NORMS:
         for method in args.methods.split(","):
-            r = _run_isolated(method, norm, args)
+            r = measure(method, norm, args.images, device, args.width, True) if args.smoke else \
+                _run_isolated(method, norm, args)
             results.append(r)
+            if "error" in r:
+                print(f"{norm:<11} {method:<12} failed: {r['error']}", flush=True)
+                continue
+            _save(args, device, load, results, complete=False)
             before = "-" if r["cpu_rss_before_mb"] is None else f"{r['cpu_rss_before_mb']:.0f}"
             print(f"{norm:<11} {method:<12} {r['seconds_per_image']:>9.3f} {r['peak_memory_mb']:>9.0f} {before:>9} "
                   f"{r['certified']:>5}/{r['images']:<3} {r['mean_worst_margin']:>18.4g}", flush=True)
-    if args.json:
-        harness.save_json(args.json, "certify_time", device, {
-            "load_average_before": load, "model": f"cnn7 cifar10 width {args.width}, random weights, eval mode",
-            "sound": True, "images": args.images, "results": results})
+    _save(args, device, load, results, complete=True)
+    if any("error" in r for r in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

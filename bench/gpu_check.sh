@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
 # On a GPU machine: build the package (CUDA extension included), run the GPU tests, then the
-# benchmarks. Everything (log, JUnit XML, benchmark JSON) goes under $OUT (default
-# bench/results/<date-time>). A failing step does not stop the next ones; the script exits
-# non-zero if any failed. Steps can be named to run a subset (e.g. to fit a time limit per call):
+# benchmarks. bench/README.md describes every step, its budget and the procedure for a GPU run.
+#
+# Quick check (one command, under 8 minutes on one H100/H200 with 16 cores, build included):
+#
+#   bench/gpu_check.sh quick                      # build cuda_ops gpu_tests bench_network bench_kernels certify
+#   bench/gpu_check.sh quick build cuda_ops       # rerun some of its steps (on a fresh machine: build first)
+#   GPU_CHECK_DRY=1 bench/gpu_check.sh quick      # the same script on the CPU (CI rehearsal, < 3 minutes)
+#
+# Every step runs in its own process under its own time budget (SIGINT 5 or 10 s before it, so
+# that pytest still writes its JUnit XML and the benchmarks keep the rows they measured; SIGKILL at
+# the budget); a step whose budget exceeds what is left of the total is skipped. After every step,
+# bench/gpu_summary.py rewrites $OUT/summary.json (device, versions, build seconds, pass / fail counts
+# and first error lines per step, every benchmark figure, skipped steps); $OUT holds at most 8 files.
+# GPU_CHECK_TOTAL (seconds, default 470; dry run 178) and GPU_CHECK_BUDGET_<step> override the budgets.
+#
+# Full run (hours of GPU time: every test, every benchmark at batch 128 and 512):
 #
 #   bench/gpu_check.sh                       # build tests kernels network propagate train certify
 #   bench/gpu_check.sh build tests           # just build and test
@@ -15,6 +28,14 @@
 # (bench/certify_time.py). STEP_TIMEOUT (seconds, default 1800) bounds each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == quick ]]; then
+  shift
+  exec bash bench/gpu_quick.sh "$@"
+fi
+if [[ "${GPU_CHECK_DRY:-0}" == 1 ]]; then
+  echo "GPU_CHECK_DRY=1 rehearses the quick check only: bench/gpu_check.sh quick" >&2
+  exit 2
+fi
 OUT="${OUT:-bench/results/$(date +%Y%m%d-%H%M%S)}"
 PYTHON="${PYTHON:-python3}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-1800}"

@@ -1,10 +1,14 @@
 """Shared by the benchmarks: timing, the environment record, the table and the JSON.
 
 On a GPU, times are medians of ``triton.testing.do_bench`` (CUDA events, warm-up, L2 flushed
-between runs) over calls that cycle through several copies of the inputs. ``--smoke`` runs
-tiny shapes once each on the CPU through the Triton interpreter, to check that the scripts work.
+between runs; ``--warmup-ms`` / ``--rep-ms`` set its budget per measurement) over calls that cycle
+through several copies of the inputs. ``--smoke`` runs tiny shapes once each on the CPU through the
+Triton interpreter, to check that the scripts work. With ``--json``, the scripts rewrite the file
+after each case (``"complete": false`` until the last), so a run stopped at a time limit keeps what
+it measured.
 """
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -13,19 +17,29 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 
-def arguments(description: str) -> argparse.Namespace:
+TIMING = {"warmup": 25, "rep": 200}  # do_bench's budget per measurement, in ms
+
+
+def arguments(description: str, extra: Optional[Callable[[argparse.ArgumentParser], None]] = None
+              ) -> argparse.Namespace:
+    """The common options (``extra(parser)`` adds a script's own)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--batch", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, one run each (CPU: needs TRITON_INTERPRET=1), to check the script")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--warmup-ms", type=int, default=TIMING["warmup"], help="do_bench warm-up per measurement")
+    parser.add_argument("--rep-ms", type=int, default=TIMING["rep"], help="do_bench repetitions per measurement")
+    if extra is not None:
+        extra(parser)
     args = parser.parse_args()
+    TIMING.update(warmup=args.warmup_ms, rep=args.rep_ms)
     args.device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
         args.batch, args.no_compile = [2], True
@@ -38,7 +52,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, smoke: bool = Fals
     """Median time of ``fn()`` in milliseconds."""
     if device.type == "cuda" and not smoke:
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=TIMING["warmup"], rep=TIMING["rep"], return_mode="median")
     if not smoke:
         fn()
     times = []
@@ -119,9 +133,29 @@ def table(rows: List[Dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def attempt(errors: Dict[str, str], name: str, fn: Callable[[], object], strict: bool = False):
+    """``fn()``, or None after recording its exception's first line under ``errors[name]`` (so that one
+    failing backend leaves the others' figures; ``strict``: raise instead, as the smoke runs do)."""
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001 -- any failure of one measured variant is a result
+        if strict:
+            raise
+        errors[name] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        print(f"!! {name}: {errors[name]}", flush=True)
+        return None
+
+
+def partial(title: str, rows: List[Dict], args: argparse.Namespace) -> None:
+    """Write the rows measured so far (``"complete": false``) to ``args.json``, if given."""
+    if args.json:
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            save_json(args.json, title, args.device, {"results": rows, "complete": False})
+
+
 def report(title: str, rows: List[Dict], columns: Sequence[str], args: argparse.Namespace) -> None:
     env = environment(args.device)
     print(f"{title} — {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     print(table(rows, columns))
     if args.json:
-        save_json(args.json, title, args.device, {"results": rows})
+        save_json(args.json, title, args.device, {"results": rows, "complete": True})
