@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 TORCH := torch==2.14.1 torchvision==0.29.1
 DEPS := numpy scipy pyyaml tqdm matplotlib pybind11 ninja setuptools wheel pytest hypothesis pytest-xdist
-CUDA_SOURCES := $(wildcard csrc/*.cu csrc/*.h csrc/*.cpp)
+CUDA_SOURCES := $(wildcard csrc/*.cu csrc/*.cuh csrc/*.h csrc/ops/*.cpp csrc/ops/*.h)
 
 .PHONY: demo test install clean
 

@@ -49,9 +49,11 @@ def _cuda_extension():
 
     ext = CUDAExtension(
         "cure_fast._C",
-        sources=sorted(glob.glob("csrc/*.cu")) + ["csrc/bindings.cpp"],
-        # The .cu files include no torch headers; the bindings get the C++ standard torch requires.
-        # -g0 overrides the -g in Python's CFLAGS, which doubles the bindings' compile time.
+        # The kernels (csrc/*.cu, no torch headers) and the operators that check and launch them
+        # (csrc/ops/*.cpp: one TORCH_LIBRARY of schemas, one file of CUDA kernels per op family).
+        sources=sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/ops/*.cpp")),
+        # The .cpp files get the C++ standard torch requires. -g0 overrides the -g in Python's
+        # CFLAGS, which doubles their compile time.
         extra_compile_args={"cxx": ["-O3", "-g0"], "nvcc": ["-O3", "-std=c++17"]},
     )
     return [ext], {"build_ext": BuildExtension}

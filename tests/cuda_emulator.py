@@ -1,5 +1,5 @@
 """A pure-PyTorch stand-in for the extension ``cure_fast._C``: every entry point computes what its
-CUDA kernel computes (as csrc/bindings.cpp documents it), on any device. Swapped in with
+CUDA kernel computes (as csrc/ops/ documents it), on any device. Swapped in with
 ``cure_fast.cuda.use(extension)``, it lets the CPU tests check the Python side of the cuda backend:
 the custom ops, their fake implementations and their autograd formulas.
 

@@ -23,6 +23,22 @@ def test_every_entry_point_is_exported():
     assert not missing, f"cure_fast._C lacks {missing}"
 
 
+def test_every_operator_has_a_cuda_kernel_and_a_caller():
+    """The schemas of csrc/ops/library.cpp, the CUDA kernels the op family files register for them
+    and the entry points the cuda backend calls name the same operators."""
+    import cuda_emulator
+    from cure_fast import cuda
+
+    cuda.load()
+    defined = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+               if name.startswith("cure_fast_C::")}
+    assert defined == set(cuda_emulator.entry_points())
+    hooks = {"set_poison"}  # no tensor arguments: one kernel for every device
+    assert not [name for name in defined - hooks
+                if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cure_fast_C::{name}", "CUDA")]
+    torch.ops.cure_fast_C.set_poison(False)
+
+
 def test_ops_are_registered_with_torch_library():
     import cure_fast.cuda  # noqa: F401
 

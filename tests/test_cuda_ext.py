@@ -81,8 +81,10 @@ def test_input_checks():
         cuda.load().interval_relu_forward(c, r[:, :2].contiguous())
     with pytest.raises(RuntimeError, match="dtype"):
         cuda.load().interval_relu_forward(c, r.double())
-    with pytest.raises(RuntimeError, match="CUDA tensor"):
+    with pytest.raises(RuntimeError, match="'CPU' backend"):  # the operators have CUDA kernels only
         cuda.load().interval_relu_forward(c.cpu(), r.cpu())
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        cuda.load().interval_relu_forward(c.cpu(), r)
     with pytest.raises(RuntimeError, match="contiguous"):
         cuda.load().interval_relu_forward(c.t(), r.t())
 

@@ -285,8 +285,10 @@ def test_conv_input_checks():
         ext.interval_conv2d_forward(c, r, _rand((5, 4, 9, 9), torch.float32, 3), *args)
     with pytest.raises(RuntimeError, match="stride"):
         ext.interval_conv2d_forward(c, r, w, None, None, None, False, [0, 1], [1, 1], [1, 1], "ieee", False)
-    with pytest.raises(RuntimeError, match="CUDA tensor"):
+    with pytest.raises(RuntimeError, match="'CPU' backend"):  # the operators have CUDA kernels only
         ext.interval_conv2d_forward(c.cpu(), r.cpu(), w.cpu(), *args)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        ext.interval_conv2d_forward(c.cpu(), r, w, *args)
     g = _rand((3, 5, 6, 6), torch.float32, 4)
     with pytest.raises(RuntimeError, match="pixels for input size"):
         ext.interval_conv2d_grad_input(g, g[:2], w, [9, 9], *geom, "ieee")

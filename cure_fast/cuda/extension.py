@@ -1,12 +1,13 @@
 """Loading the compiled extension ``cure_fast._C`` (built from csrc/ by setup.py), and the small
 tensor helpers the op modules share.
 
-:func:`load` imports the extension on first use and wraps it in an :class:`Extension`, through
-which the op modules call its entry points (``load().interval_relu_forward(...)``). No list of
-entry points is kept: an extension built from older sources that lacks one raises a one-line
-RuntimeError naming it when it is first called. :func:`use` swaps in a stand-in with the same
-entry points (the tests' pure-PyTorch ``tests/cuda_emulator.py``). Importing this module makes no
-CUDA call.
+Importing ``cure_fast._C`` registers its operators, ``torch.ops.cure_fast_C.*`` (schemas in
+csrc/ops/library.cpp, CUDA kernels in the op family files of csrc/ops/). :func:`load` imports it
+on first use and wraps that namespace in an :class:`Extension`, through which the op modules call
+the entry points (``load().interval_relu_forward(...)``). No list of entry points is kept: an
+extension built from older sources that lacks one raises a one-line RuntimeError naming it when it
+is first called. :func:`use` swaps in a stand-in with the same entry points (the tests'
+pure-PyTorch ``tests/cuda_emulator.py``). Importing this module makes no CUDA call.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ REBUILD = ("rebuild with `CURE_FAST_BUILD_CUDA=1 pip install -e . --no-deps --no
 
 
 class Extension:
-    """The extension's entry points as attributes; one it lacks is a RuntimeError naming it."""
+    """The extension's entry points as attributes of ``module`` (the operator namespace
+    ``torch.ops.cure_fast_C``, or a stand-in); one it lacks is a RuntimeError naming it."""
 
     def __init__(self, module, name: str = "cure_fast._C"):
         self.module, self.name = module, name
@@ -43,15 +45,15 @@ _loaded: Optional[Extension] = None
 
 
 def load() -> Extension:
-    """The extension ``cure_fast._C`` (or the stand-in of :func:`use`), imported on first use."""
+    """The operators of ``cure_fast._C`` (or the stand-in of :func:`use`), imported on first use."""
     global _loaded
     if _loaded is None:
         try:
-            module = importlib.import_module("cure_fast._C")
+            importlib.import_module("cure_fast._C")  # registers torch.ops.cure_fast_C.*
         except ImportError as e:
             state = "was not built" if isinstance(e, ModuleNotFoundError) else "is stale or broken"
             raise RuntimeError(f"cure_fast._C {state} ({e}); {REBUILD}") from e
-        _loaded = Extension(module)
+        _loaded = Extension(torch.ops.cure_fast_C)
     return _loaded
 
 
