@@ -450,7 +450,7 @@ def test_functional_dispatch_and_autoselect(monkeypatch):
 @settings(max_examples=25, deadline=None)
 @given(data=st.data())
 def test_soundness_with_cuda_backend(data):
-    from netgen import networks, run_layers
+    from netgen import modules_of, networks, run_layers
 
     model, shape = data.draw(networks(), label="net")
     model = model.to("cuda", torch.float64)
@@ -470,7 +470,7 @@ def test_soundness_with_cuda_backend(data):
             else:
                 point = x + spec.per_sample_eps(x) * noise / noise.flatten(1).norm(dim=1).view((-1,) + (1,) * (x.dim() - 1))
                 point = point.clamp(0, 1)
-            outputs = run_layers(bm._layers, point, stats)
+            outputs = run_layers(modules_of(bm), point, stats)
             for value, (lower, upper) in zip(outputs, out.layer_bounds(k)):
                 tol = 1e-9 * (1 + lower.abs() + upper.abs())
                 assert (value >= lower - tol).all() and (value <= upper + tol).all()
