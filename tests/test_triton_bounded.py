@@ -22,7 +22,7 @@ from cure_fast import BoundedModule, L2Ball, LinfBall, kernels, models  # noqa: 
 from cure_fast import ops  # noqa: E402
 from cure_fast.ops import policy as backends, registry  # noqa: E402
 from cure_fast import functional as BF  # noqa: E402
-from cure_fast.kernels import _common, affine, elementwise, margins  # noqa: E402
+from cure_fast.kernels import _common, elementwise, implicit_gemm, margins  # noqa: E402
 from netgen import networks  # noqa: E402
 from test_soundness import (_setup, check_margins_vs_logit_differences, check_pgd_extremes,  # noqa: E402
                             check_sampled_points)
@@ -113,10 +113,10 @@ def _op_cases():
     geometry = ([2, 2], [1, 1], [1, 1])
     x, s2, lw, labels = rand(4, 7), rand(4, 7).abs(), rand(3, 7), torch.tensor([0, 2, 1, 1], device=DEVICE)
     return {
-        "affine": (affine._affine, (c, r, w, rand(4), rand(4), *geometry, [3, 3], False, False, True, False, "ieee")),
-        "affine-transposed": (affine._affine, (g, gr, w, None, None, *geometry, [6, 6], True, True, False, False,
+        "affine": (implicit_gemm.affine_products, (c, r, w, rand(4), rand(4), *geometry, [3, 3], False, False, True, False, "ieee")),
+        "affine-transposed": (implicit_gemm.affine_products, (g, gr, w, None, None, *geometry, [6, 6], True, True, False, False,
                                                "ieee")),
-        "weight-grad": (affine._weight_grad, (g, gr, c, r, w, *geometry, False, True, "ieee")),
+        "weight-grad": (implicit_gemm.affine_weight_grad, (g, gr, c, r, w, *geometry, False, True, "ieee")),
         "relu": (elementwise._interval_relu, (c, r)),
         "relu-grad": (elementwise.relu_grad, (c, r, c, r)),
         "channel-affine": (elementwise._channel_affine, (c, r, rand(5), rand(5), True)),

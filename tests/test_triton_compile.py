@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from cure_fast.kernels import affine, elementwise, margins  # noqa: E402
+from cure_fast.kernels import elementwise, implicit_gemm, margins  # noqa: E402
 
 TYPES = {"fp32": "fp32", "fp64": "fp64", "fp16": "fp16", "bf16": "bf16"}
 # Shared memory a block may use (bytes): A100 (sm_80) and H100 (sm_90). A kernel above it fails to launch.
@@ -48,7 +48,7 @@ def _compile(kernel, dtype, arch=90, acc=None, pointers=None, **constexprs):
 def _precision(dtype, precision="ieee"):
     torch_dtype = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16"}[dtype]
     import torch
-    return affine.dot_flags(getattr(torch, torch_dtype), precision)
+    return implicit_gemm.dot_flags(getattr(torch, torch_dtype), precision)
 
 
 AFFINE = {  # name: (flags, dtype, precision, arch)
@@ -75,14 +75,14 @@ def test_affine_kernel_compiles(case):
         if not constexprs[needed]:
             constexprs[name] = None
     pointers = ("c_out_ptr", "r_out_ptr") if constexprs["SPLIT"] else ()
-    _compile(affine._affine_kernel, dtype, arch, acc="fp32", pointers=pointers, **constexprs)
+    _compile(implicit_gemm._affine_kernel, dtype, arch, acc="fp32", pointers=pointers, **constexprs)
 
 
 @pytest.mark.parametrize("dtype,sqrt", [("fp32", False), ("bf16", True), ("fp64", False)])
 def test_finish_splits_kernel_compiles(dtype, sqrt):
-    _compile(affine._finish_splits_kernel, dtype, acc="fp64" if dtype == "fp64" else "fp32",
+    _compile(implicit_gemm._finish_splits_kernel, dtype, acc="fp64" if dtype == "fp64" else "fp32",
              pointers=("ws_c_ptr", "ws_r_ptr"), HAS_SCALE=True, HAS_SHIFT=True, SQRT=sqrt, RELU=True,
-             FP64=dtype == "fp64", BLOCK=affine.BLOCK)
+             FP64=dtype == "fp64", BLOCK=implicit_gemm.BLOCK)
 
 
 @pytest.mark.parametrize("dtype,square,bias,flat,precision,arch", [("fp32", False, True, False, "ieee", 90),
@@ -95,7 +95,7 @@ def test_weight_grad_kernel_compiles(dtype, square, bias, flat, precision, arch)
     constexprs = dict(SQUARE=square, HAS_BIAS=bias, FLAT=flat, FP64=dtype == "fp64", **_precision(dtype, precision))
     if not bias:
         constexprs["db_ptr"] = None
-    _compile(affine._weight_grad_kernel, dtype, arch, acc=acc, pointers=("dw_ptr", "db_ptr"), **constexprs)
+    _compile(implicit_gemm._weight_grad_kernel, dtype, arch, acc=acc, pointers=("dw_ptr", "db_ptr"), **constexprs)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp64", "bf16"])
