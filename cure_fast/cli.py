@@ -9,16 +9,7 @@ import torch
 
 from . import BoundedModule, L2Ball, LinfBall, models
 from .ops import policy as backends
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+from .ops.autoselect import median_ms
 
 
 def quickstart(args: argparse.Namespace) -> None:
@@ -53,9 +44,9 @@ def quickstart(args: argparse.Namespace) -> None:
             loss = loss + torch.nn.functional.cross_entropy(-margins, y)
         loss.backward()
 
-    natural, bounded = _median_seconds(natural_step, args.repeats), _median_seconds(bounded_step, args.repeats)
-    print(f"natural forward+backward {natural * 1e3:.1f} ms; natural + l∞ + l2 bounds forward+backward "
-          f"{bounded * 1e3:.1f} ms; ratio {bounded / natural:.2f} (arithmetic floor 5)")
+    natural, bounded = (median_ms(step, x.device, warmup=1, repeats=args.repeats) for step in (natural_step, bounded_step))
+    print(f"natural forward+backward {natural:.1f} ms; natural + l∞ + l2 bounds forward+backward "
+          f"{bounded:.1f} ms; ratio {bounded / natural:.2f} (arithmetic floor 5)")
 
 
 DEMO = [("mnist-demo-inf", "l∞ certified"), ("mnist-demo-2", "l2 certified"), ("mnist-demo-cure", "CURE l∞ + l2")]
