@@ -62,6 +62,26 @@ def _timings(loss: Callable, params: List[torch.Tensor], make: Callable, device,
     return {"forward": forward, "backward": backward, "both": both}
 
 
+def _rows(batch: int, mode: str, precision: str, times: dict, errors: dict) -> List[dict]:
+    rows = []
+    for step in PASSES:
+        ms = {name: t[step] for name, t in times.items() if t is not None}
+        row = dict(batch=batch, mode=mode, precision=precision, **{"pass": step},
+                   **{f"{name}_ms": v for name, v in ms.items()})
+        if "natural" in ms:
+            for name in BOUNDED:
+                if name in ms:
+                    row[f"{name}_x_natural"] = ms[name] / ms["natural"]
+        if "triton" in ms:
+            for other, key in (("eager", "x_eager"), ("compile", "x_compile")):
+                if other in ms:
+                    row[key] = ms[other] / ms["triton"]
+        if errors:
+            row["errors"] = dict(errors)
+        rows.append(row)
+    return rows
+
+
 def run(args) -> List[dict]:
     model, data = _model(args.smoke, args.device)
     params = list(model.parameters())
@@ -72,33 +92,21 @@ def run(args) -> List[dict]:
             return x, torch.randint(0, data.classes, (batch,), device=args.device)
         for mode, precision in SETTINGS[2:] if args.smoke else args.settings:
             model.train(mode == "train")
+
+            def bounded(backend: str) -> Callable:
+                return _bounded_loss(BoundedModule(model, backend=backend, precision=precision))
+            losses = {"natural": lambda: _natural_loss(model), "eager": lambda: bounded("torch")}
+            for name in list(fused_backends(args.device)) + ([] if args.smoke else ["auto"]):
+                losses[name] = lambda name=name: bounded(name)
+            if not args.no_compile:
+                losses["compile"] = lambda: torch.compile(bounded("torch"))
+            times, errors = {}, {}
             with backends.library_tf32(precision == "tf32"):
-                eager = _bounded_loss(BoundedModule(model, backend="torch", precision=precision))
-                losses = {"natural": _natural_loss(model), "eager": eager}
-                for name in list(fused_backends(args.device)) + ([] if args.smoke else ["auto"]):
-                    losses[name] = _bounded_loss(BoundedModule(model, backend=name, precision=precision))
-                if not args.no_compile:
-                    losses["compile"] = torch.compile(eager)
-                times, errors = {}, {}
-                for name, loss in losses.items():
+                for name, loss in losses.items():  # the rows so far are written after each (a time limit keeps them)
                     times[name] = harness.attempt(
-                        errors, name, lambda: _timings(loss, params, make, args.device, args.smoke), args.smoke)
-            for step in PASSES:
-                ms = {name: t[step] for name, t in times.items() if t is not None}
-                row = dict(batch=batch, mode=mode, precision=precision, **{"pass": step},
-                           **{f"{name}_ms": v for name, v in ms.items()})
-                if "natural" in ms:
-                    for name in BOUNDED:
-                        if name in ms:
-                            row[f"{name}_x_natural"] = ms[name] / ms["natural"]
-                if "triton" in ms:
-                    for other, key in (("eager", "x_eager"), ("compile", "x_compile")):
-                        if other in ms:
-                            row[key] = ms[other] / ms["triton"]
-                if errors:
-                    row["errors"] = dict(errors)
-                rows.append(row)
-            harness.partial(TITLE, rows, args)
+                        errors, name, lambda: _timings(loss(), params, make, args.device, args.smoke), args.smoke)
+                    harness.partial(TITLE, rows + _rows(batch, mode, precision, times, errors), args)
+            rows += _rows(batch, mode, precision, times, errors)
     return rows
 
 
