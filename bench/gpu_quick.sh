@@ -90,7 +90,7 @@ step() {  # step NAME KIND ARTEFACT COMMAND...: run it within its budget, or ski
   local t0 t1 rc
   t0="$(date +%s.%N)"
   local grace=$((budget >= 60 ? 10 : 5))  # between SIGINT and SIGKILL
-  timeout -s INT -k "$grace" "$((budget - grace))" "$@" 2>&1 | tee "$WORK/logs/$name.log"
+  timeout -s INT -k "$grace" "$((budget > grace ? budget - grace : 1))" "$@" 2>&1 | tee "$WORK/logs/$name.log"
   rc="${PIPESTATUS[0]}"
   t1="$(date +%s.%N)"
   local seconds
@@ -119,10 +119,10 @@ if wanted build; then
     arch="${TORCH_CUDA_ARCH_LIST:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)}"
     jobs="${MAX_JOBS:-$(nproc)}"
     if ! step build build "" env MAX_JOBS="$jobs" CURE_FAST_BUILD_CUDA=1 ${arch:+TORCH_CUDA_ARCH_LIST="$arch"} \
-      "$PYTHON" -m pip install -e . --no-deps --no-build-isolation --no-cache-dir -q; then
+      "$PYTHON" -m pip install -e . --no-deps --no-build-isolation --no-cache-dir --disable-pip-version-check -q; then
       # Without the extension the Triton and torch steps still run; the CUDA ones then fail.
       step install build "" env CURE_FAST_BUILD_CUDA=0 \
-        "$PYTHON" -m pip install -e . --no-deps --no-build-isolation --no-cache-dir -q
+        "$PYTHON" -m pip install -e . --no-deps --no-build-isolation --no-cache-dir --disable-pip-version-check -q
     fi
   fi
 fi

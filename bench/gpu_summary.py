@@ -195,6 +195,8 @@ def summarize(out: str, work: str, started: float, total: float, dry: bool, fina
                 reports[raw["name"]] = report
                 failures = _benchmark_failures(raw["name"], report)
         step["status"] = _status(raw, counts)
+        if step["status"] == "passed" and failures:  # a benchmark variant that raised (recorded in its rows)
+            step["status"] = "failed"
         if raw.get("reason"):
             step["reason"] = raw["reason"]
         if counts is not None:

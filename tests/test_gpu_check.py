@@ -74,8 +74,11 @@ def test_summary_counts_failures_crashes_and_budget_skips(tmp_path):
                   artefact="bench_network.json"),
              dict(name="bench_kernels", kind="bench", rc=124, seconds=50.0, budget_seconds=50,
                   artefact="bench_kernels.json"),
+             dict(name="propagate", kind="bench", rc=0, seconds=2.0, budget_seconds=30, artefact="propagate.json"),
              dict(name="certify", kind="bench", status="skipped", budget_seconds=35,
                   reason="budget: needs 35 s, 20 s left of 470 s")]
+    (out / "propagate.json").write_text(json.dumps({"complete": True, "results": [
+        {"method": "crown", "norm": "l2 0.25", "error": "RuntimeError: out of memory"}]}))
     (work / "steps.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
     summary = gpu_summary.summarize(str(out), str(work), time.time() - 5, 470, dry=False, final=True)
     by = {s["name"]: s for s in summary["steps"]}
@@ -89,7 +92,9 @@ def test_summary_counts_failures_crashes_and_budget_skips(tmp_path):
     assert [f["kind"] for f in by["bench_kernels"]["failures"]] == ["timeout", "error"]
     assert summary["benchmarks"]["bench_kernels"]["headline"]["layers"]["conv2d0 interval+relu tf32"][
         "x_floor"]["triton"] == 2.0
-    assert summary["failed_steps"] == ["cuda_ops", "bench_network", "bench_kernels"]
+    assert by["propagate"]["status"] == "failed"  # exit status 0, but a variant raised
+    assert by["propagate"]["failures"][0]["error"] == "RuntimeError: out of memory"
+    assert summary["failed_steps"] == ["cuda_ops", "bench_network", "bench_kernels", "propagate"]
     assert summary["skipped_for_budget"] == ["certify"]
     assert summary["counts"]["failed"] == 1
 
