@@ -8,8 +8,8 @@
 from . import functional, models, nn
 from .ops.policy import get_backend, get_precision, set_backend, set_precision
 from .engine import BoundedModule, Propagation
-from .specs import L2Ball, LinfBall
+from .specs import L1Ball, L2Ball, LinfBall
 
-__all__ = ["BoundedModule", "Propagation", "LinfBall", "L2Ball", "functional", "models", "nn",
+__all__ = ["BoundedModule", "Propagation", "LinfBall", "L2Ball", "L1Ball", "functional", "models", "nn",
            "set_backend", "get_backend", "set_precision", "get_precision"]
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import ClassVar, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -47,7 +47,11 @@ def _check_eps(eps: Eps) -> Eps:
 
 @dataclass(frozen=True, eq=False)
 class Ball:
-    """An input set: a norm ball of radius ``eps`` (float or (B,)) around each input, intersected with ``domain``."""
+    """An input set: a norm ball of radius ``eps`` (float or (B,)) around each input, intersected with
+    ``domain``. ``p`` is the norm; ``exact_first_layer`` says whether the first affine layer bounds it
+    exactly by the dual norm (l2, l1) instead of through its bounding box (l∞, where they agree)."""
+    p: ClassVar[float] = math.inf
+    exact_first_layer: ClassVar[bool] = False
 
     eps: Eps
     domain: Domain = (0.0, 1.0)
@@ -88,9 +92,10 @@ class Ball:
     def domain_box(self, x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
         """The l∞ box of radius eps around x intersected with the domain, as (centre, radius); each like x.
 
-        ``None`` for an l2 ball without a domain (the box would not bound it more tightly).
+        ``None`` for an l2 or l1 ball without a domain (the box would not bound it more tightly than
+        the exact first layer does).
         """
-        if self.domain is None and isinstance(self, L2Ball):
+        if self.domain is None and self.exact_first_layer:
             return None
         eps = self.per_sample_eps(x)
         centre = self.center_for(x)
@@ -136,6 +141,23 @@ class L2Ball(Ball):
     """
 
     p = 2.0
+    exact_first_layer = True
+
+
+class L1Ball(Ball):
+    """The l1 ball ``{x' : |x' - x|_1 <= eps}`` (∩ domain when ``domain`` is given).
+
+    The first affine layer is bounded exactly through the dual (l∞) norm of the weight rows
+    (docs/design.md); where a domain is given, the domain box's bound is intersected with it.
+
+    Args:
+        eps: radius, a float or a per-sample tensor of shape ``(B,)``.
+        domain: ``(lo, hi)`` bounds of valid inputs (pixel space), or ``None``.
+        center: optional centres (B, ...) of the ball; by default the input itself.
+    """
+
+    p = 1.0
+    exact_first_layer = True
 
 
 def contains(spec: Ball, x: Tensor, points: Tensor, tol: float = 0.0) -> Tensor:
@@ -143,7 +165,7 @@ def contains(spec: Ball, x: Tensor, points: Tensor, tol: float = 0.0) -> Tensor:
     centre when it has one); returns (B,) bool."""
     eps = spec.per_sample_eps(x).reshape(-1)
     delta = (points - spec.center_for(x)).flatten(1)
-    norm = delta.abs().amax(1) if isinstance(spec, LinfBall) else delta.norm(dim=1)
+    norm = delta.norm(p=spec.p, dim=1)
     inside = norm <= eps + tol
     if spec.domain is not None:
         flat = points.flatten(1)

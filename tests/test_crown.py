@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from cure_fast import BoundedModule, L2Ball, LinfBall
+from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall
 from cure_fast.engine import crown
 from cure_fast.training import attacks
 from cure_fast.nn import Normalize
@@ -37,7 +37,8 @@ def _eval_setup(net, data):
     per_sample = data.draw(st.booleans(), label="per-sample eps")
     eps = lambda top: (torch.rand(batch, dtype=torch.float64) * top) if per_sample else data.draw(  # noqa: E731
         st.floats(0.0, top), label="eps")
-    specs = [LinfBall(eps(0.3)), L2Ball(eps(1.0)), L2Ball(eps(0.5), domain=None), LinfBall(eps(0.2), domain=None)]
+    specs = [LinfBall(eps(0.3)), L2Ball(eps(1.0)), L2Ball(eps(0.5), domain=None), LinfBall(eps(0.2), domain=None),
+             L1Ball(eps(1.5)), L1Ball(eps(0.7), domain=None)]
     y = torch.randint(0, model[-1].out_features, (batch,))
     return BoundedModule(model), x, y, specs
 
@@ -262,5 +263,5 @@ def test_train_mode_and_bad_arguments_give_clear_errors():
         bm.margins(x, y, LinfBall(0.1), alpha_steps=3)
     with pytest.raises(ValueError, match="max_rows"):
         bm.margins(x, y, LinfBall(0.1), method="crown", max_rows=0)
-    with pytest.raises(TypeError, match="LinfBall or L2Ball"):
+    with pytest.raises(TypeError, match="LinfBall, L2Ball or L1Ball"):
         crown.crown_margins(bm, x, y, [LinfBall(0.1)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from cure_fast import BoundedModule, L2Ball, LinfBall
+from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall
 from cure_fast.training import attacks
 from cure_fast.specs import contains
 from netgen import batch_stats, modules_of, networks, run_layers
@@ -28,7 +28,8 @@ def _setup(net, data, dtype=torch.float64):
     per_sample = data.draw(st.booleans(), label="per-sample eps")
     eps = lambda top: (torch.rand(batch, dtype=dtype) * top) if per_sample else data.draw(  # noqa: E731
         st.floats(0.0, top), label="eps")
-    specs = [LinfBall(eps(0.3)), L2Ball(eps(1.0)), L2Ball(eps(0.5), domain=None), LinfBall(eps(0.2), domain=None)]
+    specs = [LinfBall(eps(0.3)), L2Ball(eps(1.0)), L2Ball(eps(0.5), domain=None), LinfBall(eps(0.2), domain=None),
+             L1Ball(eps(1.5)), L1Ball(eps(0.7), domain=None)]
     y = torch.randint(0, model[-1].out_features, (batch,))
     bm = BoundedModule(model)
     stats = batch_stats(modules_of(bm), x) if train else {}
@@ -51,7 +52,7 @@ def _true_margins(logits, y):
 
 
 def _sample(spec, x):
-    """Points of the input set: box corners, sphere points, random interior points; (SAMPLES, B, ...)."""
+    """Points of the input set: box corners, sphere points, l1 vertices, random interior points; (SAMPLES, B, ...)."""
     points = []
     for i in range(SAMPLES):
         if i % 3 == 2:
@@ -61,6 +62,11 @@ def _sample(spec, x):
             if spec.domain is not None:
                 lower, upper = lower.clamp(min=spec.domain[0]), upper.clamp(max=spec.domain[1])
             points.append(torch.where(torch.rand_like(x) < 0.5, lower, upper))
+        elif isinstance(spec, L1Ball):  # a vertex x ± eps e_i (clipped to the domain)
+            flat = torch.zeros_like(x).flatten(1)
+            flat[torch.arange(x.shape[0]), torch.randint(0, flat.shape[1], (x.shape[0],))] = 1.0
+            point = x + spec.per_sample_eps(x) * flat.view_as(x) * (2.0 * (torch.rand(()) < 0.5) - 1)
+            points.append(point if spec.domain is None else point.clamp(*spec.domain))
         else:
             direction = torch.randn_like(x)
             direction /= direction.flatten(1).norm(dim=1).view((-1,) + (1,) * (x.dim() - 1))

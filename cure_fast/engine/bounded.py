@@ -3,7 +3,7 @@
 One call of :meth:`BoundedModule.propagate` pushes the natural input and every input set through
 the network together (:mod:`.streams`): each layer is one op over the weights for all streams. An
 l2 ball is kept exact until the first affine layer (dual norm), then becomes an interval like the
-rest. What each layer type does lives in its class in :mod:`.layers`; this module only loops.
+rest (an l1 ball likewise, by the l∞ norm of the weight rows). What each layer type does lives in its class in :mod:`.layers`; this module only loops.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops.policy import check_precision
-from ..specs import Ball, L2Ball, LinfBall
+from ..specs import Ball, L1Ball, L2Ball, LinfBall
 from .layers import Affine, Context, Layer, bound_layer
-from .streams import Interval, Lazy, Streams, lower_upper
+from .streams import Interval, Lazy, Pending, Streams, lower_upper
 
-Spec = Union[LinfBall, L2Ball]
+Spec = Union[LinfBall, L2Ball, L1Ball]
 
 
 def _flatten(module: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:
@@ -74,7 +74,7 @@ def _spec_list(specs) -> List[Spec]:
     specs = [specs] if isinstance(specs, Ball) else list(specs)
     for spec in specs:
         if not isinstance(spec, Ball):
-            raise TypeError(f"specs must be LinfBall / L2Ball objects, got {type(spec).__name__}")
+            raise TypeError(f"specs must be LinfBall / L2Ball / L1Ball objects, got {type(spec).__name__}")
     return specs
 
 
@@ -182,7 +182,7 @@ class BoundedModule(nn.Module):
 
         Args:
             x: inputs (B, ...), inside every spec's domain.
-            specs: input sets (LinfBall / L2Ball), or one of them.
+            specs: input sets (LinfBall / L2Ball / L1Ball), or one of them.
             y: optional labels (B,); when given, margins are returned too.
         Returns:
             a :class:`Propagation` with the logits (B, K), the bounds per spec, the margins per spec
@@ -219,11 +219,12 @@ class BoundedModule(nn.Module):
     def _input_streams(self, x: Tensor, specs: List[Spec]) -> Streams:
         boxes = [spec.domain_box(x) for spec in specs]
         order = [k for k, box in enumerate(boxes) if box is not None]
-        l2 = [k for k, spec in enumerate(specs) if isinstance(spec, L2Ball)]
-        centred = [k for k in l2 if specs[k].center is not None]
+        exact = [k for k, spec in enumerate(specs) if spec.exact_first_layer]
+        centred = [k for k in exact if specs[k].center is not None]
         c = torch.cat([x] + [specs[k].center_for(x) for k in centred] + [boxes[k][0] for k in order])
         r = torch.cat([boxes[k][1] for k in order]) if order else x[:0]
-        balls = {k: (specs[k].per_sample_eps(x).reshape(-1), 1 + centred.index(k) if k in centred else 0) for k in l2}
+        balls = {k: Pending(specs[k].per_sample_eps(x).reshape(-1), 1 + centred.index(k) if k in centred else 0,
+                            specs[k].p) for k in exact}
         return Streams(c, r, order, balls, points=1 + len(centred))
 
     def _group_size(self, i: int, s: Streams) -> int:
@@ -276,8 +277,12 @@ class BoundedModule(nn.Module):
         margins = []
         for k in range(len(specs)):
             if k in pen.balls:
-                eps, j = pen.balls[k]
-                ball = ops.l2_margins_linear(pen.point(j), eps, weight, bias, labels, pen.scale, **options)
+                eps, j, p = pen.balls[k]
+                if p == 1:
+                    ball = ops.l1_margins_linear(pen.point(j), eps, weight, bias, labels, pen.scale,
+                                                 precision=ctx.precision)
+                else:
+                    ball = ops.l2_margins_linear(pen.point(j), eps, weight, bias, labels, pen.scale, **options)
                 margins.append(torch.maximum(ball, per_block[k]) if k in per_block else ball)
             else:
                 margins.append(per_block[k])

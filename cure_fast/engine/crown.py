@@ -10,8 +10,9 @@ below by ``α h``, ``α ∈ [0, 1]``. The bound is then minimized over the input
 Normalize layer being part of the network):
 
 - ``LinfBall``: ``A c - |A| r + a`` over the domain-clipped box ``[max(x-eps, lo), min(x+eps, hi)]``;
-- ``L2Ball``: ``A x - eps |A|_2 + a`` (the dual norm); with a domain also the box bound over
-  ``[max(x-eps, lo), min(x+eps, hi)]``, keeping the larger (both are sound).
+- ``L2Ball``: ``A x - eps |A|_2 + a`` (the dual norm); ``L1Ball``: ``A x - eps |A|_∞ + a``; with a
+  domain also the box bound over ``[max(x-eps, lo), min(x+eps, hi)]``, keeping the larger (both are
+  sound).
 
 Methods (``method=``):
 
@@ -57,7 +58,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..specs import L2Ball, LinfBall
+from ..specs import Ball, L1Ball, L2Ball, LinfBall
 from .layers import Layer, Operator
 from .layers.activation import Relaxation
 from .window import Window, rowdot
@@ -66,7 +67,7 @@ if TYPE_CHECKING:  # BoundedModule calls into this module
     from .bounded import BoundedModule, Propagation
 
 Interval = Tuple[Tensor, Tensor]
-Spec = Union[LinfBall, L2Ball]
+Spec = Union[LinfBall, L2Ball, L1Ball]
 
 METHODS = ("crown-ibp", "crown", "alpha-crown")
 ROW_BUDGET_BYTES = 2 ** 28
@@ -88,9 +89,10 @@ class _InputSet:
 
     def __init__(self, spec: Spec, x: Tensor):
         box = spec.domain_box(x)
-        self.l2, self.boxed = isinstance(spec, L2Ball), box is not None
-        parts = ([spec.center_for(x)] if self.l2 else []) + (list(box) if self.boxed else [])
-        self.values = torch.stack(parts, -1)  # (B, *input shape, parts): [l2 centre], [box centre, box radius]
+        self.dual, self.boxed = spec.exact_first_layer, box is not None
+        self.p = spec.p
+        parts = ([spec.center_for(x)] if self.dual else []) + (list(box) if self.boxed else [])
+        self.values = torch.stack(parts, -1)  # (B, *input shape, parts): [ball centre], [box centre, box radius]
         self.eps = spec.per_sample_eps(x).reshape(-1)
 
     def minimum(self, A: Union[Tensor, "Window"], bias: Tensor, rows: Tensor) -> Tensor:
@@ -102,8 +104,9 @@ class _InputSet:
             values = self.values[rows]
         A, parts = A.flatten(1), values.flatten(1, -2).unbind(-1)
         bound = None
-        if self.l2:
-            bound = rowdot(A, parts[0]) - self.eps[rows] * A.norm(dim=1)
+        if self.dual:  # the dual norm: l2 for l2, l∞ for l1
+            dual = A.norm(dim=1) if self.p == 2 else A.abs().amax(1)
+            bound = rowdot(A, parts[0]) - self.eps[rows] * dual
         if self.boxed:
             boxed = rowdot(A, parts[-2]) - rowdot(A.abs(), parts[-1])
             bound = boxed if bound is None else torch.maximum(bound, boxed)
@@ -286,8 +289,8 @@ def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec,
              max_rows: Optional[int]) -> _Problem:
     if not (callable(getattr(bounded, "propagate", None)) and hasattr(bounded, "layers")):
         raise TypeError(f"expected a BoundedModule, got {type(bounded).__name__}")
-    if not isinstance(spec, (LinfBall, L2Ball)):
-        raise TypeError(f"spec must be a LinfBall or L2Ball, got {type(spec).__name__}")
+    if not isinstance(spec, Ball):
+        raise TypeError(f"spec must be a LinfBall, L2Ball or L1Ball, got {type(spec).__name__}")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}")
     for layer in bounded.layers:
@@ -321,7 +324,7 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         bounded: the network; BatchNorm and Dropout layers must be in eval mode.
         x: inputs (B, ...), inside the spec's domain.
         y: labels (B,) int.
-        spec: a LinfBall or L2Ball (float or per-sample (B,) eps).
+        spec: a LinfBall, L2Ball or L1Ball (float or per-sample (B,) eps).
         method: ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"`` (see the module docstring).
         alpha_steps: Adam steps of α-CROWN.
         alpha_lr: Adam learning rate of α-CROWN.

@@ -7,7 +7,7 @@ and ellipsoid axes) until the first affine layer resolves it by the dual norm.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,17 +28,24 @@ def lower_upper(interval: Interval) -> Interval:
     return c - r, c + r
 
 
+class Pending(NamedTuple):
+    """An l2 or l1 ball still exact: radius ``eps`` (B,), the point block of its centre, its norm ``p``."""
+    eps: Tensor
+    point: int
+    p: float
+
+
 @dataclass
 class Streams:
     """Stacked streams along the batch, B rows per block: ``c`` holds ``points`` point blocks (the
     natural input first, then the centres of l2 balls that have their own centre) followed by one
     block per interval spec (in ``order``); ``r`` holds the radii of the interval blocks. ``balls``
-    maps each l2 spec that is still exact (before the first affine layer) to its eps (B,) and the
-    point block of its centre; its axes are ``eps * scale``."""
+    maps each l2 / l1 spec that is still exact (before the first affine layer) to its
+    :class:`Pending` description; its axes are ``eps * scale``."""
     c: Tensor
     r: Tensor
     order: List[int]
-    balls: Dict[int, Tuple[Tensor, int]] = field(default_factory=dict)
+    balls: Dict[int, Pending] = field(default_factory=dict)
     scale: Optional[Tensor] = None  # (1 or B, *feature shape) or None for identity
     points: int = 1
 
@@ -62,7 +69,7 @@ class Streams:
 
     def ball_box(self, k: int) -> Interval:
         """Bounding box of pending ball ``k`` (intersected with its domain box when it has one)."""
-        eps, j = self.balls[k]
+        eps, j, _ = self.balls[k]
         centre = self.point(j)
         axes = eps.view((-1,) + (1,) * (centre.dim() - 1))
         axes = axes if self.scale is None else axes * self.scale.abs()

@@ -2,7 +2,11 @@
 
 The projection onto ``{|x' - x|_2 <= eps} ∩ [lo, hi]^d`` is exact: for a multiplier ``mu >= 0``
 the minimizer of ``|p - z|^2 + mu |p - x|^2`` over the box is ``clip((z + mu x) / (1 + mu))``, and
-``|p(mu) - x|`` decreases in ``mu``, so the optimal ``mu`` is found by bisection.
+``|p(mu) - x|`` decreases in ``mu``, so the optimal ``mu`` is found by bisection. Likewise onto
+``{|x' - x|_1 <= eps} ∩ [lo, hi]^d``: with ``d = z - x`` the minimizer for a threshold ``t >= 0`` is
+``x + sign(d) min(max(|d| - t, 0), room)`` (``room`` the distance to the domain's edge in that
+direction), whose l1 norm decreases in ``t``. The l1 attack steps along the few coordinates of
+largest gradient that can still move (sparse steepest ascent).
 """
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..specs import L2Ball, LinfBall
+from ..specs import L1Ball, L2Ball, LinfBall
 
-Ball = Union[LinfBall, L2Ball]
+Ball = Union[LinfBall, L2Ball, L1Ball]
 """An input set the attacks take."""
+L1_SPARSITY = 0.01  # share of the coordinates an l1 step moves (at least one)
 
 
 def _clip_domain(spec: Ball, z: Tensor) -> Tensor:
@@ -34,6 +39,8 @@ def project(spec: Ball, x: Tensor, z: Tensor, iterations: int = 60) -> Tensor:
     x = spec.center_for(x)
     if isinstance(spec, LinfBall):
         return _clip_domain(spec, torch.minimum(torch.maximum(z, x - eps), x + eps))
+    if isinstance(spec, L1Ball):
+        return _project_l1(spec, x, z, eps, iterations)
     radius = lambda mu: _l2_norm(_clip_domain(spec, (z + mu * x) / (1 + mu)) - x)  # noqa: E731
     low = torch.zeros_like(eps)
     high = torch.ones_like(eps)
@@ -48,6 +55,25 @@ def project(spec: Ball, x: Tensor, z: Tensor, iterations: int = 60) -> Tensor:
     return _clip_domain(spec, (z + mu * x) / (1 + mu))
 
 
+def _project_l1(spec: Ball, x: Tensor, z: Tensor, eps: Tensor, iterations: int) -> Tensor:
+    """Exact projection onto the l1 ball of radius eps (B, 1, ..) around x intersected with the domain."""
+    d = z - x
+    if spec.domain is None:
+        room = torch.full_like(d, float("inf"))
+    else:
+        room = torch.where(d > 0, spec.domain[1] - x, x - spec.domain[0]).clamp_min(0)
+    step = lambda t: torch.minimum((d.abs() - t).clamp_min(0), room)  # noqa: E731
+    norm = lambda t: step(t).flatten(1).sum(1).view_as(eps)  # noqa: E731
+    low, high = torch.zeros_like(eps), d.abs().flatten(1).amax(1).view_as(eps)
+    inside = norm(low) <= eps
+    for _ in range(iterations):
+        mid = (low + high) / 2
+        too_far = norm(mid) > eps
+        low, high = torch.where(too_far, mid, low), torch.where(too_far, high, mid)
+    t = torch.where(inside, torch.zeros_like(high), high)
+    return x + d.sign() * step(t)
+
+
 @torch.no_grad()
 def random_point(spec: Ball, x: Tensor) -> Tensor:
     """A random point of the input set (uniform in the box; uniform direction and radius in the ball)."""
@@ -55,6 +81,10 @@ def random_point(spec: Ball, x: Tensor) -> Tensor:
     x = spec.center_for(x)
     if isinstance(spec, LinfBall):
         return project(spec, x, x + (2 * torch.rand_like(x) - 1) * eps)
+    if isinstance(spec, L1Ball):  # a Laplace direction scaled to the unit l1 sphere
+        direction = torch.distributions.Laplace(0.0, 1.0).sample(x.shape).to(x)
+        direction = direction / direction.flatten(1).abs().sum(1).view_as(eps).clamp_min(1e-12)
+        return project(spec, x, x + direction * torch.rand_like(eps) * eps)
     direction = torch.randn_like(x)
     direction = direction / _l2_norm(direction).clamp_min(1e-12)
     radius = torch.rand_like(eps)
@@ -66,7 +96,8 @@ def pgd(objective: Callable[[Tensor], Tensor], x: Tensor, spec: Ball, steps: int
     """Maximize ``objective`` (points (B, ...) -> values (B,)) over the input set around ``x``.
 
     Steps of relative size ``step_size`` (default 2.5 / steps) times eps along the gradient's sign
-    (l∞) or direction (l2), each followed by the exact projection. Returns the best points (B, ...).
+    (l∞), its direction (l2) or its largest coordinates that can still move (l1), each followed by the
+    exact projection. Returns the best points (B, ...).
     """
     return pgd_batched(objective, x, [spec], steps, step_size, restarts, random_start)[0]
 
@@ -77,8 +108,8 @@ def pgd_batched(objective: Callable[[Tensor], Tensor], x: Tensor, specs: Sequenc
     batch, so each step is one call of ``objective`` ((S*B, ...) -> (S*B,)) and one backward.
     Returns the best points per set, each (B, ...)."""
     for spec in specs:
-        if not isinstance(spec, (LinfBall, L2Ball)):
-            raise TypeError(f"pgd needs LinfBall or L2Ball sets, got {type(spec).__name__}")
+        if not isinstance(spec, (LinfBall, L2Ball, L1Ball)):
+            raise TypeError(f"pgd needs LinfBall, L2Ball or L1Ball sets, got {type(spec).__name__}")
     relative = step_size if step_size is not None else 2.5 / max(steps, 1)
     x = x.detach()
     stack = lambda parts: torch.cat(parts)  # noqa: E731
@@ -95,7 +126,7 @@ def pgd_batched(objective: Callable[[Tensor], Tensor], x: Tensor, specs: Sequenc
             grad, = torch.autograd.grad(value.sum(), point)
             with torch.no_grad():
                 _keep_best(best, best_value, point, value)
-                points = [project(spec, x, p + a * _ascent(spec, g))
+                points = [project(spec, x, p + a * _ascent(spec, g, p))
                           for spec, p, a, g in zip(specs, split(point.detach()), alpha, split(grad))]
         with torch.no_grad():
             point = stack(points)
@@ -103,9 +134,23 @@ def pgd_batched(objective: Callable[[Tensor], Tensor], x: Tensor, specs: Sequenc
     return split(best)
 
 
-def _ascent(spec: Ball, grad: Tensor) -> Tensor:
-    """The steepest-ascent direction of unit norm for the set's norm."""
-    return grad.sign() if isinstance(spec, LinfBall) else grad / _l2_norm(grad).clamp_min(1e-12)
+def _ascent(spec: Ball, grad: Tensor, point: Tensor) -> Tensor:
+    """The steepest-ascent direction of unit norm for the set's norm; for l1, spread over the
+    coordinates of largest gradient among those the domain lets move that way."""
+    if isinstance(spec, LinfBall):
+        return grad.sign()
+    if isinstance(spec, L2Ball):
+        return grad / _l2_norm(grad).clamp_min(1e-12)
+    movable = grad.abs()
+    if spec.domain is not None:
+        stuck = ((grad > 0) & (point >= spec.domain[1])) | ((grad < 0) & (point <= spec.domain[0]))
+        movable = movable.masked_fill(stuck, 0)
+    flat = movable.flatten(1)
+    k = max(1, int(L1_SPARSITY * flat.shape[1]))
+    threshold = flat.topk(k, dim=1).values[:, -1:].clamp_min(torch.finfo(flat.dtype).tiny)
+    chosen = (flat >= threshold).to(grad.dtype)
+    direction = grad.sign().flatten(1) * chosen / chosen.sum(1, keepdim=True).clamp_min(1)
+    return direction.view_as(grad)
 
 
 def _keep_best(best: Tensor, best_value: Tensor, point: Tensor, value: Tensor) -> None:

@@ -1,5 +1,5 @@
 """Linear and Conv2d: ``c' = W c + b``, ``r' = |W| r`` (exact hull), the exact first layer under an
-l2 ball (dual norm), and CROWN's backward step (dense, and on windows for convolutions)."""
+l2 or l1 ball (dual norm), and CROWN's backward step (dense, and on windows for convolutions)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -22,8 +22,8 @@ class _AffineLayer(Layer):
                  relu: bool = False) -> Interval:
         raise NotImplementedError
 
-    def l2(self, x: Tensor, eps: Tensor, scale: Optional[Tensor], ctx: Context) -> Interval:
-        """Exact bounds over the ellipsoid ``{x + eps * scale ⊙ u : |u|_2 <= 1}``."""
+    def dual(self, x: Tensor, eps: Tensor, scale: Optional[Tensor], p: float, ctx: Context) -> Interval:
+        """Exact bounds over ``{x + eps * scale ⊙ u : |u|_p <= 1}`` (p = 2 or 1) by the dual norm."""
         raise NotImplementedError
 
     def step(self, s: Streams, ctx: Context) -> Tuple[Streams, None]:
@@ -31,8 +31,8 @@ class _AffineLayer(Layer):
         if not s.balls:
             return out, None
         balls = {}
-        for k, (eps, j) in s.balls.items():
-            ball = self.l2(s.point(j), eps, s.scale, ctx)
+        for k, (eps, j, p) in s.balls.items():
+            ball = self.dual(s.point(j), eps, s.scale, p, ctx)
             balls[k] = intersect(ball, out.block(k)) if k in out.order else ball
         return out.resolved(ctx.n_specs, balls), None
 
@@ -57,8 +57,10 @@ class LinearLayer(_AffineLayer):
         m = self.module
         return ops.interval_linear(c, r, m.weight, m.bias, **self._epilogue(ctx, affine, relu))
 
-    def l2(self, x, eps, scale, ctx) -> Interval:
+    def dual(self, x, eps, scale, p, ctx) -> Interval:
         m = self.module
+        if p == 1:
+            return ops.l1_linear(x, eps, m.weight, m.bias, scale, precision=ctx.precision)
         return ops.l2_linear(x, eps, m.weight, m.bias, scale, backend=ctx.backend, precision=ctx.precision)
 
     def step(self, s: Streams, ctx: Context) -> Tuple[Streams, None]:
@@ -89,7 +91,9 @@ class Conv2dLayer(_AffineLayer):
     def interval(self, c, r, ctx, affine=None, relu=False) -> Interval:
         return ops.interval_conv2d(c, r, *self._geometry(), **self._epilogue(ctx, affine, relu))
 
-    def l2(self, x, eps, scale, ctx) -> Interval:
+    def dual(self, x, eps, scale, p, ctx) -> Interval:
+        if p == 1:
+            return ops.l1_conv2d(x, eps, *self._geometry(), scale, precision=ctx.precision)
         return ops.l2_conv2d(x, eps, *self._geometry(), scale, backend=ctx.backend, precision=ctx.precision)
 
     def operator(self, h: Tensor) -> Operator:
