@@ -105,7 +105,7 @@ skip() {  # skip NAME REASON
   record "$1" "${3:-}" "${BUDGET[$1]}" "" "" "" skipped "$2" ""
 }
 
-echo "== $(date) on $(hostname), quick check$([[ "$DRY" == 1 ]] && echo ' (dry run on the CPU)'), steps: ${STEPS[*]}"
+echo "== $(date) on ${HOSTNAME:-?}, quick check$([[ "$DRY" == 1 ]] && echo ' (dry run on the CPU)'), steps: ${STEPS[*]}"
 echo "== output in $OUT, total budget ${TOTAL} s"
 [[ "$DRY" == 1 ]] || nvidia-smi || true
 
