@@ -5,7 +5,7 @@ For every layer op, batch size, precision (``ieee``: fp32 IEEE products, the cer
 ``tf32``: training) and pass (forward, backward, both), the median time of
 
 - ``triton``: the fused Triton kernel (cure_fast.kernels),
-- ``cuda``: the CUDA C++ backend (cure_fast._cuda), when the extension is built; for the
+- ``cuda``: the CUDA C++ backend (cure_fast.cuda), when the extension is built; for the
   convolutions and linear layers also its two methods on their own, ``cuda_fused`` (the implicit
   GEMM / the fused interval GEMM) and ``cuda_library`` (one grouped cuDNN call / one strided
   batched cuBLAS GEMM when the row counts allow, + the fused epilogue), ``cuda`` being the measured
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import harness
-from cure_fast import backends, kernels, models, reference
+from cure_fast import cuda, kernels, models, ops
+from cure_fast.ops import policy as backends
 
 PRECISIONS = ("ieee", "tf32")
 PASSES = ("forward", "backward", "both")
@@ -45,7 +46,7 @@ COLUMNS = ("layer", "op", "batch", "precision", "pass", "triton_ms", "cuda_ms", 
 @dataclass
 class Case:
     """One op on one layer. ``make()`` builds fresh inputs; ``fused(impl, precision)`` is the fused
-    function of the backend module ``impl`` (cure_fast.kernels or cure_fast._cuda, which share
+    function of the backend module ``impl`` (cure_fast.kernels or cure_fast.cuda, which share
     their signatures); ``floor`` takes ``floor_inputs(inputs)``. ``flops`` counts the forward (the backward
     counts twice as much when the inputs need gradients, once otherwise); ``bytes`` = (forward, backward)."""
     layer: str
@@ -111,16 +112,16 @@ def _affine_case(name, module, shape, out, inputs: _Inputs, first: bool) -> Case
     conv = dict(stride=module.stride, padding=module.padding) if isinstance(module, nn.Conv2d) else None
     if conv:
         op = lambda impl: partial(impl.interval_conv2d, **conv)  # noqa: E731
-        eager = partial(reference.interval_conv2d_ref, **conv)
+        eager = partial(ops.interval_conv2d_ref, **conv)
         products = partial(F.conv2d, **conv)
     else:
-        op, eager, products = (lambda impl: impl.interval_linear), reference.interval_linear_ref, F.linear
+        op, eager, products = (lambda impl: impl.interval_linear), ops.interval_linear_ref, F.linear
     io = _numel((n,) + shape, (m,) + shape, (n,) + out, (m,) + out) + module.weight.numel()
     return Case(
         name, "interval+relu",
         make=lambda: (*inputs.interval(shape, grad=not first), *inputs.params(module)),
         fused=lambda impl, precision: lambda c, r, w, b: op(impl)(c, r, w, b, relu=True, precision=precision),
-        eager=lambda c, r, w, b: reference.interval_relu_ref(*eager(c, r, w, b)),
+        eager=lambda c, r, w, b: ops.interval_relu_ref(*eager(c, r, w, b)),
         floor=lambda c, r, w, w_abs, b: (products(c, w, b), products(r, w_abs)),
         floor_inputs=_floor_inputs,
         flops=2.0 * (n + m) * torch.Size(out).numel() * module.weight[0].numel(),
@@ -143,7 +144,7 @@ def _l2_case(name, module, data, out, inputs: _Inputs, batch: int) -> Case:
         make=lambda: (inputs.rand(batch, *data.shape, low=0.0, grad=False), *inputs.params(module)),
         fused=lambda impl, precision: lambda x, w, b: impl.l2_conv2d(x, 0.5, w, b, **conv, scale=scale,
                                                                        precision=precision),
-        eager=lambda x, w, b: reference.l2_conv2d_ref(x, 0.5, w, b, **conv, scale=scale),
+        eager=lambda x, w, b: ops.l2_conv2d_ref(x, 0.5, w, b, **conv, scale=scale),
         floor=lambda x, w, w_sq, b: (F.conv2d(x, w, b, **conv), F.conv2d(s2, w_sq, None, **conv)),
         floor_inputs=lambda i: (i[0], i[1], i[1].detach().square().requires_grad_(), i[2]),
         flops=2.0 * (batch + 1) * torch.Size(out).numel() * module.weight[0].numel(),
@@ -159,7 +160,7 @@ def _margins_case(name, module, inputs: _Inputs) -> Case:
         name, "margins",
         make=lambda: (inputs.rand(rows, features), inputs.rand(rows, features, low=0.0), *inputs.params(module)),
         fused=lambda impl, precision: lambda c, r, w, b: impl.margins_linear(c, r, w, b, labels, precision=precision),
-        eager=lambda c, r, w, b: reference.margins_linear_ref(c, r, w, b, labels),
+        eager=lambda c, r, w, b: ops.margins_linear_ref(c, r, w, b, labels),
         floor=lambda c, r, w, w_abs, b: (F.linear(c, w, b), F.linear(r, w_abs)),
         floor_inputs=_floor_inputs,
         flops=4.0 * rows * classes * features, bytes=(4.0 * io, 8.0 * io))
@@ -173,7 +174,7 @@ def _affine_relu_case(name, shape, inputs: _Inputs) -> Case:
         f"bn+relu after {name}", "affine+relu",
         make=lambda: (*inputs.interval(shape), inputs.rand(channels, low=0.5), inputs.rand(channels)),
         fused=lambda impl, precision: lambda c, r, s, t: impl.interval_affine(c, r, s, t, relu=True),
-        eager=lambda c, r, s, t: reference.interval_relu_ref(*reference.interval_affine_ref(c, r, s, t)),
+        eager=lambda c, r, s, t: ops.interval_relu_ref(*ops.interval_affine_ref(c, r, s, t)),
         floor=None, floor_inputs=None, flops=2.0 * io, bytes=(4.0 * io, 8.0 * io))
 
 
@@ -224,10 +225,8 @@ def _timings(fn: Callable, make: Callable, device, smoke: bool) -> dict:
 def fused_backends(device: torch.device) -> dict:
     """The fused backends to measure: triton, and cuda when its extension is built (GPU only)."""
     impls = {"triton": kernels}
-    if device.type == "cuda":
-        from cure_fast import _cuda
-        if _cuda.available():
-            impls["cuda"] = _cuda
+    if cuda.available(device):
+        impls["cuda"] = cuda
     return impls
 
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 import harness
 from bench_kernels import fused_backends
-from cure_fast import BoundedModule, L2Ball, LinfBall, backends, models
+from cure_fast import BoundedModule, L2Ball, LinfBall, models
+from cure_fast.ops import policy as backends
 
 SETTINGS = (("train", "tf32"), ("train", "ieee"), ("eval", "ieee"))
 PASSES = ("forward", "backward", "both")

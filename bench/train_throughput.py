@@ -13,7 +13,7 @@ import torch
 import harness
 from cure_fast import models
 from cure_fast.config import from_dict
-from cure_fast.train import Objective, training_sets
+from cure_fast.training.trainer import Objective, training_sets
 
 METHODS = {
     "natural": dict(method="natural"),
