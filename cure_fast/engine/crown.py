@@ -23,13 +23,16 @@ Methods (``method=``):
   the earlier ReLUs, intersected with IBP (propagated from the earlier, tightened bounds). Only
   neurons unstable under the IBP bounds get rows: a stable neuron's relaxation is already exact. Where
   a pre-activation is the image of the input set under one Linear/Conv2d and per-channel affines, the
-  IBP bound is already exact (interval hull, or dual norm for l2) and is kept. Then the final pass as
-  in CROWN-IBP.
+  IBP bound is already exact (interval hull, or dual norm for l2 / l1) and is kept. Then the final
+  pass as in CROWN-IBP. Tighter intermediate bounds need not give a tighter final bound (they change
+  the adaptive slopes), so where the intersection changed any bound, pure CROWN (the same passes
+  without the intersection, from the first layer it changed) is run too and the final bound is the
+  larger of the two: never looser than pure CROWN.
 - ``"alpha-crown"`` (α-CROWN, final layer): CROWN's pre-activation bounds; the lower slopes α of
   every ReLU, one per neuron *and per margin row*, are optimized for the final bound by Adam
   (``alpha_steps`` steps, learning rate ``alpha_lr``) from CROWN's choice, clamped to ``[0, 1]`` after
-  each step; the best bound seen per row is kept, so it is never looser than CROWN. The intermediate
-  bounds are not re-optimized.
+  each step; the best bound seen per row is kept and compared with pure CROWN's, so it is never
+  looser than CROWN. The intermediate bounds are not re-optimized.
 
 Every method returns the elementwise maximum of its bound and IBP's folded margin (both are sound).
 
@@ -189,9 +192,10 @@ def _unit_bound(problem: _Problem, relaxations: Dict[int, Relaxation], end: int,
 
 
 def _crown_bounds(problem: _Problem, relaxations: Dict[int, Relaxation], end: int, lower: Tensor,
-                  upper: Tensor) -> Interval:
+                  upper: Tensor, intersect: bool = True) -> Tuple[Tensor, Tensor, bool]:
     """CROWN bounds on the output of layer ``end - 1`` for the neurons unstable under ``lower``, ``upper``
-    (B, *shape), intersected with them; returns the new ``(lower, upper)``."""
+    (B, *shape), intersected with them (or in their place); returns the new ``(lower, upper)`` and
+    whether the intersection made any of them tighter than CROWN's own."""
     l, u = lower.flatten(1).clone(), upper.flatten(1).clone()
     sample, neuron = ((l < 0) & (u > 0)).nonzero(as_tuple=True)
     count = sample.numel()
@@ -201,9 +205,12 @@ def _crown_bounds(problem: _Problem, relaxations: Dict[int, Relaxation], end: in
     for part in _chunks(2 * count, problem.max_rows):
         values.append(_unit_bound(problem, relaxations, end, neurons[part], signs[part], rows[part]))
     values = torch.cat(values) if values else l.new_zeros(0)
-    l[sample, neuron] = torch.maximum(l[sample, neuron], values[:count])
-    u[sample, neuron] = torch.minimum(u[sample, neuron], -values[count:])
-    return l.view_as(lower), torch.maximum(u, l).view_as(upper)
+    low, high = values[:count], -values[count:]
+    changed = intersect and bool((l[sample, neuron] > low).any() or (u[sample, neuron] < high).any())
+    if intersect:
+        low, high = torch.maximum(l[sample, neuron], low), torch.minimum(u[sample, neuron], high)
+    l[sample, neuron], u[sample, neuron] = low, high
+    return l.view_as(lower), torch.maximum(u, l).view_as(upper), changed
 
 
 def _forward_interval(problem: _Problem, start: int, end: int, bounds: Interval) -> Interval:
@@ -216,27 +223,45 @@ def _forward_interval(problem: _Problem, start: int, end: int, bounds: Interval)
     return c - r, c + r
 
 
-def _relaxations(problem: _Problem, crown: bool) -> Tuple[Dict[int, Relaxation], Dict[int, Interval]]:
-    """The relaxation of every ReLU and its pre-activation bounds, keyed by layer index, from IBP
-    (``crown=False``) or CROWN bounds."""
-    relaxations: Dict[int, Relaxation] = {}
-    bounds: Dict[int, Interval] = {}
+@dataclass
+class _Chain:
+    """The relaxation of every activation and its pre-activation bounds, keyed by layer index;
+    ``diverged``: the first activation whose bounds the intersection with IBP changed (None: none)."""
+    relaxations: Dict[int, Relaxation]
+    bounds: Dict[int, Interval]
+    diverged: Optional[int] = None
+
+
+def _relaxations(problem: _Problem, crown: bool, intersect: bool = True, reuse: Optional[_Chain] = None) -> _Chain:
+    """The relaxations from IBP's bounds (``crown=False``) or CROWN's, layer by layer, intersected
+    with IBP's (``intersect``; from the earlier, tightened bounds) or not (pure CROWN). ``reuse``:
+    a chain whose entries before its ``diverged`` layer are the same here."""
+    chain = _Chain({}, {})
     previous: Optional[Tuple[int, Interval]] = None
     for i, op in enumerate(problem.ops):
         if op is not None:
             continue
+        if reuse is not None and reuse.diverged is not None and i < reuse.diverged:
+            chain.relaxations[i], chain.bounds[i] = reuse.relaxations[i], reuse.bounds[i]
+            previous = (i, reuse.bounds[i])
+            continue
         lower, upper = problem.propagation.input_bounds(0, i)
+        changed = False
         if crown:
-            if previous is not None:
+            if previous is not None and intersect:
                 low, high = _forward_interval(problem, previous[0] + 1, i, previous[1])
+                changed = bool((low > lower).any() or (high < upper).any())
                 lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
                 upper = torch.maximum(upper, lower)
             if not _ibp_is_exact(problem.ops[:i]):
-                lower, upper = _crown_bounds(problem, relaxations, i, lower, upper)
+                lower, upper, tightened = _crown_bounds(problem, chain.relaxations, i, lower, upper, intersect)
+                changed = changed or tightened
             previous = (i, (lower, upper))
-        relaxations[i] = problem.layers[i].relaxation(lower, upper)
-        bounds[i] = (lower, upper)
-    return relaxations, bounds
+        if changed and chain.diverged is None:
+            chain.diverged = i
+        chain.relaxations[i] = problem.layers[i].relaxation(lower, upper)
+        chain.bounds[i] = (lower, upper)
+    return chain
 
 
 def _specification(y: Tensor, classes: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
@@ -339,12 +364,15 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         raise ValueError(f"alpha_steps must be a non-negative int, got {alpha_steps!r}")
     problem = _problem(bounded, x, y, spec, sound, max_rows)
     ibp = problem.propagation.margins[0]
-    relaxations, _ = _relaxations(problem, crown=method != "crown-ibp")
+    chain = _relaxations(problem, crown=method != "crown-ibp")
     C, rows, mask = _specification(y.long(), ibp.shape[1], ibp.dtype)
     if method == "alpha-crown":
-        values = _optimized_bound(problem, relaxations, C, rows, alpha_steps, alpha_lr)
+        values = _optimized_bound(problem, chain.relaxations, C, rows, alpha_steps, alpha_lr)
     else:
-        values = _linear_bound(problem, relaxations, C, rows)
+        values = _linear_bound(problem, chain.relaxations, C, rows)
+    if method != "crown-ibp" and chain.diverged is not None:  # never looser than pure CROWN
+        pure = _relaxations(problem, crown=True, intersect=False, reuse=chain)
+        values = torch.maximum(values, _linear_bound(problem, pure.relaxations, C, rows))
     margins = ibp.clone()
     margins[mask] = torch.maximum(ibp[mask], values)
     return _round_down(margins, x.dtype)
@@ -361,5 +389,5 @@ def preactivation_bounds(bounded: BoundedModule, x: Tensor, spec: Spec, method: 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     problem = _problem(bounded, x, None, spec, sound, max_rows)
-    _, bounds = _relaxations(problem, crown=method != "crown-ibp")
+    bounds = _relaxations(problem, crown=method != "crown-ibp").bounds
     return [(_round_down(lower, x.dtype), -_round_down(-upper, x.dtype)) for lower, upper in bounds.values()]
