@@ -43,11 +43,15 @@ class Window:
 
     def take(self, t: Tensor, rows: Tensor) -> Tensor:
         """The values of t (B, C, H, W, *extra) of sample ``rows`` (N,) on each window, (N, C, h, w, *extra);
-        positions outside the map take the nearest border value (A is zero there)."""
+        positions outside the map take the nearest border value (A is zero there). One row gather of
+        a pixel-major copy of t (every pixel's C values together), not an element-wise gather."""
+        batch, channels, height, width = t.shape[:4]
         i, j = self._grid()
-        i, j = i.clamp(0, t.shape[2] - 1), j.clamp(0, t.shape[3] - 1)
-        channels = torch.arange(t.shape[1], device=t.device)
-        return t[rows[:, None, None, None], channels[None, :, None, None], i[:, None, :, None], j[:, None, None, :]]
+        i, j = i.clamp(0, height - 1), j.clamp(0, width - 1)
+        pixel = (rows[:, None, None] * height + i[:, :, None]) * width + j[:, None, :]  # (N, h, w)
+        table = t.movedim(1, 3).reshape(batch * height * width, channels, *t.shape[4:])
+        values = table.index_select(0, pixel.flatten()).view(*pixel.shape, channels, *t.shape[4:])
+        return values.movedim(3, 1)
 
     def dense(self, height: int, width: int) -> Tensor:
         """A on the whole (height, width) map, (N, C, height, width)."""
