@@ -8,8 +8,10 @@ from typing import List, Optional
 import torch
 
 from . import BoundedModule, L2Ball, LinfBall, models
+from .errors import one_line_errors
 from .ops import policy as backends
 from .ops.autoselect import median_ms
+from .validation import OneLineParser, integer_type, number_type
 
 
 def quickstart(args: argparse.Namespace) -> None:
@@ -56,38 +58,37 @@ def demo(args: argparse.Namespace) -> None:
     """Train a small CNN on real MNIST three ways (l∞ only, l2 only, CURE multi-norm) and compare."""
     from .config import load_config
     from .reporting import format_table, plot_summary
-    from .training.trainer import train
+    from .training.rundir import caption
+    from .training.trainer import Trainer
     start, rows = time.perf_counter(), {}
-    for preset, title in DEMO:
-        config = load_config(preset, overrides=[f"out_dir={args.out_dir}"] + args.set)
+    configs = [load_config(preset, overrides=[f"out_dir={args.out_dir}"] + args.set) for preset, _ in DEMO]
+    images = 0
+    for (preset, title), config in zip(DEMO, configs):
         print(f"== {title}: preset {preset} ({config.method}, norms {'+'.join(config.norms)}, "
               f"{config.epochs} epochs on {config.train_limit or 'all'} images)", flush=True)
-        rows[title] = train(config)
-    config = load_config(DEMO[0][0])
-    print(f"\nTest accuracy on {config.eval_limit} MNIST test images, l∞ eps {config.eval_eps('inf'):g}, "
-          f"l2 eps {config.eval_eps('2'):g} (certified by IBP; union: certified for both at once)")
+        trainer = Trainer(config)
+        rows[title] = trainer.run()
+        images = len(trainer.test_set)
+    title = caption(configs[0], images) + " (certified by IBP; union: certified for both at once)"
+    print(f"\n{title}")
     print(format_table(rows))
     path = f"{args.out_dir}/demo-summary.png"
-    plot_summary(rows, path)
+    plot_summary(rows, path, title=caption(configs[0], images))
     print(f"table saved to {path}; wall time {time.perf_counter() - start:.0f} s")
 
 
 def train_command(args: argparse.Namespace) -> None:
     """Train a model (presets: --list-presets)."""
-    from .training.trainer import TrainingError, run_from_args
-    try:
+    from .training.trainer import run_from_args
+    with one_line_errors("cure-fast train"):
         run_from_args(args)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"cure-fast train: {e}")
 
 
 def certify_command(args: argparse.Namespace) -> None:
     """Certify a trained model: IBP / CROWN family per norm and union, smoothing, geometric."""
     from .certification.certify import run_from_args
-    try:
+    with one_line_errors("cure-fast certify"):
         run_from_args(args)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"cure-fast certify: {e}")
 
 
 def info(_: argparse.Namespace) -> None:
@@ -102,16 +103,16 @@ def info(_: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="cure-fast", description=__doc__)
+    parser = OneLineParser(prog="cure-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     quick = commands.add_parser("quickstart", help=quickstart.__doc__)
     quick.add_argument("--model", default="cnn7", choices=sorted(models.MODELS))
     quick.add_argument("--dataset", default="mnist", choices=sorted(models.DATASETS))
-    quick.add_argument("--batch", type=int, default=32)
-    quick.add_argument("--linf", type=float, default=0.1)
-    quick.add_argument("--l2", type=float, default=0.5)
+    quick.add_argument("--batch", type=integer_type(1), default=32)
+    quick.add_argument("--linf", type=number_type(0, high=1), default=0.1)
+    quick.add_argument("--l2", type=number_type(0), default=0.5)
     quick.add_argument("--backend", default=None, choices=backends.CHOICES)
-    quick.add_argument("--repeats", type=int, default=5)
+    quick.add_argument("--repeats", type=integer_type(1), default=5)
     quick.set_defaults(run=quickstart)
     commands.add_parser("info", help=info.__doc__).set_defaults(run=info)
     from .training.trainer import add_arguments
@@ -127,7 +128,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of all three runs")
     show.set_defaults(run=demo)
     args = parser.parse_args(argv)
-    args.run(args)
+    if args.run in (quickstart, demo):
+        with one_line_errors(f"cure-fast {args.command}"):
+            args.run(args)
+    else:
+        args.run(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Training configuration: one flat dataclass, presets shipped as YAML, validated with clear errors;
+"""Training configuration: one flat dataclass, presets shipped as YAML, validated key by key
+(:data:`RULES`, built on :mod:`cure_fast.validation`) with one-line errors;
 and what its values name: the input set of a norm (``make_spec``) and the device (``resolve_device``).
 
 >>> config = load_config(preset="mnist-demo-cure", overrides=["epochs=3", "norms=[inf]"])
@@ -7,17 +8,20 @@ and what its values name: the input set of a norm (``make_spec``) and the device
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import yaml
 
+from .errors import ConfigError
 from .models import DATASETS, MODELS
 from .specs import L2Ball, LinfBall
+from .validation import (NUMBER_HINT, Boolean, Choice, ChoiceList, FolderName, Integer, IntegerList, Mapping, Number,
+                         Rule, Text, did_you_mean)
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
 METHODS = ("natural", "pgd", "ibp", "sabr")
@@ -97,69 +101,105 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available")
+        raise ConfigError("device=cuda but no CUDA device is available; choose device=cpu or auto")
     return torch.device(name)
 
 
 def _fail(message: str):
-    raise ValueError(f"invalid config: {message}")
+    raise ConfigError(f"invalid config: {message}")
 
 
-def validate(config: TrainConfig) -> TrainConfig:
-    """Check every field; raise ValueError naming the field and what is allowed."""
-    choices = {"dataset": tuple(DATASETS), "model": tuple(MODELS), "method": METHODS, "combine": COMBINES,
-               "sabr_l2_set": ("ball", "box"), "align_reference": NORMS, "device": ("auto", "cpu", "cuda"),
-               "backend": ("auto", "torch", "triton", "cuda")}
-    for name, allowed in choices.items():
-        if getattr(config, name) not in allowed:
-            _fail(f"{name}={getattr(config, name)!r}; choose one of {', '.join(allowed)}")
-    if not config.norms or any(n not in NORMS for n in config.norms) or len(set(config.norms)) != len(config.norms):
-        _fail(f"norms={config.norms!r}; a non-empty list of distinct values from {NORMS}")
-    for name in ("eps_inf", "eps_2", "eval_eps_inf", "eval_eps_2", "weight_decay", "align_lambda", "reg_lambda"):
-        value = getattr(config, name)
-        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0):
-            _fail(f"{name}={value!r}; a finite number >= 0")
-    for name in ("alpha", "natural_weight", "gp_beta", "reg_tol"):
-        if not 0 <= getattr(config, name) <= 1:
-            _fail(f"{name}={getattr(config, name)!r}; a number in [0, 1]")
-    if not 0 < config.sabr_lambda <= 1:
-        _fail(f"sabr_lambda={config.sabr_lambda!r}; a number in (0, 1]")
-    for name in ("epochs", "batch_size", "eval_every", "eval_batch_size", "pgd_restarts", "eval_pgd_restarts"):
-        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
-            _fail(f"{name}={getattr(config, name)!r}; an integer >= 1")
-    for name in ("pgd_steps", "eval_pgd_steps", "eps_start_epoch"):
-        if not isinstance(getattr(config, name), int) or getattr(config, name) < 0:
-            _fail(f"{name}={getattr(config, name)!r}; an integer >= 0")
+def _model_rules(model: str) -> Dict[str, Rule]:
+    """The keyword arguments of model builder ``model`` and a rule per argument, from its defaults."""
+    rules = {}
+    for name, parameter in inspect.signature(MODELS[model]).parameters.items():
+        default = parameter.default
+        if name == "data" or default is inspect.Parameter.empty:
+            continue
+        rules[name] = (Boolean() if isinstance(default, bool) else Integer(1) if isinstance(default, int)
+                       else IntegerList(1, increasing=False) if isinstance(default, (tuple, list)) else Rule())
+    return rules
+
+
+def eps_rule(dataset: str, norm: str, optional: bool = False) -> Number:
+    """eps of ``norm`` on ``dataset``'s images in [0, 1]: at most 1 (l∞) or the diagonal sqrt(C·H·W) (l2);
+    beyond that the set is the whole image domain."""
+    high = 1.0 if norm == "inf" else math.sqrt(math.prod(DATASETS[dataset].shape))
+    rule = Number(0, high, optional=optional)
+    rule.allowed = (f"a number in [0, {high:.4g}] ({NUMBER_HINT}): {dataset} images lie in [0, 1], a larger "
+                    f"{'l∞' if norm == 'inf' else 'l2'} eps covers them whole")
+    return rule
+
+
+RULES: Dict[str, Rule] = {
+    "name": FolderName(), "dataset": Choice(DATASETS), "data_root": Text(optional=True),
+    "train_limit": Integer(1, optional=True, note=" (null: the whole training set)"), "model": Choice(MODELS),
+    "model_args": Mapping(), "method": Choice(METHODS), "norms": ChoiceList(NORMS),
+    "combine": Choice(COMBINES), "alpha": Number(0, 1), "init_from": Text(optional=True),
+    "natural_weight": Number(0, 1), "sabr_lambda": Number(0, 1, low_open=True), "sabr_l2_set": Choice(("ball", "box")),
+    "pgd_steps": Integer(0), "pgd_restarts": Integer(1), "align_lambda": Number(0), "align_reference": Choice(NORMS),
+    "gp_beta": Number(0, 1), "epochs": Integer(1), "batch_size": Integer(1), "lr": Number(0, low_open=True),
+    "lr_milestones": IntegerList(1), "lr_gamma": Number(0, 1, low_open=True), "weight_decay": Number(0),
+    "eps_start_epoch": Integer(0), "eps_end_epoch": Integer(0), "ibp_init": Boolean(), "reg_lambda": Number(0),
+    "reg_tol": Number(0, 1), "grad_clip": Number(0, low_open=True), "eval_every": Integer(1),
+    "eval_limit": Integer(1, optional=True, note=" (null: the whole test set)"), "eval_pgd_steps": Integer(0),
+    "eval_pgd_restarts": Integer(1), "eval_batch_size": Integer(1), "seed": Integer(0),
+    "device": Choice(("auto", "cpu", "cuda")), "backend": Choice(("auto", "torch", "triton", "cuda")),
+    "out_dir": Text(), "progress": Boolean(),
+}
+"""A rule per key (eps_* depend on the dataset and are checked in :func:`validate`)."""
+EPS_KEYS = {"eps_inf": ("inf", False), "eps_2": ("2", False), "eval_eps_inf": ("inf", True),
+            "eval_eps_2": ("2", True)}
+
+
+def _where(key: str, sources: Dict[str, str]) -> str:
+    return f" (from {sources[key]})" if key in sources else ""
+
+
+def validate(config: TrainConfig, sources: Optional[Dict[str, str]] = None) -> TrainConfig:
+    """Check every field, converting it to its type (numbers in any notation: 1e-3, 2/255); raise
+    :class:`ConfigError` naming the field, where it came from and what is allowed."""
+    sources = sources or {}
+    for key, rule in RULES.items():
+        try:
+            setattr(config, key, rule(key, getattr(config, key)))
+        except ConfigError as error:
+            _fail(f"{error}{_where(key, sources)}")
+    for key, (norm, optional) in EPS_KEYS.items():
+        try:
+            setattr(config, key, eps_rule(config.dataset, norm, optional)(key, getattr(config, key)))
+        except ConfigError as error:
+            _fail(f"{error}{_where(key, sources)}")
+    rules = _model_rules(config.model)
+    for key, value in config.model_args.items():
+        if key not in rules:
+            _fail(f"model_args: {config.model} takes no argument {key!r}{did_you_mean(key, rules)}; "
+                  f"it takes {', '.join(rules)}{_where('model_args', sources)}")
+        try:
+            config.model_args[key] = rules[key](f"model_args.{key}", value)
+        except ConfigError as error:
+            _fail(f"{error}{_where('model_args', sources)}")
     if not (config.eps_start_epoch < config.eps_end_epoch <= config.epochs) and config.method in ("ibp", "sabr"):
         _fail(f"need eps_start_epoch < eps_end_epoch <= epochs, got {config.eps_start_epoch}, "
               f"{config.eps_end_epoch}, {config.epochs}")
-    if not (config.lr > 0 and config.grad_clip > 0 and 0 < config.lr_gamma <= 1):
-        _fail("lr and grad_clip must be > 0 and lr_gamma in (0, 1]")
-    if sorted(config.lr_milestones) != list(config.lr_milestones):
-        _fail(f"lr_milestones={config.lr_milestones!r} must be increasing")
     if config.align_lambda > 0 and len(config.norms) < 2:
         _fail("bound alignment (align_lambda > 0) needs both norms: norms=[inf, 2]")
     if config.gp_beta > 0 and config.method not in ("ibp", "sabr"):
         _fail("gradient projection (gp_beta > 0) needs a certified method (ibp or sabr)")
     if config.init_from is not None and not os.path.isfile(config.init_from):
-        _fail(f"init_from={config.init_from!r} is not a file")
+        _fail(f"init_from={config.init_from!r} is not a file; give a checkpoint.pt or model.pt of a run"
+              f"{_where('init_from', sources)}")
     return config
-
-
-_FRACTION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
-
-
-def _number(value):
-    """``"2/255"`` -> 2/255; anything else unchanged."""
-    match = _FRACTION.match(value) if isinstance(value, str) else None
-    return float(match.group(1)) / float(match.group(2)) if match else value
 
 
 def _parse_override(item: str):
     if "=" not in item:
-        _fail(f"override {item!r} is not of the form key=value")
+        _fail(f"--set {item!r} is not of the form key=value")
     key, value = item.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        _fail(f"--set {item!r}: the value is not valid YAML ({getattr(error, 'problem', None) or error})")
 
 
 def presets() -> List[str]:
@@ -167,41 +207,61 @@ def presets() -> List[str]:
     return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".yaml"))
 
 
-def _read_yaml(path: str) -> Dict[str, Any]:
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+def read_yaml(path: str, label: Optional[str] = None) -> Dict[str, Any]:
+    label = label or path
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        _fail(f"{label}: no such file")
+    except IsADirectoryError:
+        _fail(f"{label} is a folder, not a YAML file")
+    except UnicodeDecodeError:
+        _fail(f"{label} is not a text file")
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        _fail(f"{label} is not valid YAML{where}: {getattr(error, 'problem', None) or error}")
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        _fail(f"{path} must hold a mapping of config keys")
+        _fail(f"{label} must hold a mapping of config keys (key: value lines), not a {type(data).__name__}")
     return data
 
 
 def load_config(preset: Optional[str] = None, config_file: Optional[str] = None,
-                overrides: Sequence[str] = (), values: Optional[Dict[str, Any]] = None) -> TrainConfig:
-    """A validated config from a preset, then a YAML file, then ``key=value`` overrides, then ``values``."""
+                overrides: Sequence[str] = (), values: Optional[Dict[str, Any]] = None,
+                config_label: Optional[str] = None) -> TrainConfig:
+    """A validated config from a preset, then a YAML file, then ``key=value`` overrides, then ``values``;
+    errors name the YAML file as ``config_label`` (default ``--config FILE``)."""
     data: Dict[str, Any] = {}
+    sources: Dict[str, str] = {}
+
+    def add(items: Dict[str, Any], source: str) -> None:
+        data.update(items)
+        sources.update(dict.fromkeys(items, source))
+
     if preset is not None:
         if preset not in presets():
-            _fail(f"unknown preset {preset!r}; available: {', '.join(presets())}")
-        data.update(_read_yaml(os.path.join(PRESET_DIR, preset + ".yaml")))
+            _fail(f"unknown preset {preset!r}{did_you_mean(preset, presets())}; available: {', '.join(presets())}")
+        add(read_yaml(os.path.join(PRESET_DIR, preset + ".yaml")), f"preset {preset}")
     if config_file is not None:
-        data.update(_read_yaml(config_file))
-    data.update(dict(_parse_override(item) for item in overrides))
-    data.update(values or {})
-    return from_dict(data)
+        add(read_yaml(config_file, config_label or f"--config {config_file}"), config_file)
+    add(dict(_parse_override(item) for item in overrides), "--set")
+    add(values or {}, "values")
+    return from_dict(data, sources)
 
 
-def from_dict(data: Dict[str, Any]) -> TrainConfig:
-    """A validated config from a mapping; unknown keys are an error."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        _fail(f"unknown key(s) {', '.join(unknown)}")
-    data = {key: _number(value) for key, value in data.items()}
-    if isinstance(data.get("norms"), (str, int)):
-        data["norms"] = [data["norms"]]
-    if "norms" in data:
-        data["norms"] = [str(n) for n in data["norms"]]
-    return validate(TrainConfig(**data))
+def from_dict(data: Dict[str, Any], sources: Optional[Dict[str, str]] = None) -> TrainConfig:
+    """A validated config from a mapping; unknown keys are an error (with the closest known key)."""
+    if not isinstance(data, dict):
+        _fail(f"expected a mapping of config keys, got {type(data).__name__}")
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in data:
+        if key not in known:
+            _fail(f"unknown key {key!r}{_where(key, sources or {})}{did_you_mean(key, known)} "
+                  "(the keys are the fields of cure_fast.config.TrainConfig)")
+    return validate(TrainConfig(**data), sources)
 
 
 def to_dict(config: TrainConfig) -> Dict[str, Any]:

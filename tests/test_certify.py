@@ -1,6 +1,7 @@
 """``cure-fast certify``: loading a trained run, the certification cascade and its reports."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -30,14 +31,18 @@ def test_parse_norms():
             parse_norms(bad)
 
 
-def test_load_trained_from_run_dir_and_checkpoint(run_dir):
+def test_load_trained_from_run_dir_and_checkpoint(run_dir, tmp_path):
     from_dir, config = load_trained(run_dir, torch.device("cpu"))
     from_checkpoint, _ = load_trained(os.path.join(run_dir, "checkpoint.pt"), torch.device("cpu"))
+    from_model, _ = load_trained(os.path.join(run_dir, "model.pt"), torch.device("cpu"))  # config.yaml beside it
     assert config.model == "cnn3" and not from_dir.training
-    for a, b in zip(from_dir.state_dict().values(), from_checkpoint.state_dict().values()):
-        assert torch.equal(a, b)
+    for a, b, c in zip(from_dir.state_dict().values(), from_checkpoint.state_dict().values(),
+                       from_model.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    alone = tmp_path / "model.pt"
+    shutil.copy(os.path.join(run_dir, "model.pt"), alone)
     with pytest.raises(ValueError, match="holds no config"):
-        load_trained(os.path.join(run_dir, "model.pt"), torch.device("cpu"))
+        load_trained(str(alone), torch.device("cpu"))
     with pytest.raises(FileNotFoundError):
         load_trained(os.path.join(run_dir, "nope"), torch.device("cpu"))
 
@@ -71,11 +76,13 @@ def test_cli_writes_reports(run_dir, tmp_path, capsys):
     assert "union" in capsys.readouterr().out
 
 
-def test_cli_errors_are_clear(run_dir):
-    with pytest.raises(SystemExit, match="bad --norms"):
-        main(["certify", run_dir, "--norms", "3:0.1"])
-    with pytest.raises(SystemExit, match="no run directory"):
-        main(["certify", "/nonexistent/run"])
+def test_cli_errors_are_clear(run_dir, capsys):
+    for argv, status, match in [([run_dir, "--norms", "3:0.1"], 2, "bad --norms"),
+                                (["/nonexistent/run"], 1, "no run directory")]:
+        with pytest.raises(SystemExit) as exit:
+            main(["certify", *argv])
+        err = capsys.readouterr().err
+        assert exit.value.code == status and match in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_smoothing_and_geometric_reports(run_dir, tmp_path):

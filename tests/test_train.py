@@ -200,8 +200,10 @@ def test_fractions_in_overrides():
 
 
 def test_format_table():
-    table = format_table({"a": {"clean": 0.5, "union": 0.25}})
-    assert "50.0%" in table and "25.0%" in table and "nan" in table
+    table = format_table({"a": {"clean": 0.5, "union": 0.25}, "b": {"clean": 0.75}}, caption="on 8 images")
+    assert "50.0%" in table and "25.0%" in table and "nan" in table  # a value a row lacks
+    assert table.splitlines()[0] == "on 8 images"
+    assert "PGD" not in table and "cert" not in table  # columns no row has are left out (no nan% columns)
 
 
 def _ddp_worker(rank, world, port, config, out):

@@ -8,56 +8,79 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import io
 import os
 import re
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
-import yaml
 from torch import nn
 
-from .. import data, models
-from ..config import TrainConfig, from_dict, resolve_device
+from .. import checkpoints, data, models
+from ..config import TrainConfig, eps_rule, from_dict, load_config, resolve_device
+from ..errors import CheckpointError, ConfigError
 from ..reporting import format_table, plot_summary, pyplot
+from ..storage import save_figure, write_atomic, write_json
+from ..validation import Integer, did_you_mean, integer_type, number_list, parse_number
 from .evaluate import CERTIFIERS, Evaluation, evaluate
-from .geometric import geometric_robustness
+from .geometric import format_geometric, geometric_robustness, plot_geometric
 
 CURVE = (0.25, 0.5, 0.75, 1.0)
+NORMS = ("inf", "2")
+NORM_NAMES = {"inf": "l∞", "2": "l2"}
 
 
 def parse_norms(text: str) -> Dict[str, float]:
-    """``"inf:2/255,2:0.25"`` -> {"inf": 2/255, "2": 0.25}."""
+    """``"inf:2/255,2:0.25"`` -> {"inf": 2/255, "2": 0.25}; eps in any notation (``inf:1e-2``)."""
     norms = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
-        match = re.fullmatch(r"(inf|2)\s*:\s*([0-9.]+)(?:\s*/\s*([0-9.]+))?", item)
-        if not match:
-            raise ValueError(f"bad --norms item {item!r}; write NORM:EPS with NORM inf or 2, e.g. inf:2/255,2:0.25")
-        eps = float(match.group(2)) / (float(match.group(3)) if match.group(3) else 1.0)
+        match = re.fullmatch(r"([^:\s]+)\s*:\s*(\S.*)", item)
+        if not match or match.group(1) not in NORMS:
+            hint = did_you_mean(match.group(1), NORMS) if match else ""
+            raise ConfigError(f"bad --norms item {item!r}{hint}; write NORM:EPS with NORM one of "
+                              f"{', '.join(NORMS)}, e.g. inf:2/255,2:0.25")
+        eps = parse_number(match.group(2), f"--norms {match.group(1)}")
+        if eps < 0:
+            raise ConfigError(f"bad --norms item {item!r}: eps must be >= 0")
         norms[match.group(1)] = eps
     if not norms:
-        raise ValueError("--norms names no norm")
+        raise ConfigError("--norms names no norm; write NORM:EPS pairs, e.g. inf:2/255,2:0.25")
     return norms
 
 
+def describe_norms(eps: Dict[str, float]) -> str:
+    return ", ".join(f"{NORM_NAMES.get(n, n)} eps {v:.4g}" for n, v in eps.items())
+
+
 def load_trained(path: str, device: torch.device) -> Tuple[nn.Module, TrainConfig]:
-    """A trained model and its config from a run directory (config.yaml + model.pt or checkpoint.pt)
-    or from a checkpoint.pt written by the trainer. Loading uses ``weights_only=True``."""
+    """A trained model and its config from a run directory (config.yaml + model.pt or checkpoint.pt),
+    from the trainer's checkpoint.pt, or from a model.pt with the run's config.yaml beside it.
+    Loading uses ``weights_only=True``; a broken or foreign file is a one-line CheckpointError."""
     if os.path.isdir(path):
-        with open(os.path.join(path, "config.yaml")) as f:
-            config = from_dict(yaml.safe_load(f))
-        weights = os.path.join(path, "model.pt")
-        state = (torch.load(weights, map_location=device, weights_only=True) if os.path.isfile(weights)
-                 else torch.load(os.path.join(path, "checkpoint.pt"), map_location=device, weights_only=True)["model"])
+        config_path = os.path.join(path, "config.yaml")
+        if not os.path.isfile(config_path):
+            raise CheckpointError(f"{path} is not a run directory: it has no config.yaml")
+        config = load_config(config_file=config_path, config_label=config_path)
+        weights = next((os.path.join(path, f) for f in ("model.pt", "checkpoint.pt")
+                        if os.path.isfile(os.path.join(path, f))), None)
+        if weights is None:
+            raise CheckpointError(f"{path} holds no model.pt or checkpoint.pt yet")
+        state, _, what = checkpoints.model_weights(weights, device)
     elif os.path.isfile(path):
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-        if not (isinstance(checkpoint, dict) and "model" in checkpoint and "config" in checkpoint):
-            raise ValueError(f"{path} holds no config: give a run directory or the trainer's checkpoint.pt")
-        config, state = from_dict(checkpoint["config"]), checkpoint["model"]
+        weights = path
+        state, config_dict, what = checkpoints.model_weights(path, device)
+        beside = os.path.join(os.path.dirname(path), "config.yaml")
+        if config_dict is not None:
+            config = from_dict(config_dict)
+        elif os.path.isfile(beside):
+            config = load_config(config_file=beside, config_label=beside)
+        else:
+            raise CheckpointError(f"{path} holds no config (only {what}, and no config.yaml lies beside it): "
+                                  "give the run directory or its checkpoint.pt")
     else:
         raise FileNotFoundError(f"no run directory or checkpoint at {path}")
     model = models.build(config.model, config.dataset, **config.model_args).to(device)
-    model.load_state_dict(state)
+    checkpoints.load_weights(model, state, weights, what, f"{config.model} on {config.dataset}")
     return model.eval(), config
 
 
@@ -65,17 +88,18 @@ def write_per_sample(evaluation: Evaluation, labels: torch.Tensor, path: str) ->
     """One row per test point: index, label, clean correct, and per norm PGD-robust, certified,
     margin lower bound and the method that certified it."""
     norms = list(evaluation.certified)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "label", "correct"] + [f"{k}_{n}" for n in norms
-                                                         for k in ("pgd", "certified", "margin", "method")])
-        for i in range(len(evaluation.correct)):
-            row = [i, int(labels[i]), int(evaluation.correct[i])]
-            for n in norms:
-                by = evaluation.certified_by.get(n)
-                row += [int(evaluation.pgd_robust[n][i]), int(evaluation.certified[n][i]),
-                        f"{evaluation.margin[n][i].item():.6g}", by[i] if by else ""]
-            writer.writerow(row)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["index", "label", "correct"] + [f"{k}_{n}" for n in norms
+                                                     for k in ("pgd", "certified", "margin", "method")])
+    for i in range(len(evaluation.correct)):
+        row = [i, int(labels[i]), int(evaluation.correct[i])]
+        for n in norms:
+            by = evaluation.certified_by.get(n)
+            row += [int(evaluation.pgd_robust[n][i]), int(evaluation.certified[n][i]),
+                    f"{evaluation.margin[n][i].item():.6g}", by[i] if by else ""]
+        writer.writerow(row)
+    write_atomic(path, text.getvalue())
 
 
 def plot_curve(curve: Dict[float, Dict[str, float]], eps: Dict[str, float], path: str) -> None:
@@ -83,36 +107,61 @@ def plot_curve(curve: Dict[float, Dict[str, float]], eps: Dict[str, float], path
     plt = pyplot()
     fractions = sorted(curve)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key in [f"certified_{n}" for n in eps] + ["union"]:
-        label = f"{key} (eps {eps[key.split('_')[1]]:.4g})" if key != "union" else "union"
+    for key in [f"certified_{n}" for n in eps] + (["union"] if len(eps) > 1 else []):
+        norm = key.split("_")[-1]
+        label = f"certified {NORM_NAMES.get(norm, norm)} (eps {eps[norm]:.4g})" if key != "union" else "union"
         ax.plot(fractions, [100 * curve[f][key] for f in fractions], marker="o", label=label)
     ax.set_xlabel("fraction of eps")
     ax.set_ylabel("certified accuracy (%)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
-def certify_run(path: str, eps: Dict[str, float], method: str = "ibp", limit: Optional[int] = None,
+def _check_arguments(config: TrainConfig, eps: Dict[str, float], limit, batch_size, pgd_steps, smoothing,
+                     smoothing_n) -> None:
+    """Refuse values that would run wrong or fail late, naming the argument (ConfigError)."""
+    Integer(1, optional=True)("limit", limit)
+    Integer(1)("batch_size", batch_size)
+    Integer(0)("pgd_steps", pgd_steps)
+    if smoothing:
+        Integer(1)("smoothing_n", smoothing_n)
+        for sigma in smoothing:
+            if not sigma > 0:
+                raise ConfigError(f"smoothing sigma {sigma!r}; a number > 0")
+    for norm, value in eps.items():
+        eps_rule(config.dataset, norm)(f"--norms {norm}", value)
+
+
+def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str = "ibp", limit: Optional[int] = None,
                 data_root: Optional[str] = None, out_dir: Optional[str] = None, pgd_steps: int = 20,
                 batch_size: int = 100, sound: bool = True, curve: Sequence[float] = CURVE,
                 device: str = "auto", smoothing: Sequence[float] = (), smoothing_n: int = 100_000,
-                geometric: bool = False) -> Dict:
+                geometric: bool = False, progress: bool = False) -> Dict:
     """Certify the model at ``path`` on the test set; writes the reports to ``out_dir`` and returns
-    the summary (accuracies, seconds per image per method)."""
+    the summary (accuracies, seconds per image per method). ``eps``: {norm: eps}, by default both
+    norms at the run's own evaluation eps. ``progress``: progress bars and what is written where."""
+    say = print if progress else (lambda *_, **__: None)
     dev = resolve_device(device)
     model, config = load_trained(path, dev)
+    from_config = eps is None
+    eps = {n: config.eval_eps(n) for n in NORMS} if from_config else eps
+    _check_arguments(config, eps, limit, batch_size, pgd_steps, smoothing, smoothing_n)
     test = data.load_dataset(config.dataset, "test", data_root or config.data_root, limit=limit)
     out_dir = out_dir or os.path.join(path if os.path.isdir(path) else os.path.dirname(path), f"certify-{method}")
     os.makedirs(out_dir, exist_ok=True)
-    run = lambda e, steps: evaluate(model, test.images, test.labels, e, method=method, pgd_steps=steps,  # noqa: E731
-                                    batch_size=batch_size, backend=config.backend, device=dev, sound=sound)
-    evaluation = run(eps, pgd_steps)
     n = len(test.labels)
+    own = " (the run's own evaluation eps)" if from_config else ""
+    say(f"certifying {path} ({config.model} on {config.dataset}) with {method} on {n} test images, "
+        f"{describe_norms(eps)}{own}; reports to {out_dir}", flush=True)
+    run = lambda e, steps: evaluate(model, test.images, test.labels, e, method=method, pgd_steps=steps,  # noqa: E731
+                                    batch_size=batch_size, backend=config.backend, device=dev, sound=sound,
+                                    progress=progress)
+    evaluation = run(eps, pgd_steps)
     summary = {"model": path, "method": method, "sound": sound, "eps": eps, "images": n,
                **evaluation.summary(),
-               "seconds_per_image": {k: v / n for k, v in evaluation.seconds.items()}}
+               "seconds_per_image": {k: v / n for k, v in evaluation.seconds.items()}, "reports": out_dir}
     write_per_sample(evaluation, test.labels, os.path.join(out_dir, "per_sample.csv"))
     if curve:
         points = {f: (summary if f == 1.0 else run({k: f * v for k, v in eps.items()}, 0).summary()) for f in curve}
@@ -120,56 +169,72 @@ def certify_run(path: str, eps: Dict[str, float], method: str = "ibp", limit: Op
                             for f, s in points.items()}
         plot_curve(points, eps, os.path.join(out_dir, "certified_vs_eps.png"))
     if smoothing:
-        summary["smoothing"] = _smoothing(model, test, config, data_root, smoothing, smoothing_n, batch_size, out_dir)
+        summary["smoothing"] = _smoothing(model, test, config, data_root, smoothing, smoothing_n, batch_size, out_dir,
+                                          progress)
     if geometric:
-        report = geometric_robustness(model, test.images, test.labels, batch_size=batch_size, device=dev)
+        report = geometric_robustness(model, test.images, test.labels, batch_size=batch_size, device=dev,
+                                      progress=progress)
         summary["geometric"] = {k: v for k, v in report.items() if k != "samples"}
-    plot_summary({method: summary}, os.path.join(out_dir, "summary.png"))
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+        plot_geometric(report, os.path.join(out_dir, "geometric.png"))
+    plot_summary({method: summary}, os.path.join(out_dir, "summary.png"), title=caption(summary))
+    write_json(summary, os.path.join(out_dir, "summary.json"))
     return summary
 
 
-def _smoothing(model, test, config, data_root, sigmas, n, batch_size, out_dir) -> Dict:
+def caption(summary: Dict) -> str:
+    return f"{summary['method']} on {summary['images']} test images, {describe_norms(summary['eps'])}"
+
+
+def _smoothing(model, test, config, data_root, sigmas, n, batch_size, out_dir, progress) -> Dict:
     """Randomized smoothing per sigma, plain and with BatchNorm re-estimated once on held-out noisy data."""
     from .smoothing import plot_smoothing, smoothing_report  # scipy: loaded only when smoothing is asked for
     heldout = data.load_dataset(config.dataset, "train", data_root or config.data_root, limit=1000).images
     reports = {}
     for sigma in sigmas:
         reports[f"sigma {sigma:g}"] = smoothing_report(model, test.images, test.labels, sigma, n=n,
-                                                       batch_size=batch_size * 10)
+                                                       batch_size=batch_size * 10, progress=progress)
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             reports[f"sigma {sigma:g}, adaptive BN"] = smoothing_report(
                 model, test.images, test.labels, sigma, n=n, batch_size=batch_size * 10, adapt="heldout",
-                heldout_images=heldout)
+                heldout_images=heldout, progress=progress)
     plot_smoothing(reports, os.path.join(out_dir, "smoothing.png"))
     return {name: {k: v for k, v in r.items() if k != "samples"} for name, r in reports.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a run directory, or the trainer's checkpoint.pt")
-    parser.add_argument("--norms", default="inf:2/255,2:0.25", help="NORM:EPS pairs, e.g. inf:2/255,2:0.25")
+    parser.add_argument("--norms", help="NORM:EPS pairs, e.g. inf:2/255,2:0.25 or inf:1e-2 "
+                                        "(default: both norms at the run's own evaluation eps)")
     parser.add_argument("--method", default="ibp", choices=CERTIFIERS, help="the strongest method of the cascade")
-    parser.add_argument("--limit", type=int, help="certify the first N test images")
+    parser.add_argument("--limit", type=integer_type(1), help="certify the first N test images")
     parser.add_argument("--data-root")
     parser.add_argument("--out", help="report folder (default: RUN_DIR/certify-METHOD)")
-    parser.add_argument("--pgd-steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--pgd-steps", type=integer_type(0), default=20)
+    parser.add_argument("--batch-size", type=integer_type(1), default=100)
     parser.add_argument("--fast", action="store_true", help="certify in fp32 (no TF32) instead of fp64")
     parser.add_argument("--no-curve", action="store_true", help="skip certified accuracy at fractions of eps")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--smoothing", default="", help="randomized smoothing sigmas, e.g. 0.25,0.5")
-    parser.add_argument("--smoothing-n", type=int, default=100_000)
+    parser.add_argument("--smoothing-n", type=integer_type(1), default=100_000)
     parser.add_argument("--geometric", action="store_true", help="worst case over rotations, shifts, scaling, "
                                                                  "brightness and contrast")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run_from_args(args: argparse.Namespace) -> Dict:
-    sigmas = [float(s) for s in args.smoothing.split(",") if s.strip()]
-    summary = certify_run(args.model, parse_norms(args.norms), args.method, args.limit, args.data_root, args.out,
+    sigmas = number_list(args.smoothing, "--smoothing")
+    eps = parse_norms(args.norms) if args.norms is not None else None
+    summary = certify_run(args.model, eps, args.method, args.limit, args.data_root, args.out,
                           args.pgd_steps, args.batch_size, not args.fast, () if args.no_curve else CURVE,
-                          args.device, sigmas, args.smoothing_n, args.geometric)
-    print(format_table({args.method: summary}))
+                          args.device, sigmas, args.smoothing_n, args.geometric, progress=not args.no_progress)
+    print(format_table({args.method: summary}, caption=caption(summary)))
     times = ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in summary["seconds_per_image"].items())
     print(f"time per image: {times}  ({'fp64, sound' if summary['sound'] else 'fp32'})")
+    if "smoothing" in summary:
+        from .smoothing import format_smoothing
+        print(format_smoothing(summary["smoothing"]))
+    if "geometric" in summary:
+        print(format_geometric(summary["geometric"]))
+    print(f"reports in {summary['reports']}")
     return summary
+

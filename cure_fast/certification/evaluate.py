@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from ..engine import BoundedModule
 from ..config import make_spec
@@ -17,6 +18,7 @@ from ..training.attacks import pgd_batched
 from ..training.objectives import certified
 
 CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")  # cheapest first: the cascade order
+_NAMES = {"inf": "l∞", "2": "l2"}
 
 
 @dataclass
@@ -53,16 +55,21 @@ def _misclassification(model: nn.Module, y: Tensor):
 
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, float], method: str = "ibp",
              pgd_steps: int = 20, pgd_restarts: int = 1, batch_size: int = 500, backend: Optional[str] = None,
-             device: Optional[torch.device] = None, sound: bool = False) -> Evaluation:
+             device: Optional[torch.device] = None, sound: bool = False, progress: bool = False) -> Evaluation:
     """Evaluate ``model`` (in eval mode) on images (N, C, H, W) in [0, 1] (uint8 bytes or float) and
     labels (N,), for the input sets ``eps`` = {"inf": eps_inf, "2": eps_2} (either may be absent).
 
     Certification is a cascade: IBP first, then each stronger method up to ``method`` only on the
     correctly classified samples still uncertified (order: ibp, crown-ibp, crown, alpha-crown).
     ``sound``: certify in float64 (a float64 copy of the model); otherwise fp32 without TF32.
+    ``progress``: a progress bar on stderr (images done, certified so far per norm, time left).
     """
     if method not in CERTIFIERS:
         raise ValueError(f"unknown certification method {method!r}; available: {', '.join(CERTIFIERS)}")
+    if len(labels) == 0:
+        raise ValueError("no test images to evaluate (a limit of 0?)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; an integer >= 1")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -72,6 +79,8 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
     norms = list(eps)
     parts = {"correct": [], **{f"{k}_{n}": [] for n in norms for k in ("pgd", "cert", "margin", "by")}}
     seconds = dict.fromkeys(("pgd",) + cascade, 0.0)
+    bar = tqdm(total=len(labels), unit="img", disable=not progress, leave=False, dynamic_ncols=True,
+               desc=f"certify ({method})" if sound else f"evaluate ({method})")
     try:
         with backends.library_tf32(False):  # certificates need IEEE fp32 products
             for start in range(0, len(labels), batch_size):
@@ -79,7 +88,11 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
                 x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
                 y = labels[start:start + batch_size].to(device)
                 _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, parts, seconds)
+                bar.update(len(y))
+                bar.set_postfix_str(", ".join(
+                    f"certified {_NAMES.get(n, n)} {int(sum(c.sum() for c in parts[f'cert_{n}']))}" for n in norms))
     finally:
+        bar.close()
         model.train(was_training)
     join = lambda key: torch.cat(parts[key]).cpu()  # noqa: E731
     return Evaluation(join("correct"), {n: join(f"pgd_{n}") for n in norms},

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from ..data import to_float
 
@@ -95,7 +96,7 @@ def _identity(images: Tensor, params: Tensor) -> Tensor:
 
 
 def _robust(model: nn.Module, images: Tensor, labels: Tensor, transform: Callable[[Tensor, Tensor], Tensor],
-            params: Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+            params: Tensor, batch_size: int, device: torch.device, dtype: torch.dtype, bar=None) -> Tensor:
     """(N,) bool on the CPU: the model is correct on ``transform(x, params)`` for all G parameters,
     evaluated on about ``batch_size`` transformed images (in ``dtype``) per forward pass."""
     chunk = max(1, batch_size // len(params))
@@ -106,12 +107,14 @@ def _robust(model: nn.Module, images: Tensor, labels: Tensor, transform: Callabl
         views = transform(x, params)                                              # [G, b, C, H, W]
         predictions = model(views.flatten(0, 1)).argmax(1).view(views.shape[:2])
         parts.append((predictions == labels[start:start + chunk].to(device)).all(0).cpu())
+        if bar is not None:
+            bar.update(views.shape[0] * views.shape[1])
     return torch.cat(parts)
 
 
 def geometric_robustness(model: nn.Module, images: Tensor, labels: Tensor,
                          grid: Optional[Dict[str, Sequence]] = None, batch_size: int = 1000,
-                         device: Optional[torch.device] = None) -> Dict:
+                         device: Optional[torch.device] = None, progress: bool = False) -> Dict:
     """Worst-case accuracy of ``model`` (evaluated in eval mode) over a grid of transforms.
 
     images (N, C, H, W) in [0, 1] (uint8 bytes or float; transformed in the model's floating dtype),
@@ -122,6 +125,7 @@ def geometric_robustness(model: nn.Module, images: Tensor, labels: Tensor,
 
     Returns a JSON-serializable dict: clean, families (family -> robust accuracy), worst_case, grid,
     and samples: one record per image (index, label, correct, robust: family -> bool, worst_case).
+    ``progress``: a progress bar on stderr (transformed images classified, time left).
     """
     grid = DEFAULT_GRID if grid is None else grid
     unknown = set(grid) - set(TRANSFORMS)
@@ -135,13 +139,18 @@ def geometric_robustness(model: nn.Module, images: Tensor, labels: Tensor,
     dtype = next(floating, torch.float32)  # the model's own precision
     was_training = model.training
     model.eval()
+    total = len(labels) * (1 + sum(len(values) for values in params.values()))
+    bar = tqdm(total=total, desc="geometric", unit="img", disable=not progress, leave=False, dynamic_ncols=True)
     try:
         with torch.no_grad():
-            correct = _robust(model, images, labels, _identity, torch.zeros(1), batch_size, device, dtype)
-            robust = {family: correct & _robust(model, images, labels, TRANSFORMS[family], values, batch_size,
-                                                device, dtype)
-                      for family, values in params.items()}
+            correct = _robust(model, images, labels, _identity, torch.zeros(1), batch_size, device, dtype, bar)
+            robust = {}
+            for family, values in params.items():
+                bar.set_postfix_str(family)
+                robust[family] = correct & _robust(model, images, labels, TRANSFORMS[family], values, batch_size,
+                                                   device, dtype, bar)
     finally:
+        bar.close()
         model.train(was_training)
     worst = torch.stack([correct, *robust.values()]).all(0)
     samples = [{"index": i, "label": int(labels[i]), "correct": bool(correct[i]),
@@ -152,3 +161,32 @@ def geometric_robustness(model: nn.Module, images: Tensor, labels: Tensor,
             "worst_case": worst.float().mean().item(),
             "grid": {family: values.tolist() for family, values in params.items()},
             "samples": samples}
+
+
+def format_geometric(report: Dict) -> str:
+    """The geometric robustness results as one text block: accuracy clean, per family, worst case."""
+    families = "  ".join(f"{family} {100 * value:.1f}%" for family, value in report["families"].items())
+    return (f"geometric robustness (accuracy under the worst transform of each family): clean "
+            f"{100 * report['clean']:.1f}%  {families}  all families {100 * report['worst_case']:.1f}%")
+
+
+def plot_geometric(report: Dict, path: str) -> None:
+    """A bar per family (and clean, and the worst case over all families): accuracy in percent,
+    with the grid's range under each family's name."""
+    from ..reporting import pyplot
+    from ..storage import save_figure
+    plt = pyplot()
+    names = ["clean"] + list(report["families"]) + ["all families"]
+    values = [report["clean"]] + list(report["families"].values()) + [report["worst_case"]]
+    ticks = ["clean"] + [f"{family}\n({len(report['grid'][family])} values)" for family in report["families"]] + [
+        "worst case\n(all families)"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(names) + 1, 4))
+    bars = ax.bar(range(len(names)), [100 * v for v in values], color=["C0"] + ["C1"] * (len(names) - 2) + ["C3"])
+    ax.bar_label(bars, fmt="%.1f%%", fontsize=8)
+    ax.set_xticks(range(len(names)), ticks, fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("geometric and photometric robustness (worst case over each family's grid)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)

@@ -20,9 +20,11 @@ import torch
 from scipy.stats import beta, binomtest, norm
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from tqdm import tqdm
 
 from ..data import to_float
 from ..reporting import pyplot
+from ..storage import save_figure
 
 ABSTAIN = -1
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -189,13 +191,15 @@ def _adapted(frozen: nn.Module, sigma: float, adapt: Optional[str], heldout_imag
 def smoothing_report(model: nn.Module, images: Tensor, labels: Tensor, sigma: float, n0: int = 100,
                      n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000, adapt: Optional[str] = None,
                      heldout_images: Optional[Tensor] = None, radii: Sequence[float] = RADII,
-                     num_classes: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Dict:
+                     num_classes: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                     progress: bool = False) -> Dict:
     """Certify every image with :meth:`Smooth.certify` and summarize; ``model`` is not modified.
 
     images (N, C, H, W) in [0, 1] (uint8 bytes or float), labels (N,). ``adapt``: None (the model's
     own BatchNorm statistics), "heldout" (:func:`adapt_batchnorm` on ``heldout_images`` at ``sigma``,
     then frozen) or "per-batch" (:func:`per_batch_batchnorm`, not a sound certificate).
-    ``num_classes`` defaults to the model's output width.
+    ``num_classes`` defaults to the model's output width. ``progress``: a progress bar on stderr
+    (images done, certified so far, time left).
 
     Returns a JSON-serializable dict: sigma, n0, n, alpha, adapt, ``sound`` (False for "per-batch"
     or a model whose BatchNorm uses batch statistics), radii, certified_accuracy (per radius r: the
@@ -205,14 +209,21 @@ def smoothing_report(model: nn.Module, images: Tensor, labels: Tensor, sigma: fl
     """
     if adapt not in ADAPT_MODES:
         raise ValueError(f"unknown adapt mode {adapt!r}; choose one of {ADAPT_MODES}")
+    if len(labels) == 0 or n < 1 or n0 < 1:
+        raise ValueError(f"smoothing needs at least one image and n, n0 >= 1; got {len(labels)} images, n={n}, n0={n0}")
     frozen = copy.deepcopy(model).eval()
     if num_classes is None:
         with torch.no_grad():
             num_classes = frozen(to_float(images[:1].to(_device(frozen, images)), _dtype(frozen))).shape[1]
     base = _adapted(frozen, sigma, adapt, heldout_images, batch_size, generator)
     smooth = Smooth(base, num_classes, sigma, generator)
-    samples = [_certify_one(smooth, i, images[i], int(labels[i]), n0, n, alpha, batch_size)
-               for i in range(len(labels))]
+    samples = []
+    name = f"smoothing sigma {sigma:g}" + (f", {adapt} BN" if adapt else "")
+    with tqdm(total=len(labels), desc=name, unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for i in range(len(labels)):
+            samples.append(_certify_one(smooth, i, images[i], int(labels[i]), n0, n, alpha, batch_size))
+            bar.update()
+            bar.set_postfix_str(f"certified {sum(s['correct'] for s in samples)}")
     radius = np.array([s["radius"] if s["correct"] else -1.0 for s in samples])
     return {"sigma": sigma, "n0": n0, "n": n, "alpha": alpha, "adapt": adapt or "none",
             "sound": adapt != "per-batch" and not _batch_dependent(base), "radii": [float(r) for r in radii],
@@ -251,5 +262,20 @@ def plot_smoothing(reports: Dict[str, Dict], path: str) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
+
+
+def format_smoothing(reports: Dict[str, Dict]) -> str:
+    """The smoothing results as a text table: certified accuracy per l2 radius, ACR, abstentions."""
+    if not reports:
+        return "randomized smoothing: no report"
+    first = next(iter(reports.values()))
+    width = max([len(name) for name in reports] + [10]) + 2
+    lines = [f"randomized smoothing: certified accuracy at l2 radius r (pixel space), n={first['n']} samples",
+             f"{'':<{width}}" + "".join(f"{'r=' + format(r, 'g'):>8}" for r in first["radii"])
+             + f"{'ACR':>8}{'abstain':>9}"]
+    for name, r in reports.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{100 * a:>7.1f}%" for a in r["certified_accuracy"])
+                     + f"{r['acr']:>8.3f}{100 * r['abstain_rate']:>8.1f}%" + ("" if r["sound"] else "  NOT sound"))
+    return "\n".join(lines)

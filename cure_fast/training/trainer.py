@@ -8,50 +8,29 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import json
 import os
+import signal
 import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .. import data, models
+from .. import checkpoints, data, faults, models
 from ..engine import BoundedModule
 from ..certification.evaluate import Evaluation, evaluate
-from ..config import TrainConfig, from_dict, load_config, make_spec, presets, resolve_device, to_dict
-from ..reporting import format_table, plot_curves, plot_summary
+from ..config import TrainConfig, load_config, make_spec, presets, resolve_device, to_dict, validate
+from ..errors import CheckpointError, ConfigError, DiskFullError, TrainingError, one_line_errors
 from ..specs import LinfBall
-from . import objectives
+from ..storage import remove_temporaries, save_torch
+from ..validation import OneLineParser
+from . import objectives, rundir
 from .attacks import pgd_batched, project
 
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (a NaN/Inf loss); the message names the last good checkpoint."""
-
-
-def _save_atomic(obj, path: str) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _rng_state(device: torch.device) -> Dict[str, Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: Dict[str, Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+__all__ = ["Trainer", "TrainingError", "train", "training_sets", "small_set", "add_arguments", "run_from_args"]
 
 
 class Objective(nn.Module):
@@ -129,21 +108,26 @@ class Trainer:
     """Runs a :class:`TrainConfig` end to end in ``run_dir`` (created, or resumed from its checkpoint)."""
 
     def __init__(self, config: TrainConfig, run_dir: Optional[str] = None, resume: bool = False):
-        self.config = cfg = config
+        self.config = cfg = validate(config)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {self.world} processes")
+            raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {self.world} processes")
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
         torch.manual_seed(cfg.seed)
-        self.run_dir = self._agree(run_dir or (_new_run_dir(cfg.out_dir, cfg.name) if self.rank == 0 else None))
+        self.run_dir = self._agree(run_dir or (rundir.new_run_dir(cfg.out_dir, cfg.name) if self.rank == 0 else None))
+        if resume and not os.path.isfile(self._checkpoint_path()):
+            raise CheckpointError(f"cannot resume: no {rundir.CHECKPOINT} in {self.run_dir}; start a new run instead")
         self.train_set = data.load_dataset(cfg.dataset, "train", cfg.data_root, limit=cfg.train_limit)
         self.test_set = data.load_dataset(cfg.dataset, "test", cfg.data_root, limit=cfg.eval_limit)
+        self.architecture = f"{cfg.model} on {cfg.dataset}" + (f" with {cfg.model_args}" if cfg.model_args else "")
         self.model = models.build(cfg.model, cfg.dataset, **cfg.model_args).to(self.device)
         if cfg.init_from:
-            self.model.load_state_dict(torch.load(cfg.init_from, map_location=self.device, weights_only=True)["model"])
+            state, _, what = checkpoints.model_weights(cfg.init_from, self.device)
+            checkpoints.load_weights(self.model, state, cfg.init_from, what, self.architecture)
         elif cfg.ibp_init and cfg.method in ("ibp", "sabr"):
             objectives.ibp_init(self.model)
         self.objective = Objective(self.model, cfg)
@@ -156,12 +140,16 @@ class Trainer:
                                   if cfg.gp_beta > 0 else None)
         self.epoch, self.step, self.history = 0, 0, []
         self.steps_per_epoch = data.num_batches(len(self.train_set), cfg.batch_size // self.world, world_size=self.world)
+        self.guard = rundir.SignalGuard(self._stop_message)
         if resume:
             self._load_checkpoint()
-        elif self.rank == 0:
+            return
+        if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+            rundir.write_config(self.run_dir, cfg)
+            print(f"{cfg.name}: training {self.architecture} on {len(self.train_set)} images, testing on "
+                  f"{len(self.test_set)}; writing to {self.run_dir}", flush=True)
+        self._save_checkpoint()  # epoch 0: every interruption from here on can be resumed
 
     def _agree(self, value):
         """Rank 0's value, on every rank."""
@@ -209,9 +197,8 @@ class Trainer:
             ramp = self._regularizer_weight(eps)
             loss, logits, margins = self.step_fn(x, y, specs, natural, ramp, assignment)
             if not torch.isfinite(loss):
-                kept = (f"the last good checkpoint is {self._checkpoint_path()} (epoch {self.epoch})" if self.epoch
-                        else "no checkpoint was written yet")
-                raise TrainingError(f"the loss is {loss.item()} at epoch {epoch + 1}, step {self.step}; stopped: {kept}")
+                raise TrainingError(f"the loss is {loss.item()} at epoch {epoch + 1}, step {self.step}; stopped: the "
+                                    f"last good checkpoint is {self._checkpoint_path()} (epoch {self.epoch})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -257,101 +244,138 @@ class Trainer:
         return metrics
 
     # -- loop ---------------------------------------------------------------------------------------
-    def evaluate(self) -> Evaluation:
+    def evaluate(self, progress: bool = False) -> Evaluation:
+        """Evaluate on the test set (its random draws leave the training RNG streams untouched)."""
         cfg = self.config
-        return evaluate(self.model, self.test_set.images, self.test_set.labels,
-                        {n: cfg.eval_eps(n) for n in ("inf", "2")}, pgd_steps=cfg.eval_pgd_steps,
-                        pgd_restarts=cfg.eval_pgd_restarts, batch_size=cfg.eval_batch_size, backend=cfg.backend,
-                        device=self.device)
+        devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return evaluate(self.model, self.test_set.images, self.test_set.labels,
+                            {n: cfg.eval_eps(n) for n in ("inf", "2")}, pgd_steps=cfg.eval_pgd_steps,
+                            pgd_restarts=cfg.eval_pgd_restarts, batch_size=cfg.eval_batch_size,
+                            backend=cfg.backend, device=self.device, progress=progress)
 
     def run(self, stop_after: Optional[int] = None) -> Dict[str, float]:
-        """Train the remaining epochs (or up to epoch ``stop_after``, to be resumed later); returns the
-        final evaluation summary."""
+        """Train the remaining epochs (or up to epoch ``stop_after``, to be resumed later), then write
+        the report; returns the final evaluation summary. SIGINT / SIGTERM stop the run with a one-line
+        :class:`~cure_fast.errors.Interrupted` saying what is saved and how to resume."""
+        try:
+            with self.guard:
+                return self._run(stop_after)
+        except DiskFullError as error:
+            advice = (f"free some space, then resume with: {rundir.resume_command(self.run_dir)}"
+                      if os.path.isfile(self._checkpoint_path()) else "free some space and start the run again")
+            full = DiskFullError(f"{error}; {advice}")
+            full.errno, full.path = error.errno, getattr(error, "path", None)
+            raise full from None
+
+    def _run(self, stop_after: Optional[int]) -> Dict[str, float]:
         cfg, final = self.config, {}
+        if self.epoch >= cfg.epochs:
+            return self._finished() if self.rank == 0 else {}
         for epoch in range(self.epoch, min(cfg.epochs, stop_after or cfg.epochs)):
             projected = cfg.gp_beta > 0 and epoch >= cfg.eps_end_epoch
             metrics = self.projected_epoch(epoch) if projected else self.train_epoch(epoch)
             metrics["epoch"] = epoch + 1
+            faults.point("trained")
             last = epoch + 1 == cfg.epochs
+            evaluation = None
             if self.rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
-                evaluation = self.evaluate()
+                evaluation = self.evaluate(progress=cfg.progress)
                 final = evaluation.summary()
                 metrics.update({f"test_{k}": v for k, v in final.items()})
-                if last:
-                    _write_per_sample(evaluation, os.path.join(self.run_dir, "test_per_sample.csv"))
-            self.epoch = epoch + 1
-            self.history.append(metrics)
-            if self.rank == 0:
-                self._log(metrics)
+                faults.point("evaluated")
+            with self.guard.critical():
+                if evaluation is not None and last:
+                    rundir.write_per_sample(evaluation, os.path.join(self.run_dir, rundir.PER_SAMPLE))
+                self.epoch = epoch + 1
+                self.history.append(metrics)
+                if self.rank == 0:
+                    rundir.write_metrics(self.run_dir, self.history)
+                    self._print_epoch(metrics)
                 self._save_checkpoint()
         if self.rank == 0 and self.epoch == cfg.epochs:
-            self._finish(final)
+            with self.guard.critical():
+                rundir.write_up(self.run_dir, cfg, self.model.state_dict(), self.history, final, len(self.test_set))
         return final
 
-    # -- files ----------------------------------------------------------------------------------
-    def _checkpoint_path(self) -> str:
-        return os.path.join(self.run_dir, "checkpoint.pt")
+    def _finished(self) -> Dict[str, float]:
+        """A resumed run whose training is over: nothing to do when its report is complete, else the
+        report is written again from the checkpoint (re-evaluating if the per-sample file is missing)."""
+        summary = rundir.completed_summary(self.run_dir)
+        if summary is not None:
+            print(f"run complete, nothing to resume: {self.run_dir} (results in its {rundir.SUMMARY})", flush=True)
+            return {k: v for k, v in summary.items() if isinstance(v, float)}
+        print(f"{self.run_dir}: training finished ({self.epoch} epochs); writing its report", flush=True)
+        final = rundir.final_from_history(self.history)
+        per_sample = os.path.join(self.run_dir, rundir.PER_SAMPLE)
+        if not final or not os.path.isfile(per_sample):
+            evaluation = self.evaluate(progress=self.config.progress)
+            final = evaluation.summary()
+            rundir.write_per_sample(evaluation, per_sample)
+        with self.guard.critical():
+            rundir.write_up(self.run_dir, self.config, self.model.state_dict(), self.history, final,
+                            len(self.test_set))
+        return final
 
-    def _save_checkpoint(self) -> None:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
-                 "step": self.step, "history": self.history, "rng": _rng_state(self.device),
-                 "config": to_dict(self.config)}
-        if self.natural_optimizer is not None:
-            state["natural_optimizer"] = self.natural_optimizer.state_dict()
-        _save_atomic(state, self._checkpoint_path())
+    def _stop_message(self, signum: int) -> str:
+        """What SIGINT / SIGTERM leaves behind, and the command that resumes."""
+        cfg, name = self.config, signal.Signals(signum).name
+        if self.epoch >= cfg.epochs:
+            saved = f"training is finished ({self._checkpoint_path()} holds all {cfg.epochs} epochs), the report not"
+        else:
+            saved = (f"saved {self._checkpoint_path()} at epoch {self.epoch} of {cfg.epochs} "
+                     "(the epoch in progress is lost)")
+        return f"stopped by {name}: {saved}; resume with: {rundir.resume_command(self.run_dir)}"
 
-    def _load_checkpoint(self) -> None:
-        path = self._checkpoint_path()
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"cannot resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.natural_optimizer is not None:
-            self.natural_optimizer.load_state_dict(state["natural_optimizer"])
-        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
-        _set_rng_state(state["rng"], self.device)
-
-    def _log(self, metrics: Dict[str, float]) -> None:
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        keys = sorted({k for m in self.history for k in m})
-        with open(os.path.join(self.run_dir, "metrics.csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.history)
+    def _print_epoch(self, metrics: Dict[str, float]) -> None:
         shown = {k: v for k, v in metrics.items() if k.startswith("test_") or k in ("train_loss", "images_per_second")}
         print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
 
-    def _finish(self, final: Dict[str, float]) -> None:
-        torch.save(self.model.state_dict(), os.path.join(self.run_dir, "model.pt"))
-        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-            json.dump({"name": self.config.name, **final}, f, indent=2)
-        plot_curves(self.history, os.path.join(self.run_dir, "curves.png"))
-        if final:
-            plot_summary({self.config.name: final}, os.path.join(self.run_dir, "summary.png"))
-            print(format_table({self.config.name: final}))
+    # -- files ----------------------------------------------------------------------------------
+    def _checkpoint_path(self) -> str:
+        return os.path.join(self.run_dir, rundir.CHECKPOINT)
 
+    def _gather(self, value) -> List:
+        """``value`` of every rank, in rank order (on every rank)."""
+        if self.world == 1:
+            return [value]
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
 
-def _write_per_sample(evaluation: Evaluation, path: str) -> None:
-    norms = list(evaluation.certified)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["index", "correct"] + [f"{k}_{n}" for n in norms for k in ("pgd", "certified", "margin")])
-        for i in range(len(evaluation.correct)):
-            row = [i, int(evaluation.correct[i])]
-            for n in norms:
-                row += [int(evaluation.pgd_robust[n][i]), int(evaluation.certified[n][i]),
-                        f"{evaluation.margin[n][i].item():.6g}"]
-            writer.writerow(row)
+    def _save_checkpoint(self) -> None:
+        """checkpoint.pt with every rank's RNG states (called on every rank; rank 0 writes)."""
+        rngs = self._gather(checkpoints.rng_state(self.device))
+        if self.rank != 0:
+            return
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "epoch": self.epoch,
+                 "step": self.step, "history": self.history, "rng": rngs[0], "rng_ranks": rngs,
+                 "config": to_dict(self.config)}
+        if self.natural_optimizer is not None:
+            state["natural_optimizer"] = self.natural_optimizer.state_dict()
+        save_torch(state, self._checkpoint_path())
 
-
-def _new_run_dir(out_dir: str, name: str) -> str:
-    path, n = os.path.join(out_dir, name), 1
-    while os.path.exists(path):
-        n += 1
-        path = os.path.join(out_dir, f"{name}-{n}")
-    return path
+    def _load_checkpoint(self) -> None:
+        path = self._checkpoint_path()
+        state = checkpoints.training_state(path, self.device)
+        checkpoints.load_weights(self.model, state["model"], path, checkpoints.describe(state), self.architecture)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.natural_optimizer is not None:
+                self.natural_optimizer.load_state_dict(state["natural_optimizer"])
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(f"{path}: its optimizer state does not fit this config ({error})") from None
+        self.epoch, self.step, self.history = state["epoch"], state["step"], list(state["history"])
+        rngs = state.get("rng_ranks")
+        rng = rngs[self.rank] if rngs and len(rngs) == self.world else state.get("rng")
+        if rng is not None:
+            checkpoints.set_rng_state(rng, self.device)
+        if self.rank == 0:
+            remove_temporaries(self.run_dir)
+            rundir.write_metrics(self.run_dir, self.history)  # exactly the checkpoint's epochs
+            if self.epoch < self.config.epochs:
+                print(f"resuming {self.run_dir} from epoch {self.epoch} of {self.config.epochs}", flush=True)
 
 
 def train(config: TrainConfig, run_dir: Optional[str] = None, resume: bool = False) -> Dict[str, float]:
@@ -372,28 +396,34 @@ def run_from_args(args: argparse.Namespace) -> Dict[str, float]:
     if args.list_presets:
         print("\n".join(presets()))
         return {}
-    overrides = list(args.set) + ([f"data_root={args.data_root}"] if args.data_root else [])
     if args.resume:
-        with open(os.path.join(args.resume, "config.yaml")) as f:
-            config = from_dict(yaml.safe_load(f))
+        if args.preset or args.config or args.set:
+            raise ConfigError("--resume continues a run with its own config.yaml; drop --preset, --config and --set")
+        config_path = os.path.join(args.resume, rundir.CONFIG)
+        if not os.path.isdir(args.resume):
+            raise ConfigError(f"--resume {args.resume}: no such folder")
+        if not os.path.isfile(config_path):
+            raise ConfigError(f"--resume {args.resume}: not a run folder (no {rundir.CONFIG}); nothing to resume")
+        config = load_config(config_file=config_path, config_label=config_path,
+                             values={"data_root": args.data_root} if args.data_root else None)
         return train(config, args.resume, resume=True)
     if not (args.preset or args.config):
-        raise SystemExit("cure-fast train: give --preset NAME or --config FILE (or --resume RUN_DIR)")
+        raise ConfigError("give --preset NAME or --config FILE (or --resume RUN_DIR); --list-presets lists the presets")
+    overrides = list(args.set) + ([f"data_root={args.data_root}"] if args.data_root else [])
     return train(load_config(args.preset, args.config, overrides))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     """``python -m cure_fast.training.trainer`` (also under torchrun: one process per device, DDP)."""
-    parser = argparse.ArgumentParser(prog="cure_fast.training.trainer", description=__doc__)
+    parser = OneLineParser(prog="cure_fast.training.trainer", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        run_from_args(args)
-    except (TrainingError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"cure_fast.training.trainer: {e}")
+        with one_line_errors("cure_fast.training.trainer"):
+            run_from_args(args)
     finally:
         if distributed:
             dist.destroy_process_group()

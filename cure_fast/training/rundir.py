@@ -1,0 +1,147 @@
+"""The files of a run folder and the order they are written in, so that a kill at any point loses
+at most the epoch in progress and ``--resume`` never destroys a finished result.
+
+Per epoch: ``test_per_sample.csv`` (last epoch), ``metrics.jsonl`` and ``metrics.csv`` (rewritten
+whole from the history), then ``checkpoint.pt``. The write-up after the last epoch: ``model.pt``,
+``curves.png``, ``summary.png``, then ``summary.json`` last: a run is complete exactly when its
+``summary.json`` holds results. Every file is written atomically (:mod:`cure_fast.storage`).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shlex
+import signal
+import threading
+from typing import Dict, Iterator, List, Optional
+
+import yaml
+
+from ..config import TrainConfig, to_dict
+from ..errors import Interrupted
+from ..reporting import format_table, plot_curves, plot_summary
+from ..storage import save_torch, write_atomic, write_json
+
+CONFIG, METRICS, METRICS_CSV, CHECKPOINT = "config.yaml", "metrics.jsonl", "metrics.csv", "checkpoint.pt"
+PER_SAMPLE, MODEL, CURVES, SUMMARY_PNG, SUMMARY = ("test_per_sample.csv", "model.pt", "curves.png", "summary.png",
+                                                   "summary.json")
+
+
+def new_run_dir(out_dir: str, name: str) -> str:
+    """``out_dir/name``, or ``out_dir/name-2``, ``-3``, ... when taken."""
+    path, n = os.path.join(out_dir, name), 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(out_dir, f"{name}-{n}")
+    return path
+
+
+def resume_command(run_dir: str) -> str:
+    return f"cure-fast train --resume {shlex.quote(run_dir)}"
+
+
+def write_config(run_dir: str, config: TrainConfig) -> None:
+    write_atomic(os.path.join(run_dir, CONFIG), yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def write_metrics(run_dir: str, history: List[Dict[str, float]]) -> None:
+    """``metrics.jsonl`` and ``metrics.csv`` from the whole history (so they hold exactly the
+    checkpoint's epochs after a resume)."""
+    write_atomic(os.path.join(run_dir, METRICS), "".join(json.dumps(m) + "\n" for m in history))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=sorted({k for m in history for k in m}))
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomic(os.path.join(run_dir, METRICS_CSV), text.getvalue())
+
+
+def write_per_sample(evaluation, path: str) -> None:
+    """One row per test image: index, correct, and per norm PGD-robust, certified, margin bound."""
+    norms = list(evaluation.certified)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["index", "correct"] + [f"{k}_{n}" for n in norms for k in ("pgd", "certified", "margin")])
+    for i in range(len(evaluation.correct)):
+        row = [i, int(evaluation.correct[i])]
+        for n in norms:
+            row += [int(evaluation.pgd_robust[n][i]), int(evaluation.certified[n][i]),
+                    f"{evaluation.margin[n][i].item():.6g}"]
+        writer.writerow(row)
+    write_atomic(path, text.getvalue())
+
+
+def final_from_history(history: List[Dict[str, float]]) -> Dict[str, float]:
+    """The last epoch's test summary (the ``test_*`` metrics without the prefix)."""
+    last = history[-1] if history else {}
+    return {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")}
+
+
+def completed_summary(run_dir: str) -> Optional[Dict]:
+    """The results of a complete run (its summary.json), or None while the write-up is unfinished."""
+    try:
+        with open(os.path.join(run_dir, SUMMARY)) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and "clean" in summary else None
+
+
+def caption(config: TrainConfig, images: int) -> str:
+    eps = ", ".join(f"{'l∞' if n == 'inf' else 'l2'} eps {config.eval_eps(n):.4g}" for n in ("inf", "2"))
+    return f"test accuracy on {images} images, {eps}"
+
+
+def write_up(run_dir: str, config: TrainConfig, model_state, history: List[Dict[str, float]],
+             final: Dict[str, float], images: int) -> Dict:
+    """The report of a finished run, summary.json last; prints the table. Returns the summary."""
+    title = caption(config, images)
+    save_torch(model_state, os.path.join(run_dir, MODEL))
+    plot_curves(history, os.path.join(run_dir, CURVES))
+    plot_summary({config.name: final}, os.path.join(run_dir, SUMMARY_PNG), title=title)
+    summary = {"name": config.name, **final, "images": images,
+               "eps": {n: config.eval_eps(n) for n in ("inf", "2")}}
+    write_json(summary, os.path.join(run_dir, SUMMARY))
+    print(format_table({config.name: final}, caption=title), flush=True)
+    print(f"results in {run_dir}", flush=True)
+    return summary
+
+
+class SignalGuard:
+    """SIGINT and SIGTERM raise :class:`Interrupted` (carrying ``describe()``'s one line) in the main
+    thread, except inside :meth:`critical` sections, where they wait for the section's end so that a
+    checkpoint and its metrics are written together. Outside the main thread it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, describe):
+        self.describe, self.pending, self.depth, self.previous = describe, None, 0, {}
+
+    def _handle(self, signum, frame):
+        if self.depth:
+            self.pending = signum
+            return
+        raise Interrupted(signum, self.describe(signum))
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum, self.describe(signum))
