@@ -80,10 +80,15 @@ def batched_eps(eps: Eps, x: Tensor, dims: int) -> Tensor:
     return eps.reshape(-1, *([1] * (dims - 1)))
 
 
-def scale_squared(scale: Optional[Tensor], x: Tensor) -> Tensor:
-    """Squared ellipsoid axis scale, shaped (1 or B, *x.shape[1:]); ones when ``scale`` is None."""
+def scale_power(scale: Optional[Tensor], x: Tensor, power: int) -> Tensor:
+    """``|scale| ** power`` (an ellipsoid's axis scale), shaped (1 or B, *x.shape[1:]); ones when ``scale`` is None."""
     if scale is None:
         return x.new_ones((1,) + x.shape[1:])
-    s2 = scale.to(x.dtype).square()
-    s2 = s2.reshape((1,) * (x.dim() - s2.dim()) + tuple(s2.shape))
-    return s2.expand((s2.shape[0],) + x.shape[1:])
+    s = scale.to(x.dtype).abs() ** power
+    s = s.reshape((1,) * (x.dim() - s.dim()) + tuple(s.shape))
+    return s.expand((s.shape[0],) + x.shape[1:])
+
+
+def scale_squared(scale: Optional[Tensor], x: Tensor) -> Tensor:
+    """Squared ellipsoid axis scale, shaped (1 or B, *x.shape[1:]); ones when ``scale`` is None."""
+    return scale_power(scale, x, 2)

@@ -13,17 +13,8 @@ from typing import Optional, Tuple, Union
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import Eps, Interval, IntOrPair, batched_eps, check_features, check_l2, check_labels
+from .common import Eps, Interval, IntOrPair, batched_eps, check_features, check_l2, check_labels, scale_power
 from .policy import honoured, resolve_precision
-
-
-def _axes(scale: Optional[Tensor], x: Tensor) -> Tensor:
-    """|scale| shaped (1 or B, *x.shape[1:]); ones when ``scale`` is None."""
-    if scale is None:
-        return x.new_ones((1,) + x.shape[1:])
-    s = scale.to(x.dtype).abs()
-    s = s.reshape((1,) * (x.dim() - s.dim()) + tuple(s.shape))
-    return s.expand((s.shape[0],) + x.shape[1:])
 
 
 def _pair(value) -> Tuple[int, int]:
@@ -44,7 +35,7 @@ def _pads(padding, weight: Tensor, dilation: Tuple[int, int]) -> Tuple[int, int,
 def l1_linear_ref(x: Tensor, eps: Eps, weight: Tensor, bias: Optional[Tensor] = None,
                   scale: Optional[Tensor] = None) -> Interval:
     """``c = x W^T + b``, ``r_i = eps max_j |W_ij s_j|``. x (B, in), scale None or broadcastable -> (B, out) twice."""
-    radius = (weight.abs()[None] * _axes(scale, x)[:, None, :]).amax(-1)  # (1 or B, out)
+    radius = (weight.abs()[None] * scale_power(scale, x, 1)[:, None, :]).amax(-1)  # (1 or B, out)
     r = (batched_eps(eps, x, 2) * radius).expand(x.shape[0], weight.shape[0])
     return F.linear(x, weight, bias), r
 
@@ -56,7 +47,7 @@ def l1_conv2d_ref(x: Tensor, eps: Eps, weight: Tensor, bias: Optional[Tensor] = 
     x (B, C, H, W), scale None or broadcastable to x -> (B, O, P, Q) twice."""
     c = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     dilation, stride = _pair(dilation), _pair(stride)
-    axes = F.pad(_axes(scale, x), _pads(padding, weight, dilation))  # zeros outside the image: never the max
+    axes = F.pad(scale_power(scale, x, 1), _pads(padding, weight, dilation))  # zeros outside the image: never the max
     columns = F.unfold(axes, weight.shape[2:], dilation=dilation, stride=stride)  # (1 or B, C*KH*KW, P*Q)
     out, per_group = weight.shape[0], weight[0].numel()
     columns = columns.view(columns.shape[0], groups, 1, per_group, -1)
@@ -71,7 +62,7 @@ def l1_margins_linear_ref(x: Tensor, eps: Eps, weight: Tensor, bias: Optional[Te
     logits = F.linear(x, weight, bias)
     centre = logits.gather(1, labels[:, None]) - logits
     rows = (weight[labels][:, None, :] - weight[None]).abs()  # (B, K, in)
-    spread = (rows * _axes(scale, x).expand_as(x)[:, None, :]).amax(-1)
+    spread = (rows * scale_power(scale, x, 1).expand_as(x)[:, None, :]).amax(-1)
     return centre - batched_eps(eps, x, 2) * spread
 
 

@@ -25,11 +25,15 @@ _default: Optional[str] = None
 _precision = "ieee"
 
 
+def _check(kind: str, name: str, source: str, choices) -> str:
+    if name not in choices:
+        raise ValueError(f"unknown {kind} {name!r} (from {source}); choose one of {', '.join(choices)}")
+    return name
+
+
 def check_backend(name: str, source: str = "backend=") -> str:
     """``name`` if it is a backend choice, else a ValueError naming ``source`` and the choices."""
-    if name not in CHOICES:
-        raise ValueError(f"unknown backend {name!r} (from {source}); choose one of {', '.join(CHOICES)}")
-    return name
+    return _check("backend", name, source, CHOICES)
 
 
 def set_backend(name: str) -> None:
@@ -47,9 +51,7 @@ def get_backend() -> str:
 
 def check_precision(name: str, source: str = "precision=") -> str:
     """``name`` if it is a precision mode, else a ValueError naming ``source`` and the modes."""
-    if name not in PRECISIONS:
-        raise ValueError(f"unknown precision {name!r} (from {source}); choose one of {', '.join(PRECISIONS)}")
-    return name
+    return _check("precision", name, source, PRECISIONS)
 
 
 def set_precision(name: str) -> None:

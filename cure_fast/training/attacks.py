@@ -46,13 +46,20 @@ def project(spec: Ball, x: Tensor, z: Tensor, iterations: int = 60) -> Tensor:
     high = torch.ones_like(eps)
     while bool((radius(high) > eps).any()):  # grow the bracket until every sample is inside
         high = torch.where(radius(high) > eps, high * 4, high)
-    inside = radius(low) <= eps
+    mu = _smallest_inside(radius, eps, low, high, iterations)
+    return _clip_domain(spec, (z + mu * x) / (1 + mu))
+
+
+def _smallest_inside(norm: Callable[[Tensor], Tensor], eps: Tensor, low: Tensor, high: Tensor,
+                     iterations: int) -> Tensor:
+    """The smallest multiplier t in [low, high] with ``norm(t) <= eps`` (norm decreasing in t, and
+    ``norm(high) <= eps``), by bisection; ``low`` where that already holds."""
+    inside = norm(low) <= eps
     for _ in range(iterations):
         mid = (low + high) / 2
-        too_far = radius(mid) > eps
+        too_far = norm(mid) > eps
         low, high = torch.where(too_far, mid, low), torch.where(too_far, high, mid)
-    mu = torch.where(inside, torch.zeros_like(high), high)
-    return _clip_domain(spec, (z + mu * x) / (1 + mu))
+    return torch.where(inside, low, high)
 
 
 def _project_l1(spec: Ball, x: Tensor, z: Tensor, eps: Tensor, iterations: int) -> Tensor:
@@ -64,13 +71,7 @@ def _project_l1(spec: Ball, x: Tensor, z: Tensor, eps: Tensor, iterations: int) 
         room = torch.where(d > 0, spec.domain[1] - x, x - spec.domain[0]).clamp_min(0)
     step = lambda t: torch.minimum((d.abs() - t).clamp_min(0), room)  # noqa: E731
     norm = lambda t: step(t).flatten(1).sum(1).view_as(eps)  # noqa: E731
-    low, high = torch.zeros_like(eps), d.abs().flatten(1).amax(1).view_as(eps)
-    inside = norm(low) <= eps
-    for _ in range(iterations):
-        mid = (low + high) / 2
-        too_far = norm(mid) > eps
-        low, high = torch.where(too_far, mid, low), torch.where(too_far, high, mid)
-    t = torch.where(inside, torch.zeros_like(high), high)
+    t = _smallest_inside(norm, eps, torch.zeros_like(eps), d.abs().flatten(1).amax(1).view_as(eps), iterations)
     return x + d.sign() * step(t)
 
 
