@@ -97,7 +97,7 @@ def training_state(path: str, device: torch.device) -> Dict[str, Any]:
 
 
 def _shape(t: Tensor) -> str:
-    return "(" + ", ".join(map(str, t.shape)) + ")"
+    return str(tuple(t.shape))
 
 
 def load_weights(model: nn.Module, state: Dict[str, Tensor], path: str, what: str, architecture: str) -> None:

@@ -93,3 +93,29 @@ def test_smoothing_and_geometric_reports(run_dir, tmp_path):
     assert len(plain["certified_accuracy"]) == 5
     assert 0 <= summary["geometric"]["worst_case"] <= summary["geometric"]["clean"]
     assert (tmp_path / "smoothing.png").is_file()
+
+
+def test_cli_shows_progress_where_it_writes_and_every_result(run_dir, tmp_path, capsys):
+    """No --norms: the run's own evaluation eps; progress bars on stderr; the smoothing and geometric
+    results printed at the end and plotted."""
+    out = tmp_path / "report"
+    main(["certify", run_dir, "--limit", "4", "--out", str(out), "--pgd-steps", "1", "--no-curve",
+          "--smoothing", "0.25", "--smoothing-n", "50", "--geometric"])
+    stdout, stderr = capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eps"] == {"inf": 0.05, "2": 0.3}  # from the run's config, not CIFAR values
+    assert f"reports to {out}" in stdout and f"reports in {out}" in stdout
+    assert "ibp on 4 test images, l∞ eps 0.05, l2 eps 0.3" in stdout
+    for bar in ("certify (ibp)", "certified l∞", "smoothing sigma 0.25", "geometric", "4/4"):
+        assert bar in stderr, bar
+    assert "randomized smoothing" in stdout and "ACR" in stdout and "sigma 0.25, adaptive BN" in stdout
+    assert "geometric robustness" in stdout and "rotation" in stdout
+    assert (out / "geometric.png").is_file() and (out / "smoothing.png").is_file()
+
+
+def test_one_norm_certify_has_no_nan_columns(run_dir, tmp_path, capsys):
+    main(["certify", run_dir, "--norms", "inf:1e-2", "--limit", "4", "--out", str(tmp_path), "--pgd-steps", "1",
+          "--no-progress"])
+    stdout = capsys.readouterr().out
+    assert "nan" not in stdout and "cert l∞" in stdout and "cert l2" not in stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["eps"] == {"inf": 0.01}

@@ -7,6 +7,7 @@ alignment and gradient projection; checkpoints, exact resume, DDP.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import signal
@@ -140,16 +141,17 @@ class Trainer:
                                   if cfg.gp_beta > 0 else None)
         self.epoch, self.step, self.history = 0, 0, []
         self.steps_per_epoch = data.num_batches(len(self.train_set), cfg.batch_size // self.world, world_size=self.world)
-        self.guard = rundir.SignalGuard(self._stop_message)
+        self.guard, self.in_epoch = rundir.SignalGuard(self._stop_message), False
         if resume:
             self._load_checkpoint()
             return
-        if self.rank == 0:
-            os.makedirs(self.run_dir, exist_ok=True)
-            rundir.write_config(self.run_dir, cfg)
-            print(f"{cfg.name}: training {self.architecture} on {len(self.train_set)} images, testing on "
-                  f"{len(self.test_set)}; writing to {self.run_dir}", flush=True)
-        self._save_checkpoint()  # epoch 0: every interruption from here on can be resumed
+        with self._disk_full_advice():
+            if self.rank == 0:
+                os.makedirs(self.run_dir, exist_ok=True)
+                rundir.write_config(self.run_dir, cfg)
+                print(f"{cfg.name}: training {self.architecture} on {len(self.train_set)} images, testing on "
+                      f"{len(self.test_set)}; writing to {self.run_dir}", flush=True)
+            self._save_checkpoint()  # epoch 0: every interruption from here on can be resumed
 
     def _agree(self, value):
         """Rank 0's value, on every rank."""
@@ -259,9 +261,14 @@ class Trainer:
         """Train the remaining epochs (or up to epoch ``stop_after``, to be resumed later), then write
         the report; returns the final evaluation summary. SIGINT / SIGTERM stop the run with a one-line
         :class:`~cure_fast.errors.Interrupted` saying what is saved and how to resume."""
+        with self._disk_full_advice(), self.guard:
+            return self._run(stop_after)
+
+    @contextlib.contextmanager
+    def _disk_full_advice(self):
+        """A full disk: add to the one-line error what to do next."""
         try:
-            with self.guard:
-                return self._run(stop_after)
+            yield
         except DiskFullError as error:
             advice = (f"free some space, then resume with: {rundir.resume_command(self.run_dir)}"
                       if os.path.isfile(self._checkpoint_path()) else "free some space and start the run again")
@@ -274,6 +281,7 @@ class Trainer:
         if self.epoch >= cfg.epochs:
             return self._finished() if self.rank == 0 else {}
         for epoch in range(self.epoch, min(cfg.epochs, stop_after or cfg.epochs)):
+            self.in_epoch = True
             projected = cfg.gp_beta > 0 and epoch >= cfg.eps_end_epoch
             metrics = self.projected_epoch(epoch) if projected else self.train_epoch(epoch)
             metrics["epoch"] = epoch + 1
@@ -294,6 +302,7 @@ class Trainer:
                     rundir.write_metrics(self.run_dir, self.history)
                     self._print_epoch(metrics)
                 self._save_checkpoint()
+                self.in_epoch = False
         if self.rank == 0 and self.epoch == cfg.epochs:
             with self.guard.critical():
                 rundir.write_up(self.run_dir, cfg, self.model.state_dict(), self.history, final, len(self.test_set))
@@ -321,11 +330,13 @@ class Trainer:
     def _stop_message(self, signum: int) -> str:
         """What SIGINT / SIGTERM leaves behind, and the command that resumes."""
         cfg, name = self.config, signal.Signals(signum).name
+        if self.rank == 0 and rundir.completed_summary(self.run_dir) is not None:
+            return f"stopped by {name} as the run completed: results in {self.run_dir}, nothing to resume"
         if self.epoch >= cfg.epochs:
             saved = f"training is finished ({self._checkpoint_path()} holds all {cfg.epochs} epochs), the report not"
         else:
-            saved = (f"saved {self._checkpoint_path()} at epoch {self.epoch} of {cfg.epochs} "
-                     "(the epoch in progress is lost)")
+            lost = f" (epoch {self.epoch + 1}, in progress, is lost)" if self.in_epoch else ""
+            saved = f"saved {self._checkpoint_path()} at epoch {self.epoch} of {cfg.epochs}{lost}"
         return f"stopped by {name}: {saved}; resume with: {rundir.resume_command(self.run_dir)}"
 
     def _print_epoch(self, metrics: Dict[str, float]) -> None:

@@ -1,0 +1,208 @@
+"""Every bad input is one line on stderr naming the key (or argument, or file) and what is allowed,
+with exit status 2 (a bad value) or 1 (a broken file), no traceback, and nothing written before is
+lost. The table BAD_VALUES holds every case of issue 16 and more; BROKEN_FILES the checkpoint cases."""
+import shutil
+import types
+
+import pytest
+import torch
+
+from cure_fast import models
+from cure_fast.certification.certify import parse_norms
+from cure_fast.cli import main
+from cure_fast.config import from_dict, load_config
+from cure_fast.training.trainer import Trainer
+
+from faultkit import assert_one_line, cli, snapshot, tiny_config, write_config, write_tiny_mnist
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A finished tiny run (out/tiny), its config file, and broken copies of its files."""
+    root = tmp_path_factory.mktemp("bad")
+    data = write_tiny_mnist(root / "data")
+    config = tiny_config(data, root / "out", epochs=1)
+    trainer = Trainer(from_dict(dict(config)))
+    trainer.run()
+    w = types.SimpleNamespace(root=root, data=data, run=root / "out" / "tiny", config=write_config(root / "tiny.yaml", config))
+    model, checkpoint = (w.run / "model.pt").read_bytes(), (w.run / "checkpoint.pt").read_bytes()
+    broken = root / "broken"
+    broken.mkdir()
+    files = {"half-model.pt": model[: len(model) // 2], "truncated.pt": checkpoint[:-100], "empty.pt": b"",
+             "random.pt": bytes(range(256)) * 8, "text.pt": b"model: weights\n"}
+    for name, content in files.items():
+        (broken / name).write_bytes(content)
+    torch.save(models.build("cnn3", "mnist", width=4).state_dict(), broken / "cnn3.pt")
+    torch.save(torch.zeros(3), broken / "tensor.pt")
+    torch.save({"model": {"w": torch.zeros(1)}, "note": types.SimpleNamespace(a=1)}, broken / "object.pt")
+    for name, replacement in [("run-truncated", "truncated.pt"), ("run-empty", "empty.pt"), ("run-random", "random.pt"),
+                              ("run-model-as-checkpoint", None), ("run-other-architecture", "cnn3.pt")]:
+        shutil.copytree(w.run, root / name)
+        target = root / name / ("model.pt" if name == "run-other-architecture" else "checkpoint.pt")
+        shutil.copy(broken / replacement if replacement else w.run / "model.pt", target)
+    (root / "not-a-run").mkdir()
+    (root / "list.yaml").write_text("- lr: 1\n")
+    (root / "broken.yaml").write_text("lr: [1,\nepochs: 2\n")
+    w.broken = broken
+    return w
+
+
+def _train(*sets):
+    return lambda w: ["train", "--config", str(w.config)] + [a for s in sets for a in ("--set", s)]
+
+
+def _certify(*args, run=None):
+    return lambda w: ["certify", str(w.root / run if run else w.run), "--limit", "4", "--no-progress", *args]
+
+
+BAD_VALUES = {
+    # numbers, from issue 16's "tracebacks" list
+    "lr=abc": (_train("lr=abc"), 2, ["lr='abc'", "a number > 0"]),
+    "alpha=abc": (_train("alpha=abc"), 2, ["alpha='abc'", "[0, 1]"]),
+    "sabr_lambda=x": (_train("sabr_lambda=x"), 2, ["sabr_lambda='x'", "(0, 1]"]),
+    "eps_end_epoch=abc": (_train("eps_end_epoch=abc"), 2, ["eps_end_epoch='abc'", "an integer"]),
+    "seed=abc": (_train("seed=abc"), 2, ["seed='abc'", "an integer"]),
+    "eps_inf=2/0": (_train("eps_inf=2/0"), 2, ["eps_inf='2/0'", "divides by zero"]),
+    "lr_milestones=5": (_train("lr_milestones=5"), 2, ["lr_milestones=5", "a list of increasing integers"]),
+    "model_args=3": (_train("model_args=3"), 2, ["model_args=3", "a mapping"]),
+    "model_args-typo": (_train("model=cnn3", "model_args={widht: 8}"), 2, ["'widht'", "did you mean 'width'"]),
+    "model_args-value": (_train("model_args={hidden: abc}"), 2, ["model_args.hidden='abc'", "a list of integers"]),
+    "name=": (_train("name="), 2, ["name=", "a folder name"]),
+    "norms=[inf": (_train("norms=[inf"), 2, ["--set 'norms=[inf'", "not valid YAML"]),
+    "config-broken-yaml": (lambda w: ["train", "--config", str(w.root / "broken.yaml")], 2,
+                           ["broken.yaml is not valid YAML at line"]),
+    "config-not-a-mapping": (lambda w: ["train", "--config", str(w.root / "list.yaml")], 2, ["list.yaml", "mapping"]),
+    "config-missing": (lambda w: ["train", "--config", str(w.root / "nope.yaml")], 2, ["nope.yaml: no such file"]),
+    "certify-device-gpu": (_certify("--device", "gpu"), 2, ["invalid choice: 'gpu'", "did you mean 'cpu'"]),
+    "norms-inf:2/0": (_certify("--norms", "inf:2/0"), 2, ["--norms inf='2/0'", "divides by zero"]),
+    # accepted silently although wrong, from issue 16
+    "train_limit=-5": (_train("train_limit=-5"), 2, ["train_limit=-5", "an integer >= 1"]),
+    "train_limit=0": (_train("train_limit=0"), 2, ["train_limit=0", "an integer >= 1"]),
+    "eval_limit=-1": (_train("eval_limit=-1"), 2, ["eval_limit=-1", "an integer >= 1"]),
+    "eval_limit=0": (_train("eval_limit=0"), 2, ["eval_limit=0", "null: the whole test set"]),
+    "limit=-3": (_certify("--limit", "-3"), 2, ["argument --limit", "an integer >= 1"]),
+    "limit=0": (_certify("--limit", "0"), 2, ["argument --limit", "an integer >= 1"]),
+    "batch-size=0": (_certify("--batch-size", "0"), 2, ["argument --batch-size", "an integer >= 1"]),
+    "smoothing-n=0": (_certify("--smoothing", "0.25", "--smoothing-n", "0"), 2, ["argument --smoothing-n", ">= 1"]),
+    "progress=maybe": (_train("progress=maybe"), 2, ["progress='maybe'", "true or false"]),
+    "ibp_init=maybe": (_train("ibp_init=maybe"), 2, ["ibp_init='maybe'", "true or false"]),
+    "batch_size=true": (_train("batch_size=true"), 2, ["batch_size=True", "an integer >= 1"]),
+    "eps_inf=5": (_train("eps_inf=5"), 2, ["eps_inf=5", "[0, 1]", "mnist images lie in [0, 1]"]),
+    "name-escapes-out_dir": (_train("name=a/b/../../x"), 2, ["name='a/b/../../x'", "no '/'"]),
+    "demo-eval_limit=-1": (lambda w: ["demo", "--out-dir", str(w.root / "out"), "--set", "eval_limit=-1"], 2,
+                           ["eval_limit=-1"]),
+    # more of the same families
+    "eps_2-beyond-the-diagonal": (_train("eps_2=1e3"), 2, ["eps_2=", "[0, 28]"]),
+    "eps_inf=nan": (_train("eps_inf=.nan"), 2, ["eps_inf=nan"]),
+    "lr=-1e-3": (_train("lr=-1e-3"), 2, ["lr='-1e-3'", "> 0"]),
+    "weight_decay=-1e-4": (_train("weight_decay=-1e-4"), 2, ["weight_decay='-1e-4'", ">= 0"]),
+    "batch_size=1.5": (_train("batch_size=1.5"), 2, ["batch_size=1.5", "an integer"]),
+    "epochs=0": (_train("epochs=0"), 2, ["epochs=0"]),
+    "method=ibpp": (_train("method=ibpp"), 2, ["method='ibpp'", "did you mean 'ibp'"]),
+    "norms=[inf,1]": (_train("norms=[inf, 1]"), 2, ["norms=", "distinct values from inf, 2"]),
+    "device=gpu": (_train("device=gpu"), 2, ["device='gpu'", "did you mean 'cpu'"]),
+    "unknown-key": (_train("lrr=0.1"), 2, ["unknown key 'lrr'", "did you mean 'lr'"]),
+    "override-without-=": (_train("lr"), 2, ["--set 'lr' is not of the form key=value"]),
+    "init_from-missing": (_train("init_from=/nope.pt"), 2, ["init_from='/nope.pt' is not a file"]),
+    "unknown-preset": (lambda w: ["train", "--preset", "mnist-demo-inff"], 2, ["did you mean 'mnist-demo-inf'"]),
+    "no-preset": (lambda w: ["train"], 2, ["give --preset NAME or --config FILE"]),
+    "resume-missing": (lambda w: ["train", "--resume", str(w.root / "nope")], 2, ["--resume", "no such folder"]),
+    "resume-not-a-run": (lambda w: ["train", "--resume", str(w.root / "not-a-run")], 2, ["not a run folder"]),
+    "resume-with-set": (lambda w: ["train", "--resume", str(w.run), "--set", "epochs=5"], 2, ["drop --preset"]),
+    "norms-unknown": (_certify("--norms", "3:0.1"), 2, ["bad --norms item '3:0.1'"]),
+    "norms-typo": (_certify("--norms", "infinity:0.1"), 2, ["did you mean 'inf'"]),
+    "norms-eps-word": (_certify("--norms", "inf:abc"), 2, ["--norms inf='abc' is not a number"]),
+    "norms-eps-too-large": (_certify("--norms", "inf:5"), 2, ["--norms inf=5", "[0, 1]"]),
+    "smoothing-word": (_certify("--smoothing", "0.25,abc"), 2, ["--smoothing='abc'"]),
+    "smoothing-zero": (_certify("--smoothing", "0"), 2, ["--smoothing=", "> 0"]),
+    "pgd-steps=-1": (_certify("--pgd-steps", "-1"), 2, ["argument --pgd-steps", ">= 0"]),
+    "method-typo": (_certify("--method", "crow"), 2, ["invalid choice: 'crow'", "did you mean 'crown'"]),
+    "certify-missing": (lambda w: ["certify", str(w.root / "nope")], 1, ["no run directory or checkpoint"]),
+    "certify-not-a-run": (_certify(run="not-a-run"), 1, ["not-a-run is not a run directory"]),
+    "quickstart-batch=0": (lambda w: ["quickstart", "--batch", "0"], 2, ["argument --batch"]),
+    "command-typo": (lambda w: ["trian"], 2, ["invalid choice: 'trian'", "did you mean 'train'"]),
+}
+
+BROKEN_FILES = {
+    "resume-truncated": (lambda w: ["train", "--resume", str(w.root / "run-truncated")], ["checkpoint.pt is truncated"]),
+    "resume-empty": (lambda w: ["train", "--resume", str(w.root / "run-empty")], ["checkpoint.pt is empty"]),
+    "resume-random-bytes": (lambda w: ["train", "--resume", str(w.root / "run-random")],
+                            ["checkpoint.pt is not a PyTorch file"]),
+    "resume-model.pt-as-checkpoint": (lambda w: ["train", "--resume", str(w.root / "run-model-as-checkpoint")],
+                                      ["holds model weights", "not a training checkpoint"]),
+    "certify-half-model.pt": (lambda w: ["certify", str(w.broken / "half-model.pt")], ["half-model.pt is truncated"]),
+    "certify-empty": (lambda w: ["certify", str(w.broken / "empty.pt")], ["empty.pt is empty"]),
+    "certify-random-bytes": (lambda w: ["certify", str(w.broken / "random.pt")], ["random.pt is not a PyTorch file"]),
+    "certify-text": (lambda w: ["certify", str(w.broken / "text.pt")], ["text.pt is not a PyTorch file"]),
+    "certify-other-architecture": (_certify(run="run-other-architecture"),
+                                   ["model.pt holds model weights", "another architecture than mlp on mnist"]),
+    "certify-objects": (lambda w: ["certify", str(w.broken / "object.pt")], ["object.pt holds Python objects"]),
+    "init_from-truncated": (lambda w: _train(f"init_from={w.broken / 'truncated.pt'}")(w), ["truncated.pt is truncated"]),
+    "init_from-random-bytes": (lambda w: _train(f"init_from={w.broken / 'random.pt'}")(w), ["not a PyTorch file"]),
+    "init_from-empty": (lambda w: _train(f"init_from={w.broken / 'empty.pt'}")(w), ["empty.pt is empty"]),
+    "init_from-half-model.pt": (lambda w: _train(f"init_from={w.broken / 'half-model.pt'}")(w), ["is truncated"]),
+    "init_from-other-architecture": (lambda w: _train(f"init_from={w.broken / 'cnn3.pt'}")(w),
+                                     ["cnn3.pt holds model weights", "another architecture", "tensor '2.weight'"]),
+    "init_from-tensor": (lambda w: _train(f"init_from={w.broken / 'tensor.pt'}")(w),
+                         ["tensor.pt holds a single tensor of shape (3,), not model weights"]),
+}
+
+
+def _fails_in_one_line(w, capsys, argv, status, needles):
+    before = snapshot(w.root)
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert_one_line(err, *needles)
+    assert exit.value.code == status, err
+    assert snapshot(w.root) == before, "a failed command changed files written before"
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_value_is_one_line_and_loses_nothing(world, capsys, case):
+    argv, status, needles = BAD_VALUES[case]
+    _fails_in_one_line(world, capsys, argv(world), status, needles)
+
+
+@pytest.mark.parametrize("case", list(BROKEN_FILES))
+def test_broken_file_is_one_line_naming_it_and_loses_nothing(world, capsys, case):
+    argv, needles = BROKEN_FILES[case]
+    _fails_in_one_line(world, capsys, argv(world), 1, needles)
+
+
+@pytest.mark.parametrize("argv, status, needle", [
+    (["train", "--preset", "mnist-demo-inf", "--set", "lr=abc"], 2, "lr='abc'"),
+    (["certify", "/nonexistent/run", "--limit", "0"], 2, "argument --limit"),
+    (["trian"], 2, "did you mean 'train'"),
+], ids=["config", "argument", "command"])
+def test_a_real_process_prints_one_line_and_no_traceback(argv, status, needle):
+    done = cli(argv)
+    assert done.returncode == status and done.stdout == ""
+    assert_one_line(done.stderr, needle)
+
+
+def test_numbers_in_every_notation_are_accepted():
+    config = load_config("mnist-demo-inf", overrides=["lr=1e-3", "weight_decay=1e-4", "eps_inf=2/255",
+                                                      "eps_2=5e-1", "grad_clip=1E1", "epochs=1e1", "norms=inf"])
+    assert (config.lr, config.weight_decay, config.grad_clip, config.epochs) == (1e-3, 1e-4, 10.0, 10)
+    assert config.eps_inf == pytest.approx(2 / 255) and config.eps_2 == 0.5 and config.norms == ["inf"]
+    assert isinstance(config.epochs, int)
+    assert parse_norms("inf:1e-2,2:2.5E-1") == {"inf": 0.01, "2": 0.25}
+    assert parse_norms("inf:8/255") == {"inf": pytest.approx(8 / 255)}
+
+
+def test_init_from_accepts_checkpoint_and_model_files(world, tmp_path):
+    for name in ("checkpoint.pt", "model.pt"):
+        config = from_dict(tiny_config(world.data, tmp_path, epochs=1, init_from=str(world.run / name), name=name))
+        trainer = Trainer(config)
+        saved = torch.load(world.run / "model.pt", weights_only=True)
+        for key, value in trainer.model.state_dict().items():
+            assert torch.equal(value, saved[key]), (name, key)
+
+
+def test_demo_prints_the_number_of_images_it_evaluated(world, capsys):
+    main(["demo", "--out-dir", str(world.root / "demo"), "--set", f"data_root={world.data}", "--set", "eval_limit=20",
+          "--set", "train_limit=64", "--set", "epochs=1", "--set", "eps_end_epoch=1", "--set", "model=mlp",
+          "--set", "model_args={hidden: [8]}", "--set", "eval_pgd_steps=1", "--set", "progress=false"])
+    out = capsys.readouterr().out
+    assert "test accuracy on 20 images, l∞ eps 0.2, l2 eps 0.5" in out and "1000" not in out
