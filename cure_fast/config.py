@@ -122,12 +122,14 @@ def _model_rules(model: str) -> Dict[str, Rule]:
 
 
 def eps_rule(dataset: str, norm: str, optional: bool = False) -> Number:
-    """eps of ``norm`` on ``dataset``'s images in [0, 1]: at most 1 (l∞) or the diagonal sqrt(C·H·W) (l2);
-    beyond that the set is the whole image domain."""
-    high = 1.0 if norm == "inf" else math.sqrt(math.prod(DATASETS[dataset].shape))
+    """eps of ``norm`` on ``dataset``'s images in [0, 1]: at most the domain's diameter, 1 (l∞),
+    sqrt(C·H·W) (l2) or C·H·W (l1); beyond that the set is the whole image domain."""
+    size = math.prod(DATASETS[dataset].shape)
+    high = {"inf": 1.0, "2": math.sqrt(size), "1": float(size)}[norm]
     rule = Number(0, high, optional=optional)
+    name = "l∞" if norm == "inf" else f"l{norm}"
     rule.allowed = (f"a number in [0, {high:.4g}] ({NUMBER_HINT}): {dataset} images lie in [0, 1], a larger "
-                    f"{'l∞' if norm == 'inf' else 'l2'} eps covers them whole")
+                    f"{name} eps covers them whole")
     return rule
 
 

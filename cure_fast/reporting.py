@@ -17,7 +17,7 @@ COLUMNS = [("clean", "clean"), ("pgd_inf", "PGD l∞"), ("pgd_2", "PGD l2"), ("c
 
 NAMES = {"clean": "clean", "correct": "clean", "union": "union (certified)", "empirical_union": "union (PGD)",
          "loss": "loss", "natural_train_loss": "natural loss"}
-NORM_NAMES = {"inf": "l∞", "2": "l2"}
+NORM_NAMES = {"inf": "l∞", "2": "l2", "1": "l1"}
 
 
 def columns(rows: Dict[str, Dict[str, float]]) -> List[tuple]:

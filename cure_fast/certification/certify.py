@@ -19,7 +19,7 @@ from torch import nn
 from .. import checkpoints, data, models
 from ..config import TrainConfig, eps_rule, from_dict, load_config, resolve_device
 from ..errors import CheckpointError, ConfigError
-from ..reporting import format_table, plot_summary, pyplot
+from ..reporting import NORM_NAMES, format_table, plot_summary, pyplot
 from ..storage import save_figure, write_atomic, write_json
 from ..validation import Integer, did_you_mean, integer_type, number_list, parse_number
 from .evaluate import CERTIFIERS, Evaluation, evaluate
@@ -27,7 +27,6 @@ from .geometric import format_geometric, geometric_robustness, plot_geometric
 
 CURVE = (0.25, 0.5, 0.75, 1.0)
 NORMS = ("inf", "2")
-NORM_NAMES = {"inf": "l∞", "2": "l2"}
 
 
 def parse_norms(text: str) -> Dict[str, float]:

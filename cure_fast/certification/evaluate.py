@@ -14,11 +14,11 @@ from tqdm import tqdm
 from ..engine import BoundedModule
 from ..config import make_spec
 from ..ops import policy as backends
+from ..reporting import NORM_NAMES
 from ..training.attacks import pgd_batched
 from ..training.objectives import certified
 
 CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")  # cheapest first: the cascade order
-_NAMES = {"inf": "l∞", "2": "l2"}
 
 
 @dataclass
@@ -90,7 +90,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
                 _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, parts, seconds)
                 bar.update(len(y))
                 bar.set_postfix_str(", ".join(
-                    f"certified {_NAMES.get(n, n)} {int(sum(c.sum() for c in parts[f'cert_{n}']))}" for n in norms))
+                    f"certified {NORM_NAMES.get(n, n)} {int(sum(c.sum() for c in parts[f'cert_{n}']))}" for n in norms))
     finally:
         bar.close()
         model.train(was_training)
