@@ -2,6 +2,7 @@
 evaluation out of the training RNG streams, and restores every DDP rank's own RNG state."""
 import json
 import os
+import socket
 
 import pytest
 import torch
@@ -85,8 +86,10 @@ def test_ddp_resume_is_exact(data, tmp_path):
     evaluating every epoch: a resumed run ends with exactly the weights of an uninterrupted one."""
     config = tiny_config(data, tmp_path, combine="random")
     result = str(tmp_path / "result.pt")
-    mp.spawn(_ddp_worker, args=(2, 29500 + (os.getpid() + 7) % 1000, config, str(tmp_path), result), nprocs=2,
-             join=True)
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, config, str(tmp_path), result), nprocs=2, join=True)
     weights = torch.load(result, weights_only=True)
     for key, value in weights["whole"].items():
         assert torch.equal(value, weights["resumed"][key]), key
