@@ -19,7 +19,7 @@ import yaml
 
 from .errors import ConfigError
 from .models import DATASETS, MODELS
-from .specs import L2Ball, LinfBall
+from .specs import L1Ball, L2Ball, LinfBall
 from .validation import (NUMBER_HINT, Boolean, Choice, ChoiceList, FolderName, Integer, IntegerList, Mapping, Number,
                          Rule, Text, did_you_mean)
 
@@ -87,13 +87,14 @@ class TrainConfig:
         return self.eps_inf if norm == "inf" else self.eps_2
 
 
+SPECS = {"inf": LinfBall, "2": L2Ball, "1": L1Ball}
+
+
 def make_spec(norm: str, eps: float, **kwargs):
-    """The input set of norm ``"inf"`` or ``"2"`` with radius eps (pixel space, domain [0, 1])."""
-    if norm == "inf":
-        return LinfBall(eps, **kwargs)
-    if norm == "2":
-        return L2Ball(eps, **kwargs)
-    raise ValueError(f"unknown norm {norm!r}; choose 'inf' or '2'")
+    """The input set of norm ``"inf"``, ``"2"`` or ``"1"`` with radius eps (pixel space, domain [0, 1])."""
+    if norm not in SPECS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(SPECS)}")
+    return SPECS[norm](eps, **kwargs)
 
 
 def resolve_device(name: str) -> torch.device:

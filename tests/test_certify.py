@@ -26,7 +26,7 @@ def run_dir(tmp_path_factory):
 
 def test_parse_norms():
     assert parse_norms("inf:2/255, 2:0.25") == {"inf": pytest.approx(2 / 255), "2": 0.25}
-    for bad in ("1:0.1", "inf", "inf:x", ""):
+    for bad in ("3:0.1", "inf", "inf:x", ""):
         with pytest.raises(ValueError, match="norm"):
             parse_norms(bad)
 
@@ -74,6 +74,16 @@ def test_cli_writes_reports(run_dir, tmp_path, capsys):
     assert [summary["curve"][f]["union"] for f in ("0.25", "0.5", "0.75", "1.0")] == sorted(
         (summary["curve"][f]["union"] for f in ("0.25", "0.5", "0.75", "1.0")), reverse=True)
     assert "union" in capsys.readouterr().out
+
+
+def test_l1_certificates_and_the_union_over_three_norms(run_dir, tmp_path):
+    eps = {"inf": 0.05, "2": 0.3, "1": 1.0}
+    summary = certify_run(run_dir, eps, "crown", limit=8, out_dir=str(tmp_path), pgd_steps=3, curve=())
+    assert 0 <= summary["union"] <= min(summary[f"certified_{n}"] for n in eps)
+    assert summary["certified_1"] <= summary["pgd_1"] <= summary["clean"]
+    rows = list(open(tmp_path / "per_sample.csv"))
+    assert len(rows) == 9 and "1" in rows[0]
+    assert parse_norms("1:1e-1,inf:2/255") == {"1": pytest.approx(0.1), "inf": pytest.approx(2 / 255)}
 
 
 def test_cli_errors_are_clear(run_dir, capsys):

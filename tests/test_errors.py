@@ -128,7 +128,7 @@ def test_bad_domain(ball, domain, match):
 
 
 def test_specs_must_be_balls():
-    with pytest.raises(TypeError, match=r"specs must be LinfBall / L2Ball objects, got float"):
+    with pytest.raises(TypeError, match=r"specs must be LinfBall / L2Ball / L1Ball objects, got float"):
         _propagate(_mlp(), torch.rand(2, 4), [0.1])
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import checkpoints, data, models
-from ..config import TrainConfig, eps_rule, from_dict, load_config, resolve_device
+from ..config import NORMS as TRAINED_NORMS, TrainConfig, eps_rule, from_dict, load_config, resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..reporting import NORM_NAMES, format_table, plot_summary, pyplot
 from ..storage import save_figure, write_atomic, write_json
@@ -26,18 +26,18 @@ from .evaluate import CERTIFIERS, Evaluation, evaluate
 from .geometric import format_geometric, geometric_robustness, plot_geometric
 
 CURVE = (0.25, 0.5, 0.75, 1.0)
-NORMS = ("inf", "2")
+NORMS = TRAINED_NORMS + ("1",)  # certified: the trained norms and l1
 
 
 def parse_norms(text: str) -> Dict[str, float]:
-    """``"inf:2/255,2:0.25"`` -> {"inf": 2/255, "2": 0.25}; eps in any notation (``inf:1e-2``)."""
+    """``"inf:2/255,2:0.25,1:0.5"`` -> {"inf": 2/255, "2": 0.25, "1": 0.5}; eps in any notation (``inf:1e-2``)."""
     norms = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         match = re.fullmatch(r"([^:\s]+)\s*:\s*(\S.*)", item)
         if not match or match.group(1) not in NORMS:
             hint = did_you_mean(match.group(1), NORMS) if match else ""
             raise ConfigError(f"bad --norms item {item!r}{hint}; write NORM:EPS with NORM one of "
-                              f"{', '.join(NORMS)}, e.g. inf:2/255,2:0.25")
+                              f"{', '.join(NORMS)}, e.g. inf:2/255,2:0.25,1:0.5")
         eps = parse_number(match.group(2), f"--norms {match.group(1)}")
         if eps < 0:
             raise ConfigError(f"bad --norms item {item!r}: eps must be >= 0")
@@ -145,7 +145,7 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
     dev = resolve_device(device)
     model, config = load_trained(path, dev)
     from_config = eps is None
-    eps = {n: config.eval_eps(n) for n in NORMS} if from_config else eps
+    eps = {n: config.eval_eps(n) for n in TRAINED_NORMS} if from_config else eps
     _check_arguments(config, eps, limit, batch_size, pgd_steps, smoothing, smoothing_n)
     test = data.load_dataset(config.dataset, "test", data_root or config.data_root, limit=limit)
     out_dir = out_dir or os.path.join(path if os.path.isdir(path) else os.path.dirname(path), f"certify-{method}")
