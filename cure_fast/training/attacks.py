@@ -10,6 +10,7 @@ largest gradient that can still move (sparse steepest ascent).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
@@ -104,10 +105,13 @@ def pgd(objective: Callable[[Tensor], Tensor], x: Tensor, spec: Ball, steps: int
 
 
 def pgd_batched(objective: Callable[[Tensor], Tensor], x: Tensor, specs: Sequence[Ball], steps: int = 20,
-                step_size: Optional[float] = None, restarts: int = 1, random_start: bool = True) -> List[Tensor]:
+                step_size: Optional[float] = None, restarts: int = 1, random_start: bool = True,
+                step_sizes: Optional[Sequence[float]] = None, decay_at: Sequence[float] = ()) -> List[Tensor]:
     """:func:`pgd` for several input sets at once: the points of all sets are stacked along the
     batch, so each step is one call of ``objective`` ((S*B, ...) -> (S*B,)) and one backward.
-    Returns the best points per set, each (B, ...)."""
+    ``step_sizes``: a relative step size per set (instead of ``step_size`` for all); ``decay_at``:
+    fractions of ``steps`` (rounded up) from which the step is divided by 10 once more, e.g.
+    ``(0.5, 0.8, 0.9)``. Returns the best points per set, each (B, ...)."""
     for spec in specs:
         if not isinstance(spec, (LinfBall, L2Ball, L1Ball)):
             raise TypeError(f"pgd needs LinfBall, L2Ball or L1Ball sets, got {type(spec).__name__}")
@@ -115,19 +119,22 @@ def pgd_batched(objective: Callable[[Tensor], Tensor], x: Tensor, specs: Sequenc
     x = x.detach()
     stack = lambda parts: torch.cat(parts)  # noqa: E731
     split = lambda t: list(t.chunk(len(specs)))  # noqa: E731
-    alpha = [spec.per_sample_eps(x) * relative for spec in specs]
+    sizes = list(step_sizes) if step_sizes is not None else [relative] * len(specs)
+    alpha = [spec.per_sample_eps(x) * size for spec, size in zip(specs, sizes)]
+    decays = [math.ceil(f * steps) for f in decay_at]
     best = stack([x] * len(specs)).clone()
     with torch.no_grad():
         best_value = objective(best)
     for _ in range(restarts):
         points = [random_point(spec, x) if random_start else x.clone() for spec in specs]
-        for _ in range(steps):
+        for step in range(steps):
+            scale = 0.1 ** sum(step >= d for d in decays)
             point = stack(points).requires_grad_(True)
             value = objective(point)
             grad, = torch.autograd.grad(value.sum(), point)
             with torch.no_grad():
                 _keep_best(best, best_value, point, value)
-                points = [project(spec, x, p + a * _ascent(spec, g, p))
+                points = [project(spec, x, p + scale * a * _ascent(spec, g, p))
                           for spec, p, a, g in zip(specs, split(point.detach()), alpha, split(grad))]
         with torch.no_grad():
             point = stack(points)

@@ -39,20 +39,29 @@ def combine(losses: Sequence[Tensor], mode: str, alpha: float, assignment: Tenso
         return (1 - alpha) * losses[0].mean() + alpha * losses[1].mean()
     if mode == "max":
         return torch.maximum(losses[0], losses[1]).mean()
+    if mode == "random" and assignment.dim() == 2:  # two independent halves (masks (2, B)), as the reference
+        return (losses[0][assignment[0]].mean() + losses[1][assignment[1]].mean()) / 2
     if mode == "random":
         return torch.where(assignment.bool(), losses[1], losses[0]).mean()
     raise ValueError(f"unknown combination {mode!r}")
 
 
-def alignment(margins_ref: Tensor, margins_other: Tensor, y: Tensor) -> Tensor:
+def alignment(margins_ref: Tensor, margins_other: Tensor, y: Tensor, detach: bool = True) -> Tensor:
     """Bound alignment: ``KL(p_ref || p_other)`` between the softmax of the two norms' robust logits,
-    averaged over the samples certified for the reference norm (the reference is the fixed target)."""
+    averaged over the samples certified for the reference norm (the reference is the fixed target;
+    ``detach=False``: as the CURE reference code, the gradient flows into the target too)."""
     mask = certified(margins_ref, y)
     if not mask.any():
         return margins_other.new_zeros(())
-    target = F.log_softmax(robust_logits(margins_ref[mask]).detach(), dim=1)
+    target = robust_logits(margins_ref[mask])
+    target = F.log_softmax(target.detach() if detach else target, dim=1)
     log_p = F.log_softmax(robust_logits(margins_other[mask]), dim=1)
     return F.kl_div(log_p, target, reduction="batchmean", log_target=True)
+
+
+def l1_norm(model: nn.Module) -> Tensor:
+    """Sum of |w| over the weight matrices and kernels (parameters of two or more dimensions)."""
+    return sum(p.abs().sum() for p in model.parameters() if p.dim() > 1)
 
 
 def warmup_regularizer(prop: Propagation, spec: int, first_affine: int, tol: float) -> Tensor:

@@ -49,10 +49,10 @@ class Trainer:
         self.run_dir = self._agree(run_dir or (rundir.new_run_dir(cfg.out_dir, cfg.name) if self.rank == 0 else None))
         if resume and not os.path.isfile(self._checkpoint_path()):
             raise CheckpointError(f"cannot resume: no {rundir.CHECKPOINT} in {self.run_dir}; start a new run instead")
-        self.train_set = data.load_dataset(cfg.dataset, "train", cfg.data_root, limit=cfg.train_limit)
+        self.train_set = data.load_dataset(cfg.dataset, cfg.train_split, cfg.data_root, limit=cfg.train_limit)
         self.test_set = data.load_dataset(cfg.dataset, "test", cfg.data_root, limit=cfg.eval_limit)
         self.architecture = f"{cfg.model} on {cfg.dataset}" + (f" with {cfg.model_args}" if cfg.model_args else "")
-        self.model = models.build(cfg.model, cfg.dataset, **cfg.model_args).to(self.device)
+        self.model = models.build(cfg.model, cfg.dataset, cfg.normalization, **cfg.model_args).to(self.device)
         if cfg.init_from:
             state, _, what = checkpoints.model_weights(cfg.init_from, self.device)
             checkpoints.load_weights(self.model, state, cfg.init_from, what, self.architecture)
@@ -67,7 +67,8 @@ class Trainer:
         self.natural_optimizer = (torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
                                   if cfg.gp_beta > 0 else None)
         self.epoch, self.step, self.history = 0, 0, []
-        self.steps_per_epoch = data.num_batches(len(self.train_set), cfg.batch_size // self.world, world_size=self.world)
+        self.steps_per_epoch = data.num_batches(len(self.train_set), cfg.batch_size // self.world, cfg.drop_last,
+                                                world_size=self.world)
         self.guard, self.in_epoch = rundir.SignalGuard(self._stop_message), False
         if resume:
             self._load_checkpoint()
@@ -112,7 +113,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
         local = cfg.batch_size // self.world
         stream = data.batches(self.train_set.images, self.train_set.labels, local, shuffle=True, generator=generator,
-                              rank=self.rank, world_size=self.world, device=self.device)
+                              drop_last=cfg.drop_last, rank=self.rank, world_size=self.world, device=self.device)
         totals = {"loss": 0.0, "correct": 0.0, "seen": 0, **{f"certified_{n}": 0.0 for n in cfg.norms}}
         start = time.perf_counter()
         bar = tqdm(stream, total=self.steps_per_epoch, disable=not cfg.progress or self.rank != 0, leave=False,
@@ -122,7 +123,7 @@ class Trainer:
             eps = {n: self.eps(n) for n in cfg.norms}
             use_bounds = not natural and (cfg.method in ("pgd",) or any(v > 0 for v in eps.values()))
             specs = training_sets(cfg, self.model, x, y, eps) if use_bounds and cfg.method != "natural" else []
-            assignment = torch.randint(0, 2, (len(y),), device=self.device) if cfg.combine == "random" else None
+            assignment = self._assignment(len(y)) if cfg.combine == "random" else None
             ramp = self._regularizer_weight(eps)
             loss, logits, margins = self.step_fn(x, y, specs, natural, ramp, assignment)
             if not torch.isfinite(loss):
@@ -130,7 +131,8 @@ class Trainer:
                                     f"last good checkpoint is {self._checkpoint_path()} (epoch {self.epoch})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            if cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             optimizer.step()
             if not natural:
                 self.step += 1
@@ -147,9 +149,21 @@ class Trainer:
                    **{f"eps_{n}": self.eps(n) for n in cfg.norms})
         return out
 
+    def _assignment(self, batch: int) -> torch.Tensor:
+        """combine=random: which norm each sample trains for, (B,) {0, 1} (a coin each), or with
+        random_split=halves two independent random halves of the batch, masks (2, B) (they overlap)."""
+        if self.config.random_split == "coin":
+            return torch.randint(0, 2, (batch,), device=self.device)
+        masks = torch.zeros(2, batch, dtype=torch.bool, device=self.device)
+        for row in masks:
+            row[torch.randperm(batch, device=self.device)[: max(batch // 2, 1)]] = True
+        return masks
+
     def _regularizer_weight(self, eps: Dict[str, float]) -> float:
         cfg = self.config
         if cfg.method not in ("ibp", "sabr") or cfg.reg_lambda == 0:
+            return 0.0
+        if cfg.reg_placement == "reference" and cfg.norms == ["2"]:
             return 0.0
         fractions = [eps[n] / cfg.train_eps(n) for n in cfg.norms if cfg.train_eps(n) > 0]
         fraction = min(fractions) if fractions else 1.0
@@ -173,14 +187,16 @@ class Trainer:
         return metrics
 
     # -- loop ---------------------------------------------------------------------------------------
-    def evaluate(self, progress: bool = False) -> Evaluation:
-        """Evaluate on the test set (its random draws leave the training RNG streams untouched)."""
+    def evaluate(self, progress: bool = False, final: bool = False) -> Evaluation:
+        """Evaluate on the test set (its random draws leave the training RNG streams untouched); the
+        final evaluation certifies with the cascade up to ``final_certify``, the others with IBP."""
         cfg = self.config
         devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
             if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             return evaluate(self.model, self.test_set.images, self.test_set.labels,
-                            {n: cfg.eval_eps(n) for n in ("inf", "2")}, pgd_steps=cfg.eval_pgd_steps,
+                            {n: cfg.eval_eps(n) for n in ("inf", "2")}, method=cfg.final_certify if final else "ibp",
+                            pgd_steps=cfg.eval_pgd_steps,
                             pgd_restarts=cfg.eval_pgd_restarts, batch_size=cfg.eval_batch_size,
                             backend=cfg.backend, device=self.device, progress=progress)
 
@@ -216,7 +232,7 @@ class Trainer:
             last = epoch + 1 == cfg.epochs
             evaluation = None
             if self.rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
-                evaluation = self.evaluate(progress=cfg.progress)
+                evaluation = self.evaluate(progress=cfg.progress, final=last)
                 final = evaluation.summary()
                 metrics.update({f"test_{k}": v for k, v in final.items()})
                 faults.point("evaluated")
@@ -246,7 +262,7 @@ class Trainer:
         final = rundir.final_from_history(self.history)
         per_sample = os.path.join(self.run_dir, rundir.PER_SAMPLE)
         if not final or not os.path.isfile(per_sample):
-            evaluation = self.evaluate(progress=self.config.progress)
+            evaluation = self.evaluate(progress=self.config.progress, final=True)
             final = evaluation.summary()
             rundir.write_per_sample(evaluation, per_sample)
         with self.guard.critical():
