@@ -63,6 +63,7 @@ class TrainConfig:
     align_target: str = "detached"             # detached | reference (the target's gradient flows too)
     random_split: str = "coin"                 # coin (one norm per sample) | halves (two independent halves)
     gp_beta: float = 0.0                       # gradient projection with natural training (0: off)
+    gp_natural: str = "ours"                   # ours | reference (its natural epoch never zeroes the gradients)
     epochs: int = 10
     batch_size: int = 256
     lr: float = 5e-4
@@ -163,7 +164,7 @@ RULES: Dict[str, Rule] = {
     "pgd_steps": Integer(0), "pgd_restarts": Integer(1), "pgd_schedule": Choice(("constant", "reference")),
     "align_lambda": Number(0), "align_reference": Choice(NORMS),
     "align_target": Choice(("detached", "reference")), "random_split": Choice(("coin", "halves")),
-    "gp_beta": Number(0, 1), "epochs": Integer(1), "batch_size": Integer(1), "lr": Number(0, low_open=True),
+    "gp_beta": Number(0, 1), "gp_natural": Choice(("ours", "reference")), "epochs": Integer(1), "batch_size": Integer(1), "lr": Number(0, low_open=True),
     "lr_milestones": IntegerList(1), "lr_gamma": Number(0, 1, low_open=True), "weight_decay": Number(0),
     "eps_start_epoch": Integer(0), "eps_end_epoch": Integer(0), "ibp_init": Boolean(), "reg_lambda": Number(0),
     "reg_tol": Number(0, 1), "reg_placement": Choice(("ours", "reference")), "l1_penalty": Number(0),

@@ -39,8 +39,9 @@ def combine(losses: Sequence[Tensor], mode: str, alpha: float, assignment: Tenso
         return (1 - alpha) * losses[0].mean() + alpha * losses[1].mean()
     if mode == "max":
         return torch.maximum(losses[0], losses[1]).mean()
-    if mode == "random" and assignment.dim() == 2:  # two independent halves (masks (2, B)), as the reference
-        return (losses[0][assignment[0]].mean() + losses[1][assignment[1]].mean()) / 2
+    if mode == "random" and assignment.dim() == 2:  # two independent halves (masks (2, B)), as the reference:
+        chosen = torch.cat([losses[0][assignment[0]], losses[1][assignment[1]]])  # the mean over both
+        return chosen.mean()
     if mode == "random":
         return torch.where(assignment.bool(), losses[1], losses[0]).mean()
     raise ValueError(f"unknown combination {mode!r}")
@@ -60,8 +61,8 @@ def alignment(margins_ref: Tensor, margins_other: Tensor, y: Tensor, detach: boo
 
 
 def l1_norm(model: nn.Module) -> Tensor:
-    """Sum of |w| over the weight matrices and kernels (parameters of two or more dimensions)."""
-    return sum(p.abs().sum() for p in model.parameters() if p.dim() > 1)
+    """Sum of |p| over every parameter (biases and BatchNorm's included, as the reference code)."""
+    return sum(p.abs().sum() for p in model.parameters())
 
 
 def warmup_regularizer(prop: Propagation, spec: int, first_affine: int, tol: float) -> Tensor:

@@ -129,9 +129,10 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise TrainingError(f"the loss is {loss.item()} at epoch {epoch + 1}, step {self.step}; stopped: the "
                                     f"last good checkpoint is {self._checkpoint_path()} (epoch {self.epoch})")
-            optimizer.zero_grad(set_to_none=True)
+            if not (natural and cfg.gp_natural == "reference"):  # the reference never clears them there
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip is not None:
+            if cfg.grad_clip is not None and not (natural and cfg.gp_natural == "reference"):
                 nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
             optimizer.step()
             if not natural:
@@ -155,8 +156,8 @@ class Trainer:
         if self.config.random_split == "coin":
             return torch.randint(0, 2, (batch,), device=self.device)
         masks = torch.zeros(2, batch, dtype=torch.bool, device=self.device)
-        for row in masks:
-            row[torch.randperm(batch, device=self.device)[: max(batch // 2, 1)]] = True
+        masks[0, torch.randperm(batch, device=self.device)[: batch // 2]] = True
+        masks[1, torch.randperm(batch, device=self.device)[batch // 2:]] = True
         return masks
 
     def _regularizer_weight(self, eps: Dict[str, float]) -> float:
