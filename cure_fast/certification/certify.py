@@ -24,6 +24,7 @@ from ..storage import save_figure, write_atomic, write_json
 from ..validation import Integer, did_you_mean, integer_type, number_list, parse_number
 from .evaluate import CERTIFIERS, Evaluation, evaluate
 from .geometric import format_geometric, geometric_robustness, plot_geometric
+from .protocol import PAPER_METHOD, paper_setting, paper_table
 
 CURVE = (0.25, 0.5, 0.75, 1.0)
 NORMS = TRAINED_NORMS + ("1",)  # certified: the trained norms and l1
@@ -137,18 +138,30 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
                 data_root: Optional[str] = None, out_dir: Optional[str] = None, pgd_steps: int = 20,
                 batch_size: int = 100, sound: bool = True, curve: Sequence[float] = CURVE,
                 device: str = "auto", smoothing: Sequence[float] = (), smoothing_n: int = 100_000,
-                geometric: bool = False, progress: bool = False) -> Dict:
+                geometric: bool = False, progress: bool = False, protocol: Optional[str] = None) -> Dict:
     """Certify the model at ``path`` on the test set; writes the reports to ``out_dir`` and returns
     the summary (accuracies, seconds per image per method). ``eps``: {norm: eps}, by default both
-    norms at the run's own evaluation eps. ``progress``: progress bars and what is written where."""
+    norms at the run's own evaluation eps. ``progress``: progress bars and what is written where.
+    ``protocol="paper"``: the CURE paper's test images and eps (l∞, l2, l1; those given in ``eps``
+    replace its own) and a ``paper_table.md`` (:mod:`~cure_fast.certification.protocol`)."""
     say = print if progress else (lambda *_, **__: None)
     dev = resolve_device(device)
     model, config = load_trained(path, dev)
     from_config = eps is None
+    first = 0
+    if protocol == "paper":
+        paper_eps, first, end = paper_setting(config.dataset, config.eps_inf)
+        eps, from_config = {**paper_eps, **(eps or {})}, False
+        limit = min(limit or end - first, end - first)
+    elif protocol is not None:
+        raise ConfigError(f"unknown protocol {protocol!r}; the one there is: paper")
     eps = {n: config.eval_eps(n) for n in TRAINED_NORMS} if from_config else eps
     _check_arguments(config, eps, limit, batch_size, pgd_steps, smoothing, smoothing_n)
-    test = data.load_dataset(config.dataset, "test", data_root or config.data_root, limit=limit)
-    out_dir = out_dir or os.path.join(path if os.path.isdir(path) else os.path.dirname(path), f"certify-{method}")
+    test = data.load_dataset(config.dataset, "test", data_root or config.data_root,
+                             limit=None if limit is None else first + limit)
+    if first:
+        test = data.ImageData(test.images[first:], test.labels[first:])
+    out_dir = out_dir or os.path.join(path if os.path.isdir(path) else os.path.dirname(path), f"certify-{protocol or method}")
     os.makedirs(out_dir, exist_ok=True)
     n = len(test.labels)
     own = " (the run's own evaluation eps)" if from_config else ""
@@ -158,7 +171,7 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
                                     batch_size=batch_size, backend=config.backend, device=dev, sound=sound,
                                     progress=progress)
     evaluation = run(eps, pgd_steps)
-    summary = {"model": path, "method": method, "sound": sound, "eps": eps, "images": n,
+    summary = {"model": path, "method": method, "sound": sound, "eps": eps, "images": n, "first_image": first,
                **evaluation.summary(),
                "seconds_per_image": {k: v / n for k, v in evaluation.seconds.items()}, "reports": out_dir}
     write_per_sample(evaluation, test.labels, os.path.join(out_dir, "per_sample.csv"))
@@ -176,6 +189,10 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
         summary["geometric"] = {k: v for k, v in report.items() if k != "samples"}
         plot_geometric(report, os.path.join(out_dir, "geometric.png"))
     plot_summary({method: summary}, os.path.join(out_dir, "summary.png"), title=caption(summary))
+    if protocol == "paper":
+        table = paper_table({config.name: summary}, eps, f"{method}, test images {first}–{first + n - 1}")
+        summary["paper_table"] = os.path.join(out_dir, "paper_table.md")
+        write_atomic(summary["paper_table"], table + "\n")
     write_json(summary, os.path.join(out_dir, "summary.json"))
     return summary
 
@@ -204,7 +221,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a run directory, or the trainer's checkpoint.pt")
     parser.add_argument("--norms", help="NORM:EPS pairs, e.g. inf:2/255,2:0.25 or inf:1e-2 "
                                         "(default: both norms at the run's own evaluation eps)")
-    parser.add_argument("--method", default="ibp", choices=CERTIFIERS, help="the strongest method of the cascade")
+    parser.add_argument("--method", choices=CERTIFIERS, help="the strongest method of the cascade "
+                        "(default ibp; alpha-crown with --protocol paper)")
+    parser.add_argument("--protocol", choices=("paper",), help="paper: the CURE paper's test images, eps per norm "
+                        "(l∞, l2, l1) and certifier (alpha-crown), and its union table")
     parser.add_argument("--limit", type=integer_type(1), help="certify the first N test images")
     parser.add_argument("--data-root")
     parser.add_argument("--out", help="report folder (default: RUN_DIR/certify-METHOD)")
@@ -223,10 +243,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> Dict:
     sigmas = number_list(args.smoothing, "--smoothing")
     eps = parse_norms(args.norms) if args.norms is not None else None
-    summary = certify_run(args.model, eps, args.method, args.limit, args.data_root, args.out,
+    method = args.method or (PAPER_METHOD if args.protocol == "paper" else "ibp")
+    summary = certify_run(args.model, eps, method, args.limit, args.data_root, args.out,
                           args.pgd_steps, args.batch_size, not args.fast, () if args.no_curve else CURVE,
-                          args.device, sigmas, args.smoothing_n, args.geometric, progress=not args.no_progress)
-    print(format_table({args.method: summary}, caption=caption(summary)))
+                          args.device, sigmas, args.smoothing_n, args.geometric, progress=not args.no_progress,
+                          protocol=args.protocol)
+    print(format_table({method: summary}, caption=caption(summary)))
     times = ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in summary["seconds_per_image"].items())
     print(f"time per image: {times}  ({'fp64, sound' if summary['sound'] else 'fp32'})")
     if "smoothing" in summary:
@@ -234,6 +256,9 @@ def run_from_args(args: argparse.Namespace) -> Dict:
         print(format_smoothing(summary["smoothing"]))
     if "geometric" in summary:
         print(format_geometric(summary["geometric"]))
+    if "paper_table" in summary:
+        with open(summary["paper_table"]) as f:
+            print(f.read().rstrip())
     print(f"reports in {summary['reports']}")
     return summary
 
