@@ -55,16 +55,19 @@ state and the autograd graph per row).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..specs import Ball, L1Ball, L2Ball, LinfBall
+from . import rounding
+from .inputs import InputSet, SoundInputSet
 from .layers import Layer, Operator
 from .layers.activation import Relaxation
-from .window import Window, rowdot
+from .rounding import round_down
+from .window import Window
 
 if TYPE_CHECKING:  # BoundedModule calls into this module
     from .bounded import BoundedModule, Propagation
@@ -88,80 +91,71 @@ def _operators(layers: List[Layer], x: Tensor) -> Tuple[List[Optional[Operator]]
     return ops, shapes
 
 
-class _InputSet:
-    """The input set of every sample, for minimizing linear functions over it."""
-
-    def __init__(self, spec: Spec, x: Tensor):
-        box = spec.domain_box(x)
-        self.dual, self.boxed = spec.exact_first_layer, box is not None
-        self.p = spec.p
-        parts = ([spec.center_for(x)] if self.dual else []) + (list(box) if self.boxed else [])
-        self.values = torch.stack(parts, -1)  # (B, *input shape, parts): [ball centre], [box centre, box radius]
-        self.eps = spec.per_sample_eps(x).reshape(-1)
-
-    def minimum(self, A: Union[Tensor, "Window"], bias: Tensor, rows: Tensor) -> Tensor:
-        """Lower bound of ``A x + bias`` over the set of sample ``rows`` (N,): A (N, *input shape) or windows
-        of a (C, H, W) input, bias (N,) -> (N,)."""
-        if isinstance(A, Window):
-            values, A = A.take(self.values, rows), A.A
-        else:
-            values = self.values[rows]
-        A, parts = A.flatten(1), values.flatten(1, -2).unbind(-1)
-        bound = None
-        if self.dual:  # the dual norm: l2 for l2, l∞ for l1
-            dual = A.norm(dim=1) if self.p == 2 else A.abs().amax(1)
-            bound = rowdot(A, parts[0]) - self.eps[rows] * dual
-        if self.boxed:
-            boxed = rowdot(A, parts[-2]) - rowdot(A.abs(), parts[-1])
-            bound = boxed if bound is None else torch.maximum(bound, boxed)
-        return bound + bias
-
-
 @dataclass
 class _Problem:
     """The network's layers and operators, the input set and the IBP propagation, in the working dtype."""
     layers: List[Layer]
     ops: List[Optional[Operator]]
     shapes: List[torch.Size]
-    inputs: _InputSet
-    propagation: "Propagation"
+    inputs: Union[InputSet, SoundInputSet]
+    propagation: Union["Propagation", rounding.SoundPropagation]
     max_rows: int
+    arithmetic: rounding.Arithmetic
+    dtype: torch.dtype  # the working dtype
 
 
-def _backward(problem: _Problem, relaxations: Dict[int, Relaxation], end: int, A: Tensor, rows: Tensor,
-              alphas: Optional[Dict[int, Tensor]] = None, bias: Optional[Tensor] = None) -> Tensor:
-    """Lower bounds of ``A h + bias`` over the input set, h the output of layer ``end - 1``.
+@dataclass
+class _Chain:
+    """The relaxation of every activation and its pre-activation bounds, keyed by layer index;
+    ``weights``: the error weights of every layer (sound float32 mode, :mod:`.rounding`);
+    ``diverged``: the first activation whose bounds the intersection with IBP changed (None: none)."""
+    relaxations: Dict[int, Relaxation]
+    bounds: Dict[int, Interval]
+    weights: Dict[int, Tensor] = field(default_factory=dict)
+    diverged: Optional[int] = None
+
+
+def _as_chain(chain: Union[_Chain, Dict[int, Relaxation]]) -> _Chain:
+    """A chain, or a plain dict of relaxations (no error weights: working-dtype arithmetic)."""
+    return chain if isinstance(chain, _Chain) else _Chain(chain, {})
+
+
+def _backward(problem: _Problem, chain: _Chain, end: int, A: Tensor, rows: Tensor,
+              alphas: Optional[Dict[int, Tensor]] = None, bias: Optional[Tensor] = None, start: int = 0) -> Tensor:
+    """Lower bounds of ``A h + bias`` over the input set, h the output of layer ``end - 1``; with
+    ``start > 0`` over the interval bounds on the input of layer ``start`` instead.
 
     A (N, *shape of h), rows (N,) the sample of each row, alphas per ReLU layer (N, *shape) or None,
     bias (N,) or None -> (N,).
     """
-    bias = A.new_zeros(A.shape[0]) if bias is None else bias
-    for i in reversed(range(end)):
+    arithmetic, chain = problem.arithmetic, _as_chain(chain)
+    bias = arithmetic.zeros(A) if bias is None else bias
+    for i in reversed(range(start, end)):
+        before = A
         if problem.ops[i] is None:
-            A, term = relaxations[i].back(A, rows, None if alphas is None else alphas[i])
+            A, term = chain.relaxations[i].back(A, rows, None if alphas is None else alphas[i])
         else:
             A, term = problem.ops[i].back(A)
-        if term is not None:
-            bias = bias + term
-    return problem.inputs.minimum(A, bias, rows)
+        bias = arithmetic.add(bias, term, before, chain.weights.get(i), rows)
+    inputs = problem.inputs if start == 0 else SoundInputSet(box=problem.propagation.input_bounds(0, start))
+    return inputs.minimum(A, bias, rows)
 
 
-def _window_backward(problem: _Problem, relaxations: Dict[int, Relaxation], end: int, window: Window,
-                     rows: Tensor) -> Tensor:
+def _window_backward(problem: _Problem, chain: _Chain, end: int, window: Window, rows: Tensor) -> Tensor:
     """Lower bounds of the window coefficients times the output of layer ``end - 1`` (a (C, H, W) map)
     over the input set: windows through the local layers (convolutions, per-channel affines, ReLUs,
     identities), then whole maps from the first other layer on. rows (N,) -> (N,)."""
-    bias = window.A.new_zeros(window.A.shape[0])
+    bias = problem.arithmetic.zeros(window.A)
     height, width = problem.shapes[end][1:]
     while end > 0 and (problem.ops[end - 1] is None or problem.ops[end - 1].local):
-        op = problem.ops[end - 1]
-        window, term = relaxations[end - 1].back_window(window, rows) if op is None else op.back_window(window)
+        op, before = problem.ops[end - 1], window
+        window, term = chain.relaxations[end - 1].back_window(window, rows) if op is None else op.back_window(window)
         height, width = problem.shapes[end - 1][1:]  # the layer's input map
-        bias = bias if term is None else bias + term
+        bias = problem.arithmetic.add(bias, term, before, chain.weights.get(end - 1), rows)
         end -= 1
     if end == 0:
         return problem.inputs.minimum(window, bias, rows)
-    return _backward(problem, relaxations, end, window.dense(height, width), rows, bias=bias)
+    return _backward(problem, chain, end, window.dense(height, width), rows, bias=bias)
 
 
 def _chunks(n: int, size: int) -> List[slice]:
@@ -175,25 +169,24 @@ def _ibp_is_exact(ops: List[Optional[Operator]]) -> bool:
     return "inexact" not in kinds and kinds.count("affine") <= 1
 
 
-def _unit_bound(problem: _Problem, relaxations: Dict[int, Relaxation], end: int, neurons: Tensor, signs: Tensor,
-                rows: Tensor) -> Tensor:
+def _unit_bound(problem: _Problem, chain: _Chain, end: int, neurons: Tensor, signs: Tensor, rows: Tensor) -> Tensor:
     """Lower bounds of ``sign * h[neuron]`` for the neurons (N,) of the output h of layer ``end - 1``,
     signs (N,) ±1, of samples rows (N,) -> (N,); on windows when h is a (C, H, W) map."""
-    shape = problem.shapes[end]
+    shape, chain = problem.shapes[end], _as_chain(chain)
     n = neurons.shape[0]
     if len(shape) == 3:
         _, height, width = shape
         A = signs.new_zeros(n, shape[0], 1, 1)
         A[torch.arange(n, device=A.device), neurons // (height * width), 0, 0] = signs
         window = Window(A, (neurons // width) % height, neurons % width)
-        return _window_backward(problem, relaxations, end, window, rows)
+        return _window_backward(problem, chain, end, window, rows)
     A = signs.new_zeros(n, shape.numel())
     A[torch.arange(n, device=A.device), neurons] = signs
-    return _backward(problem, relaxations, end, A.view((n,) + shape), rows)
+    return _backward(problem, chain, end, A.view((n,) + shape), rows)
 
 
-def _crown_bounds(problem: _Problem, relaxations: Dict[int, Relaxation], end: int, lower: Tensor,
-                  upper: Tensor, intersect: bool = True) -> Tuple[Tensor, Tensor, bool]:
+def _crown_bounds(problem: _Problem, chain: _Chain, end: int, lower: Tensor, upper: Tensor,
+                  intersect: bool = True) -> Tuple[Tensor, Tensor, bool]:
     """CROWN bounds on the output of layer ``end - 1`` for the neurons unstable under ``lower``, ``upper``
     (B, *shape), intersected with them (or in their place); returns the new ``(lower, upper)`` and
     whether the intersection made any of them tighter than CROWN's own."""
@@ -204,8 +197,8 @@ def _crown_bounds(problem: _Problem, relaxations: Dict[int, Relaxation], end: in
     signs = torch.cat([l.new_ones(count), -l.new_ones(count)])
     values = []
     for part in _chunks(2 * count, problem.max_rows):
-        values.append(_unit_bound(problem, relaxations, end, neurons[part], signs[part], rows[part]))
-    values = torch.cat(values) if values else l.new_zeros(0)
+        values.append(_unit_bound(problem, chain, end, neurons[part], signs[part], rows[part]))
+    values = round_down(torch.cat(values), l.dtype) if values else l.new_zeros(0)
     low, high = values[:count], -values[count:]
     changed = intersect and bool((l[sample, neuron] > low).any() or (u[sample, neuron] < high).any())
     if intersect:
@@ -214,30 +207,12 @@ def _crown_bounds(problem: _Problem, relaxations: Dict[int, Relaxation], end: in
     return l.view_as(lower), torch.maximum(u, l).view_as(upper), changed
 
 
-def _forward_interval(problem: _Problem, start: int, end: int, bounds: Interval) -> Interval:
-    """IBP from the bounds on the input of activation ``start - 1`` through it and the linear layers
-    ``start .. end - 1``."""
-    lower, upper = problem.layers[start - 1].image(*bounds)
-    c, r = (upper + lower) / 2, (upper - lower) / 2
-    for op in problem.ops[start:end]:
-        c, r = op.interval(c, r)
-    return c - r, c + r
-
-
-@dataclass
-class _Chain:
-    """The relaxation of every activation and its pre-activation bounds, keyed by layer index;
-    ``diverged``: the first activation whose bounds the intersection with IBP changed (None: none)."""
-    relaxations: Dict[int, Relaxation]
-    bounds: Dict[int, Interval]
-    diverged: Optional[int] = None
-
-
 def _relaxations(problem: _Problem, crown: bool, intersect: bool = True, reuse: Optional[_Chain] = None) -> _Chain:
     """The relaxations from IBP's bounds (``crown=False``) or CROWN's, layer by layer, intersected
     with IBP's (``intersect``; from the earlier, tightened bounds) or not (pure CROWN). ``reuse``:
     a chain whose entries before its ``diverged`` layer are the same here."""
-    chain = _Chain({}, {})
+    weights = problem.arithmetic.weights if reuse is None else reuse.weights
+    chain = _Chain({}, {}, dict(weights))
     previous: Optional[Tuple[int, Interval]] = None
     for i, op in enumerate(problem.ops):
         if op is not None:
@@ -250,18 +225,19 @@ def _relaxations(problem: _Problem, crown: bool, intersect: bool = True, reuse: 
         changed = False
         if crown:
             if previous is not None and intersect:
-                low, high = _forward_interval(problem, previous[0] + 1, i, previous[1])
+                low, high = problem.arithmetic.forward(previous[0] + 1, i, previous[1])
                 changed = bool((low > lower).any() or (high < upper).any())
                 lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
                 upper = torch.maximum(upper, lower)
             if not _ibp_is_exact(problem.ops[:i]):
-                lower, upper, tightened = _crown_bounds(problem, chain.relaxations, i, lower, upper, intersect)
+                lower, upper, tightened = _crown_bounds(problem, chain, i, lower, upper, intersect)
                 changed = changed or tightened
             previous = (i, (lower, upper))
         if changed and chain.diverged is None:
             chain.diverged = i
-        chain.relaxations[i] = problem.layers[i].relaxation(lower, upper)
+        chain.relaxations[i] = problem.arithmetic.relaxation(problem.layers[i], lower, upper)
         chain.bounds[i] = (lower, upper)
+        chain.weights.update(problem.arithmetic.chain_weights(i, lower, upper, chain.relaxations[i]))
     return chain
 
 
@@ -274,46 +250,65 @@ def _specification(y: Tensor, classes: int, dtype: torch.dtype) -> Tuple[Tensor,
     return C, mask.nonzero()[:, 0], mask
 
 
-def _linear_bound(problem: _Problem, relaxations: Dict[int, Relaxation], C: Tensor, rows: Tensor) -> Tensor:
-    """Lower bounds of ``C z`` (z the output) with the fixed relaxations; C (N, K), rows (N,) -> (N,)."""
-    end = len(problem.ops)
-    return torch.cat([_backward(problem, relaxations, end, C[part], rows[part])
+def _linear_bound(problem: _Problem, chain: _Chain, C: Tensor, rows: Tensor, start: int = 0) -> Tensor:
+    """Lower bounds of ``C z`` (z the output) with the fixed relaxations; C (N, K), rows (N,) -> (N,)
+    (from the interval bounds on the input of layer ``start`` when > 0)."""
+    end, chain = len(problem.ops), _as_chain(chain)
+    return torch.cat([_backward(problem, chain, end, C[part], rows[part], start=start)
                       for part in _chunks(C.shape[0], problem.max_rows)])
 
 
-def _optimized_bound(problem: _Problem, relaxations: Dict[int, Relaxation], C: Tensor, rows: Tensor,
-                     steps: int, lr: float) -> Tensor:
+def _optimized_bound(problem: _Problem, chain: _Chain, C: Tensor, rows: Tensor, steps: int, lr: float) -> Tensor:
     """α-CROWN lower bounds of ``C z``: C (N, K), rows (N,) -> (N,), never below the fixed-slope bound."""
-    if steps == 0 or not any(r.unstable.any() for r in relaxations.values()):
-        return _linear_bound(problem, relaxations, C, rows)
+    if steps == 0 or not any(r.unstable.any() for r in chain.relaxations.values()):
+        return _linear_bound(problem, chain, C, rows)
     size = max(1, problem.max_rows // 8)
-    return torch.cat([_optimize_part(problem, relaxations, C[part], rows[part], steps, lr)
+    return torch.cat([_optimize_part(problem, chain, C[part], rows[part], steps, lr)
                       for part in _chunks(C.shape[0], size)])
 
 
-def _optimize_part(problem: _Problem, relaxations: Dict[int, Relaxation], C: Tensor, rows: Tensor,
-                   steps: int, lr: float) -> Tensor:
+def _optimize_part(problem: _Problem, chain: _Chain, C: Tensor, rows: Tensor, steps: int, lr: float) -> Tensor:
     """Projected Adam on the lower slopes α (one per neuron and row) from CROWN's choice; best bound per row."""
     end = len(problem.ops)
-    alphas = {i: r.lower[rows].clone().requires_grad_(True) for i, r in relaxations.items()}
+    alphas = {i: r.lower[rows].clone().requires_grad_(True) for i, r in chain.relaxations.items()}
     optimizer = torch.optim.Adam(list(alphas.values()), lr=lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, ALPHA_LR_DECAY)
-    best = C.new_full((C.shape[0],), -float("inf"))
+    best = None
     with torch.enable_grad():
         for _ in range(steps):
-            value = _backward(problem, relaxations, end, C, rows, alphas)
-            best = torch.maximum(best, value.detach())
+            value = _backward(problem, chain, end, C, rows, alphas)
+            best = value.detach() if best is None else torch.maximum(best, value.detach())
             optimizer.zero_grad(set_to_none=True)
             (-value.sum()).backward()
             optimizer.step()
             schedule.step()
             with torch.no_grad():
                 for i, alpha in alphas.items():
-                    alpha.clamp_(*relaxations[i].alpha_range)
-    return torch.maximum(best, _backward(problem, relaxations, end, C, rows, alphas))
+                    alpha.clamp_(*chain.relaxations[i].alpha_range)
+    return torch.maximum(best, _backward(problem, chain, end, C, rows, alphas))
 
 
-def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec, sound: bool,
+def _mode(sound: Union[bool, str]) -> Optional[str]:
+    """``sound`` as "fp64", "fp32" or None (the model's dtype, not a certificate)."""
+    if sound is True or sound == "fp64":
+        return "fp64"
+    if sound is False or sound == "fp32":
+        return None if sound is False else "fp32"
+    raise ValueError(f"sound must be True, False, 'fp64' or 'fp32', got {sound!r}")
+
+
+def _float32(model: nn.Module) -> nn.Module:
+    """The model, or a float32 copy when its floating tensors are all float32 numbers."""
+    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+    if all(t.dtype == torch.float32 for t in tensors):
+        return model
+    if not all(torch.equal(t.float().to(t.dtype), t) for t in tensors):
+        raise ValueError("sound='fp32' certifies a network with float32 weights; this model has weights that "
+                         "float32 cannot represent exactly: use sound='fp64'")
+    return copy.deepcopy(model).float()
+
+
+def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec, sound: Union[bool, str],
              max_rows: Optional[int]) -> _Problem:
     if not (callable(getattr(bounded, "propagate", None)) and hasattr(bounded, "layers")):
         raise TypeError(f"expected a BoundedModule, got {type(bounded).__name__}")
@@ -323,28 +318,40 @@ def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec,
         raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}")
     for layer in bounded.layers:
         layer.check_certifiable()
-    if sound:
+    given, mode = x, _mode(sound)
+    if mode == "fp64":
         tensors = list(bounded.model.parameters()) + list(bounded.model.buffers())
         in_float64 = all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
         model = bounded.model if in_float64 else copy.deepcopy(bounded.model).double()
+    if mode is not None:
+        model = _float32(bounded.model) if mode == "fp32" else model
         bounded = type(bounded)(model, backend="torch", precision="ieee")
-        x = x.double()
-    propagation = bounded.propagate(x, [spec], y)
+        x = x.float() if mode == "fp32" else x.double()
+    propagation = bounded.propagate(x, [spec], y)  # in float32 mode: the checks of the inputs only
     ops, shapes = _operators(bounded.layers, x)
     widest = max(shape.numel() for shape in shapes)
     rows = max_rows or max(1, ROW_BUDGET_BYTES // (widest * x.element_size()))
-    return _Problem(bounded.layers, ops, shapes, _InputSet(spec, x), propagation, rows)
+    if mode != "fp32":
+        arithmetic = rounding.Arithmetic(bounded.layers, ops)
+        return _Problem(bounded.layers, ops, shapes, InputSet(spec, x), propagation, rows, arithmetic, x.dtype)
+    inputs = SoundInputSet(spec, given)
+    arithmetic = rounding.Float32(bounded.layers, ops)
+    spec_start = len(ops) if bounded.spec_layer is None else bounded.spec_layer
+    propagation = arithmetic.propagate(inputs.box, inputs.ball, spec_start)
+    return _Problem(bounded.layers, ops, shapes, inputs, propagation, rows, arithmetic, x.dtype)
 
 
-def _round_down(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in ``dtype``, rounded towards -inf."""
-    low = t.to(dtype)
-    return torch.where(low.to(t.dtype) > t, torch.nextafter(low, torch.full_like(low, -float("inf"))), low)
+def _ibp_margins(problem: _Problem, chain: _Chain, C: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
+    """IBP's margins off the labels (N,): the folded last layer (float32 mode: a backward pass from the
+    layer the specification folds into, over its input's sound interval)."""
+    if problem.propagation.margins is not None:
+        return problem.propagation.margins[0][mask]
+    return _linear_bound(problem, chain, C, rows, start=problem.propagation.spec_start)
 
 
 @torch.no_grad()
 def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, method: str = "crown",
-                  alpha_steps: int = 20, alpha_lr: float = 0.5, sound: bool = True,
+                  alpha_steps: int = 20, alpha_lr: float = 0.5, sound: Union[bool, str] = True,
                   max_rows: Optional[int] = None) -> Tensor:
     """Lower bounds on the margins ``z_y - z_j`` over ``spec`` around x by a CROWN-family method.
 
@@ -356,7 +363,9 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         method: ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"`` (see the module docstring).
         alpha_steps: Adam steps of α-CROWN.
         alpha_lr: Adam's initial learning rate in α-CROWN (decayed by ``ALPHA_LR_DECAY`` per step).
-        sound: compute in float64 (a certificate); False computes in the model's dtype.
+        sound: ``True`` / ``"fp64"``: float64 (a certificate); ``"fp32"``: float32 with a rigorous
+            bound on every rounding error (a certificate, for a float32 model); ``False``: the model's
+            dtype (not a certificate).
         max_rows: rows per backward pass (memory); None for the default budget.
     Returns:
         (B, K) in x's dtype, exactly 0 at ``j = y``; every entry off ``y`` > 0 certifies the sample.
@@ -365,32 +374,34 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if isinstance(alpha_steps, bool) or not isinstance(alpha_steps, int) or alpha_steps < 0:
         raise ValueError(f"alpha_steps must be a non-negative int, got {alpha_steps!r}")
-    problem = _problem(bounded, x, y, spec, sound, max_rows)
-    ibp = problem.propagation.margins[0]
-    chain = _relaxations(problem, crown=method != "crown-ibp")
-    C, rows, mask = _specification(y.long(), ibp.shape[1], ibp.dtype)
-    if method == "alpha-crown":
-        values = _optimized_bound(problem, chain.relaxations, C, rows, alpha_steps, alpha_lr)
-    else:
-        values = _linear_bound(problem, chain.relaxations, C, rows)
-    if method != "crown-ibp" and chain.diverged is not None:  # never looser than pure CROWN
-        pure = _relaxations(problem, crown=True, intersect=False, reuse=chain)
-        values = torch.maximum(values, _linear_bound(problem, pure.relaxations, C, rows))
-    margins = ibp.clone()
-    margins[mask] = torch.maximum(ibp[mask], values)
-    return _round_down(margins, x.dtype)
+    with rounding.strict(_mode(sound) == "fp32"):
+        problem = _problem(bounded, x, y, spec, sound, max_rows)
+        chain = _relaxations(problem, crown=method != "crown-ibp")
+        C, rows, mask = _specification(y.long(), problem.shapes[-1][0], problem.dtype)
+        if method == "alpha-crown":
+            values = _optimized_bound(problem, chain, C, rows, alpha_steps, alpha_lr)
+        else:
+            values = _linear_bound(problem, chain, C, rows)
+        if method != "crown-ibp" and chain.diverged is not None:  # never looser than pure CROWN
+            pure = _relaxations(problem, crown=True, intersect=False, reuse=chain)
+            values = torch.maximum(values, _linear_bound(problem, pure, C, rows))
+        values = torch.maximum(values, _ibp_margins(problem, chain, C, rows, mask))
+    margins = values.new_zeros(mask.shape)
+    margins[mask] = values
+    return round_down(margins, x.dtype)
 
 
 @torch.no_grad()
-def preactivation_bounds(bounded: BoundedModule, x: Tensor, spec: Spec, method: str = "crown", sound: bool = True,
-                         max_rows: Optional[int] = None) -> List[Interval]:
+def preactivation_bounds(bounded: BoundedModule, x: Tensor, spec: Spec, method: str = "crown",
+                         sound: Union[bool, str] = True, max_rows: Optional[int] = None) -> List[Interval]:
     """Bounds ``(lower, upper)`` on the input of every ReLU, in order, each (B, *shape) in x's dtype
-    (rounded outwards), as the CROWN-family methods use them.
+    (rounded outwards), as the CROWN-family methods use them (``sound`` as in :func:`crown_margins`).
 
     ``method``: ``"crown-ibp"`` (IBP's bounds), ``"crown"`` or ``"alpha-crown"`` (CROWN's bounds).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    problem = _problem(bounded, x, None, spec, sound, max_rows)
-    bounds = _relaxations(problem, crown=method != "crown-ibp").bounds
-    return [(_round_down(lower, x.dtype), -_round_down(-upper, x.dtype)) for lower, upper in bounds.values()]
+    with rounding.strict(_mode(sound) == "fp32"):
+        problem = _problem(bounded, x, None, spec, sound, max_rows)
+        bounds = _relaxations(problem, crown=method != "crown-ibp").bounds
+    return [(round_down(lower, x.dtype), -round_down(-upper, x.dtype)) for lower, upper in bounds.values()]

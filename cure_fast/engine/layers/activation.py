@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ... import ops
 from ..streams import Streams
+from ..rounding import bracket, up32
 from ..window import Window, rowdot
 from .base import Context, Layer, register_layer
 
@@ -30,6 +31,14 @@ class Relaxation:
     packed: Tensor
     unstable: Tensor
     alpha_range: Tuple[float, float]
+    accumulate: Optional[torch.dtype] = None  # dtype of the offset terms' sums (None: A's)
+
+    def _offset_term(self, A: Tensor, offset: Tensor) -> Tensor:
+        """``rowdot(min(A, 0), offset)`` (N,), summed in ``accumulate``."""
+        negative, offset = A.clamp(max=0).flatten(1), offset.flatten(1)
+        if self.accumulate is not None:
+            negative, offset = negative.to(self.accumulate), offset.to(self.accumulate)
+        return rowdot(negative, offset)
 
     @classmethod
     def of(cls, l: Tensor, u: Tensor, slope: float = 0.0) -> "Relaxation":
@@ -43,6 +52,26 @@ class Relaxation:
         lower = torch.where(unstable, adaptive, stable)
         return cls(torch.stack([lower, upper, offset], -1), unstable, (slope, 1.0))
 
+    @classmethod
+    def outward(cls, l: Tensor, u: Tensor, slope: float = 0.0) -> "Relaxation":
+        """The relaxation of :meth:`of` with float32 (or any dtype's) numbers that holds exactly for
+        the real negative slope ``a``: lower slopes in ``[a↑, 1]`` (``a↑``, ``a↓`` the nearest numbers
+        of the dtype above and below a), a stable negative neuron between ``a↑ h`` and ``a↓ h``, and
+        the upper line's offset recomputed in float64 from its slope s, ``max(f(l) - s l, f(u) - s u)``,
+        rounded up: above f at both ends, so above the convex f on ``[l, u]``."""
+        low, high = bracket(slope, l.dtype)
+        unstable = (l < 0) & (u > 0)
+        one, below, above = torch.ones_like(l), torch.full_like(l, low), torch.full_like(l, high)
+        lower = torch.where((l >= 0) | (unstable & (u > -l)), one, above)
+        chord = ((u - low * l) / torch.where(unstable, u - l, one)).clamp(low, 1.0)
+        upper = torch.where(unstable, chord, torch.where(l >= 0, one, below))
+        low_end, high_end, s = l.double(), u.double(), upper.double()  # s * end: exact for float32 numbers
+        f_low, f_high = F.leaky_relu(low_end, slope), F.leaky_relu(high_end, slope)
+        gap = torch.maximum(f_low - s * low_end, f_high - s * high_end)
+        size = f_low.abs() + (s * low_end).abs() + f_high.abs() + (s * high_end).abs()
+        offset = torch.where(unstable, up32(gap + 2.0 ** -48 * size).to(l.dtype), torch.zeros_like(l))
+        return cls(torch.stack([lower, upper, offset], -1), unstable, (high, 1.0), torch.float64)
+
     @property
     def lower(self) -> Tensor:
         return self.packed[..., 0]
@@ -53,14 +82,14 @@ class Relaxation:
         lower, upper, offset = self.packed[rows].unbind(-1)
         if alpha is not None:
             lower = torch.where(self.unstable[rows], alpha, lower)
-        bias = rowdot(A.clamp(max=0).flatten(1), offset.flatten(1))
+        bias = self._offset_term(A, offset)
         return A * torch.where(A >= 0, lower, upper), bias
 
     def back_window(self, window: Window, rows: Tensor) -> Tuple[Window, Tensor]:
         """:meth:`back` on windows of a (C, H, W) map."""
         A = window.A
         lower, upper, offset = window.take(self.packed, rows).unbind(-1)
-        bias = rowdot(A.clamp(max=0).flatten(1), offset.flatten(1))
+        bias = self._offset_term(A, offset)
         return window.with_A(A * torch.where(A >= 0, lower, upper)), bias
 
 
@@ -77,8 +106,8 @@ class ReLULayer(Layer):
     def operator(self, h: Tensor) -> None:
         return None
 
-    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
-        return Relaxation.of(lower, upper)
+    def relaxation(self, lower: Tensor, upper: Tensor, outward: bool = False) -> Relaxation:
+        return (Relaxation.outward if outward else Relaxation.of)(lower, upper)
 
     def image(self, lower: Tensor, upper: Tensor) -> Tuple[Tensor, Tensor]:
         return lower.relu(), upper.relu()
@@ -105,8 +134,8 @@ class LeakyReLULayer(Layer):
     def operator(self, h: Tensor) -> None:
         return None
 
-    def relaxation(self, lower: Tensor, upper: Tensor) -> Relaxation:
-        return Relaxation.of(lower, upper, self.module.negative_slope)
+    def relaxation(self, lower: Tensor, upper: Tensor, outward: bool = False) -> Relaxation:
+        return (Relaxation.outward if outward else Relaxation.of)(lower, upper, self.module.negative_slope)
 
     def image(self, lower: Tensor, upper: Tensor) -> Tuple[Tensor, Tensor]:
         slope = self.module.negative_slope

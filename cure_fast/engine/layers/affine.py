@@ -2,6 +2,7 @@
 l2 or l1 ball (dual norm), and CROWN's backward step (dense, and on windows for convolutions)."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -108,13 +109,22 @@ class DenseOperator(Operator):
         self.bias = None if module.bias is None else module.bias.detach()
         self.in_shape = in_shape
         self.ibp = "affine" if len(in_shape) == 1 else "inexact"
+        self.fan_out, self.fan_in = self.weight.shape
 
     def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        bias = None if self.bias is None else (A @ self.bias).reshape(A.shape[0], -1).sum(1)
+        bias = None if self.bias is None else (self.wide(A) @ self.wide(self.bias)).reshape(A.shape[0], -1).sum(1)
         return A @ self.weight, bias
 
     def interval(self, c: Tensor, r: Tensor) -> Interval:
         return ops.interval_linear_ref(c, r, self.weight, self.bias)
+
+    def magnitude(self, m: Tensor, bias: bool = True) -> Tensor:
+        b = self.bias.abs().to(m.dtype) if bias and self.bias is not None else None
+        return F.linear(m, self.weight.abs().to(m.dtype), b)
+
+    def dual(self, x: Tensor, eps: Tensor, axes: Tensor, p: float) -> Interval:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return (ops.l1_linear_ref if p == 1 else ops.l2_linear_ref)(x, eps, self.weight.to(x.dtype), bias, axes)
 
 
 def int_padding(module: nn.Conv2d) -> Tuple[int, int]:
@@ -140,10 +150,14 @@ class ConvOperator(Operator):
         self.stride, self.dilation, self.groups = module.stride, module.dilation, module.groups
         self.padding = int_padding(module)
         self.in_shape = in_shape
+        self.fan_in = self.weight[0].numel()
+        # an input pixel meets ceil(k gcd(s, d) / s) taps per dimension of each output channel of its group
+        taps = [-(-k * math.gcd(s, d) // s) for k, s, d in zip(self.weight.shape[2:], self.stride, self.dilation)]
+        self.fan_out = self.weight.shape[0] // self.groups * taps[0] * taps[1]
 
     def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """A (N, O, H', W') -> the transposed convolution of A (N, C, H, W), bias term (N,) or None."""
-        bias = None if self.bias is None else A.sum((2, 3)) @ self.bias
+        bias = None if self.bias is None else A.sum((2, 3), dtype=self.accumulate) @ self.wide(self.bias)
         size = (A.shape[0],) + tuple(self.in_shape)
         return torch.nn.grad.conv2d_input(size, self.weight, A, self.stride, self.padding, self.dilation,
                                           self.groups), bias
@@ -152,7 +166,7 @@ class ConvOperator(Operator):
         """The transposed convolution of each row's window: the window grows by the receptive field;
         the positions that fall outside the input map (the zero padding) are cleared."""
         A = window.A
-        bias = None if self.bias is None else A.sum((2, 3)) @ self.bias
+        bias = None if self.bias is None else A.sum((2, 3), dtype=self.accumulate) @ self.wide(self.bias)
         A = F.conv_transpose2d(A, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
         top = window.top * self.stride[0] - self.padding[0]
         left = window.left * self.stride[1] - self.padding[1]
@@ -162,3 +176,12 @@ class ConvOperator(Operator):
     def interval(self, c: Tensor, r: Tensor) -> Interval:
         return ops.interval_conv2d_ref(c, r, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                        self.groups)
+
+    def magnitude(self, m: Tensor, bias: bool = True) -> Tensor:
+        b = self.bias.abs().to(m.dtype) if bias and self.bias is not None else None
+        return F.conv2d(m, self.weight.abs().to(m.dtype), b, self.stride, self.padding, self.dilation, self.groups)
+
+    def dual(self, x: Tensor, eps: Tensor, axes: Tensor, p: float) -> Interval:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        ref = ops.l1_conv2d_ref if p == 1 else ops.l2_conv2d_ref
+        return ref(x, eps, self.weight.to(x.dtype), bias, self.stride, self.padding, self.dilation, self.groups, axes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Dict, Optional, Tuple, Type
 
+import torch
 from torch import Tensor, nn
 
 from ..streams import Interval, Streams
@@ -38,9 +39,22 @@ class Operator:
     affine map: IBP after a single one is exact), ``"neutral"`` (per-channel affine or reshape) or
     ``"inexact"``. ``local`` operators act position by position on a (C, H, W) map and implement
     :meth:`back_window`.
+
+    For sound float32 bounds (:mod:`..rounding`): ``exact`` operators (reshapes) round nothing;
+    the others give ``fan_in`` (terms of a forward dot product, without the bias), ``fan_out``
+    (the most non-zero terms of a coefficient of the transposed product) and :meth:`magnitude`;
+    their bias terms are summed in ``accumulate`` (None: A's dtype; float64 in that mode).
     """
     local: bool = False
     ibp: str = "inexact"
+    exact: bool = False
+    fan_in: int = 0
+    fan_out: int = 0
+    accumulate: Optional[torch.dtype] = None
+
+    def wide(self, t: Tensor) -> Tensor:
+        """t in the dtype of the bias terms' sums."""
+        return t if self.accumulate is None else t.to(self.accumulate)
 
     def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """Coefficients A (N, *out shape) on the output -> those on the input (N, *in shape) and the
@@ -53,6 +67,20 @@ class Operator:
 
     def interval(self, c: Tensor, r: Tensor) -> Interval:
         """The exact interval image (pure PyTorch) of ``(c, r)`` (B, *in shape)."""
+        raise NotImplementedError
+
+    def magnitude(self, m: Tensor, bias: bool = True) -> Tensor:
+        """``|W| m + |b|`` (``|W| m`` without ``bias``) for m (B, *in shape) >= 0, in m's dtype."""
+        raise NotImplementedError
+
+    def deviation(self, m: Tensor) -> Optional[Tensor]:
+        """``|W* - W| m + |b* - b|`` (float64) where the coefficients W, b in the working dtype round
+        real ones W*, b*; None when they are the real ones."""
+        return None
+
+    def dual(self, x: Tensor, eps: Tensor, axes: Tensor, p: float) -> Interval:
+        """Affine layers: ``(W x + b, eps |W_i ⊙ axes|_dual)`` in x's dtype (the exact first layer
+        over an l2 (p = 2) or l1 (p = 1) ball with ellipsoid axes ``axes``)."""
         raise NotImplementedError
 
 
@@ -113,8 +141,9 @@ class Layer:
         """The backward operator for the layer's input h (B, ...); None for an activation."""
         raise NotImplementedError
 
-    def relaxation(self, lower: Tensor, upper: Tensor):
-        """Activations: the linear relaxation over pre-activation bounds (B, *shape)."""
+    def relaxation(self, lower: Tensor, upper: Tensor, outward: bool = False):
+        """Activations: the linear relaxation over pre-activation bounds (B, *shape); ``outward``: one
+        that holds exactly for float32 slopes and offsets (sound float32 mode)."""
         raise NotImplementedError
 
     def image(self, lower: Tensor, upper: Tensor) -> Interval:

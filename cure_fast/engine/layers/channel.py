@@ -35,7 +35,8 @@ class _ChannelLayer(Layer):
         return s.like(*ops.interval_affine(s.c, s.r, *affine, relu=relu, backend=ctx.backend))
 
     def operator(self, h: Tensor) -> Operator:
-        return ChannelOperator(*self.affine(h, Context("torch", "ieee", 0)))
+        scale, shift = self.affine(h[:1].double(), Context("torch", "ieee", 0))
+        return ChannelOperator(scale, shift, h.dtype)
 
 
 @register_layer
@@ -106,16 +107,24 @@ class NormalizeLayer(_ChannelLayer):
 
 
 class ChannelOperator(Operator):
-    """A per-channel affine ``h * scale + shift`` (eval-mode BatchNorm, Normalize); channels on dim 1."""
+    """A per-channel affine ``h * scale + shift`` (eval-mode BatchNorm, Normalize); channels on dim 1.
+
+    ``scale``, ``shift`` as derived (in float64 for certification: the network's definition), used
+    in ``dtype``: the interval step and :meth:`magnitude` take the derived ones for float64 inputs."""
     local = True
     ibp = "neutral"
+    fan_in = fan_out = 1
 
-    def __init__(self, scale: Tensor, shift: Tensor):
-        self.scale, self.shift = scale.detach(), shift.detach()
+    def __init__(self, scale: Tensor, shift: Tensor, dtype: Optional[torch.dtype] = None):
+        self.derived = (scale.detach(), shift.detach())
+        self.scale, self.shift = (t.to(dtype or scale.dtype) for t in self.derived)
+
+    def _coefficients(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        return self.derived if dtype == self.derived[0].dtype else (self.scale.to(dtype), self.shift.to(dtype))
 
     def back(self, A: Tensor) -> Tuple[Tensor, Tensor]:
         """A (N, C, ...) -> ``A * scale`` (N, C, ...), bias term (N,)."""
-        bias = A.reshape(A.shape[0], A.shape[1], -1).sum(2) @ self.shift
+        bias = A.reshape(A.shape[0], A.shape[1], -1).sum(2, dtype=self.accumulate) @ self.wide(self.shift)
         return A * self.scale.view((1, -1) + (1,) * (A.dim() - 2)), bias
 
     def back_window(self, window: Window) -> Tuple[Window, Tensor]:
@@ -123,4 +132,16 @@ class ChannelOperator(Operator):
         return window.with_A(A), bias
 
     def interval(self, c: Tensor, r: Tensor) -> Interval:
-        return ops.interval_affine_ref(c, r, self.scale, self.shift)
+        return ops.interval_affine_ref(c, r, *self._coefficients(c.dtype))
+
+    def magnitude(self, m: Tensor, bias: bool = True) -> Tensor:
+        scale, shift = self._coefficients(m.dtype)
+        shape = (1, -1) + (1,) * (m.dim() - 2)
+        out = m * scale.abs().view(shape)
+        return out + shift.abs().view(shape) if bias else out
+
+    def deviation(self, m: Tensor) -> Tensor:
+        (scale, shift), shape = self.derived, (1, -1) + (1,) * (m.dim() - 2)
+        scale_error = (scale.double() - self.scale.double()).abs().view(shape)
+        shift_error = (shift.double() - self.shift.double()).abs().view(shape)
+        return (m.double() * scale_error + shift_error) * (1 + 2.0 ** -50)

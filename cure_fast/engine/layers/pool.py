@@ -1,6 +1,7 @@
 """AvgPool2d: linear with non-negative weights, so exact on ``(c, r)`` separately."""
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -37,6 +38,9 @@ class PoolOperator(Operator):
 
     def __init__(self, module: nn.AvgPool2d, in_shape: torch.Size):
         self.module, self.in_shape = module, in_shape
+        kernel, stride = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+        self.fan_in = kernel[0] * kernel[1]  # a sum, and a division by the divisor
+        self.fan_out = math.prod(-(-k // s) for k, s in zip(kernel, stride))  # the windows an input lies in
 
     def back(self, A: Tensor) -> Tuple[Tensor, None]:
         """A (N, C, H', W') -> the transposed pooling of A (N, C, H, W)."""
@@ -47,3 +51,6 @@ class PoolOperator(Operator):
 
     def interval(self, c: Tensor, r: Tensor) -> Interval:
         return self.module(c), self.module(r)
+
+    def magnitude(self, m: Tensor, bias: bool = True) -> Tensor:
+        return self.module(m)

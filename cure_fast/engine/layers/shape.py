@@ -69,6 +69,7 @@ class DropoutLayer(_ShapeLayer):
 class ShapeOperator(Operator):
     """Flatten, Identity or eval-mode Dropout: a reshape (possibly to the same shape)."""
     ibp = "neutral"
+    exact = True
 
     def __init__(self, module: nn.Module, in_shape: torch.Size):
         self.module, self.in_shape = module, in_shape
@@ -82,3 +83,6 @@ class ShapeOperator(Operator):
 
     def interval(self, c: Tensor, r: Tensor) -> Interval:
         return self.module(c), self.module(r)
+
+    def magnitude(self, m: Tensor, bias: bool = True) -> Tensor:
+        return self.module(m)

@@ -1,0 +1,107 @@
+"""The input set of every sample, for minimizing linear functions ``A x + bias`` over it (the
+concretization of the CROWN family, docs/design.md "Linear relaxation" and "Sound fp32 bounds").
+
+- box ``[c - r, c + r]``: ``A c - |A| r``;
+- l2 / l1 ball around x: ``A x - eps |A|_dual`` (l2, l∞), and with a domain also the box bound over
+  the domain-clipped box, keeping the larger (both are sound).
+
+:class:`InputSet` computes in the working dtype; :class:`SoundInputSet` in float32 with every
+rounding error bounded: an outward-rounded box, eps rounded up, the dot products with A summed in
+float64 and lowered by ``γ_d rowdot(|A|, |x|)`` (γ of float64), the l2 norm of the rows grown by
+``1 + γ_{d+3}``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .rounding import Interval, bracket, centre_radius, combine, down32, gamma64, up32
+from .window import Window, rowdot
+
+
+def _parts(A: Union[Tensor, Window], values: Tensor, rows: Tensor):
+    """A (N, d) and the per-sample values of its rows on the same d entries, one (N, d) tensor per part."""
+    if isinstance(A, Window):
+        values, A = A.take(values, rows), A.A
+    else:
+        values = values[rows]
+    return A.flatten(1), values.flatten(1, -2).unbind(-1)
+
+
+class InputSet:
+    """The input set of every sample in the working dtype."""
+
+    def __init__(self, spec, x: Tensor):
+        box = spec.domain_box(x)
+        self.dual, self.boxed = spec.exact_first_layer, box is not None
+        self.p = spec.p
+        parts = ([spec.center_for(x)] if self.dual else []) + (list(box) if self.boxed else [])
+        self.values = torch.stack(parts, -1)  # (B, *input shape, parts): [ball centre], [box centre, box radius]
+        self.eps = spec.per_sample_eps(x).reshape(-1)
+
+    def minimum(self, A: Union[Tensor, Window], bias: Tensor, rows: Tensor) -> Tensor:
+        """Lower bound of ``A x + bias`` over the set of sample ``rows`` (N,): A (N, *input shape) or windows
+        of a (C, H, W) input, bias (N,) -> (N,)."""
+        A, parts = _parts(A, self.values, rows)
+        bound = None
+        if self.dual:  # the dual norm: l2 for l2, l∞ for l1
+            dual = A.norm(dim=1) if self.p == 2 else A.abs().amax(1)
+            bound = rowdot(A, parts[0]) - self.eps[rows] * dual
+        if self.boxed:
+            boxed = rowdot(A, parts[-2]) - rowdot(A.abs(), parts[-1])
+            bound = boxed if bound is None else torch.maximum(bound, boxed)
+        return bound + bias
+
+
+class SoundInputSet:
+    """The input set of every sample, float32 numbers with sound rounding; the bounds are float64.
+
+    ``box``: float32 ``(c, r)`` containing the set (the domain-clipped box, or without a domain the
+    box of radius eps); ``ball``: ``(centre, eps, p)`` in float64, exactly as given, for an l2 / l1
+    ball (None for a box). The dot products with A are summed in float64 (products of float32
+    numbers are exact there): ``values`` holds per sample [ball centre, γ_d |centre|], [c, r + γ_d |c|]
+    with γ_d of float64.
+    """
+
+    def __init__(self, spec=None, x: Optional[Tensor] = None, box: Optional[Interval] = None):
+        if spec is None:  # a box given as float32 (lower, upper)
+            self.dual, self.boxed, self.ball, self.box = False, True, None, centre_radius(*box)
+        else:
+            self.dual, self.boxed = spec.exact_first_layer, spec.domain is not None or not spec.exact_first_layer
+            self.p = spec.p
+            x = x.double()
+            centre = spec.center_for(x)
+            eps = spec.per_sample_eps(x)
+            lower, upper = down32(centre - eps), up32(centre + eps)
+            if spec.domain is not None:
+                lower = lower.clamp(min=bracket(spec.domain[0])[0])
+                upper = upper.clamp(max=bracket(spec.domain[1])[1])
+            self.box = centre_radius(lower, upper)
+            self.ball = (centre, eps.reshape(-1), self.p) if self.dual else None
+        parts, d = [], self.box[0][0].numel()
+        if self.dual:  # the ball around the float32 centre, eps grown by the centre's rounding
+            centre, eps, p = self.ball
+            point = centre.float()
+            off = (centre - point.double()).flatten(1).norm(p=p, dim=1) * (1 + (d + 3) * 2.0 ** -52)
+            self.eps = up32(eps + off).double()
+            parts += [point, up32(point.abs().double() * gamma64(d))]
+        if self.boxed:
+            c, r = self.box
+            parts += [c, up32(r.double() + c.abs().double() * gamma64(d))]
+        self.values = torch.stack(parts, -1)
+
+    def minimum(self, A: Union[Tensor, Window], bias: Tensor, rows: Tensor) -> Tensor:
+        """A lower bound (float64) of ``A x + bias`` over the set of sample ``rows`` (N,), bias float64 (N,)."""
+        A, parts = _parts(A, self.values, rows)
+        A, size = A.double(), 1 + gamma64(A.shape[1]) * 2
+        bound = None
+        if self.dual:  # |A|_2 computed in float64, grown by its relative error
+            dual = A.norm(dim=1) * (1 + gamma64(A.shape[1] + 3)) if self.p == 2 else A.abs().amax(1)
+            bound = combine(rowdot(A, parts[0].double()), -self.eps[rows] * dual,
+                            -rowdot(A.abs(), parts[1].double()) * size)
+        if self.boxed:
+            boxed = combine(rowdot(A, parts[-2].double()), -rowdot(A.abs(), parts[-1].double()) * size)
+            bound = boxed if bound is None else torch.maximum(bound, boxed)
+        return combine(bound, bias)

@@ -1,0 +1,322 @@
+"""Sound float32 bounds for the CROWN family: a rigorous bound on every rounding error, added to the
+bound (docs/design.md, "Sound fp32 bounds").
+
+With ``u = 2^-24`` and ``γ_n = n u / (1 - n u)``, a float32 dot product of n terms is off by at most
+``γ_n`` times the dot product of the absolute values, whatever the order of summation (blocked,
+pairwise, FMA: GEMM-based matrix products and convolutions; Winograd and FFT convolutions are not
+covered, so the mode turns TF32 and cuDNN off on CUDA). The CROWN family keeps a lower bound
+``q >= A h + a`` on its quantity ``q``; every float32 step that changes ``A`` or ``a`` lowers ``a`` by
+the most it can have lost, a row-wise dot product ``rowdot(|A|, w)`` with one weight tensor ``w`` per
+layer and sample (rounded up, shared by every row):
+
+- linear layer ``W h + b`` on inputs ``|h| <= m``: ``w = γ_{f+2} |W| m + γ_{n+2} |b|`` (f the fan-out
+  of the transposed product, n the entries of a row of A), plus ``|W* - W| m + |b* - b|`` where the
+  float32 coefficients round real ones ``W*, b*`` (per-channel affines derived in float64);
+- activation (slopes in [0, 1]): ``w = u m + γ_n |offset|`` (the products ``A s`` and the offset dot);
+- the sum ``rowdot(|A|, w)`` itself, computed in float32, is divided by ``1 - γ_n``.
+
+The scalars (``a``, penalties, concretization) are float64; each float64 sum is lowered by
+``2^-38`` times the sum of its terms' magnitudes, more than its rounding error (:func:`combine`).
+Intermediate bounds are sound float32 intervals (:class:`Float32`): IBP with a widened radius, the
+exact first layer under an l2 / l1 ball in float64, conversions rounded outwards.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from ..ops.policy import library_tf32
+from .window import Window, rowdot
+
+Interval = Tuple[Tensor, Tensor]
+U = 2.0 ** -24  # unit roundoff of float32
+SLACK64 = 2.0 ** -38  # float64 sums: relative to the sum of the magnitudes of the terms
+NUDGE = 1.0 + 2.0 ** -40  # over-approximates a constant computed in Python (float64)
+TINY = 2.0 ** -100  # covers the absolute errors of underflow (< 2^-149 per float32 operation)
+
+
+def gamma(n: int) -> float:
+    """``γ_n = n u / (1 - n u)`` for float32, rounded up; a ValueError when ``n u >= 0.1``."""
+    nu = n * U
+    if nu >= 0.1:
+        raise ValueError(f"sound='fp32': a sum of {n} terms is too long for useful float32 error bounds; "
+                         f"use sound='fp64'")
+    return nu / (1.0 - nu) * NUDGE
+
+
+def gamma64(n: int) -> float:
+    """An upper bound of γ_n for float64 (n < 2^40)."""
+    return 2.0 * n * 2.0 ** -53
+
+
+def inflate(n: int) -> float:
+    """``1 / (1 - γ_n)``: a float32 sum of n non-negative products times this is >= the exact sum."""
+    return NUDGE / (1.0 - gamma(n))
+
+
+def round_down(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in ``dtype``, rounded towards -inf."""
+    low = t.to(dtype)
+    return torch.where(low.to(t.dtype) > t, torch.nextafter(low, torch.full_like(low, -float("inf"))), low)
+
+
+def down32(t: Tensor) -> Tensor:
+    """A float32 tensor <= the exact result of the one float64 operation that gave t."""
+    t = t.double()
+    return round_down(t - t.abs() * 2.0 ** -50, torch.float32)
+
+
+def up32(t: Tensor) -> Tensor:
+    """A float32 tensor >= the exact result of the one float64 operation that gave t."""
+    return -down32(-t.double())
+
+
+def bracket(value: float, dtype: torch.dtype = torch.float32) -> Tuple[float, float]:
+    """The largest number of ``dtype`` <= value and the smallest >= value."""
+    exact = torch.tensor(value, dtype=torch.float64)
+    near = exact.to(dtype)
+    low = near if near.double() <= exact else torch.nextafter(near, torch.tensor(-float("inf"), dtype=dtype))
+    high = near if near.double() >= exact else torch.nextafter(near, torch.tensor(float("inf"), dtype=dtype))
+    return float(low), float(high)
+
+
+def combine(*terms: Optional[Tensor]) -> Tensor:
+    """A lower bound of the exact sum of the float64 terms (None skipped), float64 rounding included."""
+    terms = [t for t in terms if t is not None]
+    total, size = terms[0], terms[0].abs()
+    for t in terms[1:]:
+        total, size = total + t, size + t.abs()
+    return total - (SLACK64 * size + TINY)
+
+
+def penalty(A: Union[Tensor, Window], weights: Tensor, rows: Tensor) -> Tensor:
+    """An upper bound (float64, (N,)) of ``rowdot(|A|, weights of each row's sample)``; A (N, ...) or
+    windows of a (C, H, W) map, weights (B, ...) like a sample of A's map."""
+    if isinstance(A, Window):
+        w, A = A.take(weights, rows), A.A
+    else:
+        w = weights[rows]
+    A, w = A.flatten(1), w.flatten(1)
+    return rowdot(A.abs(), w).double() * inflate(A.shape[1])
+
+
+def centre_radius(lower: Tensor, upper: Tensor) -> Interval:
+    """float32 ``(c, r)`` with ``[c - r, c + r]`` containing ``[lower, upper]``."""
+    lo, hi = lower.double(), upper.double()
+    c = ((lo + hi) / 2).float()
+    return c, up32(torch.maximum(hi - c.double(), c.double() - lo))
+
+
+def outward(c: Tensor, r: Tensor) -> Interval:
+    """float32 ``(lower, upper)`` containing ``[c - r, c + r]``."""
+    return down32(c.double() - r.double()), up32(c.double() + r.double())
+
+
+@contextlib.contextmanager
+def strict(enabled: bool):
+    """IEEE float32 dot products inside the block when ``enabled``: TF32 off, float32 matmul precision
+    "highest", and cuDNN off (its heuristics may pick Winograd or FFT convolutions)."""
+    if not enabled:
+        yield
+        return
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with library_tf32(False), torch.backends.cudnn.flags(enabled=False, benchmark=False, deterministic=True,
+                                                               allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
+class Arithmetic:
+    """The working dtype's rounding ignored (``sound=True`` in float64, ``sound=False``): the steps of
+    the CROWN family as plain tensor operations, no penalty."""
+    sound = False
+
+    def __init__(self, layers, ops):
+        self.layers, self.ops = layers, ops
+        self.weights: Dict[int, Tensor] = {}
+
+    def zeros(self, like: Tensor) -> Tensor:
+        """The initial bias of the rows of A (N, ...)."""
+        return like.new_zeros(like.shape[0])
+
+    def add(self, bias: Tensor, term: Optional[Tensor], before, weights: Optional[Tensor], rows: Tensor) -> Tensor:
+        """``bias`` after a backward step that added ``term`` (N,) or None to it; ``before`` the
+        coefficients the step started from, ``weights`` the step's error weights (sound mode)."""
+        return bias if term is None else bias + term
+
+    def relaxation(self, layer, lower: Tensor, upper: Tensor):
+        return layer.relaxation(lower, upper)
+
+    def chain_weights(self, i: int, lower: Tensor, upper: Tensor, relaxation) -> Dict[int, Tensor]:
+        """Error weights of activation ``i`` and of the linear layers after it (sound mode)."""
+        return {}
+
+    def forward(self, start: int, end: int, bounds: Interval) -> Interval:
+        """IBP from the bounds on the input of activation ``start - 1`` through it and the linear
+        layers ``start .. end - 1``."""
+        lower, upper = self.layers[start - 1].image(*bounds)
+        c, r = (upper + lower) / 2, (upper - lower) / 2
+        for op in self.ops[start:end]:
+            c, r = op.interval(c, r)
+        return c - r, c + r
+
+
+class SoundPropagation:
+    """Sound float32 interval bounds on the input of every layer, then on the output
+    (``BoundedModule.propagate``'s interface as the CROWN family uses it; no margins: they come
+    from a backward pass over ``boxes`` at the layer ``spec_start``)."""
+    margins = None
+
+    def __init__(self, bounds: List[Interval], spec_start: int):
+        self.bounds, self.spec_start = bounds, spec_start
+
+    def input_bounds(self, spec: int, layer: int) -> Interval:
+        return self.bounds[layer]
+
+
+class Float32(Arithmetic):
+    """Sound float32 arithmetic (module docstring): penalties for every backward step, sound IBP;
+    the bias and offset terms are summed in float64."""
+    sound = True
+
+    def __init__(self, layers, ops):
+        super().__init__(layers, ops)
+        for op in ops:
+            if op is not None:
+                op.accumulate = torch.float64
+
+    def zeros(self, like: Tensor) -> Tensor:
+        return torch.zeros(like.shape[0], dtype=torch.float64, device=like.device)
+
+    def add(self, bias, term, before, weights, rows):
+        if term is None and weights is None:
+            return bias
+        return combine(bias, None if term is None else term.double(),
+                       None if weights is None else -penalty(before, weights, rows))
+
+    def relaxation(self, layer, lower, upper):
+        return layer.relaxation(lower, upper, outward=True)
+
+    def propagate(self, box: Interval, ball, spec_start: int) -> SoundPropagation:
+        """Sound IBP from the input ``box`` (c, r) float32 and, for an l2 / l1 ball, ``ball`` = (centre,
+        eps, p) float64 (exact through the first affine layer); records the error weights of every
+        linear layer from these bounds."""
+        c, r = box
+        if ball is not None:
+            centre, eps, p = ball
+            ball = (centre, torch.zeros_like(centre), torch.ones_like(centre), eps, p)
+        bounds = []
+        for i, op in enumerate(self.ops):
+            bounds.append(outward(c, r))
+            if op is None:
+                c, r = self._activation(self.layers[i], *bounds[-1])
+                ball = None
+                continue
+            self.weights[i] = self._op_weights(op, *bounds[-1])
+            lower, upper = outward(*self._interval(op, c, r))
+            if ball is not None and op.ibp == "affine":
+                low, high = self._dual(op, ball)
+                lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
+                upper = torch.maximum(upper, lower)
+            ball = self._neutral(op, ball) if ball is not None and op.ibp == "neutral" else None
+            c, r = centre_radius(lower, upper)
+        bounds.append(outward(c, r))
+        self.ibp = bounds
+        return SoundPropagation(bounds, spec_start)
+
+    def chain_weights(self, i, lower, upper, relaxation):
+        weights = {i: self._activation_weights(lower, upper, relaxation)}
+        c, r = self._activation(self.layers[i], lower, upper)
+        for j in range(i + 1, len(self.ops)):
+            op = self.ops[j]
+            if op is None:
+                break
+            low, high = outward(c, r)
+            low, high = torch.maximum(low, self.ibp[j][0]), torch.minimum(high, self.ibp[j][1])
+            high = torch.maximum(low, high)
+            weights[j] = self._op_weights(op, low, high)
+            c, r = self._interval(op, *centre_radius(low, high))
+        return weights
+
+    def forward(self, start, end, bounds):
+        c, r = self._activation(self.layers[start - 1], *bounds)
+        for op in self.ops[start:end]:
+            c, r = self._interval(op, c, r)
+        return outward(c, r)
+
+    @staticmethod
+    def _activation(layer, lower: Tensor, upper: Tensor) -> Interval:
+        """(c, r) float32 containing the activation's image of [lower, upper] (its image in float64,
+        exact for ReLU, one rounding for LeakyReLU)."""
+        low, high = layer.image(lower.double(), upper.double())
+        return centre_radius(down32(low), up32(high))
+
+    @staticmethod
+    def _interval(op, c: Tensor, r: Tensor) -> Interval:
+        """The float32 interval step ``c' = fl(W c + b)``, ``r' = fl(|W| r)`` with the radius widened to
+        ``(r' + γ_{n+1} fl(|W||c| + |b|)) / (1 - γ_{n+1})`` (n the fan-in), plus ``|W* - W| (|c| + r)
+        + |b* - b|`` for rounded coefficients: contains the exact image of ``[c - r, c + r]``."""
+        c_out, r_out = op.interval(c, r)
+        if op.exact:
+            return c_out, r_out
+        n = op.fan_in + 1
+        radius = r_out.double() * inflate(n) + op.magnitude(c.abs()).double() * (gamma(n) * inflate(n))
+        deviation = op.deviation(c.abs().double() + r.double())
+        if deviation is not None:
+            radius = radius + deviation
+        return c_out, up32(radius * NUDGE)
+
+    @staticmethod
+    def _op_weights(op, lower: Tensor, upper: Tensor) -> Optional[Tensor]:
+        """The error weights of a linear layer whose input lies in [lower, upper] (module docstring)."""
+        if op.exact:
+            return None
+        m = torch.maximum(lower.abs(), upper.abs())
+        weight = op.magnitude(m, bias=False)
+        bias = op.magnitude(torch.zeros_like(m), bias=True).double()  # |b| on the output map
+        entries = weight[0].numel()
+        w = weight.double() * (gamma(op.fan_out + 2) * inflate(op.fan_in + 1)) + bias * gamma64(entries + 2)
+        deviation = op.deviation(m.double())
+        if deviation is not None:
+            w = w + deviation
+        return up32(w * NUDGE)
+
+    @staticmethod
+    def _activation_weights(lower: Tensor, upper: Tensor, relaxation) -> Tensor:
+        """``u m + γ_n |offset|`` (γ of float64: the offset terms are summed in float64): m >= |h| on
+        [lower, upper]; the first term only where a slope is not 0 or 1 (products with those are exact)."""
+        slopes, offset = relaxation.packed[..., :2], relaxation.packed[..., 2]
+        exact = ((slopes == 0) | (slopes == 1)).all(-1) & ~relaxation.unstable
+        m = torch.maximum(lower.abs(), upper.abs()).double()
+        entries = lower[0].numel()
+        w = torch.where(exact, 0.0, m * U) + offset.abs().double() * gamma64(entries)
+        return up32(w * NUDGE)
+
+    @staticmethod
+    def _dual(op, ball) -> Interval:
+        """float32 bounds of the first affine layer over the ball, computed in float64: centre
+        ``W x + b``, radius ``eps |W_i ⊙ axes|_dual + |W| ρ`` (x ± ρ the centre after the per-channel
+        layers before it), widened by twice the float64 γ of the fan-in."""
+        x, rho, axes, eps, p = ball
+        c, radius = op.dual(x, eps, axes, p)
+        spread = op.magnitude(rho, bias=False)
+        g = 2.0 * (op.fan_in + 4) * 2.0 ** -53
+        radius = radius + spread + g * (op.magnitude(x.abs()) + radius + spread)
+        return down32(c - radius), up32(c + radius)
+
+    @staticmethod
+    def _neutral(op, ball):
+        """The ball through a per-channel affine or reshape, in float64: centre ± ρ and axes >= |scale|."""
+        x, rho, axes, eps, p = ball
+        x_out, rho_out = op.interval(x, rho)
+        axes = op.magnitude(axes, bias=False)
+        if not op.exact:
+            rho_out = (rho_out + 2.0 ** -50 * op.magnitude(x.abs())) * (1 + 2.0 ** -50)
+            axes = axes * (1 + 2.0 ** -50)
+        return x_out, rho_out, axes, eps, p
