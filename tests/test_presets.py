@@ -156,3 +156,26 @@ def test_paper_preset_trains_one_step(name, data_root):
     assert len(margins) == len(config.norms)
     loss.backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("override, match", [
+    ("sabr_l2_set=sphere", "sabr_l2_set"), ("sabr_lambda_inf=0", "sabr_lambda_inf"), ("sabr_lambda_2=2", "sabr_lambda_2"),
+    ("pgd_schedule=fast", "pgd_schedule"), ("grad_clip=0", "grad_clip"), ("l1_penalty=-1", "l1_penalty"),
+    ("reg_placement=first", "reg_placement"), ("normalization=none", "normalization"), ("drop_last=maybe", "drop_last"),
+    ("train_split=all", "train_split"), ("final_certify=beta-crown", "final_certify"), ("align_target=x", "align_target"),
+    ("random_split=thirds", "random_split"), ("gp_natural=x", "gp_natural"),
+])
+def test_new_options_are_one_line_errors(override, match):
+    with pytest.raises(ValueError, match=match) as error:
+        load_config("mnist-demo-inf", overrides=[override])
+    assert "\n" not in str(error.value)
+
+
+def test_train_split_is_for_mnist():
+    with pytest.raises(ValueError, match="train_split=train\\+validation is for MNIST"):
+        load_config("cifar10-2-cure", overrides=["train_split=train+validation"])
+
+
+def test_null_grad_clip_and_per_norm_lambda():
+    config = load_config("mnist-demo-cure", overrides=["grad_clip=null", "sabr_lambda=0.3", "sabr_lambda_2=1e-5"])
+    assert config.grad_clip is None and config.small_ratio("inf") == 0.3 and config.small_ratio("2") == 1e-5
