@@ -94,7 +94,7 @@ def check_pgd_extremes(bm, x, y, specs, stats, steps=15, every_relu=True):
     ``every_relu``, and at the output), and minimizing a random margin, never crosses a bound."""
     out = bm.propagate(x, specs, y)
     last = len(modules_of(bm)) - 1
-    watched = [i for i, m in enumerate(modules_of(bm)) if every_relu and isinstance(m, (torch.nn.ReLU, torch.nn.LeakyReLU))] + [last]
+    watched = [i for i, layer in enumerate(bm.layers) if every_relu and layer.activation] + [last]
     for k, spec in enumerate(specs):
         bounds = out.layer_bounds(k)
         for i in watched:
