@@ -277,7 +277,7 @@ def _optimize_part(problem: _Problem, chain: _Chain, C: Tensor, rows: Tensor, st
     with torch.enable_grad():
         for _ in range(steps):
             value = _backward(problem, chain, end, C, rows, alphas)
-            best = value.detach() if best is None else torch.maximum(best, value.detach())
+            best = value.detach() if best is None else torch.fmax(best, value.detach())  # NaN: no bound
             optimizer.zero_grad(set_to_none=True)
             (-value.sum()).backward()
             optimizer.step()
@@ -285,7 +285,7 @@ def _optimize_part(problem: _Problem, chain: _Chain, C: Tensor, rows: Tensor, st
             with torch.no_grad():
                 for i, alpha in alphas.items():
                     alpha.clamp_(*chain.relaxations[i].alpha_range)
-    return torch.maximum(best, _backward(problem, chain, end, C, rows, alphas))
+    return torch.fmax(best, _backward(problem, chain, end, C, rows, alphas))
 
 
 def _mode(sound: Union[bool, str]) -> Optional[str]:

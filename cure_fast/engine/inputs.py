@@ -7,8 +7,8 @@ concretization of the CROWN family, docs/design.md "Linear relaxation" and "Soun
 
 :class:`InputSet` computes in the working dtype; :class:`SoundInputSet` in float32 with every
 rounding error bounded: an outward-rounded box, eps rounded up, the dot products with A summed in
-float64 and lowered by ``γ_d rowdot(|A|, |x|)`` (γ of float64), the l2 norm of the rows grown by
-``1 + γ_{d+3}``.
+float64 from float32 runs of 32 products and lowered by ``(γ_33 + 2 γ'_d) rowdot(|A|, |x|)`` (γ'
+of float64), the l2 norm of the rows grown likewise.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .rounding import Interval, bracket, centre_radius, combine, down32, gamma64, up32
-from .window import Window, rowdot
+from .rounding import Interval, bracket, centre_radius, combine, down32, grow, summed, up32
+from .window import Window, rowdot, rowsum
 
 
 def _parts(A: Union[Tensor, Window], values: Tensor, rows: Tensor):
@@ -60,9 +60,9 @@ class SoundInputSet:
 
     ``box``: float32 ``(c, r)`` containing the set (the domain-clipped box, or without a domain the
     box of radius eps); ``ball``: ``(centre, eps, p)`` in float64, exactly as given, for an l2 / l1
-    ball (None for a box). The dot products with A are summed in float64 (products of float32
-    numbers are exact there): ``values`` holds per sample [ball centre, γ_d |centre|], [c, r + γ_d |c|]
-    with γ_d of float64.
+    ball (None for a box). The dot products with A (:func:`~.window.rowsum` of float32 products in
+    float64) are off by at most ``e rowdot(|A|, |x|)``, ``e = summed(d)``: ``values`` holds per sample
+    [ball centre, e |centre|], [c, r + e |c|].
     """
 
     def __init__(self, spec=None, x: Optional[Tensor] = None, box: Optional[Interval] = None):
@@ -86,22 +86,32 @@ class SoundInputSet:
             point = centre.float()
             off = (centre - point.double()).flatten(1).norm(p=p, dim=1) * (1 + (d + 3) * 2.0 ** -52)
             self.eps = up32(eps + off).double()
-            parts += [point, up32(point.abs().double() * gamma64(d))]
+            parts += [point, up32(point.abs().double() * summed(d))]
         if self.boxed:
             c, r = self.box
-            parts += [c, up32(r.double() + c.abs().double() * gamma64(d))]
+            parts += [c, up32(r.double() + c.abs().double() * summed(d))]
         self.values = torch.stack(parts, -1)
 
     def minimum(self, A: Union[Tensor, Window], bias: Tensor, rows: Tensor) -> Tensor:
         """A lower bound (float64) of ``A x + bias`` over the set of sample ``rows`` (N,), bias float64 (N,)."""
         A, parts = _parts(A, self.values, rows)
-        A, size = A.double(), 1 + gamma64(A.shape[1]) * 2
+        size = grow(A.shape[1])
         bound = None
-        if self.dual:  # |A|_2 computed in float64, grown by its relative error
-            dual = A.norm(dim=1) * (1 + gamma64(A.shape[1] + 3)) if self.p == 2 else A.abs().amax(1)
-            bound = combine(rowdot(A, parts[0].double()), -self.eps[rows] * dual,
-                            -rowdot(A.abs(), parts[1].double()) * size)
+        if self.dual:
+            if self.p == 2:  # |A|_2 from float32 squares summed in float64, grown by their relative error
+                square = _dot(A, A)
+                positive = square > 0  # a zero gradient at 0 (α-CROWN)
+                dual = torch.where(positive, square, 1.0).sqrt() * positive * (size * (1 + 2.0 ** -52))
+            else:
+                dual = A.abs().amax(1).double()
+            bound = combine(_dot(A, parts[0]), -self.eps[rows] * dual, -_dot(A.abs(), parts[1]) * size)
         if self.boxed:
-            boxed = combine(rowdot(A, parts[-2].double()), -rowdot(A.abs(), parts[-1].double()) * size)
+            boxed = combine(_dot(A, parts[-2]), -_dot(A.abs(), parts[-1]) * size)
             bound = boxed if bound is None else torch.maximum(bound, boxed)
         return combine(bound, bias)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot product of float32 a, b (N, d) -> (N,) float64, off by at most ``summed(d)``
+    times the dot product of the absolute values."""
+    return rowsum(a * b, torch.float64)

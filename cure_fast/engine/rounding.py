@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..ops.policy import library_tf32
-from .window import Window, rowdot
+from .window import BLOCK, Window
 
 Interval = Tuple[Tensor, Tensor]
 U = 2.0 ** -24  # unit roundoff of float32
@@ -50,6 +50,17 @@ def gamma(n: int) -> float:
 def gamma64(n: int) -> float:
     """An upper bound of γ_n for float64 (n < 2^40)."""
     return 2.0 * n * 2.0 ** -53
+
+
+def grow(n: int) -> float:
+    """:func:`~.window.rowsum` (float64) of n float32 products of non-negative numbers times this is
+    >= the exact sum."""
+    return inflate(BLOCK + 1) * (1 + 2 * gamma64(n))
+
+
+def summed(n: int) -> float:
+    """The relative error bound of :func:`~.window.rowsum` (float64) of n float32 products."""
+    return gamma(BLOCK + 1) + 2 * gamma64(n)
 
 
 def inflate(n: int) -> float:
@@ -93,14 +104,16 @@ def combine(*terms: Optional[Tensor]) -> Tensor:
 
 
 def penalty(A: Union[Tensor, Window], weights: Tensor, rows: Tensor) -> Tensor:
-    """An upper bound (float64, (N,)) of ``rowdot(|A|, weights of each row's sample)``; A (N, ...) or
-    windows of a (C, H, W) map, weights (B, ...) like a sample of A's map."""
+    """An upper bound (float64, (N,)) of ``rowdot(|A|, weights of each row's sample)``, summed in
+    float32; A (N, ...) or windows of a (C, H, W) map, weights (B, ...) like a sample of A's map."""
     if isinstance(A, Window):
         w, A = A.take(weights, rows), A.A
-    else:
-        w = weights[rows]
-    A, w = A.flatten(1), w.flatten(1)
-    return rowdot(A.abs(), w).double() * inflate(A.shape[1])
+        sums = torch.linalg.vecdot(A.abs().flatten(1), w.flatten(1))
+    else:  # a matrix-vector product per run of rows of one sample
+        samples, counts = torch.unique_consecutive(rows, return_counts=True)
+        sums = torch.cat([part.abs().flatten(1) @ weights[b].flatten()
+                          for part, b in zip(A.split(counts.tolist()), samples.tolist())])
+    return sums.double() * inflate(A[0].numel())
 
 
 def centre_radius(lower: Tensor, upper: Tensor) -> Interval:
@@ -245,9 +258,10 @@ class Float32(Arithmetic):
         return weights
 
     def forward(self, start, end, bounds):
+        """The steps of :meth:`propagate` (the same bounds from the same bounds)."""
         c, r = self._activation(self.layers[start - 1], *bounds)
         for op in self.ops[start:end]:
-            c, r = self._interval(op, c, r)
+            c, r = centre_radius(*outward(*self._interval(op, c, r)))
         return outward(c, r)
 
     @staticmethod
@@ -281,7 +295,7 @@ class Float32(Arithmetic):
         weight = op.magnitude(m, bias=False)
         bias = op.magnitude(torch.zeros_like(m), bias=True).double()  # |b| on the output map
         entries = weight[0].numel()
-        w = weight.double() * (gamma(op.fan_out + 2) * inflate(op.fan_in + 1)) + bias * gamma64(entries + 2)
+        w = weight.double() * (gamma(op.fan_out + 2) * inflate(op.fan_in + 1)) + bias * summed(entries)
         deviation = op.deviation(m.double())
         if deviation is not None:
             w = w + deviation
@@ -289,13 +303,14 @@ class Float32(Arithmetic):
 
     @staticmethod
     def _activation_weights(lower: Tensor, upper: Tensor, relaxation) -> Tensor:
-        """``u m + γ_n |offset|`` (γ of float64: the offset terms are summed in float64): m >= |h| on
-        [lower, upper]; the first term only where a slope is not 0 or 1 (products with those are exact)."""
+        """``u m + (γ_33 + 2 γ'_n) |offset|`` (:func:`summed`: the offset terms' float32 products
+        are added in float32 runs of 32, then in float64): m >= |h| on [lower, upper]; the first term
+        only where a slope is not 0 or 1 (products with those are exact)."""
         slopes, offset = relaxation.packed[..., :2], relaxation.packed[..., 2]
         exact = ((slopes == 0) | (slopes == 1)).all(-1) & ~relaxation.unstable
         m = torch.maximum(lower.abs(), upper.abs()).double()
         entries = lower[0].numel()
-        w = torch.where(exact, 0.0, m * U) + offset.abs().double() * gamma64(entries)
+        w = torch.where(exact, 0.0, m * U) + offset.abs().double() * summed(entries)
         return up32(w * NUDGE)
 
     @staticmethod

@@ -6,15 +6,27 @@ reaches a layer that mixes positions, so it runs on windows instead of whole map
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+BLOCK = 32  # the most terms of a partial sum in rowsum
 
 
 def rowdot(a: Tensor, b: Tensor) -> Tensor:
     """Row-wise dot product of a, b (N, d) -> (N,)."""
     return (a * b).sum(1)
+
+
+def rowsum(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The sum of every row of t (N, ...) -> (N,); with ``dtype``, partial sums of at most BLOCK
+    consecutive entries in t's dtype, added up in ``dtype`` (float64 sums without a float64 copy of t)."""
+    flat = t.reshape(t.shape[0], -1)
+    if dtype is None:
+        return flat.sum(1)
+    size = next(b for b in range(min(BLOCK, flat.shape[1]), 0, -1) if flat.shape[1] % b == 0)
+    return flat.view(flat.shape[0], -1, size).sum(2).sum(1, dtype=dtype)
 
 
 @dataclass

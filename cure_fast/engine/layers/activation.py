@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ... import ops
 from ..streams import Streams
 from ..rounding import bracket, up32
-from ..window import Window, rowdot
+from ..window import Window, rowsum
 from .base import Context, Layer, register_layer
 
 
@@ -33,12 +33,11 @@ class Relaxation:
     alpha_range: Tuple[float, float]
     accumulate: Optional[torch.dtype] = None  # dtype of the offset terms' sums (None: A's)
 
-    def _offset_term(self, A: Tensor, offset: Tensor) -> Tensor:
-        """``rowdot(min(A, 0), offset)`` (N,), summed in ``accumulate``."""
-        negative, offset = A.clamp(max=0).flatten(1), offset.flatten(1)
-        if self.accumulate is not None:
-            negative, offset = negative.to(self.accumulate), offset.to(self.accumulate)
-        return rowdot(negative, offset)
+    def _step(self, A: Tensor, lower: Tensor, upper: Tensor, offset: Tensor) -> Tuple[Tensor, Tensor]:
+        """``A * (lower where A >= 0 else upper)`` (one rounding per entry: the other product is 0) and
+        ``rowdot(min(A, 0), offset)`` (N,), summed in ``accumulate``."""
+        negative = A.clamp(max=0)
+        return torch.addcmul(negative * upper, A.clamp(min=0), lower), rowsum(negative * offset, self.accumulate)
 
     @classmethod
     def of(cls, l: Tensor, u: Tensor, slope: float = 0.0) -> "Relaxation":
@@ -82,15 +81,12 @@ class Relaxation:
         lower, upper, offset = self.packed[rows].unbind(-1)
         if alpha is not None:
             lower = torch.where(self.unstable[rows], alpha, lower)
-        bias = self._offset_term(A, offset)
-        return A * torch.where(A >= 0, lower, upper), bias
+        return self._step(A, lower, upper, offset)
 
     def back_window(self, window: Window, rows: Tensor) -> Tuple[Window, Tensor]:
         """:meth:`back` on windows of a (C, H, W) map."""
-        A = window.A
-        lower, upper, offset = window.take(self.packed, rows).unbind(-1)
-        bias = self._offset_term(A, offset)
-        return window.with_A(A * torch.where(A >= 0, lower, upper)), bias
+        A, bias = self._step(window.A, *window.take(self.packed, rows).unbind(-1))
+        return window.with_A(A), bias
 
 
 @register_layer

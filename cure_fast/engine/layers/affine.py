@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from ... import ops
 from ..streams import Interval, Streams, intersect
-from ..window import Window
+from ..window import Window, rowsum
 from .base import Affine, Context, Layer, Operator, register_layer
 
 
@@ -112,7 +112,7 @@ class DenseOperator(Operator):
         self.fan_out, self.fan_in = self.weight.shape
 
     def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        bias = None if self.bias is None else (self.wide(A) @ self.wide(self.bias)).reshape(A.shape[0], -1).sum(1)
+        bias = None if self.bias is None else rowsum(A * self.bias, self.accumulate)
         return A @ self.weight, bias
 
     def interval(self, c: Tensor, r: Tensor) -> Interval:
@@ -157,7 +157,7 @@ class ConvOperator(Operator):
 
     def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """A (N, O, H', W') -> the transposed convolution of A (N, C, H, W), bias term (N,) or None."""
-        bias = None if self.bias is None else A.sum((2, 3), dtype=self.accumulate) @ self.wide(self.bias)
+        bias = None if self.bias is None else self.channel_term(A, self.bias)
         size = (A.shape[0],) + tuple(self.in_shape)
         return torch.nn.grad.conv2d_input(size, self.weight, A, self.stride, self.padding, self.dilation,
                                           self.groups), bias
@@ -166,7 +166,7 @@ class ConvOperator(Operator):
         """The transposed convolution of each row's window: the window grows by the receptive field;
         the positions that fall outside the input map (the zero padding) are cleared."""
         A = window.A
-        bias = None if self.bias is None else A.sum((2, 3), dtype=self.accumulate) @ self.wide(self.bias)
+        bias = None if self.bias is None else self.channel_term(A, self.bias)
         A = F.conv_transpose2d(A, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
         top = window.top * self.stride[0] - self.padding[0]
         left = window.left * self.stride[1] - self.padding[1]

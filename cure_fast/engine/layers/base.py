@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..streams import Interval, Streams
-from ..window import Window
+from ..window import Window, rowsum
 
 Affine = Tuple[Tensor, Tensor]  # per-channel (scale, shift), each (C,)
 LAYERS: Dict[type, Type["Layer"]] = {}
@@ -43,7 +43,8 @@ class Operator:
     For sound float32 bounds (:mod:`..rounding`): ``exact`` operators (reshapes) round nothing;
     the others give ``fan_in`` (terms of a forward dot product, without the bias), ``fan_out``
     (the most non-zero terms of a coefficient of the transposed product) and :meth:`magnitude`;
-    their bias terms are summed in ``accumulate`` (None: A's dtype; float64 in that mode).
+    their bias terms are summed in ``accumulate`` (None: A's dtype; in that mode float64, from
+    float32 products and partial sums of at most ``window.BLOCK`` terms).
     """
     local: bool = False
     ibp: str = "inexact"
@@ -52,9 +53,11 @@ class Operator:
     fan_out: int = 0
     accumulate: Optional[torch.dtype] = None
 
-    def wide(self, t: Tensor) -> Tensor:
-        """t in the dtype of the bias terms' sums."""
-        return t if self.accumulate is None else t.to(self.accumulate)
+    def channel_term(self, A: Tensor, bias: Tensor) -> Tensor:
+        """``sum A[n, c, ...] bias[c]`` (N,) for A (N, C, ...), summed in ``accumulate``."""
+        if self.accumulate is None:
+            return A.reshape(A.shape[0], A.shape[1], -1).sum(2) @ bias
+        return rowsum(A * bias.view((1, -1) + (1,) * (A.dim() - 2)), self.accumulate)
 
     def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """Coefficients A (N, *out shape) on the output -> those on the input (N, *in shape) and the

@@ -124,7 +124,7 @@ class ChannelOperator(Operator):
 
     def back(self, A: Tensor) -> Tuple[Tensor, Tensor]:
         """A (N, C, ...) -> ``A * scale`` (N, C, ...), bias term (N,)."""
-        bias = A.reshape(A.shape[0], A.shape[1], -1).sum(2, dtype=self.accumulate) @ self.wide(self.shift)
+        bias = self.channel_term(A, self.shift)
         return A * self.scale.view((1, -1) + (1,) * (A.dim() - 2)), bias
 
     def back_window(self, window: Window) -> Tuple[Window, Tensor]:
