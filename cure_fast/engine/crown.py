@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -107,11 +107,14 @@ class _Problem:
 @dataclass
 class _Chain:
     """The relaxation of every activation and its pre-activation bounds, keyed by layer index;
-    ``weights``: the error weights of every layer (sound float32 mode, :mod:`.rounding`);
-    ``diverged``: the first activation whose bounds the intersection with IBP changed (None: none)."""
+    ``weights``: the error weights of every layer (sound float32 mode, :mod:`.rounding`); ``folds``:
+    per layer, the weights of it and of the layers below it that a pass through it charges at once,
+    and those layers; ``diverged``: the first activation whose bounds the intersection with IBP
+    changed (None: none)."""
     relaxations: Dict[int, Relaxation]
     bounds: Dict[int, Interval]
     weights: Dict[int, Tensor] = field(default_factory=dict)
+    folds: Dict[int, Tuple[Tensor, FrozenSet[int]]] = field(default_factory=dict)
     diverged: Optional[int] = None
 
 
@@ -120,13 +123,22 @@ def _as_chain(chain: Union[_Chain, Dict[int, Relaxation]]) -> _Chain:
     return chain if isinstance(chain, _Chain) else _Chain(chain, {})
 
 
+def _charge(chain: _Chain, i: int, skip: FrozenSet[int]) -> Tuple[Optional[Tensor], FrozenSet[int]]:
+    """The error weights charged at step i of a backward pass, and the steps below already charged."""
+    if i in chain.folds:
+        weights, folded = chain.folds[i]
+        return weights, skip | folded
+    return (None if i in skip else chain.weights.get(i)), skip
+
+
 def _backward(problem: _Problem, chain: _Chain, end: int, A: Tensor, rows: Tensor,
-              alphas: Optional[Dict[int, Tensor]] = None, bias: Optional[Tensor] = None, start: int = 0) -> Tensor:
+              alphas: Optional[Dict[int, Tensor]] = None, bias: Optional[Tensor] = None, start: int = 0,
+              skip: FrozenSet[int] = frozenset()) -> Tensor:
     """Lower bounds of ``A h + bias`` over the input set, h the output of layer ``end - 1``; with
     ``start > 0`` over the interval bounds on the input of layer ``start`` instead.
 
     A (N, *shape of h), rows (N,) the sample of each row, alphas per ReLU layer (N, *shape) or None,
-    bias (N,) or None -> (N,).
+    bias (N,) or None -> (N,); ``skip``: steps whose errors are already charged.
     """
     arithmetic, chain = problem.arithmetic, _as_chain(chain)
     bias = arithmetic.zeros(A) if bias is None else bias
@@ -136,7 +148,8 @@ def _backward(problem: _Problem, chain: _Chain, end: int, A: Tensor, rows: Tenso
             A, term = chain.relaxations[i].back(A, rows, None if alphas is None else alphas[i])
         else:
             A, term = problem.ops[i].back(A)
-        bias = arithmetic.add(bias, term, before, chain.weights.get(i), rows)
+        weights, skip = _charge(chain, i, skip)
+        bias = arithmetic.add(bias, term, before, weights, rows)
     inputs = problem.inputs if start == 0 else SoundInputSet(box=problem.propagation.input_bounds(0, start))
     return inputs.minimum(A, bias, rows)
 
@@ -145,17 +158,18 @@ def _window_backward(problem: _Problem, chain: _Chain, end: int, window: Window,
     """Lower bounds of the window coefficients times the output of layer ``end - 1`` (a (C, H, W) map)
     over the input set: windows through the local layers (convolutions, per-channel affines, ReLUs,
     identities), then whole maps from the first other layer on. rows (N,) -> (N,)."""
-    bias = problem.arithmetic.zeros(window.A)
+    bias, skip = problem.arithmetic.zeros(window.A), frozenset()
     height, width = problem.shapes[end][1:]
     while end > 0 and (problem.ops[end - 1] is None or problem.ops[end - 1].local):
         op, before = problem.ops[end - 1], window
         window, term = chain.relaxations[end - 1].back_window(window, rows) if op is None else op.back_window(window)
         height, width = problem.shapes[end - 1][1:]  # the layer's input map
-        bias = problem.arithmetic.add(bias, term, before, chain.weights.get(end - 1), rows)
+        weights, skip = _charge(chain, end - 1, skip)
+        bias = problem.arithmetic.add(bias, term, before, weights, rows)
         end -= 1
     if end == 0:
         return problem.inputs.minimum(window, bias, rows)
-    return _backward(problem, chain, end, window.dense(height, width), rows, bias=bias)
+    return _backward(problem, chain, end, window.dense(height, width), rows, bias=bias, skip=skip)
 
 
 def _chunks(n: int, size: int) -> List[slice]:
@@ -212,7 +226,8 @@ def _relaxations(problem: _Problem, crown: bool, intersect: bool = True, reuse: 
     with IBP's (``intersect``; from the earlier, tightened bounds) or not (pure CROWN). ``reuse``:
     a chain whose entries before its ``diverged`` layer are the same here."""
     weights = problem.arithmetic.weights if reuse is None else reuse.weights
-    chain = _Chain({}, {}, dict(weights))
+    folds = problem.arithmetic.folds(weights, 0) if reuse is None else reuse.folds
+    chain = _Chain({}, {}, dict(weights), dict(folds))
     previous: Optional[Tuple[int, Interval]] = None
     for i, op in enumerate(problem.ops):
         if op is not None:
@@ -238,6 +253,7 @@ def _relaxations(problem: _Problem, crown: bool, intersect: bool = True, reuse: 
         chain.relaxations[i] = problem.arithmetic.relaxation(problem.layers[i], lower, upper)
         chain.bounds[i] = (lower, upper)
         chain.weights.update(problem.arithmetic.chain_weights(i, lower, upper, chain.relaxations[i]))
+        chain.folds.update(problem.arithmetic.folds(chain.weights, i + 1))
     return chain
 
 

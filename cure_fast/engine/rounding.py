@@ -23,7 +23,7 @@ exact first layer under an l2 / l1 ball in float64, conversions rounded outwards
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -170,6 +170,10 @@ class Arithmetic:
         """Error weights of activation ``i`` and of the linear layers after it (sound mode)."""
         return {}
 
+    def folds(self, weights: Dict[int, Tensor], start: int) -> Dict[int, Tuple[Tensor, FrozenSet[int]]]:
+        """Error weights charged at once for several linear layers from ``start`` on (sound mode)."""
+        return {}
+
     def forward(self, start: int, end: int, bounds: Interval) -> Interval:
         """IBP from the bounds on the input of activation ``start - 1`` through it and the linear
         layers ``start .. end - 1``."""
@@ -178,6 +182,11 @@ class Arithmetic:
         for op in self.ops[start:end]:
             c, r = op.interval(c, r)
         return c - r, c + r
+
+
+def _elementwise(op) -> bool:
+    """Whether a layer multiplies each entry by a number (per-channel affine, identity, dropout)."""
+    return op is not None and op.local and op.ibp == "neutral"
 
 
 class SoundPropagation:
@@ -256,6 +265,31 @@ class Float32(Arithmetic):
             weights[j] = self._op_weights(op, low, high)
             c, r = self._interval(op, *centre_radius(low, high))
         return weights
+
+    def folds(self, weights, start):
+        """The runs of per-channel affines and identities among the linear layers from ``start`` to
+        the next activation, each with the layer below it, charged at the run's top: after a
+        per-channel affine ``|A| <= (1 + u) |scale| |A|``, so a run costs one gather and sum."""
+        end = next((j for j in range(start, len(self.ops)) if self.ops[j] is None), len(self.ops))
+        folds, j = {}, end - 1
+        while j >= start:
+            if not _elementwise(self.ops[j]):
+                j -= 1
+                continue
+            ones = torch.ones_like(self.ibp[j + 1][0][:1])  # float32: |scale| as the backward step uses it
+            total, factor, folded, top = torch.zeros_like(self.ibp[j + 1][0]).double(), ones.double(), [], j
+            while True:
+                if weights.get(j) is not None:
+                    total = total + factor * weights[j].double()
+                folded.append(j)
+                if j == start or not _elementwise(self.ops[j]):
+                    break
+                factor = factor * self.ops[j].magnitude(ones, bias=False).double() * (1 + U)
+                j -= 1
+            if len(folded) > 1:
+                folds[top] = (up32(total * NUDGE), frozenset(folded[1:]))
+            j -= 1
+        return folds
 
     def forward(self, start, end, bounds):
         """The steps of :meth:`propagate` (the same bounds from the same bounds)."""
