@@ -36,12 +36,16 @@ Methods (``method=``):
 
 Every method returns the elementwise maximum of its bound and IBP's folded margin (both are sound).
 
-**Sound mode** (``sound=True``, the default): the bounds are computed in float64, for a float64 copy
-of the model (the IBP part on the pure-PyTorch backend with IEEE dot products) and the inputs, i.e. for
-the network with the model's weights evaluated in real arithmetic up to float64 rounding (~1e-16
-relative, far below any margin that certifies; no further safety margin is added). The result is
-returned in the input's dtype, rounded downwards. With ``sound=False`` the bounds are computed in the
-model's own dtype and backend (faster, not a certificate: rounding may make them slightly optimistic).
+**Sound modes** (``sound=``): ``True`` or ``"fp64"`` (the default): the bounds are computed in float64,
+for a float64 copy of the model (the IBP part on the pure-PyTorch backend with IEEE dot products) and
+the inputs, i.e. for the network with the model's weights evaluated in real arithmetic up to float64
+rounding (~1e-16 relative, far below any margin that certifies; no further safety margin is added).
+``"fp32"``: the bounds are computed in float32 for a float32 model and lowered by a rigorous bound on
+every rounding error (:mod:`.rounding`, docs/design.md "Sound fp32 bounds"): a certificate for the
+network with the model's float32 weights (per-channel affines derived in float64, as in ``"fp64"``).
+The result is returned in the input's dtype, rounded downwards. With ``sound=False`` the bounds are
+computed in the model's own dtype and backend (faster, not a certificate: rounding may make them
+optimistic).
 
 Cost: a backward pass from one neuron of a convolutional layer runs on its receptive field only (a
 window of every feature map) until it reaches the input or a layer that mixes positions (Linear,

@@ -1,24 +1,30 @@
-"""Sound float32 bounds for the CROWN family: a rigorous bound on every rounding error, added to the
-bound (docs/design.md, "Sound fp32 bounds").
+"""Sound float32 bounds for the CROWN family: a rigorous bound on every rounding error, subtracted
+from the bound (docs/design.md, "Sound fp32 bounds").
 
 With ``u = 2^-24`` and ``γ_n = n u / (1 - n u)``, a float32 dot product of n terms is off by at most
 ``γ_n`` times the dot product of the absolute values, whatever the order of summation (blocked,
 pairwise, FMA: GEMM-based matrix products and convolutions; Winograd and FFT convolutions are not
-covered, so the mode turns TF32 and cuDNN off on CUDA). The CROWN family keeps a lower bound
+covered, so :func:`strict` turns TF32 and cuDNN off). The CROWN family keeps a lower bound
 ``q >= A h + a`` on its quantity ``q``; every float32 step that changes ``A`` or ``a`` lowers ``a`` by
-the most it can have lost, a row-wise dot product ``rowdot(|A|, w)`` with one weight tensor ``w`` per
-layer and sample (rounded up, shared by every row):
+the most it can have lost, ``rowdot(|A|, w)`` with A the coefficients before the step and one weight
+tensor ``w`` per layer and sample (rounded up, shared by every row):
 
-- linear layer ``W h + b`` on inputs ``|h| <= m``: ``w = γ_{f+2} |W| m + γ_{n+2} |b|`` (f the fan-out
-  of the transposed product, n the entries of a row of A), plus ``|W* - W| m + |b* - b|`` where the
-  float32 coefficients round real ones ``W*, b*`` (per-channel affines derived in float64);
-- activation (slopes in [0, 1]): ``w = u m + γ_n |offset|`` (the products ``A s`` and the offset dot);
-- the sum ``rowdot(|A|, w)`` itself, computed in float32, is divided by ``1 - γ_n``.
+- linear layer ``W h + b`` on inputs ``|h| <= m``: ``w = γ_{f+2} |W| m + e_n |b|`` (f the fan-out of
+  the transposed product; the bias term is summed in float64 from float32 runs of 32 products,
+  ``e_n = γ_33 + 2 γ'_n`` with γ' of float64, n the entries of a row of A), plus
+  ``|W* - W| m + |b* - b|`` where the float32 coefficients round real ones ``W*, b*`` (per-channel
+  affines, derived in float64);
+- activation (slopes in [0, 1]): ``w = u m + e_n |offset|`` (the products ``A s``, exact where s is 0
+  or 1, and the offset term);
+- a run of per-channel affines and identities and the layer below it: one weight on the run's top map,
+  as ``|A|`` grows by at most ``(1 + u) |scale|`` through each (:meth:`Float32.folds`);
+- ``rowdot(|A|, w)`` itself is summed in float32 and divided by ``1 - γ_d``.
 
 The scalars (``a``, penalties, concretization) are float64; each float64 sum is lowered by
-``2^-38`` times the sum of its terms' magnitudes, more than its rounding error (:func:`combine`).
-Intermediate bounds are sound float32 intervals (:class:`Float32`): IBP with a widened radius, the
-exact first layer under an l2 / l1 ball in float64, conversions rounded outwards.
+``2^-38`` times the sum of its terms' magnitudes (plus 2^-100 for underflow), more than its rounding
+error (:func:`combine`). Intermediate bounds are sound float32 intervals (:class:`Float32`): IBP with
+a widened radius, the exact first layer under an l2 / l1 ball in float64, conversions rounded
+outwards; relaxations hold exactly for their float32 slopes and offsets (``Relaxation.outward``).
 """
 from __future__ import annotations
 
