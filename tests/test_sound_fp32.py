@@ -13,6 +13,7 @@ from torch import nn
 
 from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall
 from cure_fast.engine import crown
+from cure_fast.engine.layers.activation import Relaxation
 from netgen import modules_of, networks, run_layers
 from test_soundness import _sample, _true_margins
 
@@ -60,6 +61,30 @@ def test_float32_bounds_are_below_float64_close_to_them_and_below_sampled_margin
         outputs = run_layers(modules_of(reference), points.flatten(0, 1), {})
         true = _true_margins(outputs[-1].view(points.shape[:2] + outputs[-1].shape[1:]), y).amin(0)
         assert (true >= bound).all(), f"{spec} {method}: a sampled margin is below the float32 bound"
+
+
+@settings(max_examples=50)
+@given(net=networks(), data=st.data())
+def test_penalties_cover_the_rounding_of_every_backward_pass(net, data):
+    """With the float32 run's own relaxations, the float64 passes (windows, dense maps, every layer
+    type) give bounds at least as tight as the float32 ones: the penalties cover the rounding."""
+    bm, x, y, specs = _eval_setup(net, data)
+    for spec in specs:
+        narrow = crown._problem(bm, x, y, spec, "fp32", None)
+        wide = crown._problem(bm, x.double(), y, spec, True, None)
+        chain = crown._relaxations(narrow, crown=True)
+        same = {i: Relaxation(r.packed.double(), r.unstable, r.alpha_range) for i, r in chain.relaxations.items()}
+        for i, (lower, upper) in chain.bounds.items():
+            below = crown._Chain({j: r for j, r in chain.relaxations.items() if j < i}, {}, chain.weights, chain.folds)
+            low32, high32, _ = crown._crown_bounds(narrow, below, i, lower, upper, intersect=False)
+            low64, high64, _ = crown._crown_bounds(wide, {j: r for j, r in same.items() if j < i}, i,
+                                                   lower.double(), upper.double(), intersect=False)
+            assert (low32.double() <= low64 + 1e-12 * (1 + low64.abs())).all(), f"{spec}: layer {i}"
+            assert (high32.double() >= high64 - 1e-12 * (1 + high64.abs())).all(), f"{spec}: layer {i}"
+        C, rows, _ = crown._specification(y, narrow.shapes[-1][0], torch.float32)
+        bound32 = crown._linear_bound(narrow, chain, C, rows)
+        bound64 = crown._linear_bound(wide, same, C.double(), rows)
+        assert (bound32 <= bound64 + 1e-12 * (1 + bound64.abs())).all(), f"{spec}: the final pass"
 
 
 def _cancelling_net(seed):
