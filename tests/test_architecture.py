@@ -28,17 +28,11 @@ def _is_package(name: str) -> bool:
 
 
 def _imports(name: str) -> Iterator[Tuple[str, List[str], int]]:
-    """(imported module, imported names, line) for every import of module ``name``, at any depth,
-    except those under ``if TYPE_CHECKING:`` (annotations only)."""
+    """(imported module, imported names, line) for every import of module ``name``, at any depth
+    (function-level and ``TYPE_CHECKING`` imports included)."""
     tree = ast.parse(MODULES[name].read_text())
-    skipped: Set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped.update(id(n) for child in node.body for n in ast.walk(child))
     package = name if _is_package(name) else name.rpartition(".")[0]
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield alias.name, [], node.lineno

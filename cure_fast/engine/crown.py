@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -73,8 +73,7 @@ from .layers.activation import Relaxation
 from .rounding import round_down
 from .window import Window
 
-if TYPE_CHECKING:  # BoundedModule calls into this module
-    from .bounded import BoundedModule, Propagation
+BoundedModule = nn.Module  # annotations only: the engine's BoundedModule calls into this module, not back
 
 Interval = Tuple[Tensor, Tensor]
 Spec = Union[LinfBall, L2Ball, L1Ball]
@@ -102,7 +101,7 @@ class _Problem:
     ops: List[Optional[Operator]]
     shapes: List[torch.Size]
     inputs: Union[InputSet, SoundInputSet]
-    propagation: Union["Propagation", rounding.SoundPropagation]
+    propagation: object  # a BoundedModule's Propagation, or a rounding.SoundPropagation
     max_rows: int
     arithmetic: rounding.Arithmetic
     dtype: torch.dtype  # the working dtype
