@@ -129,3 +129,45 @@ def test_one_norm_certify_has_no_nan_columns(run_dir, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "nan" not in stdout and "cert l∞" in stdout and "cert l2" not in stdout
     assert json.loads((tmp_path / "summary.json").read_text())["eps"] == {"inf": 0.01}
+
+
+def test_sound_fp32_certifies_no_more_than_fp64_and_per_sample_margins_stay_below(run_dir, tmp_path):
+    """``--sound fp32``: every bound lowered by its rounding errors, so a float32 certificate is also
+    one in float64 up to those errors: per sample, its margin is at most fp64's plus a hair."""
+    eps = {"inf": 0.05, "2": 0.3}
+    runs = {}
+    for sound in ("fp64", "fp32"):
+        main(["certify", run_dir, "--norms", "inf:0.05,2:0.3", "--limit", "8", "--out", str(tmp_path / sound),
+              "--pgd-steps", "1", "--method", "crown", "--sound", sound, "--no-curve", "--no-progress"])
+        runs[sound] = json.loads((tmp_path / sound / "summary.json").read_text())
+        rows = [line.strip().split(",") for line in open(tmp_path / sound / "per_sample.csv")]
+        runs[sound]["margins"] = [[float(v) for v in r[5::4][:2]] for r in rows[1:]]
+    assert runs["fp32"]["sound"] and runs["fp32"]["precision"].startswith("fp32")
+    for norm in eps:
+        assert runs["fp32"][f"certified_{norm}"] <= runs["fp64"][f"certified_{norm}"]
+    for m32, m64 in zip(runs["fp32"]["margins"], runs["fp64"]["margins"]):
+        for a, b in zip(m32, m64):
+            assert a <= b + 1e-5 * (1 + abs(b))
+
+
+def test_sound_fp32_ibp_margins_are_below_float64_ones():
+    from cure_fast import BoundedModule, L2Ball, LinfBall
+    from cure_fast.engine.crown import crown_margins
+    from cure_fast.models import build
+    torch.manual_seed(0)
+    model = build("cnn3", "mnist", width=4).eval()
+    x, y = torch.rand(3, 1, 28, 28), torch.tensor([0, 1, 2])
+    bm = BoundedModule(model)
+    for spec in (LinfBall(0.05), L2Ball(0.3)):
+        exact = crown_margins(bm, x.double(), y, spec, method="ibp", sound="fp64")
+        lowered = crown_margins(bm, x, y, spec, method="ibp", sound="fp32")
+        assert lowered.dtype == torch.float32
+        assert (lowered.double() <= exact).all()
+        assert torch.allclose(lowered.double(), exact, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_and_sound_together_are_refused(run_dir, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["certify", run_dir, "--fast", "--sound", "fp32"])
+    err = capsys.readouterr().err
+    assert exit.value.code != 0 and "contradict" in err and len(err.strip().splitlines()) == 1, err

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall
-from cure_fast.engine import crown
+from cure_fast.engine import crown, passes
 from cure_fast.engine.layers.activation import Relaxation
 from netgen import modules_of, networks, run_layers
 from test_soundness import _sample, _true_margins
@@ -72,18 +72,18 @@ def test_penalties_cover_the_rounding_of_every_backward_pass(net, data):
     for spec in specs:
         narrow = crown._problem(bm, x, y, spec, "fp32", None)
         wide = crown._problem(bm, x.double(), y, spec, True, None)
-        chain = crown._relaxations(narrow, crown=True)
+        chain = passes.relaxations(narrow, crown=True)
         same = {i: Relaxation(r.packed.double(), r.unstable, r.alpha_range) for i, r in chain.relaxations.items()}
         for i, (lower, upper) in chain.bounds.items():
-            below = crown._Chain({j: r for j, r in chain.relaxations.items() if j < i}, {}, chain.weights, chain.folds)
-            low32, high32, _ = crown._crown_bounds(narrow, below, i, lower, upper, intersect=False)
-            low64, high64, _ = crown._crown_bounds(wide, {j: r for j, r in same.items() if j < i}, i,
+            below = passes.Chain({j: r for j, r in chain.relaxations.items() if j < i}, {}, chain.weights, chain.folds)
+            low32, high32, _ = passes.crown_bounds(narrow, below, i, lower, upper, intersect=False)
+            low64, high64, _ = passes.crown_bounds(wide, {j: r for j, r in same.items() if j < i}, i,
                                                    lower.double(), upper.double(), intersect=False)
             assert (low32.double() <= low64 + 1e-12 * (1 + low64.abs())).all(), f"{spec}: layer {i}"
             assert (high32.double() >= high64 - 1e-12 * (1 + high64.abs())).all(), f"{spec}: layer {i}"
         C, rows, _ = crown._specification(y, narrow.shapes[-1][0], torch.float32)
-        bound32 = crown._linear_bound(narrow, chain, C, rows)
-        bound64 = crown._linear_bound(wide, same, C.double(), rows)
+        bound32 = passes.linear_bound(narrow, chain, C, rows)
+        bound64 = passes.linear_bound(wide, same, C.double(), rows)
         assert (bound32 <= bound64 + 1e-12 * (1 + bound64.abs())).all(), f"{spec}: the final pass"
 
 
@@ -187,9 +187,9 @@ def test_float32_bounds_are_below_exact_rational_crown_ibp_and_the_true_minimum(
     bm = BoundedModule(model)
     x, y = torch.rand(1, 3), torch.tensor([seed % 3])
     problem = crown._problem(bm, x, y, spec, "fp32", None)
-    chain = crown._relaxations(problem, crown=False)
+    chain = passes.relaxations(problem, crown=False)
     C, rows, mask = crown._specification(y, 3, torch.float32)
-    bound = crown._linear_bound(problem, chain, C, rows)
+    bound = passes.linear_bound(problem, chain, C, rows)
     margins = crown.crown_margins(bm, x, y, spec, method="crown-ibp", sound="fp32")[mask]
     linears, point = _linears(model), _fractions(x[0])
     lo, hi, lower, upper = _exact_first_bounds(spec, point, *linears[0])

@@ -11,7 +11,7 @@ import csv
 import io
 import os
 import re
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -136,7 +136,7 @@ def _check_arguments(config: TrainConfig, eps: Dict[str, float], limit, batch_si
 
 def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str = "ibp", limit: Optional[int] = None,
                 data_root: Optional[str] = None, out_dir: Optional[str] = None, pgd_steps: int = 20,
-                batch_size: int = 100, sound: bool = True, curve: Sequence[float] = CURVE,
+                batch_size: int = 100, sound: Union[bool, str] = True, curve: Sequence[float] = CURVE,
                 device: str = "auto", smoothing: Sequence[float] = (), smoothing_n: int = 100_000,
                 geometric: bool = False, progress: bool = False, protocol: Optional[str] = None) -> Dict:
     """Certify the model at ``path`` on the test set; writes the reports to ``out_dir`` and returns
@@ -171,7 +171,8 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
                                     batch_size=batch_size, backend=config.backend, device=dev, sound=sound,
                                     progress=progress)
     evaluation = run(eps, pgd_steps)
-    summary = {"model": path, "method": method, "sound": sound, "eps": eps, "images": n, "first_image": first,
+    precision = {True: "fp64", False: "fp32 (not sound)", "fp64": "fp64", "fp32": "fp32 (rounding bounded)"}.get(sound)
+    summary = {"model": path, "method": method, "sound": sound is not False, "precision": precision, "eps": eps, "images": n, "first_image": first,
                **evaluation.summary(),
                "seconds_per_image": {k: v / n for k, v in evaluation.seconds.items()}, "reports": out_dir}
     write_per_sample(evaluation, test.labels, os.path.join(out_dir, "per_sample.csv"))
@@ -230,7 +231,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="report folder (default: RUN_DIR/certify-METHOD)")
     parser.add_argument("--pgd-steps", type=integer_type(0), default=20)
     parser.add_argument("--batch-size", type=integer_type(1), default=100)
-    parser.add_argument("--fast", action="store_true", help="certify in fp32 (no TF32) instead of fp64")
+    parser.add_argument("--sound", choices=("fp64", "fp32"), help="the certifier's arithmetic: fp64 (the default) "
+                        "or fp32 with every rounding error bounded (certificates for the float32 weights)")
+    parser.add_argument("--fast", action="store_true", help="fp32 without accounting for rounding (not a "
+                        "certificate; quick estimates)")
     parser.add_argument("--no-curve", action="store_true", help="skip certified accuracy at fractions of eps")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--smoothing", default="", help="randomized smoothing sigmas, e.g. 0.25,0.5")
@@ -240,17 +244,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _sound(args: argparse.Namespace) -> Union[bool, str]:
+    if args.fast and args.sound:
+        raise ConfigError(f"--fast and --sound {args.sound} contradict each other; give one of them")
+    return False if args.fast else (args.sound or "fp64")
+
+
 def run_from_args(args: argparse.Namespace) -> Dict:
     sigmas = number_list(args.smoothing, "--smoothing")
     eps = parse_norms(args.norms) if args.norms is not None else None
     method = args.method or (PAPER_METHOD if args.protocol == "paper" else "ibp")
     summary = certify_run(args.model, eps, method, args.limit, args.data_root, args.out,
-                          args.pgd_steps, args.batch_size, not args.fast, () if args.no_curve else CURVE,
+                          args.pgd_steps, args.batch_size, _sound(args), () if args.no_curve else CURVE,
                           args.device, sigmas, args.smoothing_n, args.geometric, progress=not args.no_progress,
                           protocol=args.protocol)
     print(format_table({method: summary}, caption=caption(summary)))
     times = ", ".join(f"{k} {1e3 * v:.2f} ms" for k, v in summary["seconds_per_image"].items())
-    print(f"time per image: {times}  ({'fp64, sound' if summary['sound'] else 'fp32'})")
+    print(f"time per image: {times}  ({summary['precision']})")
     if "smoothing" in summary:
         from .smoothing import format_smoothing
         print(format_smoothing(summary["smoothing"]))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..engine import BoundedModule
+from ..engine.crown import crown_margins
 from ..config import make_spec
 from ..ops import policy as backends
 from ..reporting import NORM_NAMES
@@ -19,6 +20,14 @@ from ..training.attacks import pgd_batched
 from ..training.objectives import certified
 
 CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")  # cheapest first: the cascade order
+PRECISIONS = {"fp64": "fp64", "fp32": "fp32", True: "fp64", False: "off"}
+"""``sound`` -> the certifier's arithmetic: float64, float32 with rounding errors bounded, plain fp32."""
+
+
+def _precision(sound: Union[bool, str]) -> str:
+    if not (isinstance(sound, bool) or sound in ("fp64", "fp32")):
+        raise ValueError(f"sound={sound!r}; one of True (fp64), 'fp64', 'fp32' (sound float32), False (not sound)")
+    return PRECISIONS[sound]
 
 
 @dataclass
@@ -55,13 +64,16 @@ def _misclassification(model: nn.Module, y: Tensor):
 
 def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, float], method: str = "ibp",
              pgd_steps: int = 20, pgd_restarts: int = 1, batch_size: int = 500, backend: Optional[str] = None,
-             device: Optional[torch.device] = None, sound: bool = False, progress: bool = False) -> Evaluation:
+             device: Optional[torch.device] = None, sound: Union[bool, str] = False,
+             progress: bool = False) -> Evaluation:
     """Evaluate ``model`` (in eval mode) on images (N, C, H, W) in [0, 1] (uint8 bytes or float) and
     labels (N,), for the input sets ``eps`` = {"inf": eps_inf, "2": eps_2} (either may be absent).
 
     Certification is a cascade: IBP first, then each stronger method up to ``method`` only on the
     correctly classified samples still uncertified (order: ibp, crown-ibp, crown, alpha-crown).
-    ``sound``: certify in float64 (a float64 copy of the model); otherwise fp32 without TF32.
+    ``sound``: ``True`` / ``"fp64"``: certify in float64 (a float64 copy of the model); ``"fp32"``: in
+    float32 with every rounding error bounded (sound, the model's float32 weights); ``False``: fp32
+    without TF32 (rounding not accounted for: not a certificate).
     ``progress``: a progress bar on stderr (images done, certified so far per norm, time left).
     """
     if method not in CERTIFIERS:
@@ -73,21 +85,22 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    certifier = copy.deepcopy(model).double() if sound else model
+    precision = _precision(sound)
+    certifier = copy.deepcopy(model).double() if precision == "fp64" else model
     bm = BoundedModule(certifier, backend=backend)
     cascade = CERTIFIERS[: CERTIFIERS.index(method) + 1]
     norms = list(eps)
     parts = {"correct": [], **{f"{k}_{n}": [] for n in norms for k in ("pgd", "cert", "margin", "by")}}
     seconds = dict.fromkeys(("pgd",) + cascade, 0.0)
     bar = tqdm(total=len(labels), unit="img", disable=not progress, leave=False, dynamic_ncols=True,
-               desc=f"certify ({method})" if sound else f"evaluate ({method})")
+               desc=f"certify ({method})" if precision != "off" else f"evaluate ({method})")
     try:
         with backends.library_tf32(False):  # certificates need IEEE fp32 products
             for start in range(0, len(labels), batch_size):
                 x = images[start:start + batch_size].to(device)
                 x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
                 y = labels[start:start + batch_size].to(device)
-                _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, parts, seconds)
+                _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, parts, seconds, precision)
                 bar.update(len(y))
                 bar.set_postfix_str(", ".join(
                     f"certified {NORM_NAMES.get(n, n)} {int(sum(c.sum() for c in parts[f'cert_{n}']))}" for n in norms))
@@ -107,7 +120,7 @@ def _timed(seconds: Dict[str, float], key: str, fn, *args, **kwargs):
     return result
 
 
-def _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, parts, seconds) -> None:
+def _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, parts, seconds, precision) -> None:
     norms = list(eps)
     specs = [make_spec(n, eps[n]) for n in norms]
     with torch.no_grad():
@@ -119,16 +132,20 @@ def _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, part
         for norm, point in zip(norms, points):
             parts[f"pgd_{norm}"].append(correct & (objective(point) < 0))
     x_cert = x.to(next(bm.parameters()).dtype)
+    sound = {"fp64": True, "fp32": "fp32", "off": False}[precision]
     with torch.no_grad():
-        out = _timed(seconds, "ibp", bm.propagate, x_cert, specs, y)
-    for norm, spec, margins in zip(norms, specs, out.margins):
+        if precision == "fp32":  # IBP with every float32 rounding error bounded, per input set
+            ibp = [_timed(seconds, "ibp", crown_margins, bm, x_cert, y, spec, "ibp", sound="fp32") for spec in specs]
+        else:
+            ibp = _timed(seconds, "ibp", bm.propagate, x_cert, specs, y).margins
+    for norm, spec, margins in zip(norms, specs, ibp):
         margins = margins.clone()
         by = ["ibp" if ok else "" for ok in certified(margins, y).tolist()]
         for method in cascade[1:]:
             todo = (correct & ~certified(margins, y)).nonzero()[:, 0]
             if len(todo) == 0:
                 break
-            stronger = _timed(seconds, method, bm.margins, x_cert[todo], y[todo], spec, method=method)
+            stronger = _timed(seconds, method, bm.margins, x_cert[todo], y[todo], spec, method=method, sound=sound)
             margins[todo] = torch.maximum(margins[todo], stronger.to(margins.dtype))
             for i in todo[certified(margins[todo], y[todo])].tolist():
                 by[i] = method

@@ -28,11 +28,14 @@ Methods (``method=``):
   the adaptive slopes), so where the intersection changed any bound, pure CROWN (the same passes
   without the intersection, from the first layer it changed) is run too and the final bound is the
   larger of the two: never looser than pure CROWN.
-- ``"alpha-crown"`` (α-CROWN, final layer): CROWN's pre-activation bounds; the lower slopes α of
-  every ReLU, one per neuron *and per margin row*, are optimized for the final bound by Adam
-  (``alpha_steps`` steps, learning rate ``alpha_lr`` decaying by 2% a step) from CROWN's choice, clamped to ``[0, 1]`` after
-  each step; the best bound seen per row is kept and compared with pure CROWN's, so it is never
-  looser than CROWN. The intermediate bounds are not re-optimized.
+- ``"alpha-crown"`` (α-CROWN): the lower slopes α of every ReLU are optimized by projected Adam
+  (``alpha_steps`` steps, learning rate ``alpha_lr`` decaying by 2% a step, clamped to ``[0, 1]``
+  after each) from CROWN's choice, one per unstable neuron *and per row of every backward pass*: the
+  margin rows, and (``alpha_intermediate``, the default) the rows that bound each pre-activation,
+  which every step recomputes with their own slopes and intersects with the tightest bounds so far
+  (every bound of every step is sound, whatever the slopes). The objective is the sum of the margin
+  bounds; the best bound seen per row is kept and compared with pure CROWN's, so it is never looser
+  than CROWN. ``alpha_intermediate=False``: CROWN's pre-activation bounds, final slopes only.
 
 Every method returns the elementwise maximum of its bound and IBP's folded margin (both are sound).
 
@@ -59,23 +62,20 @@ state and the autograd graph per row).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..specs import Ball, L1Ball, L2Ball, LinfBall
-from . import rounding
+from . import passes, rounding
 from .inputs import InputSet, SoundInputSet
 from .layers import Layer, Operator
-from .layers.activation import Relaxation
+from .passes import Interval
 from .rounding import round_down
-from .window import Window
 
 BoundedModule = nn.Module  # annotations only: the engine's BoundedModule calls into this module, not back
 
-Interval = Tuple[Tensor, Tensor]
 Spec = Union[LinfBall, L2Ball, L1Ball]
 
 METHODS = ("crown-ibp", "crown", "alpha-crown")
@@ -94,172 +94,6 @@ def _operators(layers: List[Layer], x: Tensor) -> Tuple[List[Optional[Operator]]
     return ops, shapes
 
 
-@dataclass
-class _Problem:
-    """The network's layers and operators, the input set and the IBP propagation, in the working dtype."""
-    layers: List[Layer]
-    ops: List[Optional[Operator]]
-    shapes: List[torch.Size]
-    inputs: Union[InputSet, SoundInputSet]
-    propagation: object  # a BoundedModule's Propagation, or a rounding.SoundPropagation
-    max_rows: int
-    arithmetic: rounding.Arithmetic
-    dtype: torch.dtype  # the working dtype
-
-
-@dataclass
-class _Chain:
-    """The relaxation of every activation and its pre-activation bounds, keyed by layer index;
-    ``weights``: the error weights of every layer (sound float32 mode, :mod:`.rounding`); ``folds``:
-    per layer, the weights of it and of the layers below it that a pass through it charges at once,
-    and those layers; ``diverged``: the first activation whose bounds the intersection with IBP
-    changed (None: none)."""
-    relaxations: Dict[int, Relaxation]
-    bounds: Dict[int, Interval]
-    weights: Dict[int, Tensor] = field(default_factory=dict)
-    folds: Dict[int, Tuple[Tensor, FrozenSet[int]]] = field(default_factory=dict)
-    diverged: Optional[int] = None
-
-
-def _as_chain(chain: Union[_Chain, Dict[int, Relaxation]]) -> _Chain:
-    """A chain, or a plain dict of relaxations (no error weights: working-dtype arithmetic)."""
-    return chain if isinstance(chain, _Chain) else _Chain(chain, {})
-
-
-def _charge(chain: _Chain, i: int, skip: FrozenSet[int]) -> Tuple[Optional[Tensor], FrozenSet[int]]:
-    """The error weights charged at step i of a backward pass, and the steps below already charged."""
-    if i in chain.folds:
-        weights, folded = chain.folds[i]
-        return weights, skip | folded
-    return (None if i in skip else chain.weights.get(i)), skip
-
-
-def _backward(problem: _Problem, chain: _Chain, end: int, A: Tensor, rows: Tensor,
-              alphas: Optional[Dict[int, Tensor]] = None, bias: Optional[Tensor] = None, start: int = 0,
-              skip: FrozenSet[int] = frozenset()) -> Tensor:
-    """Lower bounds of ``A h + bias`` over the input set, h the output of layer ``end - 1``; with
-    ``start > 0`` over the interval bounds on the input of layer ``start`` instead.
-
-    A (N, *shape of h), rows (N,) the sample of each row, alphas per ReLU layer (N, *shape) or None,
-    bias (N,) or None -> (N,); ``skip``: steps whose errors are already charged.
-    """
-    arithmetic, chain = problem.arithmetic, _as_chain(chain)
-    bias = arithmetic.zeros(A) if bias is None else bias
-    for i in reversed(range(start, end)):
-        before = A
-        if problem.ops[i] is None:
-            A, term = chain.relaxations[i].back(A, rows, None if alphas is None else alphas[i])
-        else:
-            A, term = problem.ops[i].back(A)
-        weights, skip = _charge(chain, i, skip)
-        bias = arithmetic.add(bias, term, before, weights, rows)
-    inputs = problem.inputs if start == 0 else SoundInputSet(box=problem.propagation.input_bounds(0, start))
-    return inputs.minimum(A, bias, rows)
-
-
-def _window_backward(problem: _Problem, chain: _Chain, end: int, window: Window, rows: Tensor) -> Tensor:
-    """Lower bounds of the window coefficients times the output of layer ``end - 1`` (a (C, H, W) map)
-    over the input set: windows through the local layers (convolutions, per-channel affines, ReLUs,
-    identities), then whole maps from the first other layer on. rows (N,) -> (N,)."""
-    bias, skip = problem.arithmetic.zeros(window.A), frozenset()
-    height, width = problem.shapes[end][1:]
-    while end > 0 and (problem.ops[end - 1] is None or problem.ops[end - 1].local):
-        op, before = problem.ops[end - 1], window
-        window, term = chain.relaxations[end - 1].back_window(window, rows) if op is None else op.back_window(window)
-        height, width = problem.shapes[end - 1][1:]  # the layer's input map
-        weights, skip = _charge(chain, end - 1, skip)
-        bias = problem.arithmetic.add(bias, term, before, weights, rows)
-        end -= 1
-    if end == 0:
-        return problem.inputs.minimum(window, bias, rows)
-    return _backward(problem, chain, end, window.dense(height, width), rows, bias=bias, skip=skip)
-
-
-def _chunks(n: int, size: int) -> List[slice]:
-    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-def _ibp_is_exact(ops: List[Optional[Operator]]) -> bool:
-    """Whether IBP's bounds after these layers are exact: one Linear on a flat input or Conv2d, and
-    otherwise per-channel affines and reshapes (no activation, no pooling)."""
-    kinds = ["inexact" if op is None else op.ibp for op in ops]
-    return "inexact" not in kinds and kinds.count("affine") <= 1
-
-
-def _unit_bound(problem: _Problem, chain: _Chain, end: int, neurons: Tensor, signs: Tensor, rows: Tensor) -> Tensor:
-    """Lower bounds of ``sign * h[neuron]`` for the neurons (N,) of the output h of layer ``end - 1``,
-    signs (N,) ±1, of samples rows (N,) -> (N,); on windows when h is a (C, H, W) map."""
-    shape, chain = problem.shapes[end], _as_chain(chain)
-    n = neurons.shape[0]
-    if len(shape) == 3:
-        _, height, width = shape
-        A = signs.new_zeros(n, shape[0], 1, 1)
-        A[torch.arange(n, device=A.device), neurons // (height * width), 0, 0] = signs
-        window = Window(A, (neurons // width) % height, neurons % width)
-        return _window_backward(problem, chain, end, window, rows)
-    A = signs.new_zeros(n, shape.numel())
-    A[torch.arange(n, device=A.device), neurons] = signs
-    return _backward(problem, chain, end, A.view((n,) + shape), rows)
-
-
-def _crown_bounds(problem: _Problem, chain: _Chain, end: int, lower: Tensor, upper: Tensor,
-                  intersect: bool = True) -> Tuple[Tensor, Tensor, bool]:
-    """CROWN bounds on the output of layer ``end - 1`` for the neurons unstable under ``lower``, ``upper``
-    (B, *shape), intersected with them (or in their place); returns the new ``(lower, upper)`` and
-    whether the intersection made any of them tighter than CROWN's own."""
-    l, u = lower.flatten(1).clone(), upper.flatten(1).clone()
-    sample, neuron = ((l < 0) & (u > 0)).nonzero(as_tuple=True)
-    count = sample.numel()
-    rows, neurons = sample.repeat(2), neuron.repeat(2)
-    signs = torch.cat([l.new_ones(count), -l.new_ones(count)])
-    values = []
-    for part in _chunks(2 * count, problem.max_rows):
-        values.append(_unit_bound(problem, chain, end, neurons[part], signs[part], rows[part]))
-    values = round_down(torch.cat(values), l.dtype) if values else l.new_zeros(0)
-    low, high = values[:count], -values[count:]
-    changed = intersect and bool((l[sample, neuron] > low).any() or (u[sample, neuron] < high).any())
-    if intersect:
-        low, high = torch.maximum(l[sample, neuron], low), torch.minimum(u[sample, neuron], high)
-    l[sample, neuron], u[sample, neuron] = low, high
-    return l.view_as(lower), torch.maximum(u, l).view_as(upper), changed
-
-
-def _relaxations(problem: _Problem, crown: bool, intersect: bool = True, reuse: Optional[_Chain] = None) -> _Chain:
-    """The relaxations from IBP's bounds (``crown=False``) or CROWN's, layer by layer, intersected
-    with IBP's (``intersect``; from the earlier, tightened bounds) or not (pure CROWN). ``reuse``:
-    a chain whose entries before its ``diverged`` layer are the same here."""
-    weights = problem.arithmetic.weights if reuse is None else reuse.weights
-    folds = problem.arithmetic.folds(weights, 0) if reuse is None else reuse.folds
-    chain = _Chain({}, {}, dict(weights), dict(folds))
-    previous: Optional[Tuple[int, Interval]] = None
-    for i, op in enumerate(problem.ops):
-        if op is not None:
-            continue
-        if reuse is not None and reuse.diverged is not None and i < reuse.diverged:
-            chain.relaxations[i], chain.bounds[i] = reuse.relaxations[i], reuse.bounds[i]
-            previous = (i, reuse.bounds[i])
-            continue
-        lower, upper = problem.propagation.input_bounds(0, i)
-        changed = False
-        if crown:
-            if previous is not None and intersect:
-                low, high = problem.arithmetic.forward(previous[0] + 1, i, previous[1])
-                changed = bool((low > lower).any() or (high < upper).any())
-                lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
-                upper = torch.maximum(upper, lower)
-            if not _ibp_is_exact(problem.ops[:i]):
-                lower, upper, tightened = _crown_bounds(problem, chain, i, lower, upper, intersect)
-                changed = changed or tightened
-            previous = (i, (lower, upper))
-        if changed and chain.diverged is None:
-            chain.diverged = i
-        chain.relaxations[i] = problem.arithmetic.relaxation(problem.layers[i], lower, upper)
-        chain.bounds[i] = (lower, upper)
-        chain.weights.update(problem.arithmetic.chain_weights(i, lower, upper, chain.relaxations[i]))
-        chain.folds.update(problem.arithmetic.folds(chain.weights, i + 1))
-    return chain
-
-
 def _specification(y: Tensor, classes: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
     """Rows ``e_y - e_j`` for every sample and every ``j != y``: C (B*(K-1), K), their samples
     (B*(K-1),), and the mask (B, K) of the entries ``j != y``."""
@@ -269,42 +103,48 @@ def _specification(y: Tensor, classes: int, dtype: torch.dtype) -> Tuple[Tensor,
     return C, mask.nonzero()[:, 0], mask
 
 
-def _linear_bound(problem: _Problem, chain: _Chain, C: Tensor, rows: Tensor, start: int = 0) -> Tensor:
-    """Lower bounds of ``C z`` (z the output) with the fixed relaxations; C (N, K), rows (N,) -> (N,)
-    (from the interval bounds on the input of layer ``start`` when > 0)."""
-    end, chain = len(problem.ops), _as_chain(chain)
-    return torch.cat([_backward(problem, chain, end, C[part], rows[part], start=start)
-                      for part in _chunks(C.shape[0], problem.max_rows)])
-
-
-def _optimized_bound(problem: _Problem, chain: _Chain, C: Tensor, rows: Tensor, steps: int, lr: float) -> Tensor:
+def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, steps: int, lr: float,
+                     intermediate: bool) -> Tensor:
     """α-CROWN lower bounds of ``C z``: C (N, K), rows (N,) -> (N,), never below the fixed-slope bound."""
     if steps == 0 or not any(r.unstable.any() for r in chain.relaxations.values()):
-        return _linear_bound(problem, chain, C, rows)
+        return passes.linear_bound(problem, chain, C, rows)
+    if intermediate:
+        return _optimize(problem, chain, C, rows, steps, lr, True)
     size = max(1, problem.max_rows // 8)
-    return torch.cat([_optimize_part(problem, chain, C[part], rows[part], steps, lr)
-                      for part in _chunks(C.shape[0], size)])
+    return torch.cat([_optimize(problem, chain, C[part], rows[part], steps, lr, False)
+                      for part in passes.chunks(C.shape[0], size)])
 
 
-def _optimize_part(problem: _Problem, chain: _Chain, C: Tensor, rows: Tensor, steps: int, lr: float) -> Tensor:
-    """Projected Adam on the lower slopes α (one per neuron and row) from CROWN's choice; best bound per row."""
-    end = len(problem.ops)
-    alphas = {i: r.lower[rows].clone().requires_grad_(True) for i, r in chain.relaxations.items()}
-    optimizer = torch.optim.Adam(list(alphas.values()), lr=lr)
-    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, ALPHA_LR_DECAY)
-    best = None
-    with torch.enable_grad():
-        for _ in range(steps):
-            value = _backward(problem, chain, end, C, rows, alphas)
-            best = value.detach() if best is None else torch.fmax(best, value.detach())  # NaN: no bound
-            optimizer.zero_grad(set_to_none=True)
-            (-value.sum()).backward()
+def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, steps: int, lr: float,
+              intermediate: bool) -> Tensor:
+    """Projected Adam on the lower slopes α from CROWN's choice, one per unstable neuron and row of
+    every pass: the rows of C, and with ``intermediate`` also the rows of every CROWN-computed
+    pre-activation bound, recomputed at each step (kept when tighter); the best bound per row of C."""
+    end, slopes = len(problem.ops), passes.Slopes()
+    tightest = passes.Chain(dict(chain.relaxations), dict(chain.bounds))
+    parts = passes.chunks(C.shape[0], max(1, problem.max_rows // 8))
+    best, optimizer, schedule = None, None, None
+    for step in range(steps + 1):
+        training = step < steps
+        with torch.set_grad_enabled(training):
+            current = passes.optimized_chain(problem, tightest, slopes.view("pre")) if intermediate else chain
+            values = []
+            for k, part in enumerate(parts):
+                value = passes.backward(problem, current, end, C[part], rows[part], slopes.view("final", k))
+                if training:
+                    (-value.sum()).backward(retain_graph=intermediate and k < len(parts) - 1)
+                values.append(value.detach())
+        value = torch.cat(values)
+        best = value if best is None else torch.fmax(best, value)  # NaN: no bound
+        if training:
+            if optimizer is None:
+                optimizer = torch.optim.Adam(slopes.parameters(), lr=lr)
+                schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, ALPHA_LR_DECAY)
             optimizer.step()
             schedule.step()
-            with torch.no_grad():
-                for i, alpha in alphas.items():
-                    alpha.clamp_(*chain.relaxations[i].alpha_range)
-    return torch.fmax(best, _backward(problem, chain, end, C, rows, alphas))
+            optimizer.zero_grad(set_to_none=True)
+            slopes.clamp()
+    return best
 
 
 def _mode(sound: Union[bool, str]) -> Optional[str]:
@@ -328,7 +168,7 @@ def _float32(model: nn.Module) -> nn.Module:
 
 
 def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec, sound: Union[bool, str],
-             max_rows: Optional[int]) -> _Problem:
+             max_rows: Optional[int]) -> passes.Problem:
     if not (callable(getattr(bounded, "propagate", None)) and hasattr(bounded, "layers")):
         raise TypeError(f"expected a BoundedModule, got {type(bounded).__name__}")
     if not isinstance(spec, Ball):
@@ -352,26 +192,26 @@ def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec,
     rows = max_rows or max(1, ROW_BUDGET_BYTES // (widest * x.element_size()))
     if mode != "fp32":
         arithmetic = rounding.Arithmetic(bounded.layers, ops)
-        return _Problem(bounded.layers, ops, shapes, InputSet(spec, x), propagation, rows, arithmetic, x.dtype)
+        return passes.Problem(bounded.layers, ops, shapes, InputSet(spec, x), propagation, rows, arithmetic, x.dtype)
     inputs = SoundInputSet(spec, given)
     arithmetic = rounding.Float32(bounded.layers, ops)
     spec_start = len(ops) if bounded.spec_layer is None else bounded.spec_layer
     propagation = arithmetic.propagate(inputs.box, inputs.ball, spec_start)
-    return _Problem(bounded.layers, ops, shapes, inputs, propagation, rows, arithmetic, x.dtype)
+    return passes.Problem(bounded.layers, ops, shapes, inputs, propagation, rows, arithmetic, x.dtype)
 
 
-def _ibp_margins(problem: _Problem, chain: _Chain, C: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
+def _ibp_margins(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
     """IBP's margins off the labels (N,): the folded last layer (float32 mode: a backward pass from the
     layer the specification folds into, over its input's sound interval)."""
     if problem.propagation.margins is not None:
         return problem.propagation.margins[0][mask]
-    return _linear_bound(problem, chain, C, rows, start=problem.propagation.spec_start)
+    return passes.linear_bound(problem, chain, C, rows, start=problem.propagation.spec_start)
 
 
 @torch.no_grad()
 def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, method: str = "crown",
                   alpha_steps: int = 20, alpha_lr: float = 0.5, sound: Union[bool, str] = True,
-                  max_rows: Optional[int] = None) -> Tensor:
+                  max_rows: Optional[int] = None, alpha_intermediate: bool = True) -> Tensor:
     """Lower bounds on the margins ``z_y - z_j`` over ``spec`` around x by a CROWN-family method.
 
     Args:
@@ -379,31 +219,36 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         x: inputs (B, ...), inside the spec's domain.
         y: labels (B,) int.
         spec: a LinfBall, L2Ball or L1Ball (float or per-sample (B,) eps).
-        method: ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"`` (see the module docstring).
+        method: ``"crown-ibp"``, ``"crown"`` or ``"alpha-crown"`` (see the module docstring), or
+            ``"ibp"`` (IBP's margins in the ``sound`` mode).
         alpha_steps: Adam steps of α-CROWN.
         alpha_lr: Adam's initial learning rate in α-CROWN (decayed by ``ALPHA_LR_DECAY`` per step).
         sound: ``True`` / ``"fp64"``: float64 (a certificate); ``"fp32"``: float32 with a rigorous
             bound on every rounding error (a certificate, for a float32 model); ``False``: the model's
             dtype (not a certificate).
         max_rows: rows per backward pass (memory); None for the default budget.
+        alpha_intermediate: α-CROWN also optimizes the slopes of the passes that bound the
+            pre-activations (every step recomputes them; slower, tighter); False: the final pass only.
     Returns:
         (B, K) in x's dtype, exactly 0 at ``j = y``; every entry off ``y`` > 0 certifies the sample.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in ("ibp",) + METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of ibp, {', '.join(METHODS)}")
     if isinstance(alpha_steps, bool) or not isinstance(alpha_steps, int) or alpha_steps < 0:
         raise ValueError(f"alpha_steps must be a non-negative int, got {alpha_steps!r}")
     with rounding.strict(_mode(sound) == "fp32"):
         problem = _problem(bounded, x, y, spec, sound, max_rows)
-        chain = _relaxations(problem, crown=method != "crown-ibp")
+        chain = passes.relaxations(problem, crown=method in ("crown", "alpha-crown"))
         C, rows, mask = _specification(y.long(), problem.shapes[-1][0], problem.dtype)
-        if method == "alpha-crown":
-            values = _optimized_bound(problem, chain, C, rows, alpha_steps, alpha_lr)
+        if method == "ibp":
+            values = C.new_full(rows.shape, -float("inf"))
+        elif method == "alpha-crown":
+            values = _optimized_bound(problem, chain, C, rows, alpha_steps, alpha_lr, alpha_intermediate)
         else:
-            values = _linear_bound(problem, chain, C, rows)
-        if method != "crown-ibp" and chain.diverged is not None:  # never looser than pure CROWN
-            pure = _relaxations(problem, crown=True, intersect=False, reuse=chain)
-            values = torch.maximum(values, _linear_bound(problem, pure, C, rows))
+            values = passes.linear_bound(problem, chain, C, rows)
+        if method in ("crown", "alpha-crown") and chain.diverged is not None:  # never looser than pure CROWN
+            pure = passes.relaxations(problem, crown=True, intersect=False, reuse=chain)
+            values = torch.maximum(values, passes.linear_bound(problem, pure, C, rows))
         values = torch.maximum(values, _ibp_margins(problem, chain, C, rows, mask))
     margins = values.new_zeros(mask.shape)
     margins[mask] = values
@@ -422,5 +267,5 @@ def preactivation_bounds(bounded: BoundedModule, x: Tensor, spec: Spec, method: 
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     with rounding.strict(_mode(sound) == "fp32"):
         problem = _problem(bounded, x, None, spec, sound, max_rows)
-        bounds = _relaxations(problem, crown=method != "crown-ibp").bounds
+        bounds = passes.relaxations(problem, crown=method != "crown-ibp").bounds
     return [(round_down(lower, x.dtype), -round_down(-upper, x.dtype)) for lower, upper in bounds.values()]

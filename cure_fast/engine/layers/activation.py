@@ -83,9 +83,12 @@ class Relaxation:
             lower = torch.where(self.unstable[rows], alpha, lower)
         return self._step(A, lower, upper, offset)
 
-    def back_window(self, window: Window, rows: Tensor) -> Tuple[Window, Tensor]:
-        """:meth:`back` on windows of a (C, H, W) map."""
-        A, bias = self._step(window.A, *window.take(self.packed, rows).unbind(-1))
+    def back_window(self, window: Window, rows: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Window, Tensor]:
+        """:meth:`back` on windows of a (C, H, W) map; ``alpha`` window-shaped (N, C, h, w)."""
+        lower, upper, offset = window.take(self.packed, rows).unbind(-1)
+        if alpha is not None:
+            lower = torch.where(window.take(self.unstable, rows), alpha, lower)
+        A, bias = self._step(window.A, lower, upper, offset)
         return window.with_A(A), bias
 
 

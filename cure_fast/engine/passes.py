@@ -1,0 +1,265 @@
+"""Backward linear bound passes of the CROWN family (docs/design.md, "Linear relaxation"): the
+problem (layers, operators, input set, IBP), the chain of activation relaxations and their
+pre-activation bounds, passes over dense coefficients and over windows, and α-CROWN's slopes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import rounding
+from .inputs import InputSet, SoundInputSet
+from .layers import Layer, Operator
+from .layers.activation import Relaxation
+from .rounding import round_down
+from .window import Window
+
+Interval = Tuple[Tensor, Tensor]
+
+
+@dataclass
+class Problem:
+    """The network's layers and operators, the input set and the IBP propagation, in the working dtype."""
+    layers: List[Layer]
+    ops: List[Optional[Operator]]
+    shapes: List[torch.Size]
+    inputs: Union[InputSet, SoundInputSet]
+    propagation: object  # a BoundedModule's Propagation, or a rounding.SoundPropagation
+    max_rows: int
+    arithmetic: rounding.Arithmetic
+    dtype: torch.dtype  # the working dtype
+
+
+@dataclass
+class Chain:
+    """The relaxation of every activation and its pre-activation bounds, keyed by layer index;
+    ``weights``: the error weights of every layer (sound float32 mode, :mod:`.rounding`); ``folds``:
+    per layer, the weights of it and of the layers below it that a pass through it charges at once,
+    and those layers; ``diverged``: the first activation whose bounds the intersection with IBP
+    changed (None: none)."""
+    relaxations: Dict[int, Relaxation]
+    bounds: Dict[int, Interval]
+    weights: Dict[int, Tensor] = field(default_factory=dict)
+    folds: Dict[int, Tuple[Tensor, FrozenSet[int]]] = field(default_factory=dict)
+    diverged: Optional[int] = None
+
+
+class Slopes:
+    """α-CROWN's lower slopes of the unstable neurons, one tensor per backward pass and activation:
+    (N, *shape) on a dense step, window-shaped (N, C, h, w) on a window step. A tensor is made on
+    first use from the relaxation's own slopes (so the first pass is CROWN's); ``view(key)`` gives the
+    slopes of one pass (a chunk of rows), sharing the table."""
+
+    def __init__(self, table: Optional[Dict[tuple, Tuple[Tensor, Tuple[float, float]]]] = None, key: tuple = ()):
+        self.table = {} if table is None else table
+        self.key = key
+
+    def view(self, *key) -> "Slopes":
+        return Slopes(self.table, self.key + key)
+
+    def dense(self, i: int, relaxation: Relaxation, rows: Tensor) -> Tensor:
+        return self._get(i, relaxation, lambda: relaxation.lower[rows])
+
+    def window(self, i: int, relaxation: Relaxation, window: Window, rows: Tensor) -> Tensor:
+        return self._get(i, relaxation, lambda: window.take(relaxation.lower, rows))
+
+    def _get(self, i: int, relaxation: Relaxation, initial) -> Tensor:
+        key = self.key + (i,)
+        if key not in self.table:
+            self.table[key] = (initial().detach().clone().requires_grad_(True), relaxation.alpha_range)
+        return self.table[key][0]
+
+    def parameters(self) -> List[Tensor]:
+        return [alpha for alpha, _ in self.table.values()]
+
+    @torch.no_grad()
+    def clamp(self) -> None:
+        """Each slope back into its activation's sound range."""
+        for alpha, (low, high) in self.table.values():
+            alpha.clamp_(low, high)
+
+
+def as_chain(chain: Union[Chain, Dict[int, Relaxation]]) -> Chain:
+    """A chain, or a plain dict of relaxations (no error weights: working-dtype arithmetic)."""
+    return chain if isinstance(chain, Chain) else Chain(chain, {})
+
+
+def _charge(chain: Chain, i: int, skip: FrozenSet[int]) -> Tuple[Optional[Tensor], FrozenSet[int]]:
+    """The error weights charged at step i of a backward pass, and the steps below already charged."""
+    if i in chain.folds:
+        weights, folded = chain.folds[i]
+        return weights, skip | folded
+    return (None if i in skip else chain.weights.get(i)), skip
+
+
+def backward(problem: Problem, chain: Chain, end: int, A: Tensor, rows: Tensor,
+             slopes: Optional[Slopes] = None, bias: Optional[Tensor] = None, start: int = 0,
+             skip: FrozenSet[int] = frozenset()) -> Tensor:
+    """Lower bounds of ``A h + bias`` over the input set, h the output of layer ``end - 1``; with
+    ``start > 0`` over the interval bounds on the input of layer ``start`` instead.
+
+    A (N, *shape of h), rows (N,) the sample of each row, bias (N,) or None -> (N,); ``slopes``: the
+    lower slopes of unstable neurons (α-CROWN; None: the relaxations' own); ``skip``: steps whose
+    errors are already charged.
+    """
+    arithmetic, chain = problem.arithmetic, as_chain(chain)
+    bias = arithmetic.zeros(A) if bias is None else bias
+    for i in reversed(range(start, end)):
+        before = A
+        if problem.ops[i] is None:
+            relaxation = chain.relaxations[i]
+            A, term = relaxation.back(A, rows, None if slopes is None else slopes.dense(i, relaxation, rows))
+        else:
+            A, term = problem.ops[i].back(A)
+        weights, skip = _charge(chain, i, skip)
+        bias = arithmetic.add(bias, term, before, weights, rows)
+    inputs = problem.inputs if start == 0 else SoundInputSet(box=problem.propagation.input_bounds(0, start))
+    return inputs.minimum(A, bias, rows)
+
+
+def window_backward(problem: Problem, chain: Chain, end: int, window: Window, rows: Tensor,
+                    slopes: Optional[Slopes] = None) -> Tensor:
+    """Lower bounds of the window coefficients times the output of layer ``end - 1`` (a (C, H, W) map)
+    over the input set: windows through the local layers (convolutions, per-channel affines, ReLUs,
+    identities), then whole maps from the first other layer on. rows (N,) -> (N,)."""
+    bias, skip = problem.arithmetic.zeros(window.A), frozenset()
+    height, width = problem.shapes[end][1:]
+    while end > 0 and (problem.ops[end - 1] is None or problem.ops[end - 1].local):
+        op, before = problem.ops[end - 1], window
+        if op is None:
+            relaxation = chain.relaxations[end - 1]
+            alpha = None if slopes is None else slopes.window(end - 1, relaxation, window, rows)
+            window, term = relaxation.back_window(window, rows, alpha)
+        else:
+            window, term = op.back_window(window)
+        height, width = problem.shapes[end - 1][1:]  # the layer's input map
+        weights, skip = _charge(chain, end - 1, skip)
+        bias = problem.arithmetic.add(bias, term, before, weights, rows)
+        end -= 1
+    if end == 0:
+        return problem.inputs.minimum(window, bias, rows)
+    return backward(problem, chain, end, window.dense(height, width), rows, slopes, bias=bias, skip=skip)
+
+
+def chunks(n: int, size: int) -> List[slice]:
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _ibp_is_exact(ops: List[Optional[Operator]]) -> bool:
+    """Whether IBP's bounds after these layers are exact: one Linear on a flat input or Conv2d, and
+    otherwise per-channel affines and reshapes (no activation, no pooling)."""
+    kinds = ["inexact" if op is None else op.ibp for op in ops]
+    return "inexact" not in kinds and kinds.count("affine") <= 1
+
+
+def unit_bound(problem: Problem, chain: Chain, end: int, neurons: Tensor, signs: Tensor, rows: Tensor,
+               slopes: Optional[Slopes] = None) -> Tensor:
+    """Lower bounds of ``sign * h[neuron]`` for the neurons (N,) of the output h of layer ``end - 1``,
+    signs (N,) ±1, of samples rows (N,) -> (N,); on windows when h is a (C, H, W) map."""
+    shape, chain = problem.shapes[end], as_chain(chain)
+    n = neurons.shape[0]
+    if len(shape) == 3:
+        _, height, width = shape
+        A = signs.new_zeros(n, shape[0], 1, 1)
+        A[torch.arange(n, device=A.device), neurons // (height * width), 0, 0] = signs
+        window = Window(A, (neurons // width) % height, neurons % width)
+        return window_backward(problem, chain, end, window, rows, slopes)
+    A = signs.new_zeros(n, shape.numel())
+    A[torch.arange(n, device=A.device), neurons] = signs
+    return backward(problem, chain, end, A.view((n,) + shape), rows, slopes)
+
+
+def crown_bounds(problem: Problem, chain: Chain, end: int, lower: Tensor, upper: Tensor, intersect: bool = True,
+                 slopes: Optional[Slopes] = None, unstable: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, bool]:
+    """CROWN bounds on the output of layer ``end - 1`` for the neurons unstable under ``lower``, ``upper``
+    (B, *shape) (or marked by ``unstable``, (B, *shape) bool), intersected with them (or in their
+    place); returns the new ``(lower, upper)`` and whether the intersection made any of them tighter
+    than CROWN's own. ``slopes``: α-CROWN's slopes, one view per chunk of rows."""
+    l, u = lower.flatten(1).clone(), upper.flatten(1).clone()
+    marked = (l < 0) & (u > 0) if unstable is None else unstable.flatten(1)
+    sample, neuron = marked.nonzero(as_tuple=True)
+    count = sample.numel()
+    rows, neurons = sample.repeat(2), neuron.repeat(2)
+    signs = torch.cat([l.new_ones(count), -l.new_ones(count)])
+    values = []
+    for k, part in enumerate(chunks(2 * count, problem.max_rows)):
+        view = None if slopes is None else slopes.view(k)
+        values.append(unit_bound(problem, chain, end, neurons[part], signs[part], rows[part], view))
+    values = round_down(torch.cat(values), l.dtype) if values else l.new_zeros(0)
+    low, high = values[:count], -values[count:]
+    changed = intersect and bool((l[sample, neuron] > low).any() or (u[sample, neuron] < high).any())
+    if intersect:
+        low, high = torch.maximum(l[sample, neuron], low), torch.minimum(u[sample, neuron], high)
+    l[sample, neuron], u[sample, neuron] = low, high
+    return l.view_as(lower), torch.maximum(u, l).view_as(upper), changed
+
+
+def relaxations(problem: Problem, crown: bool, intersect: bool = True, reuse: Optional[Chain] = None) -> Chain:
+    """The relaxations from IBP's bounds (``crown=False``) or CROWN's, layer by layer, intersected
+    with IBP's (``intersect``; from the earlier, tightened bounds) or not (pure CROWN). ``reuse``:
+    a chain whose entries before its ``diverged`` layer are the same here."""
+    weights = problem.arithmetic.weights if reuse is None else reuse.weights
+    folds = problem.arithmetic.folds(weights, 0) if reuse is None else reuse.folds
+    chain = Chain({}, {}, dict(weights), dict(folds))
+    previous: Optional[Tuple[int, Interval]] = None
+    for i, op in enumerate(problem.ops):
+        if op is not None:
+            continue
+        if reuse is not None and reuse.diverged is not None and i < reuse.diverged:
+            chain.relaxations[i], chain.bounds[i] = reuse.relaxations[i], reuse.bounds[i]
+            previous = (i, reuse.bounds[i])
+            continue
+        lower, upper = problem.propagation.input_bounds(0, i)
+        changed = False
+        if crown:
+            if previous is not None and intersect:
+                low, high = problem.arithmetic.forward(previous[0] + 1, i, previous[1])
+                changed = bool((low > lower).any() or (high < upper).any())
+                lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
+                upper = torch.maximum(upper, lower)
+            if not _ibp_is_exact(problem.ops[:i]):
+                lower, upper, tightened = crown_bounds(problem, chain, i, lower, upper, intersect)
+                changed = changed or tightened
+            previous = (i, (lower, upper))
+        if changed and chain.diverged is None:
+            chain.diverged = i
+        _extend(problem, chain, i, lower, upper)
+    return chain
+
+
+def _extend(problem: Problem, chain: Chain, i: int, lower: Tensor, upper: Tensor) -> None:
+    """Add activation i with pre-activation bounds lower, upper to the chain (its error weights are
+    constants to autograd)."""
+    chain.relaxations[i] = relaxation = problem.arithmetic.relaxation(problem.layers[i], lower, upper)
+    chain.bounds[i] = (lower, upper)
+    with torch.no_grad():
+        chain.weights.update(problem.arithmetic.chain_weights(i, lower.detach(), upper.detach(), relaxation))
+        chain.folds.update(problem.arithmetic.folds(chain.weights, i + 1))
+
+
+def optimized_chain(problem: Problem, best: Chain, slopes: Slopes) -> Chain:
+    """The chain with every CROWN-computed pre-activation bound recomputed with the slopes of its own
+    passes (α-CROWN on intermediate layers), intersected with ``best``'s bounds; ``best.bounds`` is
+    tightened in place (detached). Rows: the neurons unstable under ``best`` when ``slopes`` is empty,
+    the same ones after that (the slopes are per row)."""
+    weights = problem.arithmetic.weights
+    chain = Chain({}, {}, dict(weights), dict(problem.arithmetic.folds(weights, 0)))
+    for i in best.relaxations:
+        lower, upper = best.bounds[i]
+        if not _ibp_is_exact(problem.ops[:i]):
+            lower, upper, _ = crown_bounds(problem, chain, i, lower, upper, slopes=slopes.view(i),
+                                           unstable=best.relaxations[i].unstable)
+            best.bounds[i] = (lower.detach(), upper.detach())
+        _extend(problem, chain, i, lower, upper)
+    return chain
+
+
+def linear_bound(problem: Problem, chain: Chain, C: Tensor, rows: Tensor, start: int = 0) -> Tensor:
+    """Lower bounds of ``C z`` (z the output) with the fixed relaxations; C (N, K), rows (N,) -> (N,)
+    (from the interval bounds on the input of layer ``start`` when > 0)."""
+    end, chain = len(problem.ops), as_chain(chain)
+    return torch.cat([backward(problem, chain, end, C[part], rows[part], start=start)
+                      for part in chunks(C.shape[0], problem.max_rows)])
