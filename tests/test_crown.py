@@ -176,6 +176,27 @@ def test_alpha_crown_on_intermediate_bounds_tightens_them_and_the_margins():
     assert (both <= (true - logits).amin(0) + 1e-9).all()
 
 
+
+def test_alpha_target_stops_rows_once_above_it():
+    """``alpha_target``: below every bound at once -> the first pass (CROWN's slopes) is the answer;
+    above every bound -> all the steps, as without a target; 0 -> at least CROWN's certificates."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
+                          nn.Linear(24, 4)).double()
+    bm = BoundedModule(model.eval())
+    x = torch.rand(6, 1, 4, 4, dtype=torch.float64)
+    y = model(x).argmax(1)
+    spec = LinfBall(0.05)
+    crown_only = bm.margins(x, y, spec, method="crown")
+    options = dict(method="alpha-crown", alpha_steps=6)
+    assert torch.equal(bm.margins(x, y, spec, alpha_target=-1e9, **options), crown_only)
+    assert torch.equal(bm.margins(x, y, spec, alpha_target=1e9, **options), bm.margins(x, y, spec, **options))
+    mask = torch.ones_like(crown_only, dtype=torch.bool).scatter(1, y[:, None], False)
+    enough = bm.margins(x, y, spec, alpha_target=0.0, **options)
+    assert (enough[mask] >= crown_only[mask]).all()
+    assert ((enough > 0) | ~mask).all(1).sum() >= ((crown_only > 0) | ~mask).all(1).sum()
+
+
 def _affine_minimum(model, x, y, spec):
     """The exact minimum of every margin of a network that is affine on the input set, attained at the
     box corner (LinfBall) or sphere point (L2Ball without domain) of the gradient's direction; (B, K)."""

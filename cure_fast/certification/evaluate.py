@@ -145,7 +145,9 @@ def _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, part
             todo = (correct & ~certified(margins, y)).nonzero()[:, 0]
             if len(todo) == 0:
                 break
-            stronger = _timed(seconds, method, bm.margins, x_cert[todo], y[todo], spec, method=method, sound=sound)
+            enough = {"alpha_target": 0.0} if method == "alpha-crown" else {}  # stop once certified
+            stronger = _timed(seconds, method, bm.margins, x_cert[todo], y[todo], spec, method=method, sound=sound,
+                              **enough)
             margins[todo] = torch.maximum(margins[todo], stronger.to(margins.dtype))
             for i in todo[certified(margins[todo], y[todo])].tolist():
                 by[i] = method

@@ -36,6 +36,8 @@ Methods (``method=``):
   (every bound of every step is sound, whatever the slopes). The objective is the sum of the margin
   bounds; the best bound seen per row is kept and compared with pure CROWN's, so it is never looser
   than CROWN. ``alpha_intermediate=False``: CROWN's pre-activation bounds, final slopes only.
+  ``alpha_target=0`` (what the certification cascade uses): a row leaves the objective once its
+  bound is above 0, and the optimization stops when every row is (certified).
 
 Every method returns the elementwise maximum of its bound and IBP's folded margin (both are sound).
 
@@ -104,22 +106,23 @@ def _specification(y: Tensor, classes: int, dtype: torch.dtype) -> Tuple[Tensor,
 
 
 def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, steps: int, lr: float,
-                     intermediate: bool) -> Tensor:
+                     intermediate: bool, target: Optional[float]) -> Tensor:
     """α-CROWN lower bounds of ``C z``: C (N, K), rows (N,) -> (N,), never below the fixed-slope bound."""
     if steps == 0 or not any(r.unstable.any() for r in chain.relaxations.values()):
         return passes.linear_bound(problem, chain, C, rows)
     if intermediate:
-        return _optimize(problem, chain, C, rows, steps, lr, True)
+        return _optimize(problem, chain, C, rows, steps, lr, True, target)
     size = max(1, problem.max_rows // 8)
-    return torch.cat([_optimize(problem, chain, C[part], rows[part], steps, lr, False)
+    return torch.cat([_optimize(problem, chain, C[part], rows[part], steps, lr, False, target)
                       for part in passes.chunks(C.shape[0], size)])
 
 
 def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, steps: int, lr: float,
-              intermediate: bool) -> Tensor:
+              intermediate: bool, target: Optional[float] = None) -> Tensor:
     """Projected Adam on the lower slopes α from CROWN's choice, one per unstable neuron and row of
     every pass: the rows of C, and with ``intermediate`` also the rows of every CROWN-computed
-    pre-activation bound, recomputed at each step (kept when tighter); the best bound per row of C."""
+    pre-activation bound, recomputed at each step (kept when tighter); the best bound per row of C.
+    ``target``: a row whose bound is above it leaves the objective; all above it: stop."""
     end, slopes = len(problem.ops), passes.Slopes()
     tightest = passes.Chain(dict(chain.relaxations), dict(chain.bounds))
     parts = passes.chunks(C.shape[0], max(1, problem.max_rows // 8))
@@ -132,10 +135,13 @@ def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Ten
             for k, part in enumerate(parts):
                 value = passes.backward(problem, current, end, C[part], rows[part], slopes.view("final", k))
                 if training:
-                    (-value.sum()).backward(retain_graph=intermediate and k < len(parts) - 1)
+                    open_rows = 1.0 if best is None or target is None else (best[part] <= target).to(value.dtype)
+                    (-(value * open_rows).sum()).backward(retain_graph=intermediate and k < len(parts) - 1)
                 values.append(value.detach())
         value = torch.cat(values)
         best = value if best is None else torch.fmax(best, value)  # NaN: no bound
+        if target is not None and bool((best > target).all()):
+            break
         if training:
             if optimizer is None:
                 optimizer = torch.optim.Adam(slopes.parameters(), lr=lr)
@@ -211,7 +217,8 @@ def _ibp_margins(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: 
 @torch.no_grad()
 def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, method: str = "crown",
                   alpha_steps: int = 20, alpha_lr: float = 0.5, sound: Union[bool, str] = True,
-                  max_rows: Optional[int] = None, alpha_intermediate: bool = True) -> Tensor:
+                  max_rows: Optional[int] = None, alpha_intermediate: bool = True,
+                  alpha_target: Optional[float] = None) -> Tensor:
     """Lower bounds on the margins ``z_y - z_j`` over ``spec`` around x by a CROWN-family method.
 
     Args:
@@ -229,6 +236,8 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         max_rows: rows per backward pass (memory); None for the default budget.
         alpha_intermediate: α-CROWN also optimizes the slopes of the passes that bound the
             pre-activations (every step recomputes them; slower, tighter); False: the final pass only.
+        alpha_target: α-CROWN stops optimizing a margin row once its bound exceeds this value, and
+            stops when every row does (0: enough to certify; None: all ``alpha_steps`` steps).
     Returns:
         (B, K) in x's dtype, exactly 0 at ``j = y``; every entry off ``y`` > 0 certifies the sample.
     """
@@ -243,7 +252,8 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         if method == "ibp":
             values = C.new_full(rows.shape, -float("inf"))
         elif method == "alpha-crown":
-            values = _optimized_bound(problem, chain, C, rows, alpha_steps, alpha_lr, alpha_intermediate)
+            values = _optimized_bound(problem, chain, C, rows, alpha_steps, alpha_lr, alpha_intermediate,
+                                      alpha_target)
         else:
             values = passes.linear_bound(problem, chain, C, rows)
         if method in ("crown", "alpha-crown") and chain.diverged is not None:  # never looser than pure CROWN
