@@ -20,6 +20,9 @@ from ..training.attacks import pgd_batched
 from ..training.objectives import certified
 
 CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")  # cheapest first: the cascade order
+STAGES = {"alpha-crown": (dict(alpha_intermediate=False, alpha_target=0.0), dict(alpha_target=0.0))}
+"""Options of a method's passes in the cascade: α-CROWN first optimizes the final slopes only, then,
+on the samples still uncertified, the pre-activation bounds' slopes too; both stop once certified."""
 PRECISIONS = {"fp64": "fp64", "fp32": "fp32", True: "fp64", False: "off"}
 """``sound`` -> the certifier's arithmetic: float64, float32 with rounding errors bounded, plain fp32."""
 
@@ -141,13 +144,12 @@ def _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, part
     for norm, spec, margins in zip(norms, specs, ibp):
         margins = margins.clone()
         by = ["ibp" if ok else "" for ok in certified(margins, y).tolist()]
-        for method in cascade[1:]:
+        for method, options in ((m, o) for m in cascade[1:] for o in STAGES.get(m, ({},))):
             todo = (correct & ~certified(margins, y)).nonzero()[:, 0]
             if len(todo) == 0:
                 break
-            enough = {"alpha_target": 0.0} if method == "alpha-crown" else {}  # stop once certified
             stronger = _timed(seconds, method, bm.margins, x_cert[todo], y[todo], spec, method=method, sound=sound,
-                              **enough)
+                              **options)
             margins[todo] = torch.maximum(margins[todo], stronger.to(margins.dtype))
             for i in todo[certified(margins[todo], y[todo])].tolist():
                 by[i] = method
