@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..ops.policy import library_tf32
-from .window import BLOCK, Window
+from .window import BLOCK, Window, runs
 
 Interval = Tuple[Tensor, Tensor]
 U = 2.0 ** -24  # unit roundoff of float32
@@ -116,9 +116,9 @@ def penalty(A: Union[Tensor, Window], weights: Tensor, rows: Tensor) -> Tensor:
         w, A = A.take(weights, rows), A.A
         sums = torch.linalg.vecdot(A.abs().flatten(1), w.flatten(1))
     else:  # a matrix-vector product per run of rows of one sample
-        samples, counts = torch.unique_consecutive(rows, return_counts=True)
+        groups = runs(rows)
         sums = torch.cat([part.abs().flatten(1) @ weights[b].flatten()
-                          for part, b in zip(A.split(counts.tolist()), samples.tolist())])
+                          for part, (b, _) in zip(A.split([n for _, n in groups]), groups)])
     return sums.double() * inflate(A[0].numel())
 
 

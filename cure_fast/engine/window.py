@@ -6,7 +6,7 @@ reaches a layer that mixes positions, so it runs on windows instead of whole map
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -27,6 +27,12 @@ def rowsum(t: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
         return flat.sum(1)
     size = next(b for b in range(min(BLOCK, flat.shape[1]), 0, -1) if flat.shape[1] % b == 0)
     return flat.view(flat.shape[0], -1, size).sum(2).sum(1, dtype=dtype)
+
+
+def runs(rows: Tensor) -> List[Tuple[int, int]]:
+    """(sample, count) of each run of equal consecutive entries of rows (N,)."""
+    samples, counts = torch.unique_consecutive(rows, return_counts=True)
+    return list(zip(samples.tolist(), counts.tolist()))
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ... import ops
 from ..streams import Streams
 from ..rounding import bracket, up32
-from ..window import Window, rowsum
+from ..window import Window, rowsum, runs
 from .base import Context, Layer, register_layer
 
 
@@ -32,6 +32,9 @@ class Relaxation:
     unstable: Tensor
     alpha_range: Tuple[float, float]
     accumulate: Optional[torch.dtype] = None  # dtype of the offset terms' sums (None: A's)
+
+    def __post_init__(self):
+        self.planes = tuple(t.contiguous() for t in self.packed.unbind(-1))  # lower, upper, offset
 
     def _step(self, A: Tensor, lower: Tensor, upper: Tensor, offset: Tensor) -> Tuple[Tensor, Tensor]:
         """``A * (lower where A >= 0 else upper)`` (one rounding per entry: the other product is 0) and
@@ -78,10 +81,16 @@ class Relaxation:
     def back(self, A: Tensor, rows: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """A (N, *shape) for the samples ``rows`` (N,) -> coefficients on the pre-activation (N, *shape)
         and the bias term (N,); ``alpha`` (N, *shape) replaces the lower slopes of unstable neurons."""
-        lower, upper, offset = self.packed[rows].unbind(-1)
-        if alpha is not None:
-            lower = torch.where(self.unstable[rows], alpha, lower)
-        return self._step(A, lower, upper, offset)
+        steps, start = [], 0
+        for sample, count in runs(rows):  # each sample's relaxation broadcast over its rows, no gather
+            lower, upper, offset = (plane[sample] for plane in self.planes)
+            if alpha is not None:
+                lower = torch.where(self.unstable[sample], alpha[start:start + count], lower)
+            steps.append(self._step(A[start:start + count], lower, upper, offset))
+            start += count
+        if len(steps) == 1:
+            return steps[0]
+        return torch.cat([A for A, _ in steps]), torch.cat([bias for _, bias in steps])
 
     def back_window(self, window: Window, rows: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Window, Tensor]:
         """:meth:`back` on windows of a (C, H, W) map; ``alpha`` window-shaped (N, C, h, w)."""
