@@ -427,13 +427,14 @@ def main() -> None:
     lirpa, perturbation, peer_info = load_peer(args.peer, args.peer_as_is)
     torch.set_num_threads(args.threads)
     args.device, start = torch.device("cpu"), time.time()
+    env = harness.environment(args.device)  # the commit whose code runs: taken before the cases, not after
     notes = ["CNN7 CIFAR (--skip-cnn7)"] if args.skip_cnn7 and "cnn7" in args.nets and not args.smoke else []
     rows = json.load(open(args.resume))["results"] if args.resume else []
     for case in (c for c in plan(args) if f"{c['net']}/{c['data']}/{c['weights']}/seed {c['seed']}/batch {c['batch']}"
                  not in {r["case"] for r in rows}):
         rows += run_case(case, args, lirpa, perturbation)
         harness.partial("certify_vs_peer", rows, args)
-    table, env = summary(rows, args, notes), harness.environment(args.device)
+    table = summary(rows, args, notes)
     text = "\n".join([f"certify_vs_peer — {env['device']}, torch {env['torch']}, auto_LiRPA {peer_info['version']} "
                       f"({peer_info['commit'] or 'commit unknown'}), cure_fast {env['commit']}, {env['date']}, "
                       f"{time.time() - start:.0f} s", "", "| check | cure_fast | auto_LiRPA | |", "|---|---|---|---|"]
