@@ -4,6 +4,10 @@ One call of :meth:`BoundedModule.propagate` pushes the natural input and every i
 the network together (:mod:`.streams`): each layer is one op over the weights for all streams. An
 l2 ball is kept exact until the first affine layer (dual norm), then becomes an interval like the
 rest (an l1 ball likewise, by the l∞ norm of the weight rows). What each layer type does lives in its class in :mod:`.layers`; this module only loops.
+
+The one exception to soundness is training-only and explicit: ``propagate(..., shrink=ShrinkBox(...))``
+shrinks the box of chosen input sets at every ReLU (:mod:`.shrink`, the CURE reference code's
+shrinking box); such a :class:`Propagation` has ``sound=False`` and certification never asks for one.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from .. import ops
 from ..ops.policy import check_precision
 from ..specs import Ball, L1Ball, L2Ball, LinfBall
 from .layers import Affine, Context, Layer, bound_layer
+from .shrink import ShrinkBox
 from .streams import Interval, Lazy, Pending, Streams, lower_upper
 
 Spec = Union[LinfBall, L2Ball, L1Ball]
@@ -44,6 +49,8 @@ class Propagation:
         bounds: per spec, ``(lower, upper)`` on the output, each (B, K).
         margins: per spec, lower bounds on ``z_y - z_j`` (B, K), 0 at ``j = y``; None without labels.
         layer_names: position of every layer of the flattened model.
+        sound: False when a shrinking box was applied (training only): then bounds and margins are
+            NOT bounds of the network over the input sets.
     """
     logits: Tensor
     bounds: List[Interval]
@@ -52,6 +59,7 @@ class Propagation:
     # the input of every layer, then the output (inside fused groups computed on request)
     states: List[Union[Streams, Lazy]] = field(repr=False, default_factory=list)
     activations: List[int] = field(repr=False, default_factory=list)
+    sound: bool = True
 
     def _state(self, i: int) -> Streams:
         state = self.states[i]
@@ -89,6 +97,15 @@ def _check_input(x: Tensor, specs: Sequence[Spec]) -> None:
     for spec in specs:
         if spec.domain is not None and (low < spec.domain[0] or high > spec.domain[1]):
             raise ValueError(f"input values span [{low:g}, {high:g}], outside the domain {spec.domain} of {spec}")
+
+
+def _check_shrink(shrink: Optional[ShrinkBox], n_specs: int) -> None:
+    if shrink is None:
+        return
+    if not isinstance(shrink, ShrinkBox):
+        raise TypeError(f"shrink must be a ShrinkBox or None, got {type(shrink).__name__}")
+    if any(not 0 <= k < n_specs for k in shrink.specs):
+        raise ValueError(f"shrink.specs {shrink.specs} name specs that were not given ({n_specs} specs)")
 
 
 def _fold_affines(linear: nn.Linear, affines: List[Affine]) -> Tuple[Tensor, Tensor]:
@@ -177,19 +194,25 @@ class BoundedModule(nn.Module):
             raise ValueError(f"unknown method {method!r}; choose one of ibp, {', '.join(crown.METHODS)}")
         return crown.crown_margins(self, x, y, spec, method=method, **options)
 
-    def propagate(self, x: Tensor, specs: Union[Spec, Sequence[Spec]] = (), y: Optional[Tensor] = None) -> Propagation:
+    def propagate(self, x: Tensor, specs: Union[Spec, Sequence[Spec]] = (), y: Optional[Tensor] = None,
+                  shrink: Optional[ShrinkBox] = None) -> Propagation:
         """One pass for the natural input and every spec, stacked along the batch.
 
         Args:
             x: inputs (B, ...), inside every spec's domain.
             specs: input sets (LinfBall / L2Ball / L1Ball), or one of them.
             y: optional labels (B,); when given, margins are returned too.
+            shrink: TRAINING ONLY, unsound by design: a :class:`~cure_fast.engine.shrink.ShrinkBox`
+                shrinks the pre-activation box of its specs at every ReLU (the recorded
+                ``preactivation_bounds`` are those before shrinking); None (the default): sound bounds.
         Returns:
             a :class:`Propagation` with the logits (B, K), the bounds per spec, the margins per spec
-            when ``y`` is given, and the bounds of every layer (``layer_bounds``, ``preactivation_bounds``).
+            when ``y`` is given, and the bounds of every layer (``layer_bounds``, ``preactivation_bounds``);
+            ``sound`` is False when ``shrink`` was given.
         """
         specs = _spec_list(specs)
         _check_input(x, specs)
+        _check_shrink(shrink, len(specs))
         if y is not None and (not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point()):
             raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', y)}")
         ctx = Context(self.backend, self.precision, len(specs))
@@ -199,12 +222,14 @@ class BoundedModule(nn.Module):
         while i < len(self.layers):
             if i == self.spec_layer:
                 penultimate = streams
-            size = self._group_size(i, streams)
+            size = self._group_size(i, streams, split_relu=shrink is not None)
             self.layers[i].check_input(streams.c)
             if size > 1:
                 streams, inside = self._fused_step(i, size, streams, ctx)
                 states += inside + [streams]
             else:
+                if shrink is not None and isinstance(self.layers[i].module, nn.ReLU):
+                    streams = shrink.streams(streams.boxed(len(specs)))  # the state recorded before stays unshrunk
                 streams, affine = self.layers[i].step(streams, ctx)
                 if affine is not None and self.spec_layer is not None and i > self.spec_layer:
                     tail.append(affine)
@@ -214,7 +239,7 @@ class BoundedModule(nn.Module):
         bounds = [lower_upper(out.block(k)) for k in range(len(specs))]
         margins = None if y is None else self._margins(out, penultimate, tail, specs, bounds, y.long(), ctx)
         activations = [i for i, layer in enumerate(self.layers) if layer.activation]
-        return Propagation(out.natural(), bounds, margins, self.layer_names, states, activations)
+        return Propagation(out.natural(), bounds, margins, self.layer_names, states, activations, shrink is None)
 
     def _input_streams(self, x: Tensor, specs: List[Spec]) -> Streams:
         boxes = [spec.domain_box(x) for spec in specs]
@@ -227,17 +252,20 @@ class BoundedModule(nn.Module):
                             specs[k].p) for k in exact}
         return Streams(c, r, order, balls, points=1 + len(centred))
 
-    def _group_size(self, i: int, s: Streams) -> int:
+    def _group_size(self, i: int, s: Streams, split_relu: bool = False) -> int:
         """How many layers from ``i`` on run as one op: an affine layer with a following channel
         layer that folds into its epilogue and / or a ReLU, or a channel layer with a ReLU. Not while
-        l2 balls are pending, nor at the layer the specification folds into."""
+        l2 balls are pending, nor at the layer the specification folds into. ``split_relu`` (a
+        shrinking pass): a ReLU always runs on its own (its own ``step``, on the configured
+        backend), since the fused triton / cuda kernels apply it in their epilogue, where the box
+        cannot be shrunk first; the layers before it still fuse."""
         layers, j = self.layers, i + 1
         head = layers[i]
         if s.balls or i == self.spec_layer or not head.fuses:
             return 1
         if head.fuses == "affine" and j < len(layers) and layers[j].folds_into(head, s):
             j += 1
-        if j < len(layers) and layers[j].relu_epilogue:
+        if j < len(layers) and layers[j].relu_epilogue and not split_relu:
             j += 1
         return j - i
 
