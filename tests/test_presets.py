@@ -2,6 +2,7 @@
 reference scripts, see docs/reproduction.md: a change here is a change of the reproduction), and
 each runs one training step on the CPU (fake CIFAR-10 / TinyImageNet files, tiny limits)."""
 import pickle
+import types
 
 import numpy as np
 import pytest
@@ -12,56 +13,62 @@ from cure_fast import data, models
 from cure_fast.config import load_config, presets
 from cure_fast.training import objectives
 from cure_fast.training.batch import Objective, training_sets
+from cure_fast.training.trainer import Trainer
 
 FIELDS = ("dataset", "norms", "eps_inf", "eps_2", "lambda_inf", "lambda_2", "l1_penalty", "epochs", "lr_milestones",
           "eps_start_epoch", "eps_end_epoch", "batch_size", "combine", "align_lambda", "align_reference", "gp_beta",
-          "eval_eps_2")
+          "eval_eps_2", "gp_start_epoch", "reg_zero_eps_box", "shrink")
+# shrink: (shrink_ratio, shrink_method, shrink_relu_state, shrink_norms), or None when shrink_ratio is null.
+# Epochs are 0-based here; the reference counts from 1 (from 0 when fine-tuning with --start_epoch 0) and
+# steps its lr scheduler before each epoch: see docs/reproduction.md, "Epoch numbering".
 EXPECTED = {
-    "cifar10-2-2": ('cifar10', ['2'], 2/255, 0.25, 1e-05, 1e-05, 1e-06, 160, [120, 140], 1, 82, 128, 'joint', 0.0, 'inf', 0.0, 0.25),
-    "cifar10-2-cure": ('cifar10', ['inf', '2'], 2/255, 0.25, 0.1, 1e-05, 1e-06, 160, [120, 140], 1, 82, 128, 'max', 2.0, 'inf', 0.8, 0.25),
-    "cifar10-2-cure-finetune": ('cifar10', ['inf', '2'], 2/255, 0.25, 0.1, 1e-05, 1e-06, 32, [24, 28], 0, 16, 128, 'joint', 0.5, 'inf', 0.5, 0.25),
-    "cifar10-2-inf": ('cifar10', ['inf'], 2/255, 0.25, 0.1, 0.1, 1e-06, 160, [120, 140], 1, 82, 128, 'joint', 0.0, 'inf', 0.0, 0.25),
-    "cifar10-2-joint": ('cifar10', ['inf', '2'], 2/255, 0.25, 0.1, 1e-05, 1e-06, 160, [120, 140], 1, 82, 128, 'joint', 0.0, 'inf', 0.0, 0.25),
-    "cifar10-2-max": ('cifar10', ['inf', '2'], 2/255, 0.25, 0.1, 1e-05, 1e-06, 160, [120, 140], 1, 82, 128, 'max', 0.0, 'inf', 0.0, 0.25),
-    "cifar10-2-random": ('cifar10', ['inf', '2'], 2/255, 0.25, 0.1, 1e-05, 1e-06, 160, [120, 140], 1, 82, 128, 'random', 0.0, 'inf', 0.0, 0.25),
-    "cifar10-8-2": ('cifar10', ['2'], 8/255, 0.5, 1e-05, 1e-05, 1e-06, 160, [120, 140], 1, 82, 128, 'joint', 0.0, 'inf', 0.0, 0.5),
-    "cifar10-8-cure": ('cifar10', ['inf', '2'], 8/255, 0.5, 0.7, 1e-05, 0.0, 180, [140, 160], 1, 82, 128, 'max', 2.0, 'inf', 0.8, 0.5),
-    "cifar10-8-cure-finetune": ('cifar10', ['inf', '2'], 8/255, 0.5, 0.7, 1e-05, 0.0, 36, [28, 32], 0, 16, 128, 'max', 0.5, 'inf', 0.5, 0.5),
-    "cifar10-8-inf": ('cifar10', ['inf'], 8/255, 0.5, 0.7, 0.7, 0.0, 180, [140, 160], 1, 82, 128, 'joint', 0.0, 'inf', 0.0, 0.5),
-    "cifar10-8-joint": ('cifar10', ['inf', '2'], 8/255, 0.5, 0.7, 1e-05, 0.0, 180, [140, 160], 1, 82, 128, 'joint', 0.0, 'inf', 0.0, 0.5),
-    "cifar10-8-max": ('cifar10', ['inf', '2'], 8/255, 0.5, 0.7, 1e-05, 0.0, 180, [140, 160], 1, 82, 128, 'max', 0.0, 'inf', 0.0, 0.5),
-    "cifar10-8-random": ('cifar10', ['inf', '2'], 8/255, 0.5, 0.7, 1e-05, 0.0, 180, [140, 160], 1, 82, 128, 'random', 0.0, 'inf', 0.0, 0.5),
-    "mnist-0.1-2": ('mnist', ['2'], 0.1, 0.5, 1e-05, 1e-05, 1e-05, 70, [50, 60], 1, 22, 256, 'joint', 0.0, 'inf', 0.0, 0.5),
-    "mnist-0.1-cure": ('mnist', ['inf', '2'], 0.1, 0.75, 0.4, 1e-05, 1e-05, 70, [50, 60], 1, 22, 256, 'max', 2.0, '2', 0.8, 0.5),
-    "mnist-0.1-cure-finetune": ('mnist', ['inf', '2'], 0.1, 0.5, 0.4, 1e-05, 1e-05, 14, [10, 12], 0, 14, 256, 'max', 0.5, '2', 0.0, 0.5),
-    "mnist-0.1-inf": ('mnist', ['inf'], 0.1, 0.75, 0.4, 0.4, 1e-05, 70, [50, 60], 1, 22, 256, 'joint', 0.0, 'inf', 0.0, 0.5),
-    "mnist-0.1-joint": ('mnist', ['inf', '2'], 0.1, 0.75, 0.4, 1e-05, 1e-05, 70, [50, 60], 1, 22, 256, 'joint', 0.0, 'inf', 0.0, 0.5),
-    "mnist-0.1-max": ('mnist', ['inf', '2'], 0.1, 0.75, 0.4, 1e-05, 1e-05, 70, [50, 60], 1, 22, 256, 'max', 0.0, 'inf', 0.0, 0.5),
-    "mnist-0.1-random": ('mnist', ['inf', '2'], 0.1, 0.75, 0.4, 1e-05, 1e-05, 70, [50, 60], 1, 22, 256, 'random', 0.0, 'inf', 0.0, 0.5),
-    "mnist-0.3-2": ('mnist', ['2'], 0.3, 1.0, 1e-05, 1e-05, 1e-05, 70, [50, 60], 1, 22, 256, 'joint', 0.0, 'inf', 0.0, 1.0),
-    "mnist-0.3-cure": ('mnist', ['inf', '2'], 0.3, 1.0, 0.6, 1e-05, 1e-06, 70, [50, 60], 1, 22, 256, 'max', 0.5, '2', 0.8, 1.0),
-    "mnist-0.3-cure-finetune": ('mnist', ['inf', '2'], 0.3, 1.0, 0.6, 1e-05, 1e-06, 14, [10, 12], 0, 4, 256, 'max', 0.5, '2', 0.5, 1.0),
-    "mnist-0.3-inf": ('mnist', ['inf'], 0.3, 1.0, 0.6, 0.6, 1e-06, 70, [50, 60], 1, 22, 256, 'joint', 0.0, 'inf', 0.0, 1.0),
-    "mnist-0.3-joint": ('mnist', ['inf', '2'], 0.3, 1.0, 0.6, 1e-05, 1e-06, 70, [50, 60], 1, 22, 256, 'joint', 0.0, 'inf', 0.0, 1.0),
-    "mnist-0.3-max": ('mnist', ['inf', '2'], 0.3, 1.0, 0.6, 1e-05, 1e-06, 70, [50, 60], 1, 22, 256, 'max', 0.0, 'inf', 0.0, 1.0),
-    "mnist-0.3-random": ('mnist', ['inf', '2'], 0.3, 1.0, 0.6, 1e-05, 1e-06, 70, [50, 60], 1, 22, 256, 'random', 0.0, 'inf', 0.0, 1.0),
-    "tinyimagenet-1-2": ('tinyimagenet', ['2'], 1/255, 36/255, 1e-05, 1e-05, 1e-06, 180, [140, 160], 1, 82, 128, 'joint', 0.0, 'inf', 0.0, 36/255),
-    "tinyimagenet-1-cure": ('tinyimagenet', ['inf', '2'], 1/255, 36/255, 0.4, 1e-05, 1e-06, 180, [140, 160], 1, 82, 128, 'max', 2.0, 'inf', 0.5, 36/255),
-    "tinyimagenet-1-cure-finetune": ('tinyimagenet', ['inf', '2'], 1/255, 36/255, 0.4, 1e-05, 1e-06, 36, [28, 32], 0, 16, 128, 'max', 0.5, 'inf', 0.5, 36/255),
-    "tinyimagenet-1-inf": ('tinyimagenet', ['inf'], 1/255, 36/255, 0.4, 0.4, 1e-06, 180, [140, 160], 1, 82, 128, 'joint', 0.0, 'inf', 0.0, 36/255),
-    "tinyimagenet-1-joint": ('tinyimagenet', ['inf', '2'], 1/255, 36/255, 0.4, 1e-05, 1e-06, 180, [140, 160], 1, 82, 128, 'joint', 0.0, 'inf', 0.0, 36/255),
-    "tinyimagenet-1-max": ('tinyimagenet', ['inf', '2'], 1/255, 36/255, 0.4, 1e-05, 1e-06, 180, [140, 160], 1, 82, 128, 'max', 0.0, 'inf', 0.0, 36/255),
-    "tinyimagenet-1-random": ('tinyimagenet', ['inf', '2'], 1/255, 36/255, 0.4, 1e-05, 1e-06, 180, [140, 160], 1, 82, 128, 'random', 0.0, 'inf', 0.0, 36/255),
+    "cifar10-2-2": ('cifar10', ['2'], 2/255, 0.25, 1e-05, 1e-05, 0.0, 160, [119, 139], 1, 81, 128, 'joint', 0.0, 'inf', 0.0, 0.25, None, None, None),
+    "cifar10-2-cure": ('cifar10', ['inf', '2'], 2/255, 0.25, 0.1, 1e-05, 1e-06, 160, [119, 139], 1, 81, 128, 'max', 2.0, 'inf', 0.8, 0.25, 82, 1e-06, (0.4, 'to_zero', 'cross', ['inf'])),
+    "cifar10-2-cure-finetune": ('cifar10', ['inf', '2'], 2/255, 0.25, 0.1, 1e-05, 1e-06, 33, [23, 27], 2, 16, 128, 'joint', 0.5, 'inf', 0.5, 0.25, 17, 1e-06, (0.4, 'to_zero', 'cross', ['inf'])),
+    "cifar10-2-inf": ('cifar10', ['inf'], 2/255, 0.25, 0.1, 0.1, 1e-06, 160, [119, 139], 1, 81, 128, 'joint', 0.0, 'inf', 0.0, 0.25, None, 1e-06, (0.4, 'to_zero', 'cross', ['inf'])),
+    "cifar10-2-joint": ('cifar10', ['inf', '2'], 2/255, 0.25, 0.1, 1e-05, 1e-06, 160, [119, 139], 1, 81, 128, 'joint', 0.0, 'inf', 0.0, 0.25, None, 1e-06, (0.4, 'to_zero', 'cross', ['inf'])),
+    "cifar10-2-max": ('cifar10', ['inf', '2'], 2/255, 0.25, 0.1, 1e-05, 1e-06, 160, [119, 139], 1, 81, 128, 'max', 0.0, 'inf', 0.0, 0.25, None, 1e-06, (0.4, 'to_zero', 'cross', ['inf'])),
+    "cifar10-2-random": ('cifar10', ['inf', '2'], 2/255, 0.25, 0.1, 1e-05, 1e-06, 160, [119, 139], 1, 81, 128, 'random', 0.0, 'inf', 0.0, 0.25, None, 1e-06, (0.4, 'to_zero', 'cross', ['inf', '2'])),
+    "cifar10-8-2": ('cifar10', ['2'], 8/255, 0.5, 1e-05, 1e-05, 0.0, 160, [119, 139], 1, 81, 128, 'joint', 0.0, 'inf', 0.0, 0.5, None, None, None),
+    "cifar10-8-cure": ('cifar10', ['inf', '2'], 8/255, 0.5, 0.7, 1e-05, 0.0, 180, [139, 159], 1, 81, 128, 'max', 2.0, 'inf', 0.8, 0.5, 82, 1e-06, None),
+    "cifar10-8-cure-finetune": ('cifar10', ['inf', '2'], 8/255, 0.5, 0.7, 1e-05, 0.0, 37, [27, 31], 2, 16, 128, 'max', 0.5, 'inf', 0.5, 0.5, 17, 1e-06, None),
+    "cifar10-8-inf": ('cifar10', ['inf'], 8/255, 0.5, 0.7, 0.7, 0.0, 180, [139, 159], 1, 81, 128, 'joint', 0.0, 'inf', 0.0, 0.5, None, 1e-06, None),
+    "cifar10-8-joint": ('cifar10', ['inf', '2'], 8/255, 0.5, 0.7, 1e-05, 0.0, 180, [139, 159], 1, 81, 128, 'joint', 0.0, 'inf', 0.0, 0.5, None, 1e-06, None),
+    "cifar10-8-max": ('cifar10', ['inf', '2'], 8/255, 0.5, 0.7, 1e-05, 0.0, 180, [139, 159], 1, 81, 128, 'max', 0.0, 'inf', 0.0, 0.5, None, 1e-06, None),
+    "cifar10-8-random": ('cifar10', ['inf', '2'], 8/255, 0.5, 0.7, 1e-05, 0.0, 180, [139, 159], 1, 81, 128, 'random', 0.0, 'inf', 0.0, 0.5, None, 1e-06, None),
+    "mnist-0.1-2": ('mnist', ['2'], 0.1, 0.5, 1e-05, 1e-05, 0.0, 70, [49, 59], 1, 21, 256, 'joint', 0.0, 'inf', 0.0, 0.5, None, None, None),
+    "mnist-0.1-cure": ('mnist', ['inf', '2'], 0.1, 0.75, 0.4, 1e-05, 1e-05, 70, [49, 59], 1, 21, 256, 'max', 2.0, '2', 0.8, 0.5, 22, 1e-06, None),
+    "mnist-0.1-cure-finetune": ('mnist', ['inf', '2'], 0.1, 0.5, 0.4, 1e-05, 1e-05, 15, [9, 11], 2, 15, 256, 'max', 0.5, '2', 0.0, 0.5, None, 1e-06, None),
+    "mnist-0.1-inf": ('mnist', ['inf'], 0.1, 0.75, 0.4, 0.4, 1e-05, 70, [49, 59], 1, 21, 256, 'joint', 0.0, 'inf', 0.0, 0.5, None, 1e-06, None),
+    "mnist-0.1-joint": ('mnist', ['inf', '2'], 0.1, 0.75, 0.4, 1e-05, 1e-05, 70, [49, 59], 1, 21, 256, 'joint', 0.0, 'inf', 0.0, 0.5, None, 1e-06, None),
+    "mnist-0.1-max": ('mnist', ['inf', '2'], 0.1, 0.75, 0.4, 1e-05, 1e-05, 70, [49, 59], 1, 21, 256, 'max', 0.0, 'inf', 0.0, 0.5, None, 1e-06, None),
+    "mnist-0.1-random": ('mnist', ['inf', '2'], 0.1, 0.75, 0.4, 1e-05, 1e-05, 70, [49, 59], 1, 21, 256, 'random', 0.0, 'inf', 0.0, 0.5, None, 1e-06, None),
+    "mnist-0.3-2": ('mnist', ['2'], 0.3, 1.0, 1e-05, 1e-05, 0.0, 70, [49, 59], 1, 21, 256, 'joint', 0.0, 'inf', 0.0, 1.0, None, None, None),
+    "mnist-0.3-cure": ('mnist', ['inf', '2'], 0.3, 1.0, 0.6, 1e-05, 1e-06, 70, [49, 59], 1, 21, 256, 'max', 0.5, '2', 0.8, 1.0, 22, 1e-06, None),
+    "mnist-0.3-cure-finetune": ('mnist', ['inf', '2'], 0.3, 1.0, 0.6, 1e-05, 1e-06, 15, [9, 11], 2, 4, 256, 'max', 0.5, '2', 0.5, 1.0, 5, 1e-06, None),
+    "mnist-0.3-inf": ('mnist', ['inf'], 0.3, 1.0, 0.6, 0.6, 1e-06, 70, [49, 59], 1, 21, 256, 'joint', 0.0, 'inf', 0.0, 1.0, None, 1e-06, None),
+    "mnist-0.3-joint": ('mnist', ['inf', '2'], 0.3, 1.0, 0.6, 1e-05, 1e-06, 70, [49, 59], 1, 21, 256, 'joint', 0.0, 'inf', 0.0, 1.0, None, 1e-06, None),
+    "mnist-0.3-max": ('mnist', ['inf', '2'], 0.3, 1.0, 0.6, 1e-05, 1e-06, 70, [49, 59], 1, 21, 256, 'max', 0.0, 'inf', 0.0, 1.0, None, 1e-06, None),
+    "mnist-0.3-random": ('mnist', ['inf', '2'], 0.3, 1.0, 0.6, 1e-05, 1e-06, 70, [49, 59], 1, 21, 256, 'random', 0.0, 'inf', 0.0, 1.0, None, 1e-06, None),
+    "tinyimagenet-1-2": ('tinyimagenet', ['2'], 1/255, 36/255, 1e-05, 1e-05, 0.0, 180, [139, 159], 1, 81, 128, 'joint', 0.0, 'inf', 0.0, 36/255, None, None, None),
+    "tinyimagenet-1-cure": ('tinyimagenet', ['inf', '2'], 1/255, 36/255, 0.4, 1e-05, 1e-06, 180, [139, 159], 1, 81, 128, 'max', 2.0, 'inf', 0.5, 36/255, 82, 1e-06, None),
+    "tinyimagenet-1-cure-finetune": ('tinyimagenet', ['inf', '2'], 1/255, 36/255, 0.4, 1e-05, 1e-06, 37, [27, 31], 2, 16, 128, 'max', 0.5, 'inf', 0.5, 36/255, 17, 1e-06, None),
+    "tinyimagenet-1-inf": ('tinyimagenet', ['inf'], 1/255, 36/255, 0.4, 0.4, 1e-06, 180, [139, 159], 1, 81, 128, 'joint', 0.0, 'inf', 0.0, 36/255, None, 1e-06, None),
+    "tinyimagenet-1-joint": ('tinyimagenet', ['inf', '2'], 1/255, 36/255, 0.4, 1e-05, 1e-06, 180, [139, 159], 1, 81, 128, 'joint', 0.0, 'inf', 0.0, 36/255, None, 1e-06, None),
+    "tinyimagenet-1-max": ('tinyimagenet', ['inf', '2'], 1/255, 36/255, 0.4, 1e-05, 1e-06, 180, [139, 159], 1, 81, 128, 'max', 0.0, 'inf', 0.0, 36/255, None, 1e-06, None),
+    "tinyimagenet-1-random": ('tinyimagenet', ['inf', '2'], 1/255, 36/255, 0.4, 1e-05, 1e-06, 180, [139, 159], 1, 81, 128, 'random', 0.0, 'inf', 0.0, 36/255, None, 1e-06, None),
 }
 PAPER = sorted(EXPECTED)
 REFERENCE_PROCEDURES = {"method": "sabr", "model": "cnn7", "lr": 0.0005, "sabr_l2_set": "reference", "pgd_steps": 8,
                         "pgd_schedule": "reference", "grad_clip": None, "reg_placement": "reference",
-                        "normalization": "reference", "final_certify": "alpha-crown"}
+                        "normalization": "reference", "final_certify": "alpha-crown", "eps_schedule": "exp"}
 
 
 def key_values(config):
     values = {name: getattr(config, name, None) for name in FIELDS}
     values.update(lambda_inf=config.small_ratio("inf"), lambda_2=config.small_ratio("2"), eval_eps_2=config.eval_eps("2"))
+    values["shrink"] = None if config.shrink_ratio is None else (
+        config.shrink_ratio, config.shrink_method, config.shrink_relu_state, config.shrink_norms)
     return tuple(values[name] for name in FIELDS)
 
 
@@ -135,7 +142,8 @@ def _training_images(dataset, split, root):
 
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_preset_trains_one_step(name, data_root):
-    """One step of the preset's objective at half its eps (the warm-up regularizer on), as the trainer takes it."""
+    """One step of the preset's objective at half its eps (the warm-up regularizer on, the shrinking box
+    where set), and one at eps = 0 (the regularizer on the tiny box where set), as the trainer takes them."""
     torch.manual_seed(0)
     config = load_config(name, overrides=["pgd_steps=2", "batch_size=4", "train_limit=4", "eval_limit=2",
                                           "device=cpu", "model_args={width: 4, linear: 16}",  # a narrow CNN7: fast
@@ -156,6 +164,12 @@ def test_paper_preset_trains_one_step(name, data_root):
     assert len(margins) == len(config.norms)
     loss.backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    zero = {n: 0.0 for n in config.norms}  # a step of the first epoch, at eps = 0, as the trainer takes it
+    weight = Trainer._regularizer_weight(types.SimpleNamespace(config=config), zero)
+    assert weight == (config.reg_lambda if config.reg_zero_eps_box is not None and config.norms != ["2"] else 0.0)
+    loss, _, margins = Objective(model, config)(x, y, [], regularizer_weight=weight)
+    assert torch.isfinite(loss) and margins == []
+    loss.backward()
 
 
 @pytest.mark.parametrize("override, match", [
@@ -164,10 +178,24 @@ def test_paper_preset_trains_one_step(name, data_root):
     ("reg_placement=first", "reg_placement"), ("normalization=none", "normalization"), ("drop_last=maybe", "drop_last"),
     ("train_split=all", "train_split"), ("final_certify=beta-crown", "final_certify"), ("align_target=x", "align_target"),
     ("random_split=thirds", "random_split"), ("gp_natural=x", "gp_natural"),
+    ("eps_schedule=cosine", "eps_schedule='cosine'.*smooth, exp, linear"), ("eps_schedule=expo", "did you mean 'exp'"),
+    ("reg_zero_eps_box=0", "reg_zero_eps_box=0.*\\(0, 1\\].*or null"), ("reg_zero_eps_box=abc", "reg_zero_eps_box"),
+    ("gp_start_epoch=-1", "gp_start_epoch=-1.*null: eps_end_epoch"), ("gp_start_epoch=2.5", "gp_start_epoch"),
+    ("shrink_ratio=1.5", "shrink_ratio=1.5.*\\(0, 1\\]"), ("shrink_ratio=0", "shrink_ratio"),
+    ("shrink_method=random_loc", "shrink_method='random_loc'.*to_zero, std, std_upper"),
+    ("shrink_relu_state=wide", "shrink_relu_state='wide'.*cross, above, all"), ("shrink_norms=[1]", "shrink_norms"),
+    ("shrink_norms=[]", "shrink_norms"),
 ])
 def test_new_options_are_one_line_errors(override, match):
     with pytest.raises(ValueError, match=match) as error:
         load_config("mnist-demo-inf", overrides=[override])
+    assert "\n" not in str(error.value)
+
+
+def test_the_shrinking_box_needs_a_certified_method():
+    with pytest.raises(ValueError, match="shrinking box \\(shrink_ratio=0.4\\) .* needs method ibp or sabr, not pgd") \
+            as error:
+        load_config("mnist-demo-inf", overrides=["method=pgd", "shrink_ratio=0.4"])
     assert "\n" not in str(error.value)
 
 

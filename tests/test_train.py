@@ -182,7 +182,7 @@ def test_presets_load_and_validate():
         config = load_config(name)
         assert config.name == name
     cifar = load_config("cifar10-2-cure")
-    assert cifar.eps_inf == pytest.approx(2 / 255) and cifar.batch_size == 128 and cifar.lr_milestones == [120, 140]
+    assert cifar.eps_inf == pytest.approx(2 / 255) and cifar.batch_size == 128 and cifar.lr_milestones == [119, 139]  # 0-based
 
 
 @pytest.mark.parametrize("override, match", [

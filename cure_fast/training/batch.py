@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..config import TrainConfig, make_spec
 from ..engine import BoundedModule
+from ..engine.shrink import ShrinkBox
 from ..specs import LinfBall
 from . import objectives, reference
 from .attacks import pgd_batched, project
@@ -21,10 +22,13 @@ REFERENCE_STEP = {"inf": 0.5, "2": 0.2}
 class Objective(nn.Module):
     """The loss of one batch, as a module so that DistributedDataParallel can wrap it.
 
-    ``forward(x, y, specs, natural, ramp)``: natural training when ``natural``; otherwise the
-    robust loss over ``specs`` (one per trained norm, l∞ first), combined as configured, mixed with
-    the natural loss, plus bound alignment, plus the warm-up regularizer weighted by ``ramp`` (the
-    regularizer's weight ``reg_lambda * (1 - eps / eps_max)``). Returns (loss, logits, margins).
+    ``forward(x, y, specs, natural, ramp)``: natural training when ``natural`` (gradient
+    projection's natural epochs); without ``specs`` (eps = 0) the natural loss plus the l1 penalty,
+    plus with ``reg_zero_eps_box`` the warm-up regularizer on that box; otherwise the robust loss over
+    ``specs`` (one per trained norm, l∞ first; propagated with the shrinking box when
+    ``shrink_ratio`` is set), combined as configured, mixed with the natural loss, plus bound
+    alignment, plus the warm-up regularizer weighted by ``ramp`` (the regularizer's weight
+    ``reg_lambda * (1 - eps / eps_max)``), plus the l1 penalty. Returns (loss, logits, margins).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig):
@@ -32,18 +36,21 @@ class Objective(nn.Module):
         self.model = model
         self.bounded = BoundedModule(model, backend=config.backend)
         self.config = config
+        self.shrink = shrink_box(config)
 
     def forward(self, x: Tensor, y: Tensor, specs: Sequence, natural: bool = False, regularizer_weight: float = 0.0,
                 assignment: Optional[Tensor] = None):
         cfg = self.config
-        if natural or not specs:
+        if natural:
             logits = self.model(x)
             return F.cross_entropy(logits, y), logits, []
+        if not specs:
+            return self._zero_eps(x, y, regularizer_weight)
         if cfg.method == "pgd":
             logits = self.model(torch.cat(specs))
             per_norm = [F.cross_entropy(z, y, reduction="none") for z in logits.chunk(len(specs))]
             return objectives.combine(per_norm, cfg.combine, cfg.alpha, assignment), logits[: len(y)], []
-        out = self.bounded.propagate(x, specs, y)
+        out = self.bounded.propagate(x, specs, y, shrink=self.shrink)
         per_norm = [objectives.robust_ce(m, y) for m in out.margins]
         robust = objectives.combine(per_norm, cfg.combine, cfg.alpha, assignment)
         loss = (1 - cfg.natural_weight) * robust + cfg.natural_weight * F.cross_entropy(out.logits, y)
@@ -55,9 +62,33 @@ class Objective(nn.Module):
             placed = range(len(specs)) if cfg.reg_placement == "ours" else [len(specs) - 1]
             reg = sum(objectives.warmup_regularizer(out, k, self.bounded.first_affine, cfg.reg_tol) for k in placed)
             loss = loss + regularizer_weight * reg / len(placed)
-        if cfg.l1_penalty > 0:
-            loss = loss + cfg.l1_penalty * objectives.l1_norm(self.model)
-        return loss, out.logits, out.margins
+        return loss + self._l1(), out.logits, out.margins
+
+    def _zero_eps(self, x: Tensor, y: Tensor, regularizer_weight: float):
+        """A step at eps = 0: the natural loss and the l1 penalty; with ``reg_zero_eps_box`` and a
+        positive weight also the warm-up regularizer on an l∞ box of that radius around x (one
+        propagation, whose natural stream gives the logits), as the reference code's first epoch."""
+        cfg = self.config
+        if regularizer_weight > 0 and cfg.reg_zero_eps_box is not None and self.bounded.first_affine is not None:
+            out = self.bounded.propagate(x, [LinfBall(cfg.reg_zero_eps_box)])
+            reg = objectives.warmup_regularizer(out, 0, self.bounded.first_affine, cfg.reg_tol)
+            logits, extra = out.logits, regularizer_weight * reg
+        else:
+            logits, extra = self.model(x), 0.0
+        return F.cross_entropy(logits, y) + extra + self._l1(), logits, []
+
+    def _l1(self):
+        cfg = self.config
+        return cfg.l1_penalty * objectives.l1_norm(self.model) if cfg.l1_penalty > 0 else 0.0
+
+
+def shrink_box(config: TrainConfig) -> Optional[ShrinkBox]:
+    """The shrinking box of a config (training only, unsound: :mod:`cure_fast.engine.shrink`): the
+    sets of ``shrink_norms`` among the trained ``norms``; None when ``shrink_ratio`` is null."""
+    if config.shrink_ratio is None:
+        return None
+    chosen = tuple(k for k, norm in enumerate(config.norms) if norm in config.shrink_norms)
+    return ShrinkBox(config.shrink_ratio, config.shrink_method, config.shrink_relu_state, chosen) if chosen else None
 
 
 def training_sets(config: TrainConfig, model: nn.Module, x: Tensor, y: Tensor, eps: Dict[str, float]) -> List:

@@ -132,3 +132,36 @@ def eps_ramp(step: int, start: int, end: int, eps: float, mid: float = 0.25, pow
         return a * (step - start) ** power
     at_switch = a * (switch - start) ** power
     return at_switch + (eps - at_switch) * (step - switch) / (end - switch)
+
+
+def eps_exp_ramp(step: int, start: int, end: int, eps: float, mid: float = 0.25, power: float = 4.0) -> float:
+    """The reference code's eps schedule (SABR's ``--eps_scheduler_mode exp``, after auto_LiRPA), by
+    training step: 0 before ``start``; from there ``a (step - o)^power`` with ``o = start - 1`` up to
+    the switch ``s = o + floor((end - o) mid)``, then linear to ``eps`` at ``end``, with a continuous
+    slope at s: ``a = eps / ((end - s) power (s - o)^(power - 1) + (s - o)^power)``. Where s = o (a ramp
+    of under 1 / mid steps) it is linear from o."""
+    if step < start:
+        return 0.0
+    if step >= end:
+        return eps
+    origin = start - 1
+    switch = origin + int((end - origin) * mid)
+    if switch == origin:
+        return eps * (step - origin) / (end - origin)
+    base = (switch - origin) ** (power - 1)
+    a = eps / ((end - switch) * power * base + (switch - origin) * base)
+    if step <= switch:
+        return a * (step - origin) ** power
+    at_switch = a * (switch - origin) ** power
+    return min(at_switch + (eps - at_switch) * (step - switch) / (end - switch), eps)
+
+
+def eps_linear_ramp(step: int, start: int, end: int, eps: float) -> float:
+    """Linear by training step: 0 until ``start``, ``eps`` from ``end`` (the reference's ``linear`` mode)."""
+    if step <= start:
+        return 0.0
+    return eps if step >= end else eps * (step - start) / (end - start)
+
+
+EPS_SCHEDULES = {"smooth": eps_ramp, "exp": eps_exp_ramp, "linear": eps_linear_ramp}
+"""``eps_schedule`` -> ``f(step, start, end, eps)``: the training eps at a step."""

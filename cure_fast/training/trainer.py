@@ -91,12 +91,13 @@ class Trainer:
 
     # -- schedule -------------------------------------------------------------------------------
     def eps(self, norm: str, step: Optional[int] = None) -> float:
-        """The training eps of ``norm`` at a step (the smoothed ramp of Shi et al.)."""
+        """The training eps of ``norm`` at a step: ``eps_schedule`` from step ``eps_start_epoch`` × the
+        steps per epoch to ``eps_end_epoch`` × the steps per epoch (:data:`objectives.EPS_SCHEDULES`)."""
         cfg, step = self.config, self.step if step is None else step
         start, end = cfg.eps_start_epoch * self.steps_per_epoch, cfg.eps_end_epoch * self.steps_per_epoch
         if cfg.method in ("natural", "pgd"):
             return cfg.train_eps(norm)
-        return objectives.eps_ramp(step, start, end, cfg.train_eps(norm))
+        return objectives.EPS_SCHEDULES[cfg.eps_schedule](step, start, end, cfg.train_eps(norm))
 
     def lr(self, epoch: int) -> float:
         cfg = self.config
@@ -161,6 +162,8 @@ class Trainer:
         return masks
 
     def _regularizer_weight(self, eps: Dict[str, float]) -> float:
+        """The warm-up regularizer's weight ``reg_lambda (1 - eps / eps_max)`` during the ramp; while
+        eps = 0 ``reg_lambda`` with ``reg_zero_eps_box`` set, else 0."""
         cfg = self.config
         if cfg.method not in ("ibp", "sabr") or cfg.reg_lambda == 0:
             return 0.0
@@ -168,7 +171,9 @@ class Trainer:
             return 0.0
         fractions = [eps[n] / cfg.train_eps(n) for n in cfg.norms if cfg.train_eps(n) > 0]
         fraction = min(fractions) if fractions else 1.0
-        return cfg.reg_lambda * (1 - fraction) if 0 < fraction < 1 else 0.0
+        if fraction == 0:
+            return cfg.reg_lambda if cfg.reg_zero_eps_box is not None else 0.0
+        return cfg.reg_lambda * (1 - fraction) if fraction < 1 else 0.0
 
     def projected_epoch(self, epoch: int) -> Dict[str, float]:
         """Gradient projection: a certified and a natural epoch from the same start, merged per tensor."""
@@ -226,7 +231,8 @@ class Trainer:
             return self._finished() if self.rank == 0 else {}
         for epoch in range(self.epoch, min(cfg.epochs, stop_after or cfg.epochs)):
             self.in_epoch = True
-            projected = cfg.gp_beta > 0 and epoch >= cfg.eps_end_epoch
+            gp_start = cfg.eps_end_epoch if cfg.gp_start_epoch is None else cfg.gp_start_epoch
+            projected = cfg.gp_beta > 0 and epoch >= gp_start
             metrics = self.projected_epoch(epoch) if projected else self.train_epoch(epoch)
             metrics["epoch"] = epoch + 1
             faults.point("trained")
