@@ -92,6 +92,23 @@ def networks(draw, conv: bool = True, dropout: bool = True):
     return model, in_shape
 
 
+def draw_problem(net, data, dtype: torch.dtype, make_specs):
+    """A drawn network in ``dtype`` and eval mode, a batch of 1-2 inputs, labels, and the sets
+    ``make_specs(eps)`` with ``eps(top)`` a drawn radius in [0, top] (one, or one per sample)."""
+    from cure_fast import BoundedModule
+    model, shape = net
+    model = model.to(dtype).eval()
+    torch.manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+    batch = data.draw(st.integers(1, 2), label="batch")
+    x = torch.rand((batch,) + shape, dtype=dtype)
+    per_sample = data.draw(st.booleans(), label="per-sample eps")
+
+    def eps(top):
+        return torch.rand(batch, dtype=dtype) * top if per_sample else data.draw(st.floats(0.0, top), label="eps")
+    y = torch.randint(0, model[-1].out_features, (batch,))
+    return BoundedModule(model), x, y, make_specs(eps)
+
+
 def batch_stats(layers: List[nn.Module], x: Tensor) -> Dict[int, Tuple[Tensor, Tensor]]:
     """Per BatchNorm layer index, the (mean, biased var) that train mode computes on the batch x."""
     stats, h = {}, x

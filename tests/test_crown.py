@@ -12,35 +12,18 @@ from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall
 from cure_fast.engine import crown, passes
 from cure_fast.training import attacks
 from cure_fast.nn import Normalize
-from netgen import modules_of, networks, run_layers
+from netgen import draw_problem, modules_of, networks, run_layers
 from test_soundness import _sample, _tol, _true_margins
 
 METHODS = crown.METHODS
 EXACT = dict(rtol=1e-9, atol=1e-9)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The networks here are tiny: one thread is faster than several, and much faster on busy cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _eval_setup(net, data):
-    model, shape = net
-    model = model.double().eval()
-    torch.manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-    batch = data.draw(st.integers(1, 2), label="batch")
-    x = torch.rand((batch,) + shape, dtype=torch.float64)
-    per_sample = data.draw(st.booleans(), label="per-sample eps")
-    eps = lambda top: (torch.rand(batch, dtype=torch.float64) * top) if per_sample else data.draw(  # noqa: E731
-        st.floats(0.0, top), label="eps")
-    specs = [LinfBall(eps(0.3)), L2Ball(eps(1.0)), L2Ball(eps(0.5), domain=None), LinfBall(eps(0.2), domain=None),
-             L1Ball(eps(1.5)), L1Ball(eps(0.7), domain=None)]
-    y = torch.randint(0, model[-1].out_features, (batch,))
-    return BoundedModule(model), x, y, specs
+    return draw_problem(net, data, torch.float64, lambda eps: [
+        LinfBall(eps(0.3)), L2Ball(eps(1.0)), L2Ball(eps(0.5), domain=None), LinfBall(eps(0.2), domain=None),
+        L1Ball(eps(1.5)), L1Ball(eps(0.7), domain=None)])
 
 
 def _all_margins(bm, x, y, spec):

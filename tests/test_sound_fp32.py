@@ -14,30 +14,15 @@ from torch import nn
 from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall
 from cure_fast.engine import crown, passes
 from cure_fast.engine.layers.activation import Relaxation
-from netgen import modules_of, networks, run_layers
+from netgen import draw_problem, modules_of, networks, run_layers
 from test_soundness import _sample, _true_margins
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _eval_setup(net, data):
-    model, shape = net
-    model = model.float().eval()
-    torch.manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-    batch = data.draw(st.integers(1, 2), label="batch")
-    x = torch.rand((batch,) + shape)
-    per_sample = data.draw(st.booleans(), label="per-sample eps")
-    eps = lambda top: (torch.rand(batch) * top) if per_sample else data.draw(  # noqa: E731
-        st.floats(0.0, top), label="eps")
-    specs = [LinfBall(eps(0.3)), L2Ball(eps(1.0)), L1Ball(eps(1.5), domain=None)]
-    y = torch.randint(0, model[-1].out_features, (batch,))
-    return BoundedModule(model), x, y, specs
+    return draw_problem(net, data, torch.float32, lambda eps: [LinfBall(eps(0.3)), L2Ball(eps(1.0)), L1Ball(eps(1.5), domain=None)])
 
 
 @settings(max_examples=100)
