@@ -171,3 +171,12 @@ def test_fast_and_sound_together_are_refused(run_dir, capsys):
         main(["certify", run_dir, "--fast", "--sound", "fp32"])
     err = capsys.readouterr().err
     assert exit.value.code != 0 and "contradict" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_alpha_crown_cascade_certifies_at_least_what_crown_does(run_dir, tmp_path):
+    eps = {"inf": 0.08, "2": 0.5}
+    crown = certify_run(run_dir, eps, "crown", limit=8, out_dir=str(tmp_path / "crown"), pgd_steps=1, curve=())
+    alpha = certify_run(run_dir, eps, "alpha-crown", limit=8, out_dir=str(tmp_path / "alpha"), pgd_steps=1, curve=())
+    for norm in eps:
+        assert crown[f"certified_{norm}"] <= alpha[f"certified_{norm}"] <= alpha[f"pgd_{norm}"]
+    assert set(alpha["seconds_per_image"]) == {"pgd", "ibp", "crown-ibp", "crown", "alpha-crown"}

@@ -20,9 +20,11 @@ from ..training.attacks import pgd_batched
 from ..training.objectives import certified
 
 CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")  # cheapest first: the cascade order
-STAGES = {"alpha-crown": (dict(alpha_intermediate=False, alpha_target=0.0), dict(alpha_target=0.0))}
-"""Options of a method's passes in the cascade: α-CROWN first optimizes the final slopes only, then,
-on the samples still uncertified, the pre-activation bounds' slopes too; both stop once certified."""
+STAGES = {"alpha-crown": ((dict(alpha_intermediate=False, alpha_target=0.0), None), (dict(alpha_target=0.0), 1))}
+"""(options, samples per call or None for all) of a method's passes in the cascade: α-CROWN first
+optimizes the final slopes only, then, on the samples still uncertified and one at a time (a step
+keeps the autograd graph of every pre-activation pass: memory grows with the samples), the
+pre-activation bounds' slopes too; both stop once certified."""
 PRECISIONS = {"fp64": "fp64", "fp32": "fp32", True: "fp64", False: "off"}
 """``sound`` -> the certifier's arithmetic: float64, float32 with rounding errors bounded, plain fp32."""
 
@@ -144,15 +146,16 @@ def _evaluate_batch(model, bm, x, y, eps, cascade, pgd_steps, pgd_restarts, part
     for norm, spec, margins in zip(norms, specs, ibp):
         margins = margins.clone()
         by = ["ibp" if ok else "" for ok in certified(margins, y).tolist()]
-        for method, options in ((m, o) for m in cascade[1:] for o in STAGES.get(m, ({},))):
+        for method, (options, per_call) in ((m, o) for m in cascade[1:] for o in STAGES.get(m, (({}, None),))):
             todo = (correct & ~certified(margins, y)).nonzero()[:, 0]
             if len(todo) == 0:
                 break
-            stronger = _timed(seconds, method, bm.margins, x_cert[todo], y[todo], spec, method=method, sound=sound,
-                              **options)
-            margins[todo] = torch.maximum(margins[todo], stronger.to(margins.dtype))
-            for i in todo[certified(margins[todo], y[todo])].tolist():
-                by[i] = method
+            for part in todo.split(per_call or len(todo)):
+                stronger = _timed(seconds, method, bm.margins, x_cert[part], y[part], spec, method=method,
+                                  sound=sound, **options)
+                margins[part] = torch.maximum(margins[part], stronger.to(margins.dtype))
+                for i in part[certified(margins[part], y[part])].tolist():
+                    by[i] = method
         parts[f"cert_{norm}"].append(certified(margins, y))
         parts[f"margin_{norm}"].append(margins.scatter(1, y[:, None], float("inf")).amin(1))
         parts[f"by_{norm}"].append(by)

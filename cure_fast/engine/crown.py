@@ -235,7 +235,8 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
             dtype (not a certificate).
         max_rows: rows per backward pass (memory); None for the default budget.
         alpha_intermediate: α-CROWN also optimizes the slopes of the passes that bound the
-            pre-activations (every step recomputes them; slower, tighter); False: the final pass only.
+            pre-activations (every step recomputes them, keeping their autograd graph: slower, more
+            memory, growing with the batch; tighter); False: the final pass only.
         alpha_target: α-CROWN stops optimizing a margin row once its bound exceeds this value, and
             stops when every row does (0: enough to certify; None: all ``alpha_steps`` steps).
     Returns:
