@@ -180,3 +180,13 @@ def test_alpha_crown_cascade_certifies_at_least_what_crown_does(run_dir, tmp_pat
     for norm in eps:
         assert crown[f"certified_{norm}"] <= alpha[f"certified_{norm}"] <= alpha[f"pgd_{norm}"]
     assert set(alpha["seconds_per_image"]) == {"pgd", "ibp", "crown-ibp", "crown", "alpha-crown"}
+
+
+def test_alpha_intermediate_off_skips_the_second_alpha_pass(run_dir, tmp_path, capsys):
+    from cure_fast.certification.evaluate import cascade_stages
+    full = [(m, o.get("alpha_intermediate")) for m, o, _ in cascade_stages(("ibp", "crown", "alpha-crown"), True)]
+    assert full == [("crown", None), ("alpha-crown", False), ("alpha-crown", True)]
+    assert [m for m, _, _ in cascade_stages(("ibp", "crown", "alpha-crown"), False)] == ["crown", "alpha-crown"]
+    main(["certify", run_dir, "--norms", "inf:0.08", "--limit", "4", "--out", str(tmp_path), "--pgd-steps", "1",
+          "--method", "alpha-crown", "--no-alpha-intermediate", "--no-curve", "--no-progress"])
+    assert json.loads((tmp_path / "summary.json").read_text())["alpha_intermediate"] is False
