@@ -97,6 +97,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
     certifier = copy.deepcopy(model).double() if precision == "fp64" else model
     bm = BoundedModule(certifier, backend=backend)
     cascade = CERTIFIERS[: CERTIFIERS.index(method) + 1]
+    stages = cascade_stages(cascade, alpha_intermediate)
     norms = list(eps)
     parts = {"correct": [], **{f"{k}_{n}": [] for n in norms for k in ("pgd", "cert", "margin", "by")}}
     seconds = dict.fromkeys(("pgd",) + cascade, 0.0)
@@ -108,8 +109,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
                 x = images[start:start + batch_size].to(device)
                 x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
                 y = labels[start:start + batch_size].to(device)
-                _evaluate_batch(model, bm, x, y, eps, cascade_stages(cascade, alpha_intermediate), pgd_steps, pgd_restarts,
-                                parts, seconds, precision)
+                _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts, seconds, precision)
                 bar.update(len(y))
                 bar.set_postfix_str(", ".join(
                     f"certified {NORM_NAMES.get(n, n)} {int(sum(c.sum() for c in parts[f'cert_{n}']))}" for n in norms))
