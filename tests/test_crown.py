@@ -94,9 +94,7 @@ def test_crown_is_never_looser_than_pure_crown(net, data):
 def test_a_net_where_the_intersection_alone_is_looser_than_pure_crown():
     """Seed 1167: CROWN's intermediate bounds intersected with IBP give a final bound 0.0078 below pure
     CROWN's (the tighter bounds change the adaptive slopes); the method keeps the better one."""
-    torch.manual_seed(1167)
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
-                          nn.Linear(6, 3)).double().eval()
+    model = _seed_1167_net()
     x, y = torch.rand(1, 4, dtype=torch.float64), torch.tensor([0])
     bm = BoundedModule(model)
     pure, mask = _pure_crown(bm, x, y, LinfBall(0.1))
@@ -106,6 +104,37 @@ def test_a_net_where_the_intersection_alone_is_looser_than_pure_crown():
     assert (pure - intersected).max() > 1e-3
     for method in ("crown", "alpha-crown"):
         assert (bm.margins(x, y, LinfBall(0.1), method=method)[mask] >= pure - 1e-12).all()
+
+
+def _seed_1167_net():
+    torch.manual_seed(1167)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+                         nn.Linear(6, 3)).double().eval()
+
+
+def test_target_runs_pure_crown_only_below_it():
+    """On the seed-1167 net (where pure CROWN is the tighter): ``target`` above the bounds -> pure CROWN
+    runs, as without a target; below them -> it is skipped (the intersected bound alone)."""
+    bm, x, y = BoundedModule(_seed_1167_net()), torch.rand(1, 4, dtype=torch.float64), torch.tensor([0])
+    pure, mask = _pure_crown(bm, x, y, LinfBall(0.1))
+    full = bm.margins(x, y, LinfBall(0.1), method="crown")
+    assert torch.equal(bm.margins(x, y, LinfBall(0.1), method="crown", target=1e9), full)
+    skipped = bm.margins(x, y, LinfBall(0.1), method="crown", target=-1e9)[mask]
+    assert (pure - skipped).max() > 1e-4 and (full[mask] >= pure - 1e-12).all()
+
+
+def test_pure_crown_chain_for_some_samples_only():
+    """``relaxations(samples=...)``: the chosen samples get pure CROWN's bounds, the others keep the
+    reused chain's."""
+    bm = BoundedModule(_seed_1167_net())
+    x, y = torch.rand(2, 4, dtype=torch.float64), torch.tensor([0, 1])
+    problem = crown._problem(bm, x, y, LinfBall(0.1), True, None)
+    chain = passes.relaxations(problem, crown=True)
+    full = passes.relaxations(problem, crown=True, intersect=False, reuse=chain)
+    part = passes.relaxations(problem, crown=True, intersect=False, reuse=chain, samples=torch.tensor([True, False]))
+    for i in part.bounds:
+        for mine, pure, kept in zip(part.bounds[i], full.bounds[i], chain.bounds[i]):
+            assert torch.allclose(mine[0], pure[0], rtol=1e-12, atol=1e-12) and torch.equal(mine[1], kept[1])
 
 
 def test_tighter_on_average_crown_ibp_then_crown_then_alpha():
@@ -160,8 +189,8 @@ def test_alpha_crown_on_intermediate_bounds_tightens_them_and_the_margins():
 
 
 
-def test_alpha_target_stops_rows_once_above_it():
-    """``alpha_target``: below every bound at once -> the first pass (CROWN's slopes) is the answer;
+def test_target_stops_rows_once_above_it():
+    """``target``: below every bound at once -> the first pass (CROWN's slopes) is the answer;
     above every bound -> all the steps, as without a target; 0 -> at least CROWN's certificates."""
     torch.manual_seed(2)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
@@ -172,10 +201,10 @@ def test_alpha_target_stops_rows_once_above_it():
     spec = LinfBall(0.05)
     crown_only = bm.margins(x, y, spec, method="crown")
     options = dict(method="alpha-crown", alpha_steps=6)
-    assert torch.equal(bm.margins(x, y, spec, alpha_target=-1e9, **options), crown_only)
-    assert torch.equal(bm.margins(x, y, spec, alpha_target=1e9, **options), bm.margins(x, y, spec, **options))
+    assert torch.equal(bm.margins(x, y, spec, target=-1e9, **options), crown_only)
+    assert torch.equal(bm.margins(x, y, spec, target=1e9, **options), bm.margins(x, y, spec, **options))
     mask = torch.ones_like(crown_only, dtype=torch.bool).scatter(1, y[:, None], False)
-    enough = bm.margins(x, y, spec, alpha_target=0.0, **options)
+    enough = bm.margins(x, y, spec, target=0.0, **options)
     assert (enough[mask] >= crown_only[mask]).all()
     assert ((enough > 0) | ~mask).all(1).sum() >= ((crown_only > 0) | ~mask).all(1).sum()
 

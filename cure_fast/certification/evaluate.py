@@ -20,20 +20,22 @@ from ..training.attacks import pgd_batched
 from ..training.objectives import certified
 
 CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")  # cheapest first: the cascade order
-STAGES = {"alpha-crown": ((dict(alpha_intermediate=False, alpha_target=0.0), None),
-                         (dict(alpha_intermediate=True, alpha_target=0.0), 1))}
-"""(options, samples per call or None for all) of a method's passes in the cascade: α-CROWN first
-optimizes the final slopes only, then, on the samples still uncertified and one at a time (a step
-keeps the autograd graph of every pre-activation pass: memory grows with the samples), the
-pre-activation bounds' slopes too; both stop once certified."""
-PRECISIONS = {"fp64": "fp64", "fp32": "fp32", True: "fp64", False: "off"}
-"""``sound`` -> the certifier's arithmetic: float64, float32 with rounding errors bounded, plain fp32."""
+STAGES = {"crown-ibp": ((dict(), None),),
+          "crown": ((dict(target=0.0), None),),
+          "alpha-crown": ((dict(alpha_intermediate=False, target=0.0), None),
+                          (dict(alpha_intermediate=True, target=0.0), 1))}
+"""(options, samples per call or None for all) of a method's passes in the cascade, each working
+only until a sample is certified (``target=0``): CROWN adds pure CROWN's passes only for the samples
+it has not certified; α-CROWN first optimizes the final slopes only, then, on the samples still
+uncertified and one at a time (a step keeps the autograd graph of every pre-activation pass: memory
+grows with the samples), the pre-activation bounds' slopes too."""
 
 
-def _precision(sound: Union[bool, str]) -> str:
+def _checked(sound: Union[bool, str]) -> Union[bool, str]:
+    """``sound`` as True (float64), ``"fp32"`` (float32, rounding errors bounded) or False (plain fp32)."""
     if not (isinstance(sound, bool) or sound in ("fp64", "fp32")):
         raise ValueError(f"sound={sound!r}; one of True (fp64), 'fp64', 'fp32' (sound float32), False (not sound)")
-    return PRECISIONS[sound]
+    return True if sound == "fp64" else sound
 
 
 @dataclass
@@ -93,8 +95,8 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    precision = _precision(sound)
-    certifier = copy.deepcopy(model).double() if precision == "fp64" else model
+    sound = _checked(sound)
+    certifier = copy.deepcopy(model).double() if sound is True else model
     bm = BoundedModule(certifier, backend=backend)
     cascade = CERTIFIERS[: CERTIFIERS.index(method) + 1]
     stages = cascade_stages(cascade, alpha_intermediate)
@@ -102,14 +104,14 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
     parts = {"correct": [], **{f"{k}_{n}": [] for n in norms for k in ("pgd", "cert", "margin", "by")}}
     seconds = dict.fromkeys(("pgd",) + cascade, 0.0)
     bar = tqdm(total=len(labels), unit="img", disable=not progress, leave=False, dynamic_ncols=True,
-               desc=f"certify ({method})" if precision != "off" else f"evaluate ({method})")
+               desc=f"certify ({method})" if sound is not False else f"evaluate ({method})")
     try:
         with backends.library_tf32(False):  # certificates need IEEE fp32 products
             for start in range(0, len(labels), batch_size):
                 x = images[start:start + batch_size].to(device)
                 x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
                 y = labels[start:start + batch_size].to(device)
-                _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts, seconds, precision)
+                _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts, seconds, sound)
                 bar.update(len(y))
                 bar.set_postfix_str(", ".join(
                     f"certified {NORM_NAMES.get(n, n)} {int(sum(c.sum() for c in parts[f'cert_{n}']))}" for n in norms))
@@ -131,12 +133,11 @@ def _timed(seconds: Dict[str, float], key: str, fn, *args, **kwargs):
 
 def cascade_stages(cascade, alpha_intermediate: bool) -> List:
     """(method, options, samples per call) of every pass after IBP."""
-    stages = [(method, options, per_call) for method in cascade[1:]
-              for options, per_call in STAGES.get(method, (({}, None),))]
+    stages = [(method, options, per_call) for method in cascade[1:] for options, per_call in STAGES[method]]
     return [stage for stage in stages if alpha_intermediate or not stage[1].get("alpha_intermediate")]
 
 
-def _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts, seconds, precision) -> None:
+def _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts, seconds, sound) -> None:
     norms = list(eps)
     specs = [make_spec(n, eps[n]) for n in norms]
     with torch.no_grad():
@@ -148,9 +149,8 @@ def _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts
         for norm, point in zip(norms, points):
             parts[f"pgd_{norm}"].append(correct & (objective(point) < 0))
     x_cert = x.to(next(bm.parameters()).dtype)
-    sound = {"fp64": True, "fp32": "fp32", "off": False}[precision]
     with torch.no_grad():
-        if precision == "fp32":  # IBP with every float32 rounding error bounded, per input set
+        if sound == "fp32":  # IBP with every float32 rounding error bounded, per input set
             ibp = [_timed(seconds, "ibp", crown_margins, bm, x_cert, y, spec, "ibp", sound="fp32") for spec in specs]
         else:
             ibp = _timed(seconds, "ibp", bm.propagate, x_cert, specs, y).margins

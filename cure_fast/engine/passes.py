@@ -19,6 +19,9 @@ from .window import Window
 
 Interval = Tuple[Tensor, Tensor]
 
+MEMORY_BYTES = 2 ** 28  # the most bytes of coefficients one chunk of rows holds (GPU)
+CACHE_BYTES = 2 ** 21  # on the CPU: a chunk's coefficients stay in a core's L2 cache (measured fastest)
+
 
 @dataclass
 class Problem:
@@ -28,9 +31,31 @@ class Problem:
     shapes: List[torch.Size]
     inputs: Union[InputSet, SoundInputSet]
     propagation: object  # a BoundedModule's Propagation, or a rounding.SoundPropagation
-    max_rows: int
+    max_rows: Optional[int]  # the caller's cap on the rows of one pass (None: none)
+    chunk_bytes: int  # the most bytes of coefficients a chunk of rows holds at one step of a pass
     arithmetic: rounding.Arithmetic
     dtype: torch.dtype  # the working dtype
+
+    def rows(self, width: int, share: int = 1) -> int:
+        """Rows per chunk of a pass whose rows hold at most ``width`` coefficients each, with
+        ``share`` times less room (α-CROWN keeps its autograd graph)."""
+        budget = min(self.chunk_bytes, MEMORY_BYTES // share)
+        fit = max(1, budget // (width * torch.finfo(self.dtype).bits // 8))
+        return fit if self.max_rows is None else min(fit, self.max_rows)
+
+    def width(self, end: int, unit: bool = False) -> int:
+        """The most coefficients of one row in a backward pass from the output of layer ``end - 1``:
+        on the whole maps, or (``unit``) on the windows of one of its neurons until a layer that
+        mixes positions (:func:`window_backward`)."""
+        shape = self.shapes[end]
+        if not unit or len(shape) != 3:
+            return max(s.numel() for s in self.shapes[:end + 1])
+        widest, height, width = shape[0], 1, 1
+        while end > 0 and (self.ops[end - 1] is None or self.ops[end - 1].local):
+            if self.ops[end - 1] is not None:
+                height, width = self.ops[end - 1].window_size(height, width)
+            widest, end = max(widest, self.shapes[end - 1][0] * height * width), end - 1
+        return widest if end == 0 else max(widest, max(s.numel() for s in self.shapes[:end + 1]))
 
 
 @dataclass
@@ -185,7 +210,7 @@ def crown_bounds(problem: Problem, chain: Chain, end: int, lower: Tensor, upper:
     rows, neurons = sample.repeat(2), neuron.repeat(2)
     signs = torch.cat([l.new_ones(count), -l.new_ones(count)])
     values = []
-    for k, part in enumerate(chunks(2 * count, problem.max_rows)):
+    for k, part in enumerate(chunks(2 * count, problem.rows(problem.width(end, unit=True)))):
         view = None if slopes is None else slopes.view(k)
         values.append(unit_bound(problem, chain, end, neurons[part], signs[part], rows[part], view))
     values = round_down(torch.cat(values), l.dtype) if values else l.new_zeros(0)
@@ -197,10 +222,12 @@ def crown_bounds(problem: Problem, chain: Chain, end: int, lower: Tensor, upper:
     return l.view_as(lower), torch.maximum(u, l).view_as(upper), changed
 
 
-def relaxations(problem: Problem, crown: bool, intersect: bool = True, reuse: Optional[Chain] = None) -> Chain:
+def relaxations(problem: Problem, crown: bool, intersect: bool = True, reuse: Optional[Chain] = None,
+                samples: Optional[Tensor] = None) -> Chain:
     """The relaxations from IBP's bounds (``crown=False``) or CROWN's, layer by layer, intersected
     with IBP's (``intersect``; from the earlier, tightened bounds) or not (pure CROWN). ``reuse``:
-    a chain whose entries before its ``diverged`` layer are the same here."""
+    a chain whose entries before its ``diverged`` layer are the same here; ``samples`` (B,) bool:
+    CROWN passes for these samples only, the others keep ``reuse``'s bounds."""
     weights = problem.arithmetic.weights if reuse is None else reuse.weights
     folds = problem.arithmetic.folds(weights, 0) if reuse is None else reuse.folds
     chain = Chain({}, {}, dict(weights), dict(folds))
@@ -213,7 +240,11 @@ def relaxations(problem: Problem, crown: bool, intersect: bool = True, reuse: Op
             previous = (i, reuse.bounds[i])
             continue
         lower, upper = problem.propagation.input_bounds(0, i)
-        changed = False
+        changed, marked = False, None
+        if samples is not None:
+            kept = samples.view((-1,) + (1,) * (lower.dim() - 1))
+            lower, upper = (torch.where(kept, ibp, old) for ibp, old in zip((lower, upper), reuse.bounds[i]))
+            marked = (lower < 0) & (upper > 0) & kept
         if crown:
             if previous is not None and intersect:
                 low, high = problem.arithmetic.forward(previous[0] + 1, i, previous[1])
@@ -221,7 +252,7 @@ def relaxations(problem: Problem, crown: bool, intersect: bool = True, reuse: Op
                 lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
                 upper = torch.maximum(upper, lower)
             if not _ibp_is_exact(problem.ops[:i]):
-                lower, upper, tightened = crown_bounds(problem, chain, i, lower, upper, intersect)
+                lower, upper, tightened = crown_bounds(problem, chain, i, lower, upper, intersect, unstable=marked)
                 changed = changed or tightened
             previous = (i, (lower, upper))
         if changed and chain.diverged is None:
@@ -262,4 +293,4 @@ def linear_bound(problem: Problem, chain: Chain, C: Tensor, rows: Tensor, start:
     (from the interval bounds on the input of layer ``start`` when > 0)."""
     end, chain = len(problem.ops), as_chain(chain)
     return torch.cat([backward(problem, chain, end, C[part], rows[part], start=start)
-                      for part in chunks(C.shape[0], problem.max_rows)])
+                      for part in chunks(C.shape[0], problem.rows(problem.width(end)))])

@@ -173,6 +173,10 @@ class ConvOperator(Operator):
         grown = Window(A, top, left)
         return grown.with_A(A * grown.inside(*self.in_shape[1:])), bias
 
+    def window_size(self, height: int, width: int) -> Tuple[int, int]:
+        k, s, d = self.weight.shape[2:], self.stride, self.dilation
+        return (height - 1) * s[0] + d[0] * (k[0] - 1) + 1, (width - 1) * s[1] + d[1] * (k[1] - 1) + 1
+
     def interval(self, c: Tensor, r: Tensor) -> Interval:
         return ops.interval_conv2d_ref(c, r, self.weight, self.bias, self.stride, self.padding, self.dilation,
                                        self.groups)

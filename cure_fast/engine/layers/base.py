@@ -68,6 +68,10 @@ class Operator:
         """:meth:`back` on windows of a (C, H, W) map (local operators only)."""
         raise NotImplementedError
 
+    def window_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The size of the input window that :meth:`back_window` makes of a (height, width) one."""
+        return height, width
+
     def interval(self, c: Tensor, r: Tensor) -> Interval:
         """The exact interval image (pure PyTorch) of ``(c, r)`` (B, *in shape)."""
         raise NotImplementedError
