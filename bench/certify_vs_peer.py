@@ -11,7 +11,7 @@ Nets: ``models.build(net, dataset)``, eval mode, random weights (BatchNorm stati
 images) or briefly trained (natural, MNIST). Labels are the predictions; the specification is
 ``z_y - z_j``, ``j != y`` (the peer's ``C``). Sets: l∞ over ``[max(x-eps, 0), min(x+eps, 1)]``
 (the peer's ``x_L, x_U``), l2 without the domain (the peer ignores it; ours ``L2Ball(eps, domain=None)``).
-Ours: ``margins``, ``sound=True`` (fp64) and ``sound=False`` (fp32); IBP in fp32 and fp64. The peer:
+Ours: ``margins``, ``sound=True`` (fp64), ``sound="fp32"`` (sound fp32) and ``sound=False`` (fp32); IBP in fp32 and fp64. The peer:
 fp32 (and fp64 for IBP), ``--conv-mode`` patches by default.
 
 The peer gets our Normalize as a 1x1 Conv2d with a diagonal weight (the same function; grouped, its
@@ -58,6 +58,7 @@ from cure_fast import BoundedModule, L2Ball, LinfBall, models  # noqa: E402
 EPS = {"mnist": {"inf": 0.1, "2": 1.0}, "cifar10": {"inf": 2 / 255, "2": 0.25}}
 PEER_METHOD = {"ibp": "IBP", "crown": "CROWN", "alpha-crown": "alpha-CROWN"}
 NETS = ("cnn3", "cnn5", "cnn7")
+VARIANTS = {"sound": "fp64 sound", "sound32": "fp32 sound", "fp32": "fp32"}  # our arithmetic: sound= True, "fp32", False
 
 
 class _InclusiveClamp(torch.autograd.Function):
@@ -298,7 +299,7 @@ def run_case(case: dict, args, lirpa, perturbation) -> List[dict]:
                 else:
                     row["ours_unsound_by"] = 0.0
                     fixed = peer(method, interm=True)[0] if method == "alpha-crown" and case.get("fixed_interm") else None
-                    for label, sound in {"sound": True, "fp32": False}.items():
+                    for label, sound in {"sound": True, "sound32": "fp32", "fp32": False}.items():
                         o, t = timed(lambda: off_label(bm.margins(x, y, spec, method=method, sound=sound), y))
                         row.update({f"ours_{label}_s_per_image": t / len(x), f"{label}_vs_peer": compare(o, p, args.tol, name),
                                     "ours_unsound_by": max(row["ours_unsound_by"], unsound(o, sampled))})
@@ -366,8 +367,9 @@ def summary(rows: List[dict], args, notes: List[str]) -> List[List[str]]:
     for method, label in (("crown", "CROWN margins, l∞ and l2"), ("alpha-crown", "α-CROWN margins, l∞ and l2")):
         sel = [r for r in ok if r["method"] == method and ("sound_vs_peer" in r or "fp32_vs_peer" in r)]
         if sel:
-            parts = [_counts([r[f"{v}_vs_peer"] for r in sel if f"{v}_vs_peer" in r], v) for v in ("sound", "fp32")]
-            bad = any(r[f"{v}_vs_peer"]["looser"] for r in sel for v in ("sound", "fp32") if f"{v}_vs_peer" in r)
+            variants = [v for v in ("sound", "sound32", "fp32") if any(f"{v}_vs_peer" in r for r in sel)]
+            parts = [_counts([r[f"{v}_vs_peer"] for r in sel if f"{v}_vs_peer" in r], VARIANTS[v]) for v in variants]
+            bad = any(r[f"{v}_vs_peer"]["looser"] for r in sel for v in variants if f"{v}_vs_peer" in r)
             table.append([label, "; ".join(parts), "", "**not ok**" if bad else "ok"])
         fixed = [r["sound_vs_peer_fixed_intermediate"] for r in sel if "sound_vs_peer_fixed_intermediate" in r]
         if fixed:
@@ -386,11 +388,12 @@ def summary(rows: List[dict], args, notes: List[str]) -> List[List[str]]:
         sel = [r for r in rows if pick(r) and r["method"] == method and "ours_fp32_s_per_image" in r]
         if not sel:
             return
-        sound = [r["ours_sound_s_per_image"] for r in sel if "ours_sound_s_per_image" in r]
-        fp32, peer = [r["ours_fp32_s_per_image"] for r in sel], [r["peer_s_per_image"] for r in sel if "peer_s_per_image" in r]
-        ours = [(f"{_span(sound)} (fp64 sound) / " if sound else "") + f"{_span(fp32)} (fp32)"] + [
+        times = {v: [r[f"ours_{v}_s_per_image"] for r in sel if f"ours_{v}_s_per_image" in r] for v in VARIANTS}
+        times = {v: t for v, t in times.items() if t}
+        peer = [r["peer_s_per_image"] for r in sel if "peer_s_per_image" in r]
+        ours = [" / ".join(f"{_span(t)} ({VARIANTS[v]})" for v, t in times.items())] + [
             f"process peak RSS {r['ours_peak_rss_mb'] / 1024:.2g} GB" for r in sel if "ours_peak_rss_mb" in r]
-        ratio = ([f"{max(sound) / max(peer):.2g}× (sound)"] if sound and peer else []) + ([f"{max(fp32) / max(peer):.2g}× (fp32)"] if peer else [])
+        ratio = [f"{max(t) / max(peer):.2g}× ({VARIANTS[v]})" for v, t in times.items()] if peer else []
         error = sel[0].get("error", "not run")
         error = f"out of memory (address space capped at {args.peer_mem_gb:g} GB)" if "allocate memory" in error else error
         table.append([label, ", ".join(ours), f"{_span(peer)} ({args.conv_mode} mode)" if peer else error,

@@ -33,8 +33,9 @@ Methods (``method=``):
   (``alpha_steps`` steps, learning rate ``alpha_lr`` decaying by 2% a step, clamped to ``[0, 1]``
   after each) from CROWN's choice, one per unstable neuron *and per row of every backward pass*: the
   margin rows, and (``alpha_intermediate``, the default) the rows that bound each pre-activation,
-  which every step recomputes with their own slopes and intersects with the tightest bounds so far
-  (every bound of every step is sound, whatever the slopes). The objective is the sum of the margin
+  which every step recomputes with their own slopes and intersects with CROWN's, the gradient being
+  the recomputed bound's even where CROWN's is tighter (every bound of every step is sound, whatever
+  the slopes). The objective is the sum of the margin
   bounds; the best bound seen per row is kept and compared with pure CROWN's, so it is never looser
   than CROWN. ``alpha_intermediate=False``: CROWN's pre-activation bounds, final slopes only.
   ``target=0`` (what the certification cascade uses): a row leaves the objective once its
@@ -122,16 +123,15 @@ def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Ten
               intermediate: bool, target: Optional[float] = None) -> Tensor:
     """Projected Adam on the lower slopes α from CROWN's choice, one per unstable neuron and row of
     every pass: the rows of C, and with ``intermediate`` also the rows of every CROWN-computed
-    pre-activation bound, recomputed at each step (kept when tighter); the best bound per row of C.
+    pre-activation bound, recomputed at each step (intersected with ``chain``'s); the best bound per row of C.
     ``target``: a row whose bound is above it leaves the objective; all above it: stop."""
     end, slopes = len(problem.ops), passes.Slopes()
-    tightest = passes.Chain(dict(chain.relaxations), dict(chain.bounds))
     parts = passes.chunks(C.shape[0], problem.rows(problem.width(end), share=8))
     best, optimizer, schedule = None, None, None
     for step in range(steps + 1):
         training = step < steps
         with torch.set_grad_enabled(training):
-            current = passes.optimized_chain(problem, tightest, slopes.view("pre")) if intermediate else chain
+            current = passes.optimized_chain(problem, chain, slopes.view("pre")) if intermediate else chain
             values = []
             for k, part in enumerate(parts):
                 value = passes.backward(problem, current, end, C[part], rows[part], slopes.view("final", k))

@@ -271,21 +271,28 @@ def _extend(problem: Problem, chain: Chain, i: int, lower: Tensor, upper: Tensor
         chain.folds.update(problem.arithmetic.folds(chain.weights, i + 1))
 
 
-def optimized_chain(problem: Problem, best: Chain, slopes: Slopes) -> Chain:
+def optimized_chain(problem: Problem, reference: Chain, slopes: Slopes) -> Chain:
     """The chain with every CROWN-computed pre-activation bound recomputed with the slopes of its own
-    passes (α-CROWN on intermediate layers), intersected with ``best``'s bounds; ``best.bounds`` is
-    tightened in place (detached). Rows: the neurons unstable under ``best`` when ``slopes`` is empty,
-    the same ones after that (the slopes are per row)."""
+    passes (α-CROWN on intermediate layers) and intersected with ``reference``'s, with the gradient of
+    the recomputed bound also where the reference's is the tighter (so that its slopes keep moving:
+    tighter final bounds than a gradient cut off there, measured). Rows: the neurons unstable under
+    ``reference``."""
     weights = problem.arithmetic.weights
     chain = Chain({}, {}, dict(weights), dict(problem.arithmetic.folds(weights, 0)))
-    for i in best.relaxations:
-        lower, upper = best.bounds[i]
+    for i in reference.relaxations:
+        lower, upper = reference.bounds[i]
         if not _ibp_is_exact(problem.ops[:i]):
-            lower, upper, _ = crown_bounds(problem, chain, i, lower, upper, slopes=slopes.view(i),
-                                           unstable=best.relaxations[i].unstable)
-            best.bounds[i] = (lower.detach(), upper.detach())
+            low, high, _ = crown_bounds(problem, chain, i, lower, upper, intersect=False, slopes=slopes.view(i),
+                                        unstable=reference.relaxations[i].unstable)
+            tight = torch.maximum(low, lower)
+            lower, upper = _through(low, tight), _through(high, torch.maximum(torch.minimum(high, upper), tight))
         _extend(problem, chain, i, lower, upper)
     return chain
+
+
+def _through(raw: Tensor, value: Tensor) -> Tensor:
+    """Exactly ``value`` (forward), with the gradient of ``raw``."""
+    return value.detach() + (raw - raw.detach())
 
 
 def linear_bound(problem: Problem, chain: Chain, C: Tensor, rows: Tensor, start: int = 0) -> Tensor:
