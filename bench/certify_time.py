@@ -1,12 +1,14 @@
 """Certification time per image and peak memory of CNN7 (CIFAR-10 shape) per method (ibp, crown-ibp,
-crown, alpha-crown) for l∞ 2/255 and l2 0.25, in float64 (the sound mode), on the current device.
+crown, alpha-crown) for l∞ 2/255 and l2 0.25, in a sound mode (``--sound fp64``, the default, or
+``fp32``: float32 with every rounding error bounded) or plain float32 (``off``), on the current device.
 
-    python bench/certify_time.py [--images 2] [--quick] [--device cpu] [--methods ibp,crown] [--json out.json]
+    python bench/certify_time.py [--images 2] [--quick] [--device cpu] [--methods ibp,crown] [--sound fp32] [--json out.json]
     python bench/certify_time.py --smoke       # a tiny CNN7 (8x8 inputs, width 1) in one process: checks the script
 
 The model has random weights (seed 0) in eval mode, its BatchNorm running statistics estimated on
 random images, so every pre-activation is roughly standardized; the labels are its own predictions.
-Model and images are float64, so every method, IBP included, computes in float64. Such a network is
+With ``--sound fp64`` model and images are float64, so every method, IBP included, computes in
+float64; otherwise float32 (sound fp32 IBP: ``crown_margins(..., "ibp", sound="fp32")``). Such a network is
 far from certifiable: almost every neuron of the deeper layers is unstable, which is the worst case for
 CROWN (it computes bounds for every unstable neuron of every layer, one backward pass per neuron and
 side).
@@ -34,8 +36,10 @@ import torch
 
 import harness
 from cure_fast import BoundedModule, L2Ball, LinfBall, models
+from cure_fast.engine.crown import crown_margins
 
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+SOUND = {"fp64": True, "fp32": "fp32", "off": False}  # --sound -> crown_margins(sound=)
 NORMS = {"linf 2/255": lambda: LinfBall(2 / 255), "l2 0.25": lambda: L2Ball(0.25)}
 
 
@@ -44,19 +48,19 @@ def _data(smoke: bool) -> models.DatasetInfo:
     return models.DatasetInfo((3, 8, 8), 10, data.mean, data.std) if smoke else data
 
 
-def _model(device: torch.device, width: int, smoke: bool = False) -> torch.nn.Sequential:
-    """CNN7 in float64 with random weights and BatchNorm running statistics estimated on random images,
+def _model(device: torch.device, width: int, smoke: bool = False, dtype: torch.dtype = torch.float64) -> torch.nn.Sequential:
+    """CNN7 in ``dtype`` with random weights and BatchNorm running statistics estimated on random images,
     in eval mode."""
     torch.manual_seed(0)
     data = _data(smoke)
-    model = models.cnn7(data, width=width, **({"linear": 8} if smoke else {})).to(device, torch.float64)
+    model = models.cnn7(data, width=width, **({"linear": 8} if smoke else {})).to(device, dtype)
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = None
     model.train()
     with torch.no_grad():
         for _ in range(8):
-            model(torch.rand((32,) + data.shape, device=device, dtype=torch.float64))
+            model(torch.rand((32,) + data.shape, device=device, dtype=torch.float64).to(dtype))  # same in every mode
     return model.eval()
 
 
@@ -65,17 +69,25 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(method: str, norm: str, images: int, device: torch.device, width: int, smoke: bool = False) -> dict:
+def _margins(bounded: BoundedModule, x, y, spec, method: str, sound: str):
+    if method == "ibp":
+        return crown_margins(bounded, x, y, spec, "ibp", sound="fp32") if sound == "fp32" else bounded.margins(x, y, spec)
+    return bounded.margins(x, y, spec, method=method, sound=SOUND[sound])
+
+
+def measure(method: str, norm: str, images: int, device: torch.device, width: int, smoke: bool = False,
+            sound: str = "fp64") -> dict:
     """Seconds per image, peak memory and the bounds of one (method, norm) on ``images`` random images."""
-    model = _model(device, width, smoke)
+    dtype = torch.float64 if sound == "fp64" else torch.float32
+    model = _model(device, width, smoke, dtype)
     bounded = BoundedModule(model)
     torch.manual_seed(1)
-    x = torch.rand((images,) + _data(smoke).shape, device=device, dtype=torch.float64)
+    x = torch.rand((images,) + _data(smoke).shape, device=device, dtype=torch.float64).to(dtype)
     with torch.no_grad():
         y = model(x).argmax(1)
     spec = NORMS[norm]()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    run = lambda: bounded.margins(x, y, spec, method=method)  # noqa: E731
+    run = lambda: _margins(bounded, x, y, spec, method, sound)  # noqa: E731
     repeats = 3 if method in ("ibp", "crown-ibp") else 1
     if repeats > 1:
         run()
@@ -94,7 +106,7 @@ def measure(method: str, norm: str, images: int, device: torch.device, width: in
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     worst = margins.scatter(1, y[:, None], float("inf")).amin(1)
-    return {"method": method, "norm": norm, "images": images,
+    return {"method": method, "norm": norm, "images": images, "sound": sound,
             "seconds_per_image": sorted(times)[len(times) // 2] / images, "peak_memory_mb": peak / 2**20,
             "cpu_rss_before_mb": None if device.type == "cuda" else before / 2**20,
             "certified": int((worst > 0).sum()), "mean_worst_margin": float(worst.mean())}
@@ -103,7 +115,7 @@ def measure(method: str, norm: str, images: int, device: torch.device, width: in
 def _run_isolated(method: str, norm: str, args: argparse.Namespace) -> dict:
     """:func:`measure` in a fresh subprocess (its own peak memory); on failure, the error's last line."""
     command = [sys.executable, __file__, "--worker", method, norm, "--images", str(args.images),
-               "--device", args.device, "--width", str(args.width)]
+               "--device", args.device, "--width", str(args.width), "--sound", args.sound]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
         sys.stderr.write(run.stderr)
@@ -119,7 +131,7 @@ def _save(args: argparse.Namespace, device: torch.device, load, results: list, c
             harness.save_json(args.json, "certify_time", device, {
                 "load_average_before": load, "smoke": args.smoke,
                 "model": f"cnn7 {'8x8 smoke' if args.smoke else 'cifar10'} width {args.width}, random weights, eval mode",
-                "sound": True, "images": args.images, "results": results, "complete": complete})
+                "sound": args.sound, "images": args.images, "results": results, "complete": complete})
 
 
 def main() -> None:
@@ -129,6 +141,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--width", type=int, default=64, help="CNN7 width (64 is the paper's)")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--sound", default="fp64", choices=list(SOUND),
+                        help="fp64 (float64, the default), fp32 (float32, rounding errors bounded), off (plain float32)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--smoke", action="store_true",
                         help="CNN7 on 8x8 inputs, width 1, one image, in this process: checks the script")
@@ -139,14 +153,14 @@ def main() -> None:
         args.width, args.images = 1, 1
     args.images = 1 if args.quick else args.images or (16 if device.type == "cuda" else 2)
     if args.worker:
-        print(json.dumps(measure(*args.worker, args.images, device, args.width)))
+        print(json.dumps(measure(*args.worker, args.images, device, args.width, sound=args.sound)))
         return
     results, load = [], os.getloadavg()
     print(f"{'norm':<11} {'method':<12} {'s/image':>9} {'peak MB':>9} {'(before)':>9} {'certified':>9} "
           f"{'mean worst margin':>18}")
     for norm in NORMS:
         for method in args.methods.split(","):
-            r = measure(method, norm, args.images, device, args.width, True) if args.smoke else \
+            r = measure(method, norm, args.images, device, args.width, True, args.sound) if args.smoke else \
                 _run_isolated(method, norm, args)
             results.append(r)
             if "error" in r:

@@ -25,7 +25,7 @@
 # first, then every test marked gpu), kernels (bench/bench_kernels.py: per-layer triton / cuda /
 # eager / compile / floor), network (bench/bench_network.py: the CNN7 step vs the natural one),
 # propagate (bench/bench_propagate.py), train (bench/train_throughput.py), certify
-# (bench/certify_time.py). STEP_TIMEOUT (seconds, default 1800) bounds each step.
+# (bench/certify_time.py: fp64, then sound fp32 up to CROWN). STEP_TIMEOUT (seconds, default 1800) bounds each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == quick ]]; then
@@ -95,6 +95,8 @@ if wanted train; then
 fi
 if wanted certify; then
   step certify_time "$PYTHON" bench/certify_time.py --device cuda --images 8 --json "$OUT/certify_time.json"
+  step certify_time_fp32 "$PYTHON" bench/certify_time.py --device cuda --images 8 --sound fp32 \
+    --methods ibp,crown-ibp,crown --json "$OUT/certify_time_fp32.json"
 fi
 
 if ((${#failed[@]})); then
