@@ -384,3 +384,15 @@ def test_window_transpose_equals_the_transposed_convolution(channels, out, kerne
     got = op._transpose_window(A)
     assert got.shape[2:] == op.window_size(*size)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_intersected_bound_keeps_the_recomputed_bounds_gradient():
+    """α-CROWN's intermediate bound: exactly the intersection (no rounding), the gradient of the
+    recomputed bound everywhere, also where the reference is tighter."""
+    raw = torch.tensor([0.1, -3.0, 7.0], requires_grad=True)
+    reference = torch.tensor([0.3, -5.0, 7.0])
+    value = torch.maximum(raw.detach(), reference)
+    out = passes._through(raw * 1.0, value)
+    assert torch.equal(out, value)
+    out.sum().backward()
+    assert torch.equal(raw.grad, torch.ones(3))
