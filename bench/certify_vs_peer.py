@@ -456,6 +456,7 @@ def main() -> None:
     print(text)
     if args.json:
         harness.save_json(args.json, "certify_vs_peer", args.device, {
+            "commit": env["commit"], "date": env["date"],  # when the run started (the code it ran)
             "peer": peer_info, "threads": args.threads, "conv_mode": args.conv_mode, "tol": args.tol, "smoke": args.smoke,
             "eps": EPS, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "wall_s": time.time() - start, "table": table, "notes": notes, "results": rows, "complete": True})
