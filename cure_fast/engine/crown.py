@@ -277,9 +277,9 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
                                       target)
         else:
             values = passes.linear_bound(problem, chain, C, rows)
+        values = torch.maximum(values, _ibp_margins(problem, chain, C, rows, mask))
         if method in ("crown", "alpha-crown") and chain.diverged is not None:  # never looser than pure CROWN
             values = _with_pure_crown(problem, chain, C, rows, values, target)
-        values = torch.maximum(values, _ibp_margins(problem, chain, C, rows, mask))
     margins = values.new_zeros(mask.shape)
     margins[mask] = values
     return round_down(margins, x.dtype)
