@@ -29,7 +29,9 @@ def _eval_setup(net, data):
 @given(net=networks(), data=st.data())
 def test_float32_bounds_are_below_float64_close_to_them_and_below_sampled_margins(net, data):
     """α-CROWN's optimizer takes other paths in float32 than in float64 (a bound either side of the
-    float64 one): only its soundness is compared."""
+    float64 one): only its soundness is compared. CROWN's intermediate bounds can fall either side of
+    a ReLU's kink or of the intersection with IBP in the two runs (other relaxations, and a final
+    bound either side): it is compared loosely; CROWN-IBP strictly."""
     bm, x, y, specs = _eval_setup(net, data)
     method = data.draw(st.sampled_from(crown.METHODS), label="method")
     reference = BoundedModule(copy.deepcopy(bm.model).double())
@@ -39,9 +41,10 @@ def test_float32_bounds_are_below_float64_close_to_them_and_below_sampled_margin
         bound = bound.double()
         if method != "alpha-crown":
             wide = crown.crown_margins(bm, x.double(), y, spec, method=method)
-            assert (bound <= wide + 1e-12 * (1 + wide.abs())).all(), f"{spec} {method}: above the float64 bound"
-            gap = (wide - bound).max()
-            assert gap < 1e-3, f"{spec} {method}: {gap:.3g} below the float64 bound"
+            slack = 1e-12 if method == "crown-ibp" else 1e-2
+            assert (bound <= wide + slack * (1 + wide.abs())).all(), f"{spec} {method}: above the float64 bound"
+            gap = ((wide - bound) / (1 + wide.abs())).max()
+            assert gap < (1e-3 if method == "crown-ibp" else 1e-2), f"{spec} {method}: {gap:.3g} below the float64 bound"
         points = _sample(spec, x.double())
         outputs = run_layers(modules_of(reference), points.flatten(0, 1), {})
         true = _true_margins(outputs[-1].view(points.shape[:2] + outputs[-1].shape[1:]), y).amin(0)
