@@ -40,7 +40,7 @@ class Problem:
         """Rows per chunk of a pass whose rows hold at most ``width`` coefficients each, with
         ``share`` times less room (α-CROWN keeps its autograd graph)."""
         budget = min(self.chunk_bytes, MEMORY_BYTES // share)
-        fit = max(1, budget // (width * torch.finfo(self.dtype).bits // 8))
+        fit = max(1, budget // (width * self.dtype.itemsize))
         return fit if self.max_rows is None else min(fit, self.max_rows)
 
     def width(self, end: int, unit: bool = False) -> int:
