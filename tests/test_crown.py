@@ -137,6 +137,32 @@ def test_pure_crown_chain_for_some_samples_only():
             assert torch.allclose(mine[0], pure[0], rtol=1e-12, atol=1e-12) and torch.equal(mine[1], kept[1])
 
 
+@settings(max_examples=30)
+@given(net=networks(), data=st.data())
+def test_pure_crown_from_the_divergence_record_is_pure_crown(net, data):
+    """The intersected chain records, per sample, where its relaxations leave pure CROWN's and pure
+    CROWN's bounds until there; pure CROWN rebuilt from that record has the relaxations of pure CROWN
+    computed from scratch, and a sample recorded as never diverging has them in the intersected chain."""
+    bm, x, y, specs = _eval_setup(net, data)
+    for spec in specs:
+        problem = crown._problem(bm, x, y, spec, True, None)
+        chain = passes.relaxations(problem, crown=True)
+        rebuilt = passes.relaxations(problem, crown=True, intersect=False, reuse=chain)
+        scratch = passes.relaxations(problem, crown=True, intersect=False)
+        never = chain.diverged == len(problem.ops)
+        for i, relaxation in scratch.relaxations.items():
+            assert torch.allclose(rebuilt.relaxations[i].packed, relaxation.packed, rtol=1e-9, atol=1e-12), f"{spec}: {i}"
+            assert torch.allclose(chain.relaxations[i].packed[never], relaxation.packed[never], rtol=1e-9, atol=1e-12)
+
+
+def test_a_sample_whose_relaxations_the_intersection_changes_is_recorded():
+    """Seed 1167 (the intersection changes a slope and loosens the bound): the sample diverges."""
+    bm, x, y = BoundedModule(_seed_1167_net()), torch.rand(1, 4, dtype=torch.float64), torch.tensor([0])
+    problem = crown._problem(bm, x, y, LinfBall(0.1), True, None)
+    chain = passes.relaxations(problem, crown=True)
+    assert int(chain.diverged[0]) < len(problem.ops)
+
+
 def test_tighter_on_average_crown_ibp_then_crown_then_alpha():
     torch.manual_seed(0)
     model = nn.Sequential(Normalize([0.5], [0.3]), nn.Conv2d(1, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU(),

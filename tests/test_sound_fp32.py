@@ -64,9 +64,9 @@ def test_penalties_cover_the_rounding_of_every_backward_pass(net, data):
         same = {i: Relaxation(r.packed.double(), r.unstable, r.alpha_range) for i, r in chain.relaxations.items()}
         for i, (lower, upper) in chain.bounds.items():
             below = passes.Chain({j: r for j, r in chain.relaxations.items() if j < i}, {}, chain.weights, chain.folds)
-            low32, high32, _ = passes.crown_bounds(narrow, below, i, lower, upper, intersect=False)
-            low64, high64, _ = passes.crown_bounds(wide, {j: r for j, r in same.items() if j < i}, i,
-                                                   lower.double(), upper.double(), intersect=False)
+            low32, high32 = passes.crown_bounds(narrow, below, i, lower, upper, intersect=False)
+            low64, high64 = passes.crown_bounds(wide, {j: r for j, r in same.items() if j < i}, i,
+                                                lower.double(), upper.double(), intersect=False)
             assert (low32.double() <= low64 + 1e-12 * (1 + low64.abs())).all(), f"{spec}: layer {i}"
             assert (high32.double() >= high64 - 1e-12 * (1 + high64.abs())).all(), f"{spec}: layer {i}"
         C, rows, _ = crown._specification(y, narrow.shapes[-1][0], torch.float32)

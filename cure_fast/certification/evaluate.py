@@ -26,7 +26,7 @@ STAGES = {"crown-ibp": ((dict(), None),),
                           (dict(alpha_intermediate=True, target=0.0), 1))}
 """(options, samples per call or None for all) of a method's passes in the cascade, each working
 only until a sample is certified (``target=0``): CROWN adds pure CROWN's passes only for the samples
-it has not certified; α-CROWN first optimizes the final slopes only, then, on the samples still
+it has not certified (and whose relaxations the intersection with IBP changed); α-CROWN first optimizes the final slopes only, then, on the samples still
 uncertified and one at a time (a step keeps the autograd graph of every pre-activation pass: memory
 grows with the samples), the pre-activation bounds' slopes too."""
 

@@ -25,10 +25,13 @@ Methods (``method=``):
   a pre-activation is the image of the input set under one Linear/Conv2d and per-channel affines, the
   IBP bound is already exact (interval hull, or dual norm for l2 / l1) and is kept. Then the final
   pass as in CROWN-IBP. Tighter intermediate bounds need not give a tighter final bound (they change
-  the adaptive slopes), so where the intersection changed any bound, pure CROWN (the same passes
-  without the intersection, from the first layer it changed) is run too and the final bound is the
-  larger of the two: never looser than pure CROWN. With ``target`` (the cascade: 0), pure CROWN runs
-  only for the samples not yet above it.
+  the adaptive slopes), so the pass also computes pure CROWN's bound for every neuron IBP leaves
+  unstable and records, per sample, the first ReLU whose relaxation the intersection changed. For the
+  samples where it changed one, pure CROWN (the same passes without the intersection, from the ReLU
+  after that one) is run too and the final bound is the larger of the two: never looser than pure
+  CROWN. Elsewhere the relaxations are pure CROWN's and nothing more runs (on a briefly trained cnn5:
+  every sample; 2.4x faster). With ``target`` (the cascade: 0), pure CROWN runs only for the samples
+  not yet above it.
 - ``"alpha-crown"`` (α-CROWN): the lower slopes α of every ReLU are optimized by projected Adam
   (``alpha_steps`` steps, learning rate ``alpha_lr`` decaying by 2% a step, clamped to ``[0, 1]``
   after each) from CROWN's choice, one per unstable neuron *and per row of every backward pass*: the
@@ -156,14 +159,14 @@ def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Ten
 
 def _with_pure_crown(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, values: Tensor,
                      target: Optional[float]) -> Tensor:
-    """The larger of ``values`` (N,) and pure CROWN's bounds of ``C z``, for the samples with a row at
-    most ``target`` (None: all samples)."""
+    """The larger of ``values`` (N,) and pure CROWN's bounds of ``C z``, for the samples whose
+    relaxations the intersection with IBP changed and with a row at most ``target`` (None: any row)."""
     open_rows = torch.ones_like(rows, dtype=torch.bool) if target is None else values <= target
-    if not bool(open_rows.any()):
-        return values
-    batch = next(iter(chain.bounds.values()))[0].shape[0]
-    samples = torch.zeros(batch, dtype=torch.bool, device=rows.device)
+    samples = torch.zeros_like(chain.diverged, dtype=torch.bool)
     samples[rows[open_rows]] = True
+    samples &= chain.diverged < len(problem.ops)
+    if not bool(samples.any()):
+        return values
     open_rows = samples[rows]
     pure = passes.relaxations(problem, crown=True, intersect=False, reuse=chain, samples=samples)
     values = values.clone()
@@ -278,7 +281,7 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         else:
             values = passes.linear_bound(problem, chain, C, rows)
         values = torch.maximum(values, _ibp_margins(problem, chain, C, rows, mask))
-        if method in ("crown", "alpha-crown") and chain.diverged is not None:  # never looser than pure CROWN
+        if method in ("crown", "alpha-crown"):  # never looser than pure CROWN
             values = _with_pure_crown(problem, chain, C, rows, values, target)
     margins = values.new_zeros(mask.shape)
     margins[mask] = values

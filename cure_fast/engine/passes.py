@@ -63,13 +63,15 @@ class Chain:
     """The relaxation of every activation and its pre-activation bounds, keyed by layer index;
     ``weights``: the error weights of every layer (sound float32 mode, :mod:`.rounding`); ``folds``:
     per layer, the weights of it and of the layers below it that a pass through it charges at once,
-    and those layers; ``diverged``: the first activation whose bounds the intersection with IBP
-    changed (None: none)."""
+    and those layers. CROWN intersected with IBP also records, per sample, ``diverged`` (B,): the
+    first activation whose relaxation differs from pure CROWN's (``len(ops)``: none), and ``pure``:
+    pure CROWN's bounds on the input of activation i, for the samples not diverged before i."""
     relaxations: Dict[int, Relaxation]
     bounds: Dict[int, Interval]
     weights: Dict[int, Tensor] = field(default_factory=dict)
     folds: Dict[int, Tuple[Tensor, FrozenSet[int]]] = field(default_factory=dict)
-    diverged: Optional[int] = None
+    diverged: Optional[Tensor] = None
+    pure: Dict[int, Interval] = field(default_factory=dict)
 
 
 class Slopes:
@@ -197,68 +199,124 @@ def unit_bound(problem: Problem, chain: Chain, end: int, neurons: Tensor, signs:
     return backward(problem, chain, end, A.view((n,) + shape), rows, slopes)
 
 
-def crown_bounds(problem: Problem, chain: Chain, end: int, lower: Tensor, upper: Tensor, intersect: bool = True,
-                 slopes: Optional[Slopes] = None, unstable: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, bool]:
-    """CROWN bounds on the output of layer ``end - 1`` for the neurons unstable under ``lower``, ``upper``
-    (B, *shape) (or marked by ``unstable``, (B, *shape) bool), intersected with them (or in their
-    place); returns the new ``(lower, upper)`` and whether the intersection made any of them tighter
-    than CROWN's own. ``slopes``: α-CROWN's slopes, one view per chunk of rows."""
-    l, u = lower.flatten(1).clone(), upper.flatten(1).clone()
-    marked = (l < 0) & (u > 0) if unstable is None else unstable.flatten(1)
-    sample, neuron = marked.nonzero(as_tuple=True)
+def crown_values(problem: Problem, chain: Chain, end: int, marked: Tensor,
+                 slopes: Optional[Slopes] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """CROWN's lower and upper bounds (N,) on the neurons ``marked`` (B, *shape) bool of the output of
+    layer ``end - 1``, and their flat indices ``(sample, neuron)`` (N,) each. ``slopes``: α-CROWN's
+    slopes, one view per chunk of rows."""
+    sample, neuron = marked.flatten(1).nonzero(as_tuple=True)
     count = sample.numel()
     rows, neurons = sample.repeat(2), neuron.repeat(2)
-    signs = torch.cat([l.new_ones(count), -l.new_ones(count)])
+    ones = torch.ones(count, dtype=problem.dtype, device=marked.device)
+    signs = torch.cat([ones, -ones])
     values = []
     for k, part in enumerate(chunks(2 * count, problem.rows(problem.width(end, unit=True)))):
         view = None if slopes is None else slopes.view(k)
         values.append(unit_bound(problem, chain, end, neurons[part], signs[part], rows[part], view))
-    values = round_down(torch.cat(values), l.dtype) if values else l.new_zeros(0)
-    low, high = values[:count], -values[count:]
-    changed = intersect and bool((l[sample, neuron] > low).any() or (u[sample, neuron] < high).any())
-    if intersect:
-        low, high = torch.maximum(l[sample, neuron], low), torch.minimum(u[sample, neuron], high)
+    values = round_down(torch.cat(values), problem.dtype) if values else ones.new_zeros(0)
+    return sample, neuron, values[:count], -values[count:]
+
+
+def _replaced(bounds: Interval, sample: Tensor, neuron: Tensor, low: Tensor, high: Tensor) -> Interval:
+    """``bounds`` (B, *shape) with the entries at the flat indices ``(sample, neuron)`` set to low, high."""
+    l, u = (b.flatten(1).clone() for b in bounds)
     l[sample, neuron], u[sample, neuron] = low, high
-    return l.view_as(lower), torch.maximum(u, l).view_as(upper), changed
+    return l.view_as(bounds[0]), torch.maximum(u, l).view_as(bounds[1])
+
+
+def crown_bounds(problem: Problem, chain: Chain, end: int, lower: Tensor, upper: Tensor, intersect: bool = True,
+                 slopes: Optional[Slopes] = None, unstable: Optional[Tensor] = None) -> Interval:
+    """CROWN bounds on the output of layer ``end - 1`` for the neurons unstable under ``lower``, ``upper``
+    (B, *shape) (or marked by ``unstable``, (B, *shape) bool), intersected with them (or in their
+    place); the others keep them. ``slopes``: α-CROWN's slopes, one view per chunk of rows."""
+    marked = (lower < 0) & (upper > 0) if unstable is None else unstable
+    sample, neuron, low, high = crown_values(problem, as_chain(chain), end, marked, slopes)
+    if intersect:
+        low = torch.maximum(lower.flatten(1)[sample, neuron], low)
+        high = torch.minimum(upper.flatten(1)[sample, neuron], high)
+    return _replaced((lower, upper), sample, neuron, low, high)
+
+
+def _unstable(bounds: Interval) -> Tensor:
+    return (bounds[0] < 0) & (bounds[1] > 0)
+
+
+def _per_sample(mask: Tensor, like: Tensor) -> Tensor:
+    """A (B,) mask broadcast against ``like`` (B, ...)."""
+    return mask.view((-1,) + (1,) * (like.dim() - 1))
 
 
 def relaxations(problem: Problem, crown: bool, intersect: bool = True, reuse: Optional[Chain] = None,
                 samples: Optional[Tensor] = None) -> Chain:
     """The relaxations from IBP's bounds (``crown=False``) or CROWN's, layer by layer, intersected
-    with IBP's (``intersect``; from the earlier, tightened bounds) or not (pure CROWN). ``reuse``:
-    a chain whose entries before its ``diverged`` layer are the same here; ``samples`` (B,) bool:
-    CROWN passes for these samples only, the others keep ``reuse``'s bounds."""
+    with IBP's (``intersect``; from the earlier, tightened bounds: the chain records where each sample
+    diverges from pure CROWN) or not (pure CROWN). ``reuse``: an intersected chain whose pure-CROWN
+    bounds are taken up to each sample's divergence; ``samples`` (B,) bool: pure CROWN for these
+    samples only, the others keep ``reuse``'s bounds."""
     weights = problem.arithmetic.weights if reuse is None else reuse.weights
     folds = problem.arithmetic.folds(weights, 0) if reuse is None else reuse.folds
     chain = Chain({}, {}, dict(weights), dict(folds))
+    track = crown and intersect
+    if track:
+        batch = problem.propagation.input_bounds(0, 0)[0]
+        chain.diverged = torch.full(batch.shape[:1], len(problem.ops), dtype=torch.long, device=batch.device)
     previous: Optional[Tuple[int, Interval]] = None
     for i, op in enumerate(problem.ops):
         if op is not None:
             continue
-        if reuse is not None and reuse.diverged is not None and i < reuse.diverged:
-            chain.relaxations[i], chain.bounds[i] = reuse.relaxations[i], reuse.bounds[i]
-            previous = (i, reuse.bounds[i])
-            continue
-        lower, upper = problem.propagation.input_bounds(0, i)
-        changed, marked = False, None
-        if samples is not None:
-            kept = samples.view((-1,) + (1,) * (lower.dim() - 1))
-            lower, upper = (torch.where(kept, ibp, old) for ibp, old in zip((lower, upper), reuse.bounds[i]))
-            marked = (lower < 0) & (upper > 0) & kept
-        if crown:
-            if previous is not None and intersect:
-                low, high = problem.arithmetic.forward(previous[0] + 1, i, previous[1])
-                changed = bool((low > lower).any() or (high < upper).any())
-                lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
-                upper = torch.maximum(upper, lower)
-            if not _ibp_is_exact(problem.ops[:i]):
-                lower, upper, tightened = crown_bounds(problem, chain, i, lower, upper, intersect, unstable=marked)
-                changed = changed or tightened
-            previous = (i, (lower, upper))
-        if changed and chain.diverged is None:
-            chain.diverged = i
-        _extend(problem, chain, i, lower, upper)
+        ibp = problem.propagation.input_bounds(0, i)
+        exact = _ibp_is_exact(problem.ops[:i])
+        if not crown or (exact and reuse is None):
+            bounds, pure = ibp, ibp
+        elif track:
+            bounds, pure = _intersected(problem, chain, i, ibp, previous)
+        elif reuse is None:
+            bounds = crown_bounds(problem, chain, i, *ibp, intersect=False)
+        else:
+            bounds = _pure_after_divergence(problem, chain, i, ibp, reuse, samples, exact)
+        _extend(problem, chain, i, *bounds)
+        if track:
+            same = problem.arithmetic.relaxation(problem.layers[i], *pure).packed == chain.relaxations[i].packed
+            changed = ~same.flatten(1).all(1) & (chain.diverged == len(problem.ops))
+            chain.diverged = torch.where(changed, i, chain.diverged)
+            chain.pure[i] = pure
+        previous = (i, bounds)
     return chain
+
+
+def _intersected(problem: Problem, chain: Chain, i: int, ibp: Interval,
+                 previous: Optional[Tuple[int, Interval]]) -> Tuple[Interval, Interval]:
+    """CROWN's bounds on the input of activation i intersected with IBP's (and with IBP from the
+    tightened bounds of the activation before), and pure CROWN's (exact for the samples not diverged
+    before i: every neuron IBP leaves unstable gets its rows there)."""
+    lower, upper = ibp
+    if previous is not None:
+        low, high = problem.arithmetic.forward(previous[0] + 1, i, previous[1])
+        lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
+        upper = torch.maximum(upper, lower)
+    if _ibp_is_exact(problem.ops[:i]):
+        return (lower, upper), ibp
+    fresh = _per_sample(chain.diverged >= i, lower)
+    marked = _unstable((lower, upper)) | (_unstable(ibp) & fresh)
+    sample, neuron, low, high = crown_values(problem, chain, i, marked)
+    pure = _replaced(ibp, sample, neuron, low, high)
+    low = torch.maximum(lower.flatten(1)[sample, neuron], low)
+    high = torch.minimum(upper.flatten(1)[sample, neuron], high)
+    return _replaced((lower, upper), sample, neuron, low, high), pure
+
+
+def _pure_after_divergence(problem: Problem, chain: Chain, i: int, ibp: Interval, reuse: Chain,
+                           samples: Optional[Tensor], exact: bool) -> Interval:
+    """Pure CROWN's bounds on the input of activation i for ``samples`` (None: all): ``reuse``'s
+    record up to each sample's divergence, CROWN passes after it; the other samples keep ``reuse``'s."""
+    chosen = torch.ones_like(reuse.diverged, dtype=torch.bool) if samples is None else samples
+    recorded, computed = chosen & (reuse.diverged >= i), chosen & (reuse.diverged < i)
+    lower, upper = (torch.where(_per_sample(recorded, p), p, b) for p, b in zip(reuse.pure[i], reuse.bounds[i]))
+    lower, upper = (torch.where(_per_sample(computed, p), p, b) for p, b in zip(ibp, (lower, upper)))
+    if exact or not bool(computed.any()):
+        return lower, upper
+    marked = _unstable(ibp) & _per_sample(computed, lower)
+    return crown_bounds(problem, chain, i, lower, upper, intersect=False, unstable=marked)
 
 
 def _extend(problem: Problem, chain: Chain, i: int, lower: Tensor, upper: Tensor) -> None:
@@ -282,8 +340,8 @@ def optimized_chain(problem: Problem, reference: Chain, slopes: Slopes) -> Chain
     for i in reference.relaxations:
         lower, upper = reference.bounds[i]
         if not _ibp_is_exact(problem.ops[:i]):
-            low, high, _ = crown_bounds(problem, chain, i, lower, upper, intersect=False, slopes=slopes.view(i),
-                                        unstable=reference.relaxations[i].unstable)
+            low, high = crown_bounds(problem, chain, i, lower, upper, intersect=False, slopes=slopes.view(i),
+                                     unstable=reference.relaxations[i].unstable)
             tight = torch.maximum(low, lower)
             lower, upper = _through(low, tight), _through(high, torch.maximum(torch.minimum(high, upper), tight))
         _extend(problem, chain, i, lower, upper)
