@@ -42,7 +42,12 @@ Methods (``method=``):
   bounds; the best bound seen per row is kept and compared with pure CROWN's, so it is never looser
   than CROWN. ``alpha_intermediate=False``: CROWN's pre-activation bounds, final slopes only.
   ``target=0`` (what the certification cascade uses): a row leaves the objective once its
-  bound is above 0, and the optimization stops when every row is (certified).
+  bound is above 0, and the optimization stops when every row is (certified). In the fp64 sound
+  mode the slopes are searched in float32 (plain arithmetic, a float32 copy of the model, from the
+  float64 CROWN's relaxations: any slopes in range give a sound bound) and the bound is computed once
+  in float64 with each sample's best slopes (by the sum of its rows' bounds, capped at ``target``;
+  without ``alpha_intermediate`` each row's) and with the last step's, the larger per row: 2.2x faster
+  on cnn5, within 2e-4 of a float64 search (1-2 % of α's gain over CROWN) on small nets.
 
 Every method returns the elementwise maximum of its bound and IBP's folded margin (both are sound).
 
@@ -70,6 +75,7 @@ on a chunk then run from the cache; 1.6x faster than large chunks on cnn5); ``ma
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -111,39 +117,74 @@ def _specification(y: Tensor, classes: int, dtype: torch.dtype) -> Tuple[Tensor,
 
 
 def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, steps: int, lr: float,
-                     intermediate: bool, target: Optional[float]) -> Tensor:
-    """α-CROWN lower bounds of ``C z``: C (N, K), rows (N,) -> (N,), never below the fixed-slope bound."""
+                     intermediate: bool, target: Optional[float],
+                     search: Optional[Tuple[passes.Problem, passes.Chain]] = None) -> Tensor:
+    """α-CROWN lower bounds of ``C z``: C (N, K), rows (N,) -> (N,), never below the fixed-slope bound.
+    ``search``: the problem and chain in float32 where the slopes are searched; the bound is then
+    computed in ``problem``'s arithmetic (any slopes give a sound bound) with each sample's best
+    slopes and with the last step's, the larger per row."""
+    crown = passes.linear_bound(problem, chain, C, rows)
     if steps == 0 or not any(r.unstable.any() for r in chain.relaxations.values()):
-        return passes.linear_bound(problem, chain, C, rows)
-    if intermediate:
-        return _optimize(problem, chain, C, rows, steps, lr, True, target)
+        return crown
+    if search is not None:
+        problem = dataclasses.replace(problem, itemsize=search[0].dtype.itemsize)  # the search's chunks
     size = problem.rows(problem.width(len(problem.ops)), share=8)
-    return torch.cat([_optimize(problem, chain, C[part], rows[part], steps, lr, False, target)
-                      for part in passes.chunks(C.shape[0], size)])
+    parts = [slice(None)] if intermediate else passes.chunks(C.shape[0], size)
+    values = []
+    for part in parts:
+        if search is None:
+            values.append(_optimize(problem, chain, C[part], rows[part], steps, lr, intermediate, target)[0])
+            continue
+        _, kept, last = _optimize(*search, C[part].to(search[0].dtype), rows[part], steps, lr, intermediate, target,
+                                  keep=True)
+        candidates = (kept, last) if intermediate else (kept,)  # final slopes only: kept per row, the best
+        bounds = [_final_bound(problem, chain, C[part], rows[part], s.frozen(problem.dtype), intermediate)
+                  for s in candidates]
+        values.append(torch.stack(bounds).max(0).values)
+    return torch.maximum(torch.cat(values), crown)
+
+
+def _final_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, slopes: passes.Slopes,
+                 intermediate: bool) -> Tensor:
+    """The bounds of ``C z`` (N,) with α-CROWN's slopes: those of the final passes, and with
+    ``intermediate`` of the pre-activation passes too (their bounds intersected with ``chain``'s)."""
+    end = len(problem.ops)
+    current = passes.optimized_chain(problem, chain, slopes.view("pre")) if intermediate else chain
+    return torch.cat([passes.backward(problem, current, end, C[part], rows[part], slopes.view("final", k))
+                      for k, part in enumerate(_final_parts(problem, C.shape[0]))])
+
+
+def _final_parts(problem: passes.Problem, n: int) -> List[slice]:
+    return passes.chunks(n, problem.rows(problem.width(len(problem.ops)), share=8))
 
 
 def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, steps: int, lr: float,
-              intermediate: bool, target: Optional[float] = None) -> Tensor:
+              intermediate: bool, target: Optional[float] = None,
+              keep: bool = False) -> Tuple[Tensor, passes.Slopes, passes.Slopes]:
     """Projected Adam on the lower slopes α from CROWN's choice, one per unstable neuron and row of
     every pass: the rows of C, and with ``intermediate`` also the rows of every CROWN-computed
-    pre-activation bound, recomputed at each step (intersected with ``chain``'s); the best bound per row of C.
-    ``target``: a row whose bound is above it leaves the objective; all above it: stop."""
-    end, slopes = len(problem.ops), passes.Slopes()
-    parts = passes.chunks(C.shape[0], problem.rows(problem.width(end), share=8))
-    best, optimizer, schedule = None, None, None
+    pre-activation bound, recomputed at each step (intersected with ``chain``'s). Returns the best
+    bound per row of C, (``keep``) the slopes of each sample's best step by the sum of its rows'
+    bounds (capped at ``target``; each row's, without ``intermediate``), and the last step's slopes. ``target``: a row whose bound is above it leaves the objective;
+    all above it: stop."""
+    slopes, kept = passes.Slopes(), passes.Slopes()
+    parts = _final_parts(problem, C.shape[0])
+    best, score, optimizer, schedule = None, None, None, None
     for step in range(steps + 1):
         training = step < steps
         with torch.set_grad_enabled(training):
             current = passes.optimized_chain(problem, chain, slopes.view("pre")) if intermediate else chain
             values = []
             for k, part in enumerate(parts):
-                value = passes.backward(problem, current, end, C[part], rows[part], slopes.view("final", k))
+                value = passes.backward(problem, current, len(problem.ops), C[part], rows[part], slopes.view("final", k))
                 if training:
                     open_rows = 1.0 if best is None or target is None else (best[part] <= target).to(value.dtype)
                     (-(value * open_rows).sum()).backward(retain_graph=intermediate and k < len(parts) - 1)
                 values.append(value.detach())
         value = torch.cat(values)
         best = value if best is None else torch.fmax(best, value)  # NaN: no bound
+        if keep:
+            score = _keep_best(slopes, kept, value, rows, parts, intermediate, target, score)
         if target is not None and bool((best > target).all()):
             break
         if training:
@@ -154,7 +195,22 @@ def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Ten
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             slopes.clamp()
-    return best
+    return best, kept, slopes
+
+
+def _keep_best(slopes: passes.Slopes, kept: passes.Slopes, value: Tensor, rows: Tensor, parts: List[slice],
+               intermediate: bool, target: Optional[float], score: Optional[Tensor]) -> Tensor:
+    """Copy into ``kept`` the slopes where the bound beats ``score`` (None: everywhere), the new scores:
+    per sample by the sum of its row bounds (each capped at ``target``) when the pre-activation slopes
+    (shared by a sample's rows) are searched too, else per row of C (its final slopes alone set it)."""
+    capped = value if target is None else value.clamp(max=target)
+    new = capped.new_zeros(int(rows.max()) + 1).index_add_(0, rows, capped) if intermediate else capped
+    better = torch.ones_like(new, dtype=torch.bool) if score is None else new > score
+    if intermediate:
+        slopes.keep(kept, lambda key, samples: better[samples])
+    else:  # the final passes' keys: ("final", chunk, layer)
+        slopes.keep(kept, lambda key, samples: better[parts[key[1]]])
+    return new if score is None else torch.where(better, new, score)
 
 
 def _with_pure_crown(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, values: Tensor,
@@ -228,6 +284,17 @@ def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec,
                               x.dtype)
 
 
+def _float32_search(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, max_rows: Optional[int],
+                    chain: passes.Chain) -> Tuple[passes.Problem, passes.Chain]:
+    """α-CROWN's float32 search: the problem for a float32 copy of the model (plain arithmetic), and
+    ``chain`` in float32 (its unstable neurons, so that the passes are those of ``chain``'s problem)."""
+    floats = [t for t in list(bounded.model.parameters()) + list(bounded.model.buffers()) if t.is_floating_point()]
+    in_float32 = all(t.dtype == torch.float32 for t in floats)
+    search = type(bounded)(bounded.model if in_float32 else copy.deepcopy(bounded.model).float(), backend="torch",
+                           precision="ieee")
+    return _problem(search, x.float(), y, spec, False, max_rows), chain.cast(torch.float32)
+
+
 def _ibp_margins(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
     """IBP's margins off the labels (N,): the folded last layer (float32 mode: a backward pass from the
     layer the specification folds into, over its input's sound interval)."""
@@ -276,8 +343,8 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         if method == "ibp":
             values = C.new_full(rows.shape, -float("inf"))
         elif method == "alpha-crown":
-            values = _optimized_bound(problem, chain, C, rows, alpha_steps, alpha_lr, alpha_intermediate,
-                                      target)
+            search = _float32_search(bounded, x, y, spec, max_rows, chain) if _mode(sound) == "fp64" else None
+            values = _optimized_bound(problem, chain, C, rows, alpha_steps, alpha_lr, alpha_intermediate, target, search)
         else:
             values = passes.linear_bound(problem, chain, C, rows)
         values = torch.maximum(values, _ibp_margins(problem, chain, C, rows, mask))

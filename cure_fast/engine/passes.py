@@ -5,7 +5,7 @@ pre-activation bounds, passes over dense coefficients and over windows, and α-C
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -35,12 +35,13 @@ class Problem:
     chunk_bytes: int  # the most bytes of coefficients a chunk of rows holds at one step of a pass
     arithmetic: rounding.Arithmetic
     dtype: torch.dtype  # the working dtype
+    itemsize: Optional[int] = None  # bytes per coefficient when sizing chunks (None: the dtype's)
 
     def rows(self, width: int, share: int = 1) -> int:
         """Rows per chunk of a pass whose rows hold at most ``width`` coefficients each, with
         ``share`` times less room (α-CROWN keeps its autograd graph)."""
         budget = min(self.chunk_bytes, MEMORY_BYTES // share)
-        fit = max(1, budget // (width * self.dtype.itemsize))
+        fit = max(1, budget // (width * (self.itemsize or self.dtype.itemsize)))
         return fit if self.max_rows is None else min(fit, self.max_rows)
 
     def width(self, end: int, unit: bool = False) -> int:
@@ -73,40 +74,64 @@ class Chain:
     diverged: Optional[Tensor] = None
     pure: Dict[int, Interval] = field(default_factory=dict)
 
+    def cast(self, dtype: torch.dtype) -> "Chain":
+        """The relaxations and bounds in ``dtype``, without error weights (a search, not a bound)."""
+        relaxations = {i: Relaxation(r.packed.to(dtype), r.unstable, r.alpha_range) for i, r in self.relaxations.items()}
+        return Chain(relaxations, {i: (l.to(dtype), u.to(dtype)) for i, (l, u) in self.bounds.items()})
+
 
 class Slopes:
     """α-CROWN's lower slopes of the unstable neurons, one tensor per backward pass and activation:
-    (N, *shape) on a dense step, window-shaped (N, C, h, w) on a window step. A tensor is made on
-    first use from the relaxation's own slopes (so the first pass is CROWN's); ``view(key)`` gives the
-    slopes of one pass (a chunk of rows), sharing the table."""
+    (N, *shape) on a dense step, window-shaped (N, C, h, w) on a window step, with the samples (N,)
+    of its rows. A tensor is made on first use from the relaxation's own slopes (so the first pass is
+    CROWN's); ``view(key)`` gives the slopes of one pass (a chunk of rows), sharing the table. A
+    ``fixed`` table (:meth:`frozen`) makes none: a pass it lacks, or with other rows, is an error."""
 
-    def __init__(self, table: Optional[Dict[tuple, Tuple[Tensor, Tuple[float, float]]]] = None, key: tuple = ()):
+    def __init__(self, table: Optional[Dict[tuple, Tuple[Tensor, Tuple[float, float], Tensor]]] = None,
+                 key: tuple = (), fixed: bool = False):
         self.table = {} if table is None else table
-        self.key = key
+        self.key, self.fixed = key, fixed
 
     def view(self, *key) -> "Slopes":
-        return Slopes(self.table, self.key + key)
+        return Slopes(self.table, self.key + key, self.fixed)
 
     def dense(self, i: int, relaxation: Relaxation, rows: Tensor) -> Tensor:
-        return self._get(i, relaxation, lambda: relaxation.lower[rows])
+        return self._get(i, relaxation, rows, lambda: relaxation.lower[rows])
 
     def window(self, i: int, relaxation: Relaxation, window: Window, rows: Tensor) -> Tensor:
-        return self._get(i, relaxation, lambda: window.take(relaxation.lower, rows))
+        return self._get(i, relaxation, rows, lambda: window.take(relaxation.lower, rows))
 
-    def _get(self, i: int, relaxation: Relaxation, initial) -> Tensor:
+    def _get(self, i: int, relaxation: Relaxation, rows: Tensor, initial) -> Tensor:
         key = self.key + (i,)
+        if self.fixed and (key not in self.table or not torch.equal(self.table[key][2], rows)):
+            raise RuntimeError(f"α-CROWN: no slopes for the rows of pass {key} (the passes differ from the search's)")
         if key not in self.table:
-            self.table[key] = (initial().detach().clone().requires_grad_(True), relaxation.alpha_range)
+            self.table[key] = (initial().detach().clone().requires_grad_(True), relaxation.alpha_range, rows)
         return self.table[key][0]
 
     def parameters(self) -> List[Tensor]:
-        return [alpha for alpha, _ in self.table.values()]
+        return [alpha for alpha, _, _ in self.table.values()]
 
     @torch.no_grad()
     def clamp(self) -> None:
         """Each slope back into its activation's sound range."""
-        for alpha, (low, high) in self.table.values():
+        for alpha, (low, high), _ in self.table.values():
             alpha.clamp_(low, high)
+
+    @torch.no_grad()
+    def keep(self, best: "Slopes", chosen: Callable[[tuple, Tensor], Tensor]) -> None:
+        """Copy into ``best`` the slopes of the rows ``chosen(key, rows)`` (N,) bool of every pass."""
+        for key, (alpha, bounds, rows) in self.table.items():
+            if key not in best.table:
+                best.table[key] = (alpha.detach().clone(), bounds, rows)
+            else:
+                mask = chosen(key, rows)
+                best.table[key][0][mask] = alpha[mask]
+
+    def frozen(self, dtype: torch.dtype) -> "Slopes":
+        """These slopes in ``dtype``, fixed (no gradient)."""
+        return Slopes({key: (alpha.detach().to(dtype), bounds, rows) for key, (alpha, bounds, rows) in self.table.items()},
+                      fixed=True)
 
 
 def as_chain(chain: Union[Chain, Dict[int, Relaxation]]) -> Chain:
