@@ -151,7 +151,8 @@ def test_pure_crown_from_the_divergence_record_is_pure_crown(net, data):
         scratch = passes.relaxations(problem, crown=True, intersect=False)
         never = chain.diverged == len(problem.ops)
         for i, relaxation in scratch.relaxations.items():
-            assert torch.allclose(rebuilt.relaxations[i].packed, relaxation.packed, rtol=1e-9, atol=1e-12), f"{spec}: {i}"
+            assert torch.allclose(rebuilt.relaxations[i].packed, relaxation.packed, rtol=1e-9, atol=1e-12), \
+                f"{spec}: {i}"
             assert torch.allclose(chain.relaxations[i].packed[never], relaxation.packed[never], rtol=1e-9, atol=1e-12)
 
 
@@ -455,7 +456,8 @@ def test_alpha_slopes_searched_in_float32_give_the_float64_search_bounds(interme
 
 def test_kept_slopes_copy_the_chosen_rows_only():
     table = passes.Slopes()
-    relaxation = passes.Relaxation.of(torch.tensor([[-1.0, -2.0], [-1.0, -0.5]]), torch.tensor([[2.0, 1.0], [3.0, 1.0]]))
+    lower, upper = torch.tensor([[-1.0, -2.0], [-1.0, -0.5]]), torch.tensor([[2.0, 1.0], [3.0, 1.0]])
+    relaxation = passes.Relaxation.of(lower, upper)
     rows = torch.tensor([0, 1])
     alpha = table.dense(5, relaxation, rows)
     kept = passes.Slopes()

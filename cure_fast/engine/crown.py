@@ -46,8 +46,8 @@ Methods (``method=``):
   the slopes are searched in plain float32 arithmetic (a float32 copy of the model, from the sound
   CROWN's relaxations: any slopes in range give a sound bound) and the bound is computed once in the
   sound arithmetic with each sample's best slopes (by the sum of its rows' bounds, capped at ``target``;
-  without ``alpha_intermediate`` each row's) and with the last step's, the larger per row: 2.2x faster
-  on cnn5, within 2e-4 of a float64 search (1-2 % of α's gain over CROWN) on small nets.
+  without ``alpha_intermediate`` each row's) and with the last step's, the larger per row: 2.4x faster
+  on cnn5 (fp64), within 2e-4 of a float64 search (1-2 % of α's gain over CROWN) on small nets.
 
 Every method returns the elementwise maximum of its bound and IBP's folded margin (both are sound).
 
@@ -165,8 +165,8 @@ def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Ten
     every pass: the rows of C, and with ``intermediate`` also the rows of every CROWN-computed
     pre-activation bound, recomputed at each step (intersected with ``chain``'s). Returns the best
     bound per row of C, (``keep``) the slopes of each sample's best step by the sum of its rows'
-    bounds (capped at ``target``; each row's, without ``intermediate``), and the last step's slopes. ``target``: a row whose bound is above it leaves the objective;
-    all above it: stop."""
+    bounds (capped at ``target``; each row's, without ``intermediate``), and the last step's slopes.
+    ``target``: a row whose bound is above it leaves the objective; all above it: stop."""
     slopes, kept = passes.Slopes(), passes.Slopes()
     parts = _final_parts(problem, C.shape[0])
     best, score, optimizer, schedule = None, None, None, None
@@ -176,7 +176,8 @@ def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Ten
             current = passes.optimized_chain(problem, chain, slopes.view("pre")) if intermediate else chain
             values = []
             for k, part in enumerate(parts):
-                value = passes.backward(problem, current, len(problem.ops), C[part], rows[part], slopes.view("final", k))
+                value = passes.backward(problem, current, len(problem.ops), C[part], rows[part],
+                                        slopes.view("final", k))
                 if training:
                     open_rows = 1.0 if best is None or target is None else (best[part] <= target).to(value.dtype)
                     (-(value * open_rows).sum()).backward(retain_graph=intermediate and k < len(parts) - 1)
@@ -344,7 +345,8 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
             values = C.new_full(rows.shape, -float("inf"))
         elif method == "alpha-crown":
             search = None if _mode(sound) is None else _float32_search(bounded, x, y, spec, max_rows, chain)
-            values = _optimized_bound(problem, chain, C, rows, alpha_steps, alpha_lr, alpha_intermediate, target, search)
+            values = _optimized_bound(problem, chain, C, rows, alpha_steps, alpha_lr, alpha_intermediate, target,
+                                      search)
         else:
             values = passes.linear_bound(problem, chain, C, rows)
         values = torch.maximum(values, _ibp_margins(problem, chain, C, rows, mask))

@@ -76,7 +76,8 @@ class Chain:
 
     def cast(self, dtype: torch.dtype) -> "Chain":
         """The relaxations and bounds in ``dtype``, without error weights (a search, not a bound)."""
-        relaxations = {i: Relaxation(r.packed.to(dtype), r.unstable, r.alpha_range) for i, r in self.relaxations.items()}
+        relaxations = {i: Relaxation(r.packed.to(dtype), r.unstable, r.alpha_range)
+                       for i, r in self.relaxations.items()}
         return Chain(relaxations, {i: (l.to(dtype), u.to(dtype)) for i, (l, u) in self.bounds.items()})
 
 
@@ -130,8 +131,8 @@ class Slopes:
 
     def frozen(self, dtype: torch.dtype) -> "Slopes":
         """These slopes in ``dtype``, fixed (no gradient)."""
-        return Slopes({key: (alpha.detach().to(dtype), bounds, rows) for key, (alpha, bounds, rows) in self.table.items()},
-                      fixed=True)
+        table = {key: (alpha.detach().to(dtype), bounds, rows) for key, (alpha, bounds, rows) in self.table.items()}
+        return Slopes(table, fixed=True)
 
 
 def as_chain(chain: Union[Chain, Dict[int, Relaxation]]) -> Chain:
