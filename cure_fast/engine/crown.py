@@ -45,9 +45,9 @@ Methods (``method=``):
   bound is above 0, and the optimization stops when every row is (certified). In the sound modes
   the slopes are searched in plain float32 arithmetic (a float32 copy of the model, from the sound
   CROWN's relaxations: any slopes in range give a sound bound) and the bound is computed once in the
-  sound arithmetic with each sample's best slopes (by the sum of its rows' bounds, capped at ``target``;
-  without ``alpha_intermediate`` each row's) and with the last step's, the larger per row: 2.4x faster
-  on cnn5 (fp64), within 2e-4 of a float64 search (1-2 % of α's gain over CROWN) on small nets.
+  sound arithmetic with the slopes of every step that is some row's best (bounds capped at
+  ``target``; usually the last step alone), the larger per row: each row's best step's bound, 2.4x
+  faster on cnn5 (fp64), the float64 search's bounds within 5e-8 on small nets.
 
 Every method returns the elementwise maximum of its bound and IBP's folded margin (both are sound).
 
@@ -121,8 +121,8 @@ def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, ro
                      search: Optional[Tuple[passes.Problem, passes.Chain]] = None) -> Tensor:
     """α-CROWN lower bounds of ``C z``: C (N, K), rows (N,) -> (N,), never below the fixed-slope bound.
     ``search``: the problem and chain in float32 where the slopes are searched; the bound is then
-    computed in ``problem``'s arithmetic (any slopes give a sound bound) with each sample's best
-    slopes and with the last step's, the larger per row."""
+    computed in ``problem``'s arithmetic (any slopes give a sound bound) with the slopes of each row's
+    best step (:class:`_Keeper`), the larger per row."""
     crown = passes.linear_bound(problem, chain, C, rows)
     if steps == 0 or not any(r.unstable.any() for r in chain.relaxations.values()):
         return crown
@@ -135,11 +135,10 @@ def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, ro
         if search is None:
             values.append(_optimize(problem, chain, C[part], rows[part], steps, lr, intermediate, target)[0])
             continue
-        _, kept, last = _optimize(*search, C[part].to(search[0].dtype), rows[part], steps, lr, intermediate, target,
-                                  keep=True)
-        candidates = (kept, last) if intermediate else (kept,)  # final slopes only: kept per row, the best
+        _, keeper = _optimize(*search, C[part].to(search[0].dtype), rows[part], steps, lr, intermediate, target,
+                              keep=True)
         bounds = [_final_bound(problem, chain, C[part], rows[part], s.frozen(problem.dtype), intermediate)
-                  for s in candidates]
+                  for s in keeper.candidates()]
         values.append(torch.stack(bounds).max(0).values)
     return torch.maximum(torch.cat(values), crown)
 
@@ -160,16 +159,16 @@ def _final_parts(problem: passes.Problem, n: int) -> List[slice]:
 
 def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, steps: int, lr: float,
               intermediate: bool, target: Optional[float] = None,
-              keep: bool = False) -> Tuple[Tensor, passes.Slopes, passes.Slopes]:
+              keep: bool = False) -> Tuple[Tensor, Optional["_Keeper"]]:
     """Projected Adam on the lower slopes α from CROWN's choice, one per unstable neuron and row of
     every pass: the rows of C, and with ``intermediate`` also the rows of every CROWN-computed
     pre-activation bound, recomputed at each step (intersected with ``chain``'s). Returns the best
-    bound per row of C, (``keep``) the slopes of each sample's best step by the sum of its rows'
-    bounds (capped at ``target``; each row's, without ``intermediate``), and the last step's slopes.
-    ``target``: a row whose bound is above it leaves the objective; all above it: stop."""
-    slopes, kept = passes.Slopes(), passes.Slopes()
+    bound per row of C and (``keep``) the slopes of the rows' best steps. ``target``: a row whose
+    bound is above it leaves the objective; all above it: stop."""
+    slopes = passes.Slopes()
     parts = _final_parts(problem, C.shape[0])
-    best, score, optimizer, schedule = None, None, None, None
+    keeper = _Keeper(slopes, target) if keep else None
+    best, optimizer, schedule = None, None, None
     for step in range(steps + 1):
         training = step < steps
         with torch.set_grad_enabled(training):
@@ -184,8 +183,8 @@ def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Ten
                 values.append(value.detach())
         value = torch.cat(values)
         best = value if best is None else torch.fmax(best, value)  # NaN: no bound
-        if keep:
-            score = _keep_best(slopes, kept, value, rows, parts, intermediate, target, score)
+        if keeper is not None:
+            keeper.update(value, step)
         if target is not None and bool((best > target).all()):
             break
         if training:
@@ -196,22 +195,31 @@ def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Ten
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             slopes.clamp()
-    return best, kept, slopes
+    return best, keeper
 
 
-def _keep_best(slopes: passes.Slopes, kept: passes.Slopes, value: Tensor, rows: Tensor, parts: List[slice],
-               intermediate: bool, target: Optional[float], score: Optional[Tensor]) -> Tensor:
-    """Copy into ``kept`` the slopes where the bound beats ``score`` (None: everywhere), the new scores:
-    per sample by the sum of its row bounds (each capped at ``target``) when the pre-activation slopes
-    (shared by a sample's rows) are searched too, else per row of C (its final slopes alone set it)."""
-    capped = value if target is None else value.clamp(max=target)
-    new = capped.new_zeros(int(rows.max()) + 1).index_add_(0, rows, capped) if intermediate else capped
-    better = torch.ones_like(new, dtype=torch.bool) if score is None else new > score
-    if intermediate:
-        slopes.keep(kept, lambda key, samples: better[samples])
-    else:  # the final passes' keys: ("final", chunk, layer)
-        slopes.keep(kept, lambda key, samples: better[parts[key[1]]])
-    return new if score is None else torch.where(better, new, score)
+class _Keeper:
+    """The slopes of every step that is some row's best so far (bounds capped at ``target``): a
+    bound with each of them, the larger per row, is each row's best step's."""
+
+    def __init__(self, slopes: passes.Slopes, target: Optional[float]):
+        self.slopes, self.target = slopes, target
+        self.score, self.best_step, self.snapshots = None, None, {}
+
+    def update(self, value: Tensor, step: int) -> None:
+        """Record the bounds ``value`` (N,) of this step's slopes."""
+        capped = value if self.target is None else value.clamp(max=self.target)
+        better = torch.ones_like(capped, dtype=torch.bool) if self.score is None else capped > self.score
+        if not bool(better.any()):
+            return
+        self.score = capped if self.score is None else torch.where(better, capped, self.score)
+        self.best_step = torch.where(better, step, step if self.best_step is None else self.best_step)
+        self.snapshots[step] = self.slopes.frozen(next(iter(self.slopes.table.values()))[0].dtype)
+        kept = set(self.best_step.unique().tolist())
+        self.snapshots = {s: table for s, table in self.snapshots.items() if s in kept}
+
+    def candidates(self) -> List[passes.Slopes]:
+        return list(self.snapshots.values())
 
 
 def _with_pure_crown(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, values: Tensor,

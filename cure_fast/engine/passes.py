@@ -5,7 +5,7 @@ pre-activation bounds, passes over dense coefficients and over windows, and α-C
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -119,19 +119,10 @@ class Slopes:
         for alpha, (low, high), _ in self.table.values():
             alpha.clamp_(low, high)
 
-    @torch.no_grad()
-    def keep(self, best: "Slopes", chosen: Callable[[tuple, Tensor], Tensor]) -> None:
-        """Copy into ``best`` the slopes of the rows ``chosen(key, rows)`` (N,) bool of every pass."""
-        for key, (alpha, bounds, rows) in self.table.items():
-            if key not in best.table:
-                best.table[key] = (alpha.detach().clone(), bounds, rows)
-            else:
-                mask = chosen(key, rows)
-                best.table[key][0][mask] = alpha[mask]
-
     def frozen(self, dtype: torch.dtype) -> "Slopes":
-        """These slopes in ``dtype``, fixed (no gradient)."""
-        table = {key: (alpha.detach().to(dtype), bounds, rows) for key, (alpha, bounds, rows) in self.table.items()}
+        """A copy of these slopes in ``dtype``, fixed (no gradient)."""
+        table = {key: (alpha.detach().to(dtype, copy=True), bounds, rows)
+                 for key, (alpha, bounds, rows) in self.table.items()}
         return Slopes(table, fixed=True)
 
 
