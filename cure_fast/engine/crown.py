@@ -123,13 +123,11 @@ def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, ro
     ``search``: the problem and chain in float32 where the slopes are searched; the bound is then
     computed in ``problem``'s arithmetic (any slopes give a sound bound) with the slopes of each row's
     best step (:class:`_Keeper`), the larger per row."""
-    crown = passes.linear_bound(problem, chain, C, rows)
     if steps == 0 or not any(r.unstable.any() for r in chain.relaxations.values()):
-        return crown
+        return passes.linear_bound(problem, chain, C, rows)
     if search is not None:
         problem = dataclasses.replace(problem, itemsize=search[0].dtype.itemsize)  # the search's chunks
-    size = problem.rows(problem.width(len(problem.ops)), share=8)
-    parts = [slice(None)] if intermediate else passes.chunks(C.shape[0], size)
+    parts = [slice(None)] if intermediate else _final_parts(problem, C.shape[0])
     values = []
     for part in parts:
         if search is None:
@@ -140,7 +138,9 @@ def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, ro
         bounds = [_final_bound(problem, chain, C[part], rows[part], s.frozen(problem.dtype), intermediate)
                   for s in keeper.candidates()]
         values.append(torch.stack(bounds).max(0).values)
-    return torch.maximum(torch.cat(values), crown)
+    if search is None:  # the first step's bound is CROWN's
+        return torch.cat(values)
+    return torch.maximum(torch.cat(values), passes.linear_bound(problem, chain, C, rows))
 
 
 def _final_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, slopes: passes.Slopes,
@@ -214,7 +214,7 @@ class _Keeper:
             return
         self.score = capped if self.score is None else torch.where(better, capped, self.score)
         self.best_step = torch.where(better, step, step if self.best_step is None else self.best_step)
-        self.snapshots[step] = self.slopes.frozen(next(iter(self.slopes.table.values()))[0].dtype)
+        self.snapshots[step] = self.slopes.frozen()
         kept = set(self.best_step.unique().tolist())
         self.snapshots = {s: table for s, table in self.snapshots.items() if s in kept}
 
@@ -248,15 +248,21 @@ def _mode(sound: Union[bool, str]) -> Optional[str]:
     raise ValueError(f"sound must be True, False, 'fp64' or 'fp32', got {sound!r}")
 
 
+def _floating(model: nn.Module) -> List[Tensor]:
+    return [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
+
+
+def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The model, or a copy in ``dtype`` when some floating tensor is in another."""
+    return model if all(t.dtype == dtype for t in _floating(model)) else copy.deepcopy(model).to(dtype)
+
+
 def _float32(model: nn.Module) -> nn.Module:
     """The model, or a float32 copy when its floating tensors are all float32 numbers."""
-    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
-    if all(t.dtype == torch.float32 for t in tensors):
-        return model
-    if not all(torch.equal(t.float().to(t.dtype), t) for t in tensors):
+    if not all(torch.equal(t.float().to(t.dtype), t) for t in _floating(model)):
         raise ValueError("sound='fp32' certifies a network with float32 weights; this model has weights that "
                          "float32 cannot represent exactly: use sound='fp64'")
-    return copy.deepcopy(model).float()
+    return _in_dtype(model, torch.float32)
 
 
 def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec, sound: Union[bool, str],
@@ -270,12 +276,8 @@ def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec,
     for layer in bounded.layers:
         layer.check_certifiable()
     given, mode = x, _mode(sound)
-    if mode == "fp64":
-        tensors = list(bounded.model.parameters()) + list(bounded.model.buffers())
-        in_float64 = all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
-        model = bounded.model if in_float64 else copy.deepcopy(bounded.model).double()
     if mode is not None:
-        model = _float32(bounded.model) if mode == "fp32" else model
+        model = _float32(bounded.model) if mode == "fp32" else _in_dtype(bounded.model, torch.float64)
         bounded = type(bounded)(model, backend="torch", precision="ieee")
         x = x.float() if mode == "fp32" else x.double()
     propagation = bounded.propagate(x, [spec], y)  # in float32 mode: the checks of the inputs only
@@ -297,10 +299,7 @@ def _float32_search(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, ma
                     chain: passes.Chain) -> Tuple[passes.Problem, passes.Chain]:
     """α-CROWN's float32 search: the problem for a float32 copy of the model (plain arithmetic), and
     ``chain`` in float32 (its unstable neurons, so that the passes are those of ``chain``'s problem)."""
-    floats = [t for t in list(bounded.model.parameters()) + list(bounded.model.buffers()) if t.is_floating_point()]
-    in_float32 = all(t.dtype == torch.float32 for t in floats)
-    search = type(bounded)(bounded.model if in_float32 else copy.deepcopy(bounded.model).float(), backend="torch",
-                           precision="ieee")
+    search = type(bounded)(_in_dtype(bounded.model, torch.float32), backend="torch", precision="ieee")
     return _problem(search, x.float(), y, spec, False, max_rows), chain.cast(torch.float32)
 
 

@@ -119,9 +119,9 @@ class Slopes:
         for alpha, (low, high), _ in self.table.values():
             alpha.clamp_(low, high)
 
-    def frozen(self, dtype: torch.dtype) -> "Slopes":
-        """A copy of these slopes in ``dtype``, fixed (no gradient)."""
-        table = {key: (alpha.detach().to(dtype, copy=True), bounds, rows)
+    def frozen(self, dtype: Optional[torch.dtype] = None) -> "Slopes":
+        """A copy of these slopes in ``dtype`` (None: their own), fixed (no gradient)."""
+        table = {key: (alpha.detach().to(dtype or alpha.dtype, copy=True), bounds, rows)
                  for key, (alpha, bounds, rows) in self.table.items()}
         return Slopes(table, fixed=True)
 
@@ -286,7 +286,7 @@ def relaxations(problem: Problem, crown: bool, intersect: bool = True, reuse: Op
         if not crown or (exact and reuse is None):
             bounds, pure = ibp, ibp
         elif track:
-            bounds, pure = _intersected(problem, chain, i, ibp, previous)
+            bounds, pure = _intersected(problem, chain, i, ibp, previous, exact)
         elif reuse is None:
             bounds = crown_bounds(problem, chain, i, *ibp, intersect=False)
         else:
@@ -301,17 +301,18 @@ def relaxations(problem: Problem, crown: bool, intersect: bool = True, reuse: Op
     return chain
 
 
-def _intersected(problem: Problem, chain: Chain, i: int, ibp: Interval,
-                 previous: Optional[Tuple[int, Interval]]) -> Tuple[Interval, Interval]:
+def _intersected(problem: Problem, chain: Chain, i: int, ibp: Interval, previous: Optional[Tuple[int, Interval]],
+                 exact: bool) -> Tuple[Interval, Interval]:
     """CROWN's bounds on the input of activation i intersected with IBP's (and with IBP from the
     tightened bounds of the activation before), and pure CROWN's (exact for the samples not diverged
-    before i: every neuron IBP leaves unstable gets its rows there)."""
+    before i: every neuron IBP leaves unstable gets its rows there). ``exact``: IBP's bounds are exact
+    at activation i (kept)."""
     lower, upper = ibp
     if previous is not None:
         low, high = problem.arithmetic.forward(previous[0] + 1, i, previous[1])
         lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
         upper = torch.maximum(upper, lower)
-    if _ibp_is_exact(problem.ops[:i]):
+    if exact:
         return (lower, upper), ibp
     fresh = _per_sample(chain.diverged >= i, lower)
     marked = _unstable((lower, upper)) | (_unstable(ibp) & fresh)
