@@ -10,6 +10,7 @@ import torch
 from . import BoundedModule, L2Ball, LinfBall, models
 from .errors import one_line_errors
 from .ops import policy as backends
+from .ops.registry import is_available
 from .ops.autoselect import median_ms
 from .validation import OneLineParser, integer_type, number_type
 
@@ -98,7 +99,7 @@ def info(_: argparse.Namespace) -> None:
     print(f"triton: {'installed' if importlib.util.find_spec('triton') else 'not installed'}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:
-        names = [b for b in backends.BACKENDS if backends.is_available(b, device)]
+        names = [b for b in backends.BACKENDS if is_available(b, device)]
         print(f"backends on {device.type}: {', '.join(names)}; default: {backends.get_backend()}")
 
 
