@@ -87,6 +87,9 @@ class Ball:
             eps = eps.to(device=x.device, dtype=x.dtype)
         else:
             eps = torch.tensor(eps, device=x.device, dtype=x.dtype)
+        if not bool(torch.isfinite(eps).all()):
+            raise ValueError(f"{self.name}: eps {self.eps if not isinstance(self.eps, Tensor) else 'tensor'} overflows "
+                             f"the input's dtype {str(x.dtype)[6:]} (largest {torch.finfo(x.dtype).max:.3g})")
         return eps.reshape(-1, *([1] * (x.dim() - 1))).expand(x.shape[0], *([1] * (x.dim() - 1)))
 
     def domain_box(self, x: Tensor) -> Optional[Tuple[Tensor, Tensor]]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from cure_fast import BoundedModule, L2Ball, LinfBall, models
+from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall, models
 from cure_fast import functional as BF
 
 BALLS = [LinfBall, L2Ball]
@@ -125,6 +125,24 @@ def test_per_sample_eps_with_the_wrong_batch(ball, domain):
 def test_bad_domain(ball, domain, match):
     with pytest.raises(ValueError, match=match):
         ball(0.1, domain=domain)
+
+
+@pytest.mark.parametrize("ball", BALLS + [L1Ball])
+def test_eps_that_overflows_the_input_dtype(ball):
+    with pytest.raises(ValueError, match=rf"{ball.__name__}: eps 1e\+39 overflows the input's dtype float32"):
+        _propagate(_mlp(), torch.rand(2, 4), [ball(1e39, domain=None)])
+
+
+def test_input_and_model_of_different_dtypes():
+    with pytest.raises(TypeError, match=r"the input is float64 but the model is float32: convert one of them"):
+        _propagate(_mlp(), torch.rand(2, 4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown", "alpha-crown"])
+def test_a_one_class_model_has_no_margin_to_bound(method):
+    margins = BoundedModule(_mlp(classes=1).eval()).margins(torch.rand(2, 4), torch.tensor([0, 0]), LinfBall(0.1),
+                                                             method=method)
+    assert torch.equal(margins, torch.zeros(2, 1))
 
 
 def test_specs_must_be_balls():

@@ -150,8 +150,8 @@ def _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts
             parts[f"pgd_{norm}"].append(correct & (objective(point) < 0))
     x_cert = x.to(next(bm.parameters()).dtype)
     with torch.no_grad():
-        if sound == "fp32":  # IBP with every float32 rounding error bounded, per input set
-            ibp = [_timed(seconds, "ibp", crown_margins, bm, x_cert, y, spec, "ibp", sound="fp32") for spec in specs]
+        if sound is not False:  # IBP with every rounding error bounded, per input set
+            ibp = [_timed(seconds, "ibp", crown_margins, bm, x_cert, y, spec, "ibp", sound=sound) for spec in specs]
         else:
             ibp = _timed(seconds, "ibp", bm.propagate, x_cert, specs, y).margins
     for norm, spec, margins in zip(norms, specs, ibp):

@@ -99,6 +99,14 @@ def _check_input(x: Tensor, specs: Sequence[Spec]) -> None:
             raise ValueError(f"input values span [{low:g}, {high:g}], outside the domain {spec.domain} of {spec}")
 
 
+def _check_dtype(x: Tensor, model: nn.Module) -> None:
+    dtypes = {t.dtype for t in model.parameters() if t.is_floating_point()}
+    if dtypes and x.dtype not in dtypes:
+        model_dtype = ", ".join(sorted(str(d)[6:] for d in dtypes))
+        raise TypeError(f"the input is {str(x.dtype)[6:]} but the model is {model_dtype}: convert one of them "
+                        f"(x.to(dtype) or model.to(dtype))")
+
+
 def _check_shrink(shrink: Optional[ShrinkBox], n_specs: int) -> None:
     if shrink is None:
         return
@@ -212,6 +220,7 @@ class BoundedModule(nn.Module):
         """
         specs = _spec_list(specs)
         _check_input(x, specs)
+        _check_dtype(x, self.model)
         _check_shrink(shrink, len(specs))
         if y is not None and (not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point()):
             raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', y)}")

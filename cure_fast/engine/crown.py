@@ -49,15 +49,15 @@ Methods (``method=``):
   ``target``; usually the last step alone), the larger per row: each row's best step's bound, 2.4x
   faster on cnn5 (fp64), the float64 search's bounds within 5e-8 on small nets.
 
-Every method returns the elementwise maximum of its bound and IBP's folded margin (both are sound).
+Every method returns the elementwise maximum of its bound and IBP's folded margin (both are sound);
+where both are NaN (an overflow to infinity on the way), the margin is -inf: no certificate.
 
-**Sound modes** (``sound=``): ``True`` or ``"fp64"`` (the default): the bounds are computed in float64,
-for a float64 copy of the model (the IBP part on the pure-PyTorch backend with IEEE dot products) and
-the inputs, i.e. for the network with the model's weights evaluated in real arithmetic up to float64
-rounding (~1e-16 relative, far below any margin that certifies; no further safety margin is added).
-``"fp32"``: the bounds are computed in float32 for a float32 model and lowered by a rigorous bound on
-every rounding error (:mod:`.rounding`, docs/design.md "Sound fp32 bounds"): a certificate for the
-network with the model's float32 weights (per-channel affines derived in float64, as in ``"fp64"``).
+**Sound modes** (``sound=``): ``True`` or ``"fp64"`` (the default): the bounds are computed in float64
+for a float64 copy of the model and the inputs; ``"fp32"``: in float32 for a float32 model. Both lower
+every bound by a rigorous bound on every rounding error (:mod:`.rounding`, docs/design.md "Sound
+bounds"): a certificate for the network with the model's weights in real arithmetic (per-channel
+affines derived in float64). Plain float64 would not be one: large cancelling weights (a bias of
+1e20 that absorbs the input term, then subtracted) make it optimistic by far more than its 1e-16.
 The result is returned in the input's dtype, rounded downwards. With ``sound=False`` the bounds are
 computed in the model's own dtype and backend (faster, not a certificate: rounding may make them
 optimistic).
@@ -137,10 +137,10 @@ def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, ro
                               keep=True)
         bounds = [_final_bound(problem, chain, C[part], rows[part], s.frozen(problem.dtype), intermediate)
                   for s in keeper.candidates()]
-        values.append(torch.stack(bounds).max(0).values)
+        values.append(_no_nan(torch.stack(bounds)).max(0).values)
     if search is None:  # the first step's bound is CROWN's
         return torch.cat(values)
-    return torch.maximum(torch.cat(values), passes.linear_bound(problem, chain, C, rows))
+    return torch.fmax(torch.cat(values), passes.linear_bound(problem, chain, C, rows))
 
 
 def _final_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, slopes: passes.Slopes,
@@ -235,8 +235,13 @@ def _with_pure_crown(problem: passes.Problem, chain: passes.Chain, C: Tensor, ro
     open_rows = samples[rows]
     pure = passes.relaxations(problem, crown=True, intersect=False, reuse=chain, samples=samples)
     values = values.clone()
-    values[open_rows] = torch.maximum(values[open_rows], passes.linear_bound(problem, pure, C[open_rows], rows[open_rows]))
+    values[open_rows] = torch.fmax(values[open_rows], passes.linear_bound(problem, pure, C[open_rows], rows[open_rows]))
     return values
+
+
+def _no_nan(values: Tensor) -> Tensor:
+    """NaN bounds (an overflow on the way: no information) as -inf."""
+    return torch.where(values.isnan(), -float("inf"), values)
 
 
 def _mode(sound: Union[bool, str]) -> Optional[str]:
@@ -280,19 +285,18 @@ def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec,
         model = _float32(bounded.model) if mode == "fp32" else _in_dtype(bounded.model, torch.float64)
         bounded = type(bounded)(model, backend="torch", precision="ieee")
         x = x.float() if mode == "fp32" else x.double()
-    propagation = bounded.propagate(x, [spec], y)  # in float32 mode: the checks of the inputs only
+    propagation = bounded.propagate(x, [spec], y)  # in the sound modes: the checks of the inputs only
     ops, shapes = _operators(bounded.layers, x)
     chunk = passes.MEMORY_BYTES if x.is_cuda else passes.CACHE_BYTES
-    if mode != "fp32":
+    if mode is None:
         arithmetic = rounding.Arithmetic(bounded.layers, ops)
         return passes.Problem(bounded.layers, ops, shapes, InputSet(spec, x), propagation, max_rows, chunk, arithmetic,
                               x.dtype)
-    inputs = SoundInputSet(spec, given)
-    arithmetic = rounding.Float32(bounded.layers, ops)
+    inputs = SoundInputSet(spec, given, x.dtype)
+    arithmetic = rounding.Sound(bounded.layers, ops, x.dtype)
     spec_start = len(ops) if bounded.spec_layer is None else bounded.spec_layer
     propagation = arithmetic.propagate(inputs.box, inputs.ball, spec_start)
-    return passes.Problem(bounded.layers, ops, shapes, inputs, propagation, max_rows, chunk, arithmetic,
-                              x.dtype)
+    return passes.Problem(bounded.layers, ops, shapes, inputs, propagation, max_rows, chunk, arithmetic, x.dtype)
 
 
 def _float32_search(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, max_rows: Optional[int],
@@ -327,9 +331,9 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
             ``"ibp"`` (IBP's margins in the ``sound`` mode).
         alpha_steps: Adam steps of α-CROWN.
         alpha_lr: Adam's initial learning rate in α-CROWN (decayed by ``ALPHA_LR_DECAY`` per step).
-        sound: ``True`` / ``"fp64"``: float64 (a certificate); ``"fp32"``: float32 with a rigorous
-            bound on every rounding error (a certificate, for a float32 model); ``False``: the model's
-            dtype (not a certificate).
+        sound: ``True`` / ``"fp64"``: float64, ``"fp32"``: float32 (a float32 model), each with a
+            rigorous bound on every rounding error (a certificate); ``False``: the model's dtype (not
+            a certificate).
         max_rows: rows per backward pass (memory); None for the default budget.
         alpha_intermediate: α-CROWN also optimizes the slopes of the passes that bound the
             pre-activations (every step recomputes them, keeping their autograd graph: slower, more
@@ -344,10 +348,12 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         raise ValueError(f"unknown method {method!r}; choose one of ibp, {', '.join(METHODS)}")
     if isinstance(alpha_steps, bool) or not isinstance(alpha_steps, int) or alpha_steps < 0:
         raise ValueError(f"alpha_steps must be a non-negative int, got {alpha_steps!r}")
-    with rounding.strict(_mode(sound) == "fp32"):
+    with rounding.strict(_mode(sound) is not None):
         problem = _problem(bounded, x, y, spec, sound, max_rows)
         chain = passes.relaxations(problem, crown=method in ("crown", "alpha-crown"))
         C, rows, mask = _specification(y.long(), problem.shapes[-1][0], problem.dtype)
+        if len(C) == 0:  # one class: no margin to bound
+            return x.new_zeros(mask.shape)
         if method == "ibp":
             values = C.new_full(rows.shape, -float("inf"))
         elif method == "alpha-crown":
@@ -356,11 +362,11 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
                                       search)
         else:
             values = passes.linear_bound(problem, chain, C, rows)
-        values = torch.maximum(values, _ibp_margins(problem, chain, C, rows, mask))
+        values = torch.fmax(values, _ibp_margins(problem, chain, C, rows, mask))  # fmax: NaN (overflow) loses
         if method in ("crown", "alpha-crown"):  # never looser than pure CROWN
             values = _with_pure_crown(problem, chain, C, rows, values, target)
     margins = values.new_zeros(mask.shape)
-    margins[mask] = values
+    margins[mask] = _no_nan(values)
     return round_down(margins, x.dtype)
 
 
@@ -374,7 +380,7 @@ def preactivation_bounds(bounded: BoundedModule, x: Tensor, spec: Spec, method: 
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    with rounding.strict(_mode(sound) == "fp32"):
+    with rounding.strict(_mode(sound) is not None):
         problem = _problem(bounded, x, None, spec, sound, max_rows)
         bounds = passes.relaxations(problem, crown=method != "crown-ibp").bounds
     return [(round_down(lower, x.dtype), -round_down(-upper, x.dtype)) for lower, upper in bounds.values()]

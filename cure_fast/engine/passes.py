@@ -126,9 +126,13 @@ class Slopes:
         return Slopes(table, fixed=True)
 
 
-def as_chain(chain: Union[Chain, Dict[int, Relaxation]]) -> Chain:
-    """A chain, or a plain dict of relaxations (no error weights: working-dtype arithmetic)."""
-    return chain if isinstance(chain, Chain) else Chain(chain, {})
+def as_chain(chain: Union[Chain, Dict[int, Relaxation]], problem: "Problem") -> Chain:
+    """A chain, or a plain dict of relaxations (no error weights: working-dtype arithmetic only)."""
+    if isinstance(chain, Chain):
+        return chain
+    if problem.arithmetic.sound:
+        raise TypeError("a sound bound needs the relaxations' Chain (it holds their error weights), not a dict")
+    return Chain(chain, {})
 
 
 def _charge(chain: Chain, i: int, skip: FrozenSet[int]) -> Tuple[Optional[Tensor], FrozenSet[int]]:
@@ -149,8 +153,8 @@ def backward(problem: Problem, chain: Chain, end: int, A: Tensor, rows: Tensor,
     lower slopes of unstable neurons (α-CROWN; None: the relaxations' own); ``skip``: steps whose
     errors are already charged.
     """
-    arithmetic, chain = problem.arithmetic, as_chain(chain)
-    bias = arithmetic.zeros(A) if bias is None else bias
+    arithmetic, chain = problem.arithmetic, as_chain(chain, problem)
+    bias = arithmetic.zeros(A, rows) if bias is None else bias
     for i in reversed(range(start, end)):
         before = A
         if problem.ops[i] is None:
@@ -169,7 +173,7 @@ def window_backward(problem: Problem, chain: Chain, end: int, window: Window, ro
     """Lower bounds of the window coefficients times the output of layer ``end - 1`` (a (C, H, W) map)
     over the input set: windows through the local layers (convolutions, per-channel affines, ReLUs,
     identities), then whole maps from the first other layer on. rows (N,) -> (N,)."""
-    bias, skip = problem.arithmetic.zeros(window.A), frozenset()
+    bias, skip = problem.arithmetic.zeros(window.A, rows), frozenset()
     height, width = problem.shapes[end][1:]
     while end > 0 and (problem.ops[end - 1] is None or problem.ops[end - 1].local):
         op, before = problem.ops[end - 1], window
@@ -203,7 +207,7 @@ def unit_bound(problem: Problem, chain: Chain, end: int, neurons: Tensor, signs:
                slopes: Optional[Slopes] = None) -> Tensor:
     """Lower bounds of ``sign * h[neuron]`` for the neurons (N,) of the output h of layer ``end - 1``,
     signs (N,) ±1, of samples rows (N,) -> (N,); on windows when h is a (C, H, W) map."""
-    shape, chain = problem.shapes[end], as_chain(chain)
+    shape, chain = problem.shapes[end], as_chain(chain, problem)
     n = neurons.shape[0]
     if len(shape) == 3:
         _, height, width = shape
@@ -247,7 +251,7 @@ def crown_bounds(problem: Problem, chain: Chain, end: int, lower: Tensor, upper:
     (B, *shape) (or marked by ``unstable``, (B, *shape) bool), intersected with them (or in their
     place); the others keep them. ``slopes``: α-CROWN's slopes, one view per chunk of rows."""
     marked = (lower < 0) & (upper > 0) if unstable is None else unstable
-    sample, neuron, low, high = crown_values(problem, as_chain(chain), end, marked, slopes)
+    sample, neuron, low, high = crown_values(problem, as_chain(chain, problem), end, marked, slopes)
     if intersect:
         low = torch.maximum(lower.flatten(1)[sample, neuron], low)
         high = torch.minimum(upper.flatten(1)[sample, neuron], high)
@@ -374,6 +378,6 @@ def _through(raw: Tensor, value: Tensor) -> Tensor:
 def linear_bound(problem: Problem, chain: Chain, C: Tensor, rows: Tensor, start: int = 0) -> Tensor:
     """Lower bounds of ``C z`` (z the output) with the fixed relaxations; C (N, K), rows (N,) -> (N,)
     (from the interval bounds on the input of layer ``start`` when > 0)."""
-    end, chain = len(problem.ops), as_chain(chain)
+    end, chain = len(problem.ops), as_chain(chain, problem)
     return torch.cat([backward(problem, chain, end, C[part], rows[part], start=start)
                       for part in chunks(C.shape[0], problem.rows(problem.width(end)))])

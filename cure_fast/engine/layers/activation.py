@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ... import ops
 from ..streams import Streams
-from ..rounding import bracket, up32
+from ..rounding import bracket, up
 from ..window import Window, rowsum, runs
 from .base import Context, Layer, register_layer
 
@@ -56,22 +56,24 @@ class Relaxation:
 
     @classmethod
     def outward(cls, l: Tensor, u: Tensor, slope: float = 0.0) -> "Relaxation":
-        """The relaxation of :meth:`of` with float32 (or any dtype's) numbers that holds exactly for
-        the real negative slope ``a``: lower slopes in ``[a↑, 1]`` (``a↑``, ``a↓`` the nearest numbers
-        of the dtype above and below a), a stable negative neuron between ``a↑ h`` and ``a↓ h``, and
-        the upper line's offset recomputed in float64 from its slope s, ``max(f(l) - s l, f(u) - s u)``,
-        rounded up: above f at both ends, so above the convex f on ``[l, u]``."""
+        """The relaxation of :meth:`of` with float32 or float64 numbers that holds exactly for the real
+        negative slope ``a``: lower slopes in ``[a↑, 1]`` (``a↑``, ``a↓`` the nearest numbers of the
+        dtype above and below a), a stable negative neuron between ``a↑ h`` and ``a↓ h``, and the upper
+        line's offset recomputed in float64 from its slope s, ``max(f(l) - s l, f(u) - s u)``, rounded
+        up (its products and differences are off by at most 2^-52 of the magnitudes, or 2^-1074 where
+        they underflow): above f at both ends, so above the convex f on ``[l, u]``."""
         low, high = bracket(slope, l.dtype)
         unstable = (l < 0) & (u > 0)
         one, below, above = torch.ones_like(l), torch.full_like(l, low), torch.full_like(l, high)
         lower = torch.where((l >= 0) | (unstable & (u > -l)), one, above)
         chord = ((u - low * l) / torch.where(unstable, u - l, one)).clamp(low, 1.0)
         upper = torch.where(unstable, chord, torch.where(l >= 0, one, below))
-        low_end, high_end, s = l.double(), u.double(), upper.double()  # s * end: exact for float32 numbers
+        low_end, high_end, s = l.double(), u.double(), upper.double()
         f_low, f_high = F.leaky_relu(low_end, slope), F.leaky_relu(high_end, slope)
         gap = torch.maximum(f_low - s * low_end, f_high - s * high_end)
         size = f_low.abs() + (s * low_end).abs() + f_high.abs() + (s * high_end).abs()
-        offset = torch.where(unstable, up32(gap + 2.0 ** -48 * size).to(l.dtype), torch.zeros_like(l))
+        offset = up(gap + (2.0 ** -48 * size + 2.0 ** -1070), l.dtype)
+        offset = torch.where(unstable, offset, torch.zeros_like(l))
         return cls(torch.stack([lower, upper, offset], -1), unstable, (high, 1.0), torch.float64)
 
     @property

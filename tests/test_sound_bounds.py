@@ -1,7 +1,7 @@
-"""Sound float32 bounds of the CROWN family (``sound="fp32"``, cure_fast.engine.rounding): never above
-the float64 bounds and within 1e-3 of them on random networks, never above sampled margins, never
-above the exact rational CROWN-IBP bound of the same relaxations nor the true minimum on tiny nets,
-and below the float64 bound on a net where plain float32 is optimistic."""
+"""Sound bounds of the CROWN family (``sound="fp32"`` and ``"fp64"``, cure_fast.engine.rounding): float32
+never above the float64 bounds and within 1e-3 of them on random networks, never above sampled
+margins; both modes never above the exact rational CROWN-IBP bound of the same relaxations nor the
+true minimum on tiny nets, and below the exact minimum on nets where plain arithmetic is optimistic."""
 import copy
 import itertools
 from fractions import Fraction
@@ -59,7 +59,7 @@ def test_penalties_cover_the_rounding_of_every_backward_pass(net, data):
     bm, x, y, specs = _eval_setup(net, data)
     for spec in specs:
         narrow = crown._problem(bm, x, y, spec, "fp32", None)
-        wide = crown._problem(bm, x.double(), y, spec, True, None)
+        wide = crown._problem(BoundedModule(copy.deepcopy(bm.model).double()), x.double(), y, spec, False, None)
         chain = passes.relaxations(narrow, crown=True)
         same = {i: Relaxation(r.packed.double(), r.unstable, r.alpha_range) for i, r in chain.relaxations.items()}
         for i, (lower, upper) in chain.bounds.items():
@@ -75,15 +75,16 @@ def test_penalties_cover_the_rounding_of_every_backward_pass(net, data):
         assert (bound32 <= bound64 + 1e-12 * (1 + bound64.abs())).all(), f"{spec}: the final pass"
 
 
-def _cancelling_net(seed):
-    """Linear(4, 12), ReLU (every neuron active), Linear(12, 3): the second layer's weights [U, -U] meet
-    the first's [V; V + δ] with |U|, |V| ~ 100, so the margins are small differences of large terms."""
+def _cancelling_net(seed, shift=1e4, dtype=torch.float32):
+    """Linear(4, 12), ReLU (every neuron active: bias ``shift``), Linear(12, 3): the second layer's
+    weights [U, -U] meet the first's [V; V + δ] with |U|, |V| ~ 100, so the margins are small
+    differences of large terms."""
     torch.manual_seed(seed)
     V, delta, U = torch.randn(6, 4) * 100, torch.randn(6, 4) * 1e-2, torch.randn(3, 6) * 100
-    first, second = nn.Linear(4, 12), nn.Linear(12, 3)
+    first, second = nn.Linear(4, 12).to(dtype), nn.Linear(12, 3).to(dtype)
     with torch.no_grad():
         first.weight.copy_(torch.cat([V, V + delta]))
-        first.bias.fill_(1e4)
+        first.bias.fill_(shift)
         second.weight.copy_(torch.cat([U, -U], 1))
         second.bias.zero_()
     return nn.Sequential(first, nn.ReLU(), second).eval()
@@ -103,6 +104,101 @@ def test_plain_float32_is_optimistic_on_cancelling_weights_and_sound_float32_is_
         optimistic = max(optimistic, (plain - exact).max().item())
         assert (sound <= exact).all(), f"seed {seed}: sound float32 above the exact minimum"
     assert optimistic > 0.01
+
+
+def _exact_box_minimum(model, x, y, eps):
+    """The exact minimum of every margin off y over the box x ± eps (no domain) of a Linear, ReLU, Linear
+    net whose first layer is positive on the box (affine there), in rational arithmetic."""
+    (W1, b1), (W2, b2) = _linears(model)
+    point, eps = _fractions(x[0]), Fraction(float(eps))
+    A = [[_dot(row, [W1[o][j] for o in range(len(W1))]) for j in range(len(W1[0]))] for row in W2]
+    lower, _ = _exact_interval(W1, b1, [v - eps for v in point], [v + eps for v in point])
+    assert min(lower) > 0, "the first layer must be active on the whole box"
+    label = y.item()
+    minima = []
+    for j in range(len(W2)):
+        if j != label:
+            a = [p - q for p, q in zip(A[label], A[j])]
+            constant = _dot(W2[label], b1, b2[label]) - _dot(W2[j], b1, b2[j])
+            minima.append(_dot(a, point, constant) - eps * sum(abs(v) for v in a))
+    return minima
+
+
+def test_float64_bounds_are_below_the_exact_minimum_where_float64_cancels():
+    """The cancelling nets in float64 with a first-layer bias of 1e16 (its ulp is 2): plain float64
+    lands above the exact minimum on some of these nets, no method of ``sound="fp64"`` ever does."""
+    optimistic = False
+    for seed in range(6):
+        model = _cancelling_net(seed, shift=1e16, dtype=torch.float64).eval()
+        bm, eps = BoundedModule(model), 0.01
+        x, y, spec = torch.rand(1, 4, dtype=torch.float64), torch.tensor([seed % 3]), LinfBall(eps, domain=None)
+        mask = torch.ones(1, 3, dtype=torch.bool).scatter(1, y[:, None], False)
+        exact = _exact_box_minimum(model, x, y, eps)
+        plain = crown.crown_margins(bm, x, y, spec, method="crown", sound=False)[mask]
+        optimistic |= any(Fraction(float(p)) > e for p, e in zip(plain, exact))
+        for method in ("ibp",) + crown.METHODS:
+            bound = crown.crown_margins(bm, x, y, spec, method=method, alpha_steps=3, sound="fp64")[mask]
+            assert all(Fraction(float(b)) <= e for b, e in zip(bound, exact)), f"seed {seed} {method}: above the exact minimum"
+    assert optimistic, "plain float64 is exact on every net: the test shows nothing"
+
+
+def test_a_bias_that_absorbs_the_input_in_float64_gives_no_certificate():
+    """``w x + 1e20`` then ``- 1e20`` is ``w x`` in real arithmetic and the constant 0 in float64 (the
+    input term is below half an ulp of 1e20): the margin ``-1000 x + 100`` on [0.49, 0.51] is at most
+    -390, which every sound method must respect (plain float64 claims +100)."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1), nn.Linear(1, 2)).double().eval()
+    with torch.no_grad():
+        model[0].weight.fill_(-1000.0)
+        model[0].bias.fill_(1e20)
+        model[2].weight.fill_(1.0)
+        model[2].bias.fill_(-1e20)
+        model[3].weight.copy_(torch.tensor([[1.0], [0.0]]))
+        model[3].bias.copy_(torch.tensor([100.0, 0.0]))
+    bm, x, y, spec = BoundedModule(model), torch.tensor([[0.5]], dtype=torch.float64), torch.tensor([0]), LinfBall(0.01)
+    assert crown.crown_margins(bm, x, y, spec, method="crown", sound=False)[0, 1] == 100.0
+    for method in ("ibp",) + crown.METHODS:
+        assert crown.crown_margins(bm, x, y, spec, method=method, sound="fp64")[0, 1] <= -390.0, method
+
+
+def test_products_that_underflow_are_covered():
+    """Four products ``2^-149 * 0.5`` round to 0 in float32 (the relative error bounds of γ_n say
+    nothing there), then two layers of 2^60 make the lost ``2^-148`` worth ``2^-28``: the margin
+    ``1e-9 - z`` is negative on the whole box, and no sound method may certify it (plain float32
+    arithmetic claims +1e-9)."""
+    model = nn.Sequential(nn.Linear(4, 1), nn.Linear(1, 1), nn.Linear(1, 1), nn.Linear(1, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(2.0 ** -149)
+        for layer in model[1:3]:
+            layer.weight.fill_(2.0 ** 60)
+        model[3].weight.copy_(torch.tensor([[-1.0], [0.0]]))
+        model[3].bias.copy_(torch.tensor([1e-9, 0.0]))
+        for layer in model[:3]:
+            layer.bias.zero_()
+    bm, x, y, spec = BoundedModule(model), torch.full((1, 4), 0.5), torch.tensor([0]), LinfBall(0.01, domain=None)
+    exact = Fraction(1e-9) - 4 * Fraction(51, 100) * Fraction(2) ** -29  # the smallest margin on the box
+    assert crown.crown_margins(bm, x, y, spec, method="crown", sound=False)[0, 1] > 0
+    for mode in ("fp32", "fp64"):
+        for method in ("ibp",) + crown.METHODS:
+            bound = crown.crown_margins(bm, x, y, spec, method=method, sound=mode)[0, 1]
+            assert Fraction(float(bound)) <= exact, f"{mode} {method}: {float(bound)} certifies a false margin"
+
+
+def test_a_backward_pass_that_overflows_falls_back_to_ibp():
+    """Three layers of 2^80: CROWN's coefficients overflow float32 (inf, then NaN), IBP's interval does
+    not; every method returns IBP's sound bound instead of NaN."""
+    model = nn.Sequential(*[nn.Linear(1, 1) for _ in range(4)], nn.Linear(1, 2)).eval()
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.fill_(2.0 ** 80)
+            layer.bias.zero_()
+        model[0].weight.fill_(3 * 2.0 ** -149)
+        model[4].weight.copy_(torch.tensor([[-1.0], [0.0]]))
+    bm, x, y, spec = BoundedModule(model), torch.tensor([[0.5]]), torch.tensor([0]), LinfBall(0.01, domain=None)
+    smallest = -Fraction(3 * 51, 100) * Fraction(2) ** (240 - 149)  # the smallest margin on the box
+    ibp = crown.crown_margins(bm, x, y, spec, method="ibp", sound="fp32")[0, 1]
+    for method in crown.METHODS:
+        bound = crown.crown_margins(bm, x, y, spec, method=method, sound="fp32")[0, 1]
+        assert bound == ibp and Fraction(float(bound)) <= smallest, method
 
 
 def _fractions(t):
@@ -165,20 +261,21 @@ def _exact_margins(linears, point, label):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("spec", [LinfBall(0.15), L1Ball(0.4, domain=None)])
-def test_float32_bounds_are_below_exact_rational_crown_ibp_and_the_true_minimum(seed, spec):
-    """Tiny Linear/ReLU nets, the float32 run checked in exact rational arithmetic: its IBP bounds contain
+@pytest.mark.parametrize("mode, dtype", [("fp32", torch.float32), ("fp64", torch.float64)])
+def test_sound_bounds_are_below_exact_rational_crown_ibp_and_the_true_minimum(seed, spec, mode, dtype):
+    """Tiny Linear/ReLU nets, the sound run checked in exact rational arithmetic: its IBP bounds contain
     the exact IBP bounds, each relaxation holds at both ends of its bounds, the exact CROWN-IBP bound
-    with those relaxations is >= the float32 one, and the margins at the vertices of the l1 ball or
+    with those relaxations is >= the sound one, and the margins at the vertices of the l1 ball or
     on a grid of the box (exact) are >= the returned margins."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).to(dtype).eval()
     bm = BoundedModule(model)
-    x, y = torch.rand(1, 3), torch.tensor([seed % 3])
-    problem = crown._problem(bm, x, y, spec, "fp32", None)
+    x, y = torch.rand(1, 3, dtype=dtype), torch.tensor([seed % 3])
+    problem = crown._problem(bm, x, y, spec, mode, None)
     chain = passes.relaxations(problem, crown=False)
-    C, rows, mask = crown._specification(y, 3, torch.float32)
+    C, rows, mask = crown._specification(y, 3, dtype)
     bound = passes.linear_bound(problem, chain, C, rows)
-    margins = crown.crown_margins(bm, x, y, spec, method="crown-ibp", sound="fp32")[mask]
+    margins = crown.crown_margins(bm, x, y, spec, method="crown-ibp", sound=mode)[mask]
     linears, point = _linears(model), _fractions(x[0])
     lo, hi, lower, upper = _exact_first_bounds(spec, point, *linears[0])
     relaxations = []
@@ -197,7 +294,7 @@ def test_float32_bounds_are_below_exact_rational_crown_ibp_and_the_true_minimum(
             exact = _dot(A, point, bias) - eps * max(abs(a) for a in A)
         else:
             exact = sum((min(a * l, a * h) for a, l, h in zip(A, lo, hi)), bias)
-        assert exact >= Fraction(float(bound[n])), f"row {n}: the exact CROWN-IBP bound is below the float32 one"
+        assert exact >= Fraction(float(bound[n])), f"row {n}: the exact CROWN-IBP bound is below the sound one"
     if isinstance(spec, L1Ball):  # x and the vertices x ± eps e_i of the l1 ball
         points = [point] + [[v + sign * eps * (i == j) for j, v in enumerate(point)] for i in range(3) for sign in (-1, 1)]
     else:
