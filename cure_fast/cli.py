@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import List, Optional
 
-import torch
-
-from . import BoundedModule, L2Ball, LinfBall, models
 from .errors import one_line_errors
-from .ops import policy as backends
-from .ops.registry import is_available
-from .ops.autoselect import median_ms
 from .validation import OneLineParser, integer_type, number_type
 
 
 def quickstart(args: argparse.Namespace) -> None:
     """Bounds of a network on real MNIST digits (or random CIFAR-shaped inputs), and their cost."""
+    import torch
+    from . import BoundedModule, L2Ball, LinfBall, models
+    from .ops import policy as backends
+    from .ops.autoselect import median_ms
     torch.manual_seed(0)
     if args.dataset == "mnist":
         from .data import load_mnist
@@ -95,6 +94,9 @@ def certify_command(args: argparse.Namespace) -> None:
 def info(_: argparse.Namespace) -> None:
     """Versions and the backends available on each device."""
     import importlib.util
+    import torch
+    from .ops import policy as backends
+    from .ops.registry import is_available
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), cuda devices: {torch.cuda.device_count()}")
     print(f"triton: {'installed' if importlib.util.find_spec('triton') else 'not installed'}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
@@ -104,6 +106,22 @@ def info(_: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    try:  # importing torch takes seconds: Ctrl-C meanwhile is one line too
+        parser = _parser()
+    except KeyboardInterrupt:
+        print("cure-fast: interrupted (Ctrl-C) while starting", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    args = parser.parse_args(argv)
+    if args.run in (quickstart, demo, info):
+        with one_line_errors(f"cure-fast {args.command}"):
+            args.run(args)
+    else:
+        args.run(args)
+
+
+def _parser() -> OneLineParser:
+    from . import models
+    from .ops import policy as backends
     parser = OneLineParser(prog="cure-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     quick = commands.add_parser("quickstart", help=quickstart.__doc__)
@@ -128,12 +146,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     show.add_argument("--out-dir", default="runs/demo")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of all three runs")
     show.set_defaults(run=demo)
-    args = parser.parse_args(argv)
-    if args.run in (quickstart, demo):
-        with one_line_errors(f"cure-fast {args.command}"):
-            args.run(args)
-    else:
-        args.run(args)
+    return parser
 
 
 if __name__ == "__main__":

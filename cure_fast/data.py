@@ -124,10 +124,14 @@ def _cifar10(split: str, data_root: Optional[str]) -> Tuple[Tensor, Tensor]:
                                 f"under {_where(data_root)}")
     images, labels = [], []
     for path in paths:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{path}: not a CIFAR-10 python batch ({type(error).__name__}: {error}); extract "
+                             f"cifar-10-python.tar.gz again") from None
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -175,6 +179,8 @@ def load_dataset(name: str, split: str, data_root: Optional[str] = None, limit: 
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if data_root is not None and not os.path.isdir(data_root):
+        raise FileNotFoundError(f"data_root {data_root}: no such folder")
     if split not in SPLITS and not (name == "mnist" and split == "train+validation"):
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if name == "tinyimagenet":

@@ -11,8 +11,8 @@ from typing import Dict, List, Optional
 
 from .storage import save_figure
 
-COLUMNS = [("clean", "clean"), ("pgd_inf", "PGD l∞"), ("pgd_2", "PGD l2"), ("certified_inf", "cert l∞"),
-           ("certified_2", "cert l2"), ("union", "union")]
+COLUMNS = [("clean", "clean"), ("pgd_inf", "PGD l∞"), ("pgd_2", "PGD l2"), ("pgd_1", "PGD l1"),
+           ("certified_inf", "cert l∞"), ("certified_2", "cert l2"), ("certified_1", "cert l1"), ("union", "union")]
 """The metric columns of the accuracy table: (summary key, title)."""
 
 NAMES = {"clean": "clean", "correct": "clean", "union": "union (certified)", "empirical_union": "union (PGD)",

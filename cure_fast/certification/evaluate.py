@@ -103,7 +103,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
     norms = list(eps)
     parts = {"correct": [], **{f"{k}_{n}": [] for n in norms for k in ("pgd", "cert", "margin", "by")}}
     seconds = dict.fromkeys(("pgd",) + cascade, 0.0)
-    bar = tqdm(total=len(labels), unit="img", disable=not progress, leave=False, dynamic_ncols=True,
+    bar = tqdm(total=len(labels), unit="img", disable=None if progress else True, leave=False, dynamic_ncols=True,
                desc=f"certify ({method})" if sound is not False else f"evaluate ({method})")
     try:
         with backends.library_tf32(False):  # certificates need IEEE fp32 products

@@ -140,7 +140,8 @@ def geometric_robustness(model: nn.Module, images: Tensor, labels: Tensor,
     was_training = model.training
     model.eval()
     total = len(labels) * (1 + sum(len(values) for values in params.values()))
-    bar = tqdm(total=total, desc="geometric", unit="img", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="geometric", unit="img", disable=None if progress else True, leave=False,
+               dynamic_ncols=True)
     try:
         with torch.no_grad():
             correct = _robust(model, images, labels, _identity, torch.zeros(1), batch_size, device, dtype, bar)

@@ -219,7 +219,8 @@ def smoothing_report(model: nn.Module, images: Tensor, labels: Tensor, sigma: fl
     smooth = Smooth(base, num_classes, sigma, generator)
     samples = []
     name = f"smoothing sigma {sigma:g}" + (f", {adapt} BN" if adapt else "")
-    with tqdm(total=len(labels), desc=name, unit="img", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=len(labels), desc=name, unit="img", disable=None if progress else True, leave=False,
+              dynamic_ncols=True) as bar:
         for i in range(len(labels)):
             samples.append(_certify_one(smooth, i, images[i], int(labels[i]), n0, n, alpha, batch_size))
             bar.update()

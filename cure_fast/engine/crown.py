@@ -308,7 +308,7 @@ def _float32_search(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, ma
 
 
 def _ibp_margins(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
-    """IBP's margins off the labels (N,): the folded last layer (float32 mode: a backward pass from the
+    """IBP's margins off the labels (N,): the folded last layer (sound modes: a backward pass from the
     layer the specification folds into, over its input's sound interval)."""
     if problem.propagation.margins is not None:
         return problem.propagation.margins[0][mask]

@@ -62,7 +62,7 @@ class Problem:
 @dataclass
 class Chain:
     """The relaxation of every activation and its pre-activation bounds, keyed by layer index;
-    ``weights``: the error weights of every layer (sound float32 mode, :mod:`.rounding`); ``folds``:
+    ``weights``: the error weights of every layer (the sound modes, :mod:`.rounding`); ``folds``:
     per layer, the weights of it and of the layers below it that a pass through it charges at once,
     and those layers. CROWN intersected with IBP also records, per sample, ``diverged`` (B,): the
     first activation whose relaxation differs from pure CROWN's (``len(ops)``: none), and ``pure``:

@@ -117,7 +117,8 @@ class Trainer:
                               drop_last=cfg.drop_last, rank=self.rank, world_size=self.world, device=self.device)
         totals = {"loss": 0.0, "correct": 0.0, "seen": 0, **{f"certified_{n}": 0.0 for n in cfg.norms}}
         start = time.perf_counter()
-        bar = tqdm(stream, total=self.steps_per_epoch, disable=not cfg.progress or self.rank != 0, leave=False,
+        shown = None if cfg.progress and self.rank == 0 else True  # None: on terminals only
+        bar = tqdm(stream, total=self.steps_per_epoch, disable=shown, leave=False,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}{' (natural)' if natural else ''}")
         for x, y in bar:
             x = data.augment(cfg.dataset, x)
@@ -237,8 +238,15 @@ class Trainer:
             metrics["epoch"] = epoch + 1
             faults.point("trained")
             last = epoch + 1 == cfg.epochs
+            due = (epoch + 1) % cfg.eval_every == 0 or last  # rank 0 evaluates; every rank saves (a collective)
+            with self.guard.critical():  # the trained epoch is saved before an evaluation can be interrupted
+                self.epoch = epoch + 1
+                self.history.append(metrics)
+                self.in_epoch = False
+                if due:
+                    self._save_checkpoint()
             evaluation = None
-            if self.rank == 0 and ((epoch + 1) % cfg.eval_every == 0 or last):
+            if due and self.rank == 0:
                 evaluation = self.evaluate(progress=cfg.progress, final=last)
                 final = evaluation.summary()
                 metrics.update({f"test_{k}": v for k, v in final.items()})
@@ -246,13 +254,10 @@ class Trainer:
             with self.guard.critical():
                 if evaluation is not None and last:
                     rundir.write_per_sample(evaluation, os.path.join(self.run_dir, rundir.PER_SAMPLE))
-                self.epoch = epoch + 1
-                self.history.append(metrics)
                 if self.rank == 0:
                     rundir.write_metrics(self.run_dir, self.history)
                     self._print_epoch(metrics)
                 self._save_checkpoint()
-                self.in_epoch = False
         if self.rank == 0 and self.epoch == cfg.epochs:
             with self.guard.critical():
                 rundir.write_up(self.run_dir, cfg, self.model.state_dict(), self.history, final, len(self.test_set))
@@ -271,7 +276,12 @@ class Trainer:
         if not final or not os.path.isfile(per_sample):
             evaluation = self.evaluate(progress=self.config.progress, final=True)
             final = evaluation.summary()
-            rundir.write_per_sample(evaluation, per_sample)
+            with self.guard.critical():
+                rundir.write_per_sample(evaluation, per_sample)
+                if self.history:  # the evaluation was interrupted after the last epoch's checkpoint
+                    self.history[-1].update({f"test_{k}": v for k, v in final.items()})
+                    rundir.write_metrics(self.run_dir, self.history)
+                    self._save_checkpoint()
         with self.guard.critical():
             rundir.write_up(self.run_dir, self.config, self.model.state_dict(), self.history, final,
                             len(self.test_set))
@@ -361,6 +371,9 @@ def run_from_args(args: argparse.Namespace) -> Dict[str, float]:
         if args.preset or args.config or args.set:
             raise ConfigError("--resume continues a run with its own config.yaml; drop --preset, --config and --set")
         config_path = os.path.join(args.resume, rundir.CONFIG)
+        if os.path.isfile(args.resume):
+            raise ConfigError(f"--resume {args.resume} is a file; give the run folder (the one holding "
+                              f"{rundir.CONFIG} and {rundir.CHECKPOINT})")
         if not os.path.isdir(args.resume):
             raise ConfigError(f"--resume {args.resume}: no such folder")
         if not os.path.isfile(config_path):

@@ -40,11 +40,11 @@ class Operator:
     ``"inexact"``. ``local`` operators act position by position on a (C, H, W) map and implement
     :meth:`back_window`.
 
-    For sound float32 bounds (:mod:`..rounding`): ``exact`` operators (reshapes) round nothing;
-    the others give ``fan_in`` (terms of a forward dot product, without the bias), ``fan_out``
-    (the most non-zero terms of a coefficient of the transposed product) and :meth:`magnitude`;
-    their bias terms are summed in ``accumulate`` (None: A's dtype; in that mode float64, from
-    float32 products and partial sums of at most ``window.BLOCK`` terms).
+    For sound bounds (:mod:`..rounding`): ``exact`` operators (reshapes) round nothing; the others
+    give ``fan_in`` (terms of a forward dot product, without the bias), ``fan_out`` (the most
+    non-zero terms of a coefficient of the transposed product) and :meth:`magnitude`; their bias
+    terms are summed in ``accumulate`` (None: A's dtype; in the sound modes float64, from products
+    and partial sums of at most ``window.BLOCK`` terms in A's dtype).
     """
     local: bool = False
     ibp: str = "inexact"
@@ -150,7 +150,7 @@ class Layer:
 
     def relaxation(self, lower: Tensor, upper: Tensor, outward: bool = False):
         """Activations: the linear relaxation over pre-activation bounds (B, *shape); ``outward``: one
-        that holds exactly for float32 slopes and offsets (sound float32 mode)."""
+        that holds exactly for its slopes and offsets (the sound modes)."""
         raise NotImplementedError
 
     def image(self, lower: Tensor, upper: Tensor) -> Interval:
