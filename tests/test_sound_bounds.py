@@ -262,13 +262,19 @@ def _exact_margins(linears, point, label):
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("spec", [LinfBall(0.15), L1Ball(0.4, domain=None)])
 @pytest.mark.parametrize("mode, dtype", [("fp32", torch.float32), ("fp64", torch.float64)])
-def test_sound_bounds_are_below_exact_rational_crown_ibp_and_the_true_minimum(seed, spec, mode, dtype):
-    """Tiny Linear/ReLU nets, the sound run checked in exact rational arithmetic: its IBP bounds contain
-    the exact IBP bounds, each relaxation holds at both ends of its bounds, the exact CROWN-IBP bound
-    with those relaxations is >= the sound one, and the margins at the vertices of the l1 ball or
-    on a grid of the box (exact) are >= the returned margins."""
+@pytest.mark.parametrize("scale", [1.0, 1e4], ids=["plain", "large"])
+def test_sound_bounds_are_below_exact_rational_crown_ibp_and_the_true_minimum(seed, spec, mode, dtype, scale):
+    """Tiny Linear/ReLU nets (``large``: weights times 1e4, biases times 1e12, so that the biases
+    absorb much of the input terms), the sound run checked in exact rational arithmetic: its IBP
+    bounds contain the exact IBP bounds, each relaxation holds at both ends of its bounds, the exact
+    CROWN-IBP bound with those relaxations is >= the sound one, and the margins at the vertices of the
+    l1 ball or on a grid of the box (exact) are >= the returned margins."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3)).to(dtype).eval()
+    with torch.no_grad():
+        for layer in model[::2]:
+            layer.weight.mul_(scale)
+            layer.bias.mul_(scale ** 3)
     bm = BoundedModule(model)
     x, y = torch.rand(1, 3, dtype=dtype), torch.tensor([seed % 3])
     problem = crown._problem(bm, x, y, spec, mode, None)
