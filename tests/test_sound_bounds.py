@@ -201,6 +201,35 @@ def test_a_backward_pass_that_overflows_falls_back_to_ibp():
         assert bound == ibp and Fraction(float(bound)) <= smallest, method
 
 
+@pytest.mark.parametrize("slope", [0.01, 0.7])
+def test_alpha_crown_slopes_searched_in_float32_stay_in_the_real_range(slope):
+    """float32(0.01) and float32(0.7) lie below 0.01 and 0.7: a lower line with such a slope is above
+    the LeakyReLU for h < 0. α-CROWN searches its slopes in float32; the fp64 bound must clamp them
+    back into [a↑, 1] of float64. At x = -1e7 (in the set) the margin is exactly ``a (-1e7 - 1) + b``,
+    with b chosen just above the margin's size."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.LeakyReLU(slope), nn.Linear(1, 2)).eval()
+    eps, b = 1e7, round(slope * 1e7) + 0.0078125
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.fill_(-1.0)
+        model[2].weight.copy_(torch.tensor([[1.0], [0.0]]))
+        model[2].bias.copy_(torch.tensor([b, 0.0]))
+    exact = Fraction(slope) * (-Fraction(eps) - 1) + Fraction(model[2].bias[0].item())
+    for mode in ("fp64", "fp32"):
+        bound = crown.crown_margins(BoundedModule(model), torch.zeros(1, 1), torch.tensor([0]),
+                                    LinfBall(eps, domain=None), method="alpha-crown", sound=mode)[0, 1]
+        assert Fraction(float(bound)) <= exact, f"{mode}: {float(bound)} above the margin {float(exact)} at x = -eps"
+
+
+def test_alpha_crown_with_an_eps_beyond_float32_searches_in_float64():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
+    x, y = torch.rand(2, 4, dtype=torch.float64), torch.tensor([0, 1])
+    spec = LinfBall(1e39, domain=None)
+    alpha = crown.crown_margins(BoundedModule(model), x, y, spec, method="alpha-crown", alpha_steps=3)
+    assert torch.isfinite(alpha).all()
+    assert (alpha >= crown.crown_margins(BoundedModule(model), x, y, spec, method="crown")).all()
+
+
 def _fractions(t):
     """A tensor as nested lists of exact Fractions."""
     return [_fractions(row) for row in t] if t.dim() else Fraction(float(t))

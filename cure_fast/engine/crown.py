@@ -307,6 +307,15 @@ def _float32_search(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, ma
     return _problem(search, x.float(), y, spec, False, max_rows), chain.cast(torch.float32)
 
 
+def _fits_float32(bounded: BoundedModule, x: Tensor, spec: Spec) -> bool:
+    """Whether the model, the inputs and eps are within float32's range (α-CROWN's float32 search; else
+    the slopes are searched in the sound arithmetic itself)."""
+    limit = torch.finfo(torch.float32).max
+    eps = spec.eps.abs().max() if isinstance(spec.eps, Tensor) else spec.eps
+    tensors = [x] + _floating(bounded.model) + ([] if spec.center is None else [spec.center])
+    return float(eps) < limit and all(float(t.abs().max()) < limit for t in tensors if t.numel())
+
+
 def _ibp_margins(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, mask: Tensor) -> Tensor:
     """IBP's margins off the labels (N,): the folded last layer (sound modes: a backward pass from the
     layer the specification folds into, over its input's sound interval)."""
@@ -357,7 +366,8 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         if method == "ibp":
             values = C.new_full(rows.shape, -float("inf"))
         elif method == "alpha-crown":
-            search = None if _mode(sound) is None else _float32_search(bounded, x, y, spec, max_rows, chain)
+            search = (_float32_search(bounded, x, y, spec, max_rows, chain)
+                      if _mode(sound) is not None and _fits_float32(bounded, x, spec) else None)
             values = _optimized_bound(problem, chain, C, rows, alpha_steps, alpha_lr, alpha_intermediate, target,
                                       search)
         else:

@@ -120,8 +120,11 @@ class Slopes:
             alpha.clamp_(low, high)
 
     def frozen(self, dtype: Optional[torch.dtype] = None) -> "Slopes":
-        """A copy of these slopes in ``dtype`` (None: their own), fixed (no gradient)."""
-        table = {key: (alpha.detach().to(dtype or alpha.dtype, copy=True), bounds, rows)
+        """A copy of these slopes in ``dtype`` (None: their own), fixed (no gradient), each clamped into
+        its sound range again in ``dtype``: a search in float32 rounds the bounds of the range (a
+        LeakyReLU's 0.01 becomes a float32 number below 0.01, a slope under which the lower line is
+        above the activation)."""
+        table = {key: (alpha.detach().to(dtype or alpha.dtype, copy=True).clamp_(*bounds), bounds, rows)
                  for key, (alpha, bounds, rows) in self.table.items()}
         return Slopes(table, fixed=True)
 
