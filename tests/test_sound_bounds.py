@@ -4,6 +4,7 @@ margins; both modes never above the exact rational CROWN-IBP bound of the same r
 true minimum on tiny nets, and below the exact minimum on nets where plain arithmetic is optimistic."""
 import copy
 import itertools
+from decimal import Decimal, getcontext
 from fractions import Fraction
 
 import pytest
@@ -228,6 +229,39 @@ def test_alpha_crown_with_an_eps_beyond_float32_searches_in_float64():
     alpha = crown.crown_margins(BoundedModule(model), x, y, spec, method="alpha-crown", alpha_steps=3)
     assert torch.isfinite(alpha).all()
     assert (alpha >= crown.crown_margins(BoundedModule(model), x, y, spec, method="crown")).all()
+
+
+@pytest.mark.parametrize("mode", ["fp64", "fp32"])
+def test_batchnorm_is_certified_as_the_real_function_of_its_parameters(mode):
+    """BatchNorm1d with running mean 1e20, variance 2 and bias ≈ 1e20 / sqrt(2): its shift
+    ``bias - mean / sqrt(2)`` is a difference of two numbers near 7e19, so the float64 derivation of
+    (scale, shift) is off by about 1e4. The head's bias puts the real margin at -2000 (60-digit decimal
+    arithmetic): a certificate for the float64-derived affine (3816) would be false for the layer."""
+    getcontext().prec = 60
+    bn = nn.BatchNorm1d(1, eps=0.0)
+    model = nn.Sequential(nn.Linear(1, 1), bn, nn.Linear(1, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+        bn.running_mean.fill_(1e20)
+        bn.running_var.fill_(2.0)
+        bn.weight.fill_(1.0)
+        bn.bias.fill_(float(Decimal(1e20) / Decimal(2).sqrt()))
+    if mode == "fp64":
+        model = model.double()
+    mean, bias = Decimal(bn.running_mean.item()), Decimal(bn.bias.item())
+    real = lambda x, c: (Decimal(x) - mean) / Decimal(2).sqrt() + bias + Decimal(c)  # noqa: E731
+    head = float(-real(0.49, 0.0)) - 2000.0
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[1.0], [0.0]]))
+        model[2].bias.copy_(torch.tensor([head, 0.0]))
+    smallest = min(real(0.49, model[2].bias[0].item()), real(0.51, model[2].bias[0].item()))
+    assert smallest < -1000
+    x = torch.tensor([[0.5]], dtype=torch.float64 if mode == "fp64" else torch.float32)
+    for method in ("ibp", "crown"):
+        bound = crown.crown_margins(BoundedModule(model), x, torch.tensor([0]), LinfBall(0.01, domain=None),
+                                    method=method, sound=mode)[0, 1]
+        assert Decimal(bound.item()) <= smallest, f"{method}: {bound.item()} above the real margin {smallest:.6g}"
 
 
 def _fractions(t):

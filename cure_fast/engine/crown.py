@@ -55,8 +55,8 @@ where both are NaN (an overflow to infinity on the way), the margin is -inf: no 
 **Sound modes** (``sound=``): ``True`` or ``"fp64"`` (the default): the bounds are computed in float64
 for a float64 copy of the model and the inputs; ``"fp32"``: in float32 for a float32 model. Both lower
 every bound by a rigorous bound on every rounding error (:mod:`.rounding`, docs/design.md "Sound
-bounds"): a certificate for the network with the model's weights in real arithmetic (per-channel
-affines derived in float64). Plain float64 would not be one: large cancelling weights (a bias of
+bounds"): a certificate for the network with the model's weights in real arithmetic (BatchNorm and
+Normalize as the real functions of their parameters). Plain float64 would not be one: large cancelling weights (a bias of
 1e20 that absorbs the input term, then subtracted) make it optimistic by far more than its 1e-16.
 The result is returned in the input's dtype, rounded downwards. With ``sound=False`` the bounds are
 computed in the model's own dtype and backend (faster, not a certificate: rounding may make them

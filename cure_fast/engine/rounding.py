@@ -13,8 +13,9 @@ before the step and one weight tensor ``w`` per layer and sample (rounded up, sh
 - linear layer ``W h + b`` on inputs ``|h| <= m``: ``w = γ_{f+2} |W| m + e_n |b|`` (f the fan-out of
   the transposed product; the bias term is summed in float64 from runs of 32 products in the working
   dtype, ``e_n = γ_33 + 2 γ'_n`` with γ' of float64, n the entries of a row of A), plus
-  ``|W* - W| m + |b* - b|`` where the float32 coefficients round real ones ``W*, b*`` (per-channel
-  affines, derived in float64);
+  ``|W* - W| m + |b* - b|`` where the coefficients round real ones ``W*, b*`` (per-channel affines:
+  derived in float64 from the layer's parameters, off by at most 2^-47 of their terms, then rounded
+  to the working dtype);
 - activation (slopes in [0, 1]): ``w = u m + e_n |offset|`` (the products ``A s``, exact where s is 0
   or 1, and the offset term);
 - a run of per-channel affines and identities and the layer below it: one weight on the run's top map,
@@ -411,5 +412,8 @@ class Sound(Arithmetic):
         axes = op.magnitude(axes, bias=False)
         if not op.exact:
             rho_out = (rho_out + 2.0 ** -50 * op.magnitude(x.abs()) + 2.0 ** -1070) * (1 + 2.0 ** -50)
-            axes = axes * (1 + 2.0 ** -50)
+            derivation = op.derivation_error(x.abs() + rho)  # float64 coefficients that round real ones
+            if derivation is not None:
+                rho_out = rho_out + derivation
+            axes = axes * (1 + 2.0 ** -44)  # |real scale| <= (1 + 2^-47) |scale|, and this product's rounding
         return x_out, rho_out, axes, eps, p

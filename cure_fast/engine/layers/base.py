@@ -85,6 +85,11 @@ class Operator:
         real ones W*, b*; None when they are the real ones."""
         return None
 
+    def derivation_error(self, m: Tensor) -> Optional[Tensor]:
+        """The part of :meth:`deviation` between the float64 coefficients (those of :meth:`interval` on
+        float64 inputs) and the real ones; None when they are the real ones."""
+        return None
+
     def dual(self, x: Tensor, eps: Tensor, axes: Tensor, p: float) -> Interval:
         """Affine layers: ``(W x + b, eps |W_i ⊙ axes|_dual)`` in x's dtype (the exact first layer
         over an l2 (p = 2) or l1 (p = 1) ball with ellipsoid axes ``axes``)."""

@@ -18,6 +18,8 @@ from ..streams import Interval, Streams
 from ..window import Window
 from .base import Affine, Context, Layer, Operator, register_layer
 
+DERIVATION = 2.0 ** -47  # the float64 derivation of a per-channel affine, relative to its terms
+
 
 class _ChannelLayer(Layer):
     fuses = "channel"
@@ -36,7 +38,13 @@ class _ChannelLayer(Layer):
 
     def operator(self, h: Tensor) -> Operator:
         scale, shift = self.affine(h[:1].double(), Context("torch", "ieee", 0))
-        return ChannelOperator(scale, shift, h.dtype)
+        return ChannelOperator(scale, shift, h.dtype, self.derivation_error(scale))
+
+    def derivation_error(self, scale: Tensor) -> Tuple[Tensor, Tensor]:
+        """Bounds (C,) on how far the float64 ``(scale, shift)`` of :meth:`affine` (eval mode) are from
+        the real numbers the layer's parameters define: a few roundings each, so ``2^-47`` of the
+        magnitudes of the terms."""
+        raise NotImplementedError
 
 
 @register_layer
@@ -68,6 +76,11 @@ class BatchNormLayer(_ChannelLayer):
             scale = scale * bn.weight
             return scale, bn.bias - mean * scale
         return scale, -mean * scale
+
+    def derivation_error(self, scale: Tensor) -> Tuple[Tensor, Tensor]:
+        bn = self.module
+        bias = bn.bias.detach().double().abs() if bn.affine else 0.0
+        return DERIVATION * scale.abs(), DERIVATION * (bias + bn.running_mean.double().abs() * scale.abs())
 
     def folds_into(self, head: Layer, s: Streams) -> bool:
         bn, weight = self.module, head.module.weight
@@ -102,6 +115,9 @@ class NormalizeLayer(_ChannelLayer):
     def affine(self, natural: Tensor, ctx: Context) -> Affine:
         return self.module.channel_affine(natural)
 
+    def derivation_error(self, scale: Tensor) -> Tuple[Tensor, Tensor]:
+        return DERIVATION * scale.abs(), DERIVATION * self.module.mean.double().abs() * scale.abs()
+
     def follows_spec(self) -> bool:
         return True
 
@@ -109,15 +125,18 @@ class NormalizeLayer(_ChannelLayer):
 class ChannelOperator(Operator):
     """A per-channel affine ``h * scale + shift`` (eval-mode BatchNorm, Normalize); channels on dim 1.
 
-    ``scale``, ``shift`` as derived (in float64 for certification: the network's definition), used
-    in ``dtype``: the interval step and :meth:`magnitude` take the derived ones for float64 inputs."""
+    ``scale``, ``shift`` as derived in float64 from the layer's parameters, off from the real ones by
+    at most ``error`` (C,) each; used in ``dtype``: the interval step and :meth:`magnitude` take the
+    derived ones for float64 inputs; :meth:`deviation` covers both roundings."""
     local = True
     ibp = "neutral"
     fan_in = fan_out = 1
 
-    def __init__(self, scale: Tensor, shift: Tensor, dtype: Optional[torch.dtype] = None):
+    def __init__(self, scale: Tensor, shift: Tensor, dtype: Optional[torch.dtype] = None,
+                 error: Optional[Tuple[Tensor, Tensor]] = None):
         self.derived = (scale.detach(), shift.detach())
         self.scale, self.shift = (t.to(dtype or scale.dtype) for t in self.derived)
+        self.error = error
 
     def _coefficients(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         return self.derived if dtype == self.derived[0].dtype else (self.scale.to(dtype), self.shift.to(dtype))
@@ -144,4 +163,12 @@ class ChannelOperator(Operator):
         (scale, shift), shape = self.derived, (1, -1) + (1,) * (m.dim() - 2)
         scale_error = (scale.double() - self.scale.double()).abs().view(shape)
         shift_error = (shift.double() - self.shift.double()).abs().view(shape)
-        return (m.double() * scale_error + shift_error) * (1 + 2.0 ** -50)
+        rounded = (m.double() * scale_error + shift_error) * (1 + 2.0 ** -50)
+        derivation = self.derivation_error(m)
+        return rounded if derivation is None else rounded + derivation
+
+    def derivation_error(self, m: Tensor) -> Optional[Tensor]:
+        if self.error is None:
+            return None
+        shape = (1, -1) + (1,) * (m.dim() - 2)
+        return (m.double() * self.error[0].view(shape) + self.error[1].view(shape)) * (1 + 2.0 ** -50)
