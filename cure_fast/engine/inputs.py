@@ -51,7 +51,7 @@ class InputSet:
             bound = rowdot(A, parts[0]) - self.eps[rows] * dual
         if self.boxed:
             boxed = rowdot(A, parts[-2]) - rowdot(A.abs(), parts[-1])
-            bound = boxed if bound is None else torch.maximum(bound, boxed)
+            bound = boxed if bound is None else torch.fmax(bound, boxed)  # NaN (overflow) loses
         return bound + bias
 
 
@@ -110,7 +110,7 @@ class SoundInputSet:
             bound = combine(_dot(A, parts[0]), -self.eps[rows] * dual, -_dot(A.abs(), parts[1]) * size)
         if self.boxed:
             boxed = combine(_dot(A, parts[-2]), -_dot(A.abs(), parts[-1]) * size)
-            bound = boxed if bound is None else torch.maximum(bound, boxed)
+            bound = boxed if bound is None else torch.fmax(bound, boxed)  # NaN (overflow) loses
         return combine(bound, bias)
 
 

@@ -256,8 +256,8 @@ def crown_bounds(problem: Problem, chain: Chain, end: int, lower: Tensor, upper:
     marked = (lower < 0) & (upper > 0) if unstable is None else unstable
     sample, neuron, low, high = crown_values(problem, as_chain(chain, problem), end, marked, slopes)
     if intersect:
-        low = torch.maximum(lower.flatten(1)[sample, neuron], low)
-        high = torch.minimum(upper.flatten(1)[sample, neuron], high)
+        low = torch.fmax(lower.flatten(1)[sample, neuron], low)  # NaN (an overflow) loses
+        high = torch.fmin(upper.flatten(1)[sample, neuron], high)
     return _replaced((lower, upper), sample, neuron, low, high)
 
 
@@ -317,7 +317,7 @@ def _intersected(problem: Problem, chain: Chain, i: int, ibp: Interval, previous
     lower, upper = ibp
     if previous is not None:
         low, high = problem.arithmetic.forward(previous[0] + 1, i, previous[1])
-        lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
+        lower, upper = torch.fmax(lower, low), torch.fmin(upper, high)
         upper = torch.maximum(upper, lower)
     if exact:
         return (lower, upper), ibp
@@ -325,8 +325,8 @@ def _intersected(problem: Problem, chain: Chain, i: int, ibp: Interval, previous
     marked = _unstable((lower, upper)) | (_unstable(ibp) & fresh)
     sample, neuron, low, high = crown_values(problem, chain, i, marked)
     pure = _replaced(ibp, sample, neuron, low, high)
-    low = torch.maximum(lower.flatten(1)[sample, neuron], low)
-    high = torch.minimum(upper.flatten(1)[sample, neuron], high)
+    low = torch.fmax(lower.flatten(1)[sample, neuron], low)  # NaN (an overflow) loses
+    high = torch.fmin(upper.flatten(1)[sample, neuron], high)
     return _replaced((lower, upper), sample, neuron, low, high), pure
 
 

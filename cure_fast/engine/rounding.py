@@ -20,7 +20,8 @@ before the step and one weight tensor ``w`` per layer and sample (rounded up, sh
   or 1, and the offset term);
 - a run of per-channel affines and identities and the layer below it: one weight on the run's top map,
   as ``|A|`` grows by at most ``(1 + u) |scale|`` through each (:meth:`Sound.folds`);
-- ``rowdot(|A|, w)`` itself is summed in the working dtype and divided by ``1 - γ_d``;
+- ``rowdot(|A|, w)`` itself is summed in the working dtype and divided by ``1 - γ_d``; in float64 the
+  coarser ``sum(|A|) max(w)`` (no gather of w; the penalties are ~1e-14 of the bound there);
 - underflow: once per pass, ``2 η`` times the sum over the layers of ``(f + 1) sum(m) + 2 d_in + d_out``
   (:meth:`Sound.propagate`), and ``eps sqrt(2 d η)`` for the l2 norm of the input coefficients.
 
@@ -121,8 +122,12 @@ def combine(*terms: Optional[Tensor]) -> Tensor:
 
 def penalty(A: Union[Tensor, Window], weights: Tensor, rows: Tensor) -> Tensor:
     """An upper bound (float64, (N,)) of ``rowdot(|A|, weights of each row's sample)``, summed in A's
-    dtype; A (N, ...) or windows of a (C, H, W) map, weights (B, ...) like a sample of A's map."""
-    if isinstance(A, Window):
+    dtype (in float64: ``sum(|A|)`` times the sample's largest weight); A (N, ...) or windows of a
+    (C, H, W) map, weights (B, ...) like a sample of A's map."""
+    if weights.dtype == torch.float64:  # u = 2^-53: the coarser sum|A| max(w) costs no gather
+        A = A.A if isinstance(A, Window) else A
+        sums = A.abs().flatten(1).sum(1) * weights.flatten(1).amax(1)[rows]
+    elif isinstance(A, Window):
         w, A = A.take(weights, rows), A.A
         sums = torch.linalg.vecdot(A.abs().flatten(1), w.flatten(1))
     else:  # a matrix-vector product per run of rows of one sample
@@ -276,7 +281,7 @@ class Sound(Arithmetic):
             lower, upper = outward(*self._interval(op, c, r))
             if ball is not None and op.ibp == "affine":
                 low, high = self._dual(op, ball)
-                lower, upper = torch.maximum(lower, low), torch.minimum(upper, high)
+                lower, upper = torch.fmax(lower, low), torch.fmin(upper, high)  # NaN (overflow) loses
                 upper = torch.maximum(upper, lower)
             ball = self._neutral(op, ball) if ball is not None and op.ibp == "neutral" else None
             c, r = centre_radius(lower, upper)
@@ -303,7 +308,7 @@ class Sound(Arithmetic):
             if op is None:
                 break
             low, high = outward(c, r)
-            low, high = torch.maximum(low, self.ibp[j][0]), torch.minimum(high, self.ibp[j][1])
+            low, high = torch.fmax(low, self.ibp[j][0]), torch.fmin(high, self.ibp[j][1])
             high = torch.maximum(low, high)
             weights[j] = self._op_weights(op, low, high)
             c, r = self._interval(op, *centre_radius(low, high))
