@@ -24,6 +24,8 @@ def quickstart(args: argparse.Namespace) -> None:
     else:
         info = models.DATASETS[args.dataset]
         x, y = torch.rand((args.batch,) + info.shape), torch.randint(0, info.classes, (args.batch,))
+    from .ops.registry import check_runs
+    check_runs(args.backend, x.device, "--backend")
     model = models.build(args.model, args.dataset)
     bm = BoundedModule(model, backend=args.backend)
     specs = [LinfBall(args.linf), L2Ball(args.l2)]
@@ -122,7 +124,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 def _parser() -> OneLineParser:
     from . import models
     from .ops import policy as backends
-    parser = OneLineParser(prog="cure-fast", description=__doc__)
+    from . import __version__
+    parser = OneLineParser(prog="cure-fast", description="The cure-fast command line: certified training and "
+                           "certification with fast, sound bound propagation.")
+    parser.add_argument("--version", action="version", version=f"cure-fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     quick = commands.add_parser("quickstart", help=quickstart.__doc__)
     quick.add_argument("--model", default="cnn7", choices=sorted(models.MODELS))

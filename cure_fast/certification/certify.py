@@ -157,7 +157,6 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
     norms at the run's own evaluation eps. ``progress``: progress bars and what is written where.
     ``protocol="paper"``: the CURE paper's test images and eps (l∞, l2, l1; those given in ``eps``
     replace its own) and a ``paper_table.md`` (:mod:`~cure_fast.certification.protocol`)."""
-    say = print if progress else (lambda *_, **__: None)
     dev = resolve_device(device)
     model, config = load_trained(path, dev)
     from_config = eps is None
@@ -176,11 +175,15 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
         test = data.ImageData(test.images[first:], test.labels[first:])
     out_dir = out_dir or _new_report_folder(path if os.path.isdir(path) else os.path.dirname(path),
                                             f"certify-{protocol or method}")
+    if os.path.isfile(os.path.join(out_dir, "config.yaml")):
+        raise ConfigError(f"--out {out_dir} is a training run's folder (it holds config.yaml); give the report a "
+                          f"folder of its own")
     os.makedirs(out_dir, exist_ok=True)
     n = len(test.labels)
     own = " (the run's own evaluation eps)" if from_config else ""
-    say(f"certifying {path} ({config.model} on {config.dataset}) with {method} on {n} test images, "
-        f"{describe_norms(eps)}{own}; reports to {out_dir}", flush=True)
+    verb = "certifying" if sound is not False else "bounding (--fast: plain fp32, not certificates)"
+    print(f"{verb} {path} ({config.model} on {config.dataset}) with {method} on {n} test images, "
+          f"{describe_norms(eps)}{own}; reports to {out_dir}", flush=True)
     run = lambda e, steps: evaluate(model, test.images, test.labels, e, method=method, pgd_steps=steps,  # noqa: E731
                                     batch_size=batch_size, backend=config.backend, device=dev, sound=sound,
                                     progress=progress, alpha_intermediate=alpha_intermediate)

@@ -65,16 +65,24 @@ class Propagation:
         state = self.states[i]
         return state.get() if isinstance(state, Lazy) else state
 
+    def _check_spec(self, spec: int) -> int:
+        if isinstance(spec, bool) or not isinstance(spec, int) or not 0 <= spec < len(self.bounds):
+            raise ValueError(f"spec must be the number of one of the {len(self.bounds)} specs propagated "
+                             f"(0 to {len(self.bounds) - 1}), got {spec!r}")
+        return spec
+
     def input_bounds(self, spec: int, layer: int) -> Interval:
         """Bounds ``(lower, upper)`` of spec number ``spec`` on the input of layer number ``layer``."""
-        return lower_upper(self._state(layer).block(spec))
+        return lower_upper(self._state(layer).block(self._check_spec(spec)))
 
     def layer_bounds(self, spec: int) -> List[Interval]:
         """Bounds ``(lower, upper)`` of spec number ``spec`` on the output of every layer, each (B, *shape)."""
+        spec = self._check_spec(spec)
         return [lower_upper(self._state(i).block(spec)) for i in range(1, len(self.states))]
 
     def preactivation_bounds(self, spec: int) -> List[Interval]:
         """Bounds ``(lower, upper)`` of spec number ``spec`` on the input of every activation, in order."""
+        spec = self._check_spec(spec)
         return [lower_upper(self._state(i).block(spec)) for i in self.activations]
 
 
@@ -223,7 +231,8 @@ class BoundedModule(nn.Module):
         _check_dtype(x, self.model)
         _check_shrink(shrink, len(specs))
         if y is not None and (not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point()):
-            raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', y)}")
+            got = f"{tuple(y.shape)} {str(y.dtype)[6:]}" if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {got}")
         ctx = Context(self.backend, self.precision, len(specs))
         streams = self._input_streams(x, specs)
         states, tail, penultimate = [streams.boxed(len(specs))], [], None

@@ -69,6 +69,15 @@ def is_available(name: str, device: torch.device) -> bool:
     return name == "torch" or provider(name).available(device)
 
 
+def check_runs(name: Optional[str], device: torch.device, what: str = "backend") -> None:
+    """A ValueError naming ``what`` when backend ``name`` (None: the process default) cannot run on
+    ``device`` here."""
+    name = name or get_backend()
+    if not is_available(name, device):
+        raise ValueError(f"{what}={name!r} cannot run on {device.type} here{_NEEDS.get(name, '')}; "
+                         f"use torch or auto")
+
+
 def implementations(op: str, device: Optional[torch.device] = None) -> Dict[str, Callable]:
     """{backend: implementation} of ``op``, after importing the backends that may run on ``device``
     (None: every backend whose package imports here)."""

@@ -23,6 +23,7 @@ from .. import checkpoints, data, faults, models
 from ..certification.evaluate import Evaluation, evaluate
 from ..config import TrainConfig, load_config, presets, resolve_device, to_dict, validate
 from ..errors import CheckpointError, ConfigError, DiskFullError, TrainingError, one_line_errors
+from ..ops import registry
 from ..storage import remove_temporaries, save_torch
 from ..validation import OneLineParser
 from . import objectives, rundir
@@ -42,6 +43,10 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {self.world} processes")
         self.device = resolve_device(cfg.device)
+        try:
+            registry.check_runs(cfg.backend, self.device)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
