@@ -124,10 +124,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 def _parser() -> OneLineParser:
     from . import models
     from .ops import policy as backends
-    from . import __version__
+    import cure_fast
     parser = OneLineParser(prog="cure-fast", description="The cure-fast command line: certified training and "
                            "certification with fast, sound bound propagation.")
-    parser.add_argument("--version", action="version", version=f"cure-fast {__version__}")
+    parser.add_argument("--version", action="version", version=f"cure-fast {cure_fast.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     quick = commands.add_parser("quickstart", help=quickstart.__doc__)
     quick.add_argument("--model", default="cnn7", choices=sorted(models.MODELS))
