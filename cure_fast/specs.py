@@ -19,6 +19,8 @@ Domain = Optional[Tuple[float, float]]
 def _check_domain(domain: Domain) -> Domain:
     if domain is None:
         return None
+    if isinstance(domain, (str, bytes)):
+        raise ValueError(f"domain must be a pair (low, high) or None, got {domain!r}")
     try:
         lo, hi = (float(v) for v in domain)
     except (TypeError, ValueError):

@@ -140,6 +140,16 @@ def test_bounds_of_a_spec_that_was_not_propagated():
             get(5)
 
 
+def test_a_misspelt_backend_is_caught_when_the_bounded_module_is_built():
+    with pytest.raises(ValueError, match=r"unknown backend 'trtion'.*did you mean 'triton'"):
+        BoundedModule(_mlp(), backend="trtion")
+
+
+def test_a_domain_given_as_a_string():
+    with pytest.raises(ValueError, match=r"domain must be a pair \(low, high\) or None, got '01'"):
+        LinfBall(0.1, domain="01")
+
+
 def test_input_and_model_of_different_dtypes():
     with pytest.raises(TypeError, match=r"the input is float64 but the model is float32: convert one of them"):
         _propagate(_mlp(), torch.rand(2, 4, dtype=torch.float64))

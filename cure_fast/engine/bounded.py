@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.policy import check_precision
+from ..ops.policy import check_backend, check_precision
 from ..specs import Ball, L1Ball, L2Ball, LinfBall
 from .layers import Affine, Context, Layer, bound_layer
 from .shrink import ShrinkBox
@@ -171,6 +171,8 @@ class BoundedModule(nn.Module):
         self.model = model
         self.backend = backend
         self.precision = None if precision is None else check_precision(precision)
+        if backend is not None:
+            check_backend(backend)
         self.layer_names = [position for position, _ in named]
         self.layers: List[Layer] = [bound_layer(module, position) for position, module in named]
         self.spec_layer = self._find_spec_layer()
