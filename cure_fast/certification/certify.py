@@ -190,7 +190,9 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
     evaluation = run(eps, pgd_steps)
     precision = {True: "fp64 (rounding bounded)", False: "fp32 (not sound)", "fp64": "fp64 (rounding bounded)",
                  "fp32": "fp32 (rounding bounded)"}.get(sound)
-    summary = {"model": path, "method": method, **({"alpha_intermediate": alpha_intermediate} if method == "alpha-crown" else {}), "sound": sound is not False, "precision": precision, "eps": eps, "images": n, "first_image": first,
+    alpha = {"alpha_intermediate": alpha_intermediate} if method == "alpha-crown" else {}
+    summary = {"model": path, "method": method, **alpha, "sound": sound is not False, "precision": precision,
+               "eps": eps, "images": n, "first_image": first,
                **evaluation.summary(),
                "seconds_per_image": {k: v / n for k, v in evaluation.seconds.items()}, "reports": out_dir}
     write_per_sample(evaluation, test.labels, os.path.join(out_dir, "per_sample.csv"))

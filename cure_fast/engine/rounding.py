@@ -22,8 +22,9 @@ before the step and one weight tensor ``w`` per layer and sample (rounded up, sh
   as ``|A|`` grows by at most ``(1 + u) |scale|`` through each (:meth:`Sound.folds`);
 - ``rowdot(|A|, w)`` itself is summed in the working dtype and divided by ``1 - γ_d``; in float64 the
   coarser ``sum(|A|) max(w)`` (no gather of w; the penalties are ~1e-14 of the bound there);
-- underflow: once per pass, ``2 η`` times the sum over the layers of ``(f + 1) sum(m) + 2 d_in + d_out``
-  (:meth:`Sound.propagate`), and ``eps sqrt(2 d η)`` for the l2 norm of the input coefficients.
+- underflow: once per pass, ``2 η`` times the sum over the layers of ``(f + 1) sum(m) + 5 d`` (d the
+  entries of the layer's input; :func:`_products`), and ``eps sqrt(2 d η)`` for the l2 norm of the
+  input coefficients.
 
 The scalars (``a``, penalties, concretization) are float64; each float64 sum is lowered by
 ``2^-38`` times the sum of its terms' magnitudes (plus 2^-100 for underflow), more than its rounding

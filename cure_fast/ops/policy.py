@@ -13,11 +13,12 @@ turns TF32 off for ``ieee`` calls on CUDA tensors and otherwise follows torch's 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import os
 from typing import Optional
 
 import torch
+
+from ..validation import did_you_mean
 
 BACKENDS = ("torch", "triton", "cuda")
 CHOICES = BACKENDS + ("auto",)
@@ -28,9 +29,8 @@ _precision = "ieee"
 
 def _check(kind: str, name: str, source: str, choices) -> str:
     if name not in choices:
-        close = difflib.get_close_matches(str(name), choices, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown {kind} {name!r} (from {source}); choose one of {', '.join(choices)}{hint}")
+        raise ValueError(f"unknown {kind} {name!r} (from {source}); choose one of {', '.join(choices)}"
+                         f"{did_you_mean(name, choices)}")
     return name
 
 

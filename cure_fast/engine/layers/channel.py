@@ -38,9 +38,9 @@ class _ChannelLayer(Layer):
 
     def operator(self, h: Tensor) -> Operator:
         scale, shift = self.affine(h[:1].double(), Context("torch", "ieee", 0))
-        return ChannelOperator(scale, shift, h.dtype, self.derivation_error(scale))
+        return ChannelOperator(scale, shift, h.dtype, self.affine_error(scale))
 
-    def derivation_error(self, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    def affine_error(self, scale: Tensor) -> Tuple[Tensor, Tensor]:
         """Bounds (C,) on how far the float64 ``(scale, shift)`` of :meth:`affine` (eval mode) are from
         the real numbers the layer's parameters define: a few roundings each, so ``2^-47`` of the
         magnitudes of the terms."""
@@ -77,7 +77,7 @@ class BatchNormLayer(_ChannelLayer):
             return scale, bn.bias - mean * scale
         return scale, -mean * scale
 
-    def derivation_error(self, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    def affine_error(self, scale: Tensor) -> Tuple[Tensor, Tensor]:
         bn = self.module
         bias = bn.bias.detach().double().abs() if bn.affine else 0.0
         return DERIVATION * scale.abs(), DERIVATION * (bias + bn.running_mean.double().abs() * scale.abs())
@@ -115,7 +115,7 @@ class NormalizeLayer(_ChannelLayer):
     def affine(self, natural: Tensor, ctx: Context) -> Affine:
         return self.module.channel_affine(natural)
 
-    def derivation_error(self, scale: Tensor) -> Tuple[Tensor, Tensor]:
+    def affine_error(self, scale: Tensor) -> Tuple[Tensor, Tensor]:
         return DERIVATION * scale.abs(), DERIVATION * self.module.mean.double().abs() * scale.abs()
 
     def follows_spec(self) -> bool:
