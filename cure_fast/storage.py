@@ -51,6 +51,8 @@ def write_atomic(path: str, data: Union[bytes, bytearray, memoryview, str]) -> N
             full = DiskFullError(f"no space left on device while writing {path} ({kept}, no temporary file left)")
             full.errno, full.path = errno.ENOSPC, path
             raise full from None
+        if isinstance(error, OSError) and error.filename is None:  # e.g. EFBIG from write(): name the file
+            raise OSError(error.errno, f"{error.strerror or error} while writing", path) from None
         raise
     faults.point(f"after:{name}")
 

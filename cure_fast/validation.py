@@ -25,9 +25,15 @@ _PLAIN = re.compile(rf"^\s*{_NUMBER}\s*$")
 NUMBER_HINT = "e.g. 0.001, 1e-3 or 2/255"
 
 
+SYNONYMS = {"gpu": "cuda", "linf": "inf", "l_inf": "inf", "infinity": "inf", "l2": "2", "l1": "1"}
+"""Words users write for a choice spelt otherwise here (``--device gpu`` means cuda, not cpu)."""
+
+
 def did_you_mean(word: object, choices: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``choices`` to ``word``, or ``""``."""
     word, choices = str(word), [str(c) for c in choices]
+    if SYNONYMS.get(word.lower()) in choices:
+        return f"; did you mean {SYNONYMS[word.lower()]!r}?"
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     close = close or [c for c in choices if len(c) > 1 and len(word) > 1 and (word.startswith(c) or c.startswith(word))]
     return f"; did you mean {close[0]!r}?" if close else ""
@@ -189,6 +195,9 @@ class ChoiceList(Rule):
         if not isinstance(items, (list, tuple)) or not items:
             self.fail(key, value)
         items = [str(v) for v in items]
+        if len(items) == 1 and "," in items[0]:  # norms=inf,2: a string, not a list
+            parts = [part.strip() for part in items[0].split(",")]
+            self.fail(key, value, f"; write a list in brackets: {key}=[{', '.join(parts)}]")
         wrong = [v for v in items if v not in self.choices]
         if wrong or len(set(items)) != len(items):
             self.fail(key, value, did_you_mean(wrong[0], self.choices) if wrong else "")

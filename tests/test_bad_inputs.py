@@ -42,6 +42,8 @@ def world(tmp_path_factory):
         shutil.copytree(w.run, root / name)
         target = root / name / ("model.pt" if name == "run-other-architecture" else "checkpoint.pt")
         shutil.copy(broken / replacement if replacement else w.run / "model.pt", target)
+    shutil.copytree(w.run, root / "run-other-config")  # its checkpoint.pt, as if copied from a run with lr 2e-3
+    write_config(root / "run-other-config" / "config.yaml", {**config, "lr": 1e-3})
     (root / "not-a-run").mkdir()
     (root / "list.yaml").write_text("- lr: 1\n")
     (root / "broken.yaml").write_text("lr: [1,\nepochs: 2\n")
@@ -75,7 +77,7 @@ BAD_VALUES = {
                            ["broken.yaml is not valid YAML at line"]),
     "config-not-a-mapping": (lambda w: ["train", "--config", str(w.root / "list.yaml")], 2, ["list.yaml", "mapping"]),
     "config-missing": (lambda w: ["train", "--config", str(w.root / "nope.yaml")], 2, ["nope.yaml: no such file"]),
-    "certify-device-gpu": (_certify("--device", "gpu"), 2, ["invalid choice: 'gpu'", "did you mean 'cpu'"]),
+    "certify-device-gpu": (_certify("--device", "gpu"), 2, ["invalid choice: 'gpu'", "did you mean 'cuda'"]),
     "norms-inf:2/0": (_certify("--norms", "inf:2/0"), 2, ["--norms inf='2/0'", "divides by zero"]),
     # accepted silently although wrong, from issue 16
     "train_limit=-5": (_train("train_limit=-5"), 2, ["train_limit=-5", "an integer >= 1"]),
@@ -102,7 +104,7 @@ BAD_VALUES = {
     "epochs=0": (_train("epochs=0"), 2, ["epochs=0"]),
     "method=ibpp": (_train("method=ibpp"), 2, ["method='ibpp'", "did you mean 'ibp'"]),
     "norms=[inf,1]": (_train("norms=[inf, 1]"), 2, ["norms=", "distinct values from inf, 2"]),
-    "device=gpu": (_train("device=gpu"), 2, ["device='gpu'", "did you mean 'cpu'"]),
+    "device=gpu": (_train("device=gpu"), 2, ["device='gpu'", "did you mean 'cuda'"]),
     "unknown-key": (_train("lrr=0.1"), 2, ["unknown key 'lrr'", "did you mean 'lr'"]),
     "eps_schedule-typo": (_train("eps_schedule=expo"), 2, ["eps_schedule='expo'", "did you mean 'exp'"]),
     "shrink_ratio=2": (_train("shrink_ratio=2"), 2, ["shrink_ratio=2", "(0, 1]", "or null"]),
@@ -145,6 +147,7 @@ BAD_VALUES = {
                              ["is a training run's folder", "a folder of its own"]),
     "data-root-a-file": (lambda w: ["train", "--config", str(w.config), "--data-root", str(w.config)], 1,
                          ["tiny.yaml: a file, not a folder"]),
+    "set-norms-comma": (_train("norms=inf,2"), 2, ["norms='inf,2'", "write a list in brackets: norms=[inf, 2]"]),
     "set-two-pairs": (lambda w: ["train", "--config", str(w.config), "--set", "lr=1e-3", "epochs=2"], 2,
                       ["unrecognized arguments: epochs=2", "give each KEY=VALUE its own --set"]),
 }
@@ -156,6 +159,9 @@ BROKEN_FILES = {
                             ["checkpoint.pt is not a PyTorch file"]),
     "resume-model.pt-as-checkpoint": (lambda w: ["train", "--resume", str(w.root / "run-model-as-checkpoint")],
                                       ["holds model weights", "not a training checkpoint"]),
+    "resume-checkpoint-of-another-config": (lambda w: ["train", "--resume", str(w.root / "run-other-config")],
+                                            ["checkpoint.pt was written under another config",
+                                             "lr=0.002 there, 0.001 in config.yaml", "not this run's checkpoint"]),
     "certify-half-model.pt": (lambda w: ["certify", str(w.broken / "half-model.pt")], ["half-model.pt is truncated"]),
     "certify-empty": (lambda w: ["certify", str(w.broken / "empty.pt")], ["empty.pt is empty"]),
     "certify-random-bytes": (lambda w: ["certify", str(w.broken / "random.pt")], ["random.pt is not a PyTorch file"]),
@@ -250,3 +256,13 @@ def test_demo_prints_the_number_of_images_it_evaluated(world, capsys):
           "--set", "model_args={hidden: [8]}", "--set", "eval_pgd_steps=1", "--set", "progress=false"])
     out = capsys.readouterr().out
     assert "test accuracy on 20 images, l∞ eps 0.2, l2 eps 0.5" in out and "1000" not in out
+
+
+def test_a_finished_run_resumes_for_the_epochs_added_to_its_config(world, tmp_path, capsys):
+    """``epochs`` may grow between runs (other training keys may not: the case table above)."""
+    run = tmp_path / "longer"
+    shutil.copytree(world.run, run)
+    write_config(run / "config.yaml", {**tiny_config(world.data, world.root / "out", epochs=1), "epochs": 2})
+    main(["train", "--resume", str(run)])
+    assert f"resuming {run} from epoch 1 of 2" in capsys.readouterr().out
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2

@@ -217,6 +217,28 @@ def test_disk_full_while_writing_is_one_line_keeps_the_previous_file_and_resumes
     _assert_same_as_reference(world, run_dir)
 
 
+def test_another_write_error_names_the_file_and_keeps_the_previous_copy(world, tmp_path, capsys, monkeypatch):
+    """A write that fails with another errno than ENOSPC (here EFBIG, "File too large", the
+    second checkpoint) names the file in its one line."""
+    calls, write = {"n": 0}, storage.write_chunk
+
+    def too_large(f, chunk):
+        if f.name.endswith("/checkpoint.pt.tmp"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(errno.EFBIG, "File too large")
+        write(f, chunk)
+
+    monkeypatch.setattr(storage, "write_chunk", too_large)
+    with pytest.raises(SystemExit) as exit, _one_thread():
+        main(["train", "--config", str(_config_file(world, tmp_path))])
+    assert exit.value.code == 1
+    run_dir = tmp_path / "out" / "tiny"
+    assert_one_line(capsys.readouterr().err, f"File too large while writing: {run_dir / 'checkpoint.pt'}")
+    assert not temporaries(tmp_path)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 0
+
+
 def _can_mount_tmpfs(path) -> bool:
     if not shutil.which("unshare") or not sys.platform.startswith("linux"):
         return False

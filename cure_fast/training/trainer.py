@@ -335,6 +335,7 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         path = self._checkpoint_path()
         state = checkpoints.training_state(path, self.device)
+        self._check_same_run(state.get("config") or {}, path)
         checkpoints.load_weights(self.model, state["model"], path, checkpoints.describe(state), self.architecture)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -352,6 +353,24 @@ class Trainer:
             rundir.write_metrics(self.run_dir, self.history)  # exactly the checkpoint's epochs
             if self.epoch < self.config.epochs:
                 print(f"resuming {self.run_dir} from epoch {self.epoch} of {self.config.epochs}", flush=True)
+
+
+    def _check_same_run(self, saved: Dict, path: str) -> None:
+        """A checkpoint written under another training config (copied from another run, or config.yaml
+        edited) is refused: resuming it would silently continue that run under these settings."""
+        ours = to_dict(self.config)
+        differ = [k for k in ours if k not in RESUMABLE_CHANGES and k in saved and saved[k] != ours[k]]
+        if differ:
+            shown = ", ".join(f"{k}={saved[k]!r} there, {ours[k]!r} in {rundir.CONFIG}" for k in differ[:3])
+            raise CheckpointError(f"{path} was written under another config ({shown}"
+                                  f"{', …' if len(differ) > 3 else ''}): it is not this run's checkpoint; resume "
+                                  f"the run it came from, or start a new run (init_from=PATH starts from its weights)")
+
+
+RESUMABLE_CHANGES = ("name", "data_root", "device", "backend", "out_dir", "progress", "epochs", "final_certify",
+                     "eval_every", "eval_limit", "eval_pgd_steps", "eval_pgd_restarts", "eval_batch_size")
+"""Config keys that a resumed run may change: where data and results live, how it runs and is
+evaluated, and how many epochs it trains (a finished run continues for the added epochs)."""
 
 
 def train(config: TrainConfig, run_dir: Optional[str] = None, resume: bool = False) -> Dict[str, float]:
