@@ -5,7 +5,7 @@ truncated, not a PyTorch file, objects other than weights) into a one-line
 refuses another architecture's weights with the first mismatching tensor. Also the RNG states a
 checkpoint keeps for an exact resume.
 
->>> state, config, what = model_weights("runs/x/model.pt", torch.device("cpu"))   # or checkpoint.pt
+>>> state, config, what, epoch = model_weights("runs/x/model.pt", torch.device("cpu"))   # or checkpoint.pt
 >>> load_weights(model, state, "runs/x/model.pt", what, "mlp")
 """
 from __future__ import annotations
@@ -77,14 +77,14 @@ def describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def model_weights(path: str, device: torch.device) -> Tuple[Dict[str, Tensor], Optional[Dict], str]:
-    """(state dict, the run's config as a dict or None, what the file holds) from a run's
-    ``checkpoint.pt`` or ``model.pt`` (or any file holding a state dict)."""
+def model_weights(path: str, device: torch.device) -> Tuple[Dict[str, Tensor], Optional[Dict], str, Optional[int]]:
+    """(state dict, the run's config as a dict or None, what the file holds, the epochs trained or
+    None) from a run's ``checkpoint.pt`` or ``model.pt`` (or any file holding a state dict)."""
     obj = load(path, device)
     if is_training_checkpoint(obj):
-        return obj["model"], obj.get("config"), describe(obj)
+        return obj["model"], obj.get("config"), describe(obj), int(obj["epoch"])
     if is_state_dict(obj):
-        return obj, None, describe(obj)
+        return obj, None, describe(obj), None
     raise CheckpointError(f"{path} holds {describe(obj)}, not model weights: give a run's checkpoint.pt or model.pt")
 
 

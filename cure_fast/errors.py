@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+import threading
 from typing import Iterator
 
 
@@ -43,6 +44,44 @@ class Interrupted(KeyboardInterrupt):
     @property
     def message(self) -> str:
         return str(self.args[0])
+
+
+class SignalGuard:
+    """SIGINT and SIGTERM raise :class:`Interrupted` (carrying ``describe()``'s one line) in the main
+    thread, except inside :meth:`critical` sections, where they wait for the section's end so that a
+    checkpoint and its metrics are written together. Outside the main thread it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, describe):
+        self.describe, self.pending, self.depth, self.previous = describe, None, 0, {}
+
+    def _handle(self, signum, frame):
+        if self.depth:
+            self.pending = signum
+            return
+        raise Interrupted(signum, self.describe(signum))
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if not self.depth and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Interrupted(signum, self.describe(signum))
 
 
 def one_line(message: object) -> str:

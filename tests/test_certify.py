@@ -7,10 +7,12 @@ import sys
 import pytest
 import torch
 
-from cure_fast.certification.certify import certify_run, load_trained, parse_norms
+from cure_fast.certification.certify import certify_run, format_times, load_trained, parse_norms
 from cure_fast.cli import main
 from cure_fast.config import from_dict
 from cure_fast.training.trainer import Trainer
+
+from faultkit import assert_one_line, cli
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +210,35 @@ def test_info_lists_the_backends_of_every_device(capsys):
     main(["info"])
     out = capsys.readouterr().out
     assert "backends on cpu: torch" in out and "default:" in out
+
+
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stopped_certification_is_one_line_and_leaves_no_empty_report_folder(run_dir, tmp_path, signame, status):
+    """The signal arrives as the first report file is about to be written (fault injection)."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("certify-*"))
+    before = sorted(os.listdir(run))
+    stopped = cli(["certify", str(run), "--limit", "4", "--pgd-steps", "1", "--no-curve", "--no-progress"],
+                  fault=f"before:per_sample.csv={signame}")
+    assert stopped.returncode == status, stopped.stderr
+    assert_one_line(stopped.stderr, f"stopped by {signame} before the report was finished", "run the command again")
+    assert sorted(os.listdir(run)) == before
+
+
+def test_certifying_an_unfinished_run_says_so(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("certify-*", "model.pt"))
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "epoch": 1}, run / "checkpoint.pt")
+    main(["certify", str(run), "--limit", "2", "--pgd-steps", "1", "--no-curve", "--no-progress"])
+    err = capsys.readouterr().err
+    assert "is an unfinished run's checkpoint (1 of 2 epochs trained)" in err and len(err.splitlines()) == 1
+
+
+def test_times_say_how_many_bounds_a_later_stage_ran_on():
+    summary = {"images": 100, "eps": {"inf": 0.1, "2": 0.5}, "precision": "fp64 (rounding bounded)",
+               "seconds_per_image": {"pgd": 0.001, "ibp": 0.002, "crown": 0.004},
+               "bounded": {"ibp": 200, "crown": 10}}
+    text = format_times(summary)
+    assert text.startswith("time per test image: pgd 1 ms, ibp 2 ms, crown 4 ms (10 of 200 bounds, 40 ms each)")
+    assert text.endswith("total 7 ms (fp64 (rounding bounded))")

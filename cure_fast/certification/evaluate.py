@@ -47,6 +47,7 @@ class Evaluation:
     margin: Dict[str, Tensor]         # norm -> (N,) lower bound of min_{j != y} z_y - z_j
     certified_by: Dict[str, List[str]] = field(default_factory=dict)  # norm -> per sample, the method ("" if none)
     seconds: Dict[str, float] = field(default_factory=dict)  # method (and "pgd") -> seconds spent
+    bounded: Dict[str, int] = field(default_factory=dict)  # method -> (sample, norm) pairs it bounded
 
     def summary(self) -> Dict[str, float]:
         """Accuracies in [0, 1]: clean, pgd_<norm>, certified_<norm>, union (certified for all
@@ -102,7 +103,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
     stages = cascade_stages(cascade, alpha_intermediate)
     norms = list(eps)
     parts = {"correct": [], **{f"{k}_{n}": [] for n in norms for k in ("pgd", "cert", "margin", "by")}}
-    seconds = dict.fromkeys(("pgd",) + cascade, 0.0)
+    seconds, bounded = dict.fromkeys(("pgd",) + cascade, 0.0), dict.fromkeys(cascade, 0)
     bar = tqdm(total=len(labels), unit="img", disable=None if progress else True, leave=False, dynamic_ncols=True,
                desc=f"certify ({method})" if sound is not False else f"evaluate ({method})")
     try:
@@ -111,7 +112,8 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
                 x = images[start:start + batch_size].to(device)
                 x = x.float().div(255) if x.dtype == torch.uint8 else x.float()
                 y = labels[start:start + batch_size].to(device)
-                _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts, seconds, sound)
+                _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts, seconds, bounded,
+                                sound)
                 bar.update(len(y))
                 bar.set_postfix_str(", ".join(
                     f"certified {NORM_NAMES.get(n, n)} {int(sum(c.sum() for c in parts[f'cert_{n}']))}" for n in norms))
@@ -121,7 +123,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
     join = lambda key: torch.cat(parts[key]).cpu()  # noqa: E731
     return Evaluation(join("correct"), {n: join(f"pgd_{n}") for n in norms},
                       {n: join(f"cert_{n}") for n in norms}, {n: join(f"margin_{n}").float() for n in norms},
-                      {n: sum(parts[f"by_{n}"], []) for n in norms}, seconds)
+                      {n: sum(parts[f"by_{n}"], []) for n in norms}, seconds, bounded)
 
 
 def _timed(seconds: Dict[str, float], key: str, fn, *args, **kwargs):
@@ -137,7 +139,7 @@ def cascade_stages(cascade, alpha_intermediate: bool) -> List:
     return [stage for stage in stages if alpha_intermediate or not stage[1].get("alpha_intermediate")]
 
 
-def _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts, seconds, sound) -> None:
+def _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts, seconds, bounded, sound) -> None:
     norms = list(eps)
     specs = [make_spec(n, eps[n]) for n in norms]
     with torch.no_grad():
@@ -154,19 +156,24 @@ def _evaluate_batch(model, bm, x, y, eps, stages, pgd_steps, pgd_restarts, parts
             ibp = [_timed(seconds, "ibp", crown_margins, bm, x_cert, y, spec, "ibp", sound=sound) for spec in specs]
         else:
             ibp = _timed(seconds, "ibp", bm.propagate, x_cert, specs, y).margins
+    bounded["ibp"] += len(y) * len(specs)
     for norm, spec, margins in zip(norms, specs, ibp):
         margins = margins.clone()
         by = ["ibp" if ok else "" for ok in certified(margins, y).tolist()]
+        reached = {}  # method -> the samples it bounded (α-CROWN's second pass: a subset of its first)
         for method, options, per_call in stages:
             todo = (correct & ~certified(margins, y)).nonzero()[:, 0]
             if len(todo) == 0:
                 break
+            reached.setdefault(method, set()).update(todo.tolist())
             for part in todo.split(per_call or len(todo)):
                 stronger = _timed(seconds, method, bm.margins, x_cert[part], y[part], spec, method=method,
                                   sound=sound, **options)
                 margins[part] = torch.maximum(margins[part], stronger.to(margins.dtype))
                 for i in part[certified(margins[part], y[part])].tolist():
                     by[i] = method
+        for method, samples in reached.items():
+            bounded[method] += len(samples)
         parts[f"cert_{norm}"].append(certified(margins, y))
         parts[f"margin_{norm}"].append(margins.scatter(1, y[:, None], float("inf")).amin(1))
         parts[f"by_{norm}"].append(by)

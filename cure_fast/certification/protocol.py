@@ -36,7 +36,7 @@ def paper_setting(dataset: str, eps_inf: float) -> Tuple[Dict[str, float], int, 
             return dict(norms), first, end
     known = ", ".join(f"{d} eps_inf {e:.4g}" for d, e in PAPER_EPS)
     raise ConfigError(f"--protocol paper: no paper setting for {dataset} with eps_inf {eps_inf:.4g}; the settings "
-                      f"are {known} (or give --norms and --limit yourself)")
+                      f"are {known}; to certify other eps, drop --protocol and give --norms (and --limit)")
 
 
 NAMES = {"inf": "l∞", "2": "l2", "1": "l1"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -51,6 +52,16 @@ def clopper_pearson_lower(successes: int, trials: int, alpha: float) -> float:
     return float(beta.ppf(alpha, successes, trials - successes + 1))
 
 
+ALPHA = 0.001
+"""Default significance of the smoothing certificates (confidence 1 - ALPHA), as in Cohen et al."""
+
+
+def fewest_samples(alpha: float) -> int:
+    """The smallest n with which :meth:`Smooth.certify` can certify at all: with all n samples on the
+    class, the lower bound ``alpha ** (1/n)`` must exceed 1/2, i.e. n > log2(1/alpha) (10 at 0.001)."""
+    return math.floor(math.log2(1 / alpha)) + 1
+
+
 class Smooth:
     """The smoothed classifier of ``base_classifier`` under Gaussian noise of std ``sigma``.
 
@@ -73,7 +84,7 @@ class Smooth:
         self.base_classifier, self.num_classes, self.sigma = base_classifier, num_classes, sigma
         self.generator = generator
 
-    def predict(self, x: Tensor, n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000) -> int:
+    def predict(self, x: Tensor, n: int = 100_000, alpha: float = ALPHA, batch_size: int = 1000) -> int:
         """g(x) from ``n`` noise samples, or ABSTAIN when a two-sided binomial test of the top two
         counts does not reject equality at level ``alpha`` (then g(x) differs from the returned
         class with probability at most alpha). x: one input (C, H, W) in [0, 1]."""
@@ -83,7 +94,7 @@ class Smooth:
             return ABSTAIN
         return int(top)
 
-    def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
+    def certify(self, x: Tensor, n0: int = 100, n: int = 100_000, alpha: float = ALPHA,
                 batch_size: int = 1000) -> Tuple[int, float]:
         """(class, l2 radius) such that, with probability at least 1 - alpha, g is constant and
         equal to the class on the ball of that radius around x; (ABSTAIN, 0.0) otherwise.
@@ -189,7 +200,7 @@ def _adapted(frozen: nn.Module, sigma: float, adapt: Optional[str], heldout_imag
 
 
 def smoothing_report(model: nn.Module, images: Tensor, labels: Tensor, sigma: float, n0: int = 100,
-                     n: int = 100_000, alpha: float = 0.001, batch_size: int = 1000, adapt: Optional[str] = None,
+                     n: int = 100_000, alpha: float = ALPHA, batch_size: int = 1000, adapt: Optional[str] = None,
                      heldout_images: Optional[Tensor] = None, radii: Sequence[float] = RADII,
                      num_classes: Optional[int] = None, generator: Optional[torch.Generator] = None,
                      progress: bool = False) -> Dict:

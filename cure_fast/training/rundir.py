@@ -8,20 +8,16 @@ whole from the history), then ``checkpoint.pt``. The write-up after the last epo
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
 import shlex
-import signal
-import threading
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import yaml
 
 from ..config import TrainConfig, to_dict
-from ..errors import Interrupted
 from ..reporting import format_table, plot_curves, plot_summary
 from ..storage import save_torch, write_atomic, write_json
 
@@ -107,41 +103,3 @@ def write_up(run_dir: str, config: TrainConfig, model_state, history: List[Dict[
     print(format_table({config.name: final}, caption=title), flush=True)
     print(f"results in {run_dir}", flush=True)
     return summary
-
-
-class SignalGuard:
-    """SIGINT and SIGTERM raise :class:`Interrupted` (carrying ``describe()``'s one line) in the main
-    thread, except inside :meth:`critical` sections, where they wait for the section's end so that a
-    checkpoint and its metrics are written together. Outside the main thread it does nothing."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, describe):
-        self.describe, self.pending, self.depth, self.previous = describe, None, 0, {}
-
-    def _handle(self, signum, frame):
-        if self.depth:
-            self.pending = signum
-            return
-        raise Interrupted(signum, self.describe(signum))
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-        return False
-
-    @contextlib.contextmanager
-    def critical(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-        if not self.depth and self.pending is not None:
-            signum, self.pending = self.pending, None
-            raise Interrupted(signum, self.describe(signum))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .. import checkpoints, data, faults, models
 from ..certification.evaluate import Evaluation, evaluate
 from ..config import TrainConfig, load_config, presets, resolve_device, to_dict, validate
-from ..errors import CheckpointError, ConfigError, DiskFullError, TrainingError, one_line_errors
+from ..errors import CheckpointError, ConfigError, DiskFullError, SignalGuard, TrainingError, one_line_errors
 from ..ops import registry
 from ..storage import remove_temporaries, save_torch
 from ..validation import OneLineParser
@@ -59,7 +59,7 @@ class Trainer:
         self.architecture = f"{cfg.model} on {cfg.dataset}" + (f" with {cfg.model_args}" if cfg.model_args else "")
         self.model = models.build(cfg.model, cfg.dataset, cfg.normalization, **cfg.model_args).to(self.device)
         if cfg.init_from:
-            state, _, what = checkpoints.model_weights(cfg.init_from, self.device)
+            state, _, what, _ = checkpoints.model_weights(cfg.init_from, self.device)
             checkpoints.load_weights(self.model, state, cfg.init_from, what, self.architecture)
         elif cfg.ibp_init and cfg.method in ("ibp", "sabr"):
             objectives.ibp_init(self.model)
@@ -74,7 +74,7 @@ class Trainer:
         self.epoch, self.step, self.history = 0, 0, []
         self.steps_per_epoch = data.num_batches(len(self.train_set), cfg.batch_size // self.world, cfg.drop_last,
                                                 world_size=self.world)
-        self.guard, self.in_epoch = rundir.SignalGuard(self._stop_message), False
+        self.guard, self.in_epoch = SignalGuard(self._stop_message), False
         if resume:
             self._load_checkpoint()
             return
