@@ -183,9 +183,9 @@ def test_tighter_on_average_crown_ibp_then_crown_then_alpha():
 
 
 def test_alpha_crown_on_intermediate_bounds_tightens_them_and_the_margins():
-    """α-CROWN with the slopes of the pre-activation passes optimized too: every pre-activation bound
-    inside CROWN's, the margins tighter on average than with the final slopes only, and never above
-    the margin at any sampled point (soundness with the slopes of every step)."""
+    """α-CROWN with the pre-activation bounds optimized layer by layer: every pre-activation bound
+    inside CROWN's and tighter somewhere, the margins tighter on average than with the final slopes
+    only, and never above the margin at any sampled point."""
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 6, 3, 1, 1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(6 * 4 * 4, 20), nn.ReLU(), nn.Linear(20, 12), nn.ReLU(), nn.Linear(12, 5)).double()
@@ -195,15 +195,13 @@ def test_alpha_crown_on_intermediate_bounds_tightens_them_and_the_margins():
     spec = LinfBall(0.03)
     problem = crown._problem(bm, x, y, spec, True, None)
     chain = passes.relaxations(problem, crown=True)
-    tightest = passes.Chain(dict(chain.relaxations), dict(chain.bounds))
-    slopes = passes.Slopes()
-    with torch.enable_grad():
-        first = passes.optimized_chain(problem, tightest, slopes.view("pre"))
-        for i, (lower, upper) in chain.bounds.items():  # the first step with CROWN's slopes is CROWN
-            assert torch.allclose(first.bounds[i][0], lower) and torch.allclose(first.bounds[i][1], upper)
-        total = sum(first.bounds[i][0].sum() - first.bounds[i][1].sum() for i in first.bounds)
-        total.backward()
-    assert slopes.parameters() and any(a.grad is not None and a.grad.abs().sum() > 0 for a in slopes.parameters())
+    optimized = crown._optimized_chain(problem, chain, 20, 0.5)
+    gained = 0.0
+    for i, (lower, upper) in chain.bounds.items():
+        low, high = optimized.bounds[i]
+        assert (low >= lower).all() and (high <= upper).all() and (low <= high).all()
+        gained += float((low - lower).sum() + (upper - high).sum())
+    assert gained > 1e-3
     final_only = bm.margins(x, y, spec, method="alpha-crown", alpha_intermediate=False)
     both = bm.margins(x, y, spec, method="alpha-crown")
     mask = torch.ones_like(both, dtype=torch.bool).scatter(1, y[:, None], False)
@@ -412,18 +410,6 @@ def test_window_transpose_equals_the_transposed_convolution(channels, out, kerne
     got = op._transpose_window(A)
     assert got.shape[2:] == op.window_size(*size)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-
-
-def test_intersected_bound_keeps_the_recomputed_bounds_gradient():
-    """α-CROWN's intermediate bound: exactly the intersection (no rounding), the gradient of the
-    recomputed bound everywhere, also where the reference is tighter."""
-    raw = torch.tensor([0.1, -3.0, 7.0], requires_grad=True)
-    reference = torch.tensor([0.3, -5.0, 7.0])
-    value = torch.maximum(raw.detach(), reference)
-    out = passes._through(raw * 1.0, value)
-    assert torch.equal(out, value)
-    out.sum().backward()
-    assert torch.equal(raw.grad, torch.ones(3))
 
 
 @torch.no_grad()

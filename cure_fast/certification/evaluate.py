@@ -23,12 +23,12 @@ CERTIFIERS = ("ibp", "crown-ibp", "crown", "alpha-crown")  # cheapest first: the
 STAGES = {"crown-ibp": ((dict(), None),),
           "crown": ((dict(target=0.0), None),),
           "alpha-crown": ((dict(alpha_intermediate=False, target=0.0), None),
-                          (dict(alpha_intermediate=True, target=0.0), 1))}
+                          (dict(alpha_intermediate=True, target=0.0), None))}
 """(options, samples per call or None for all) of a method's passes in the cascade, each working
 only until a sample is certified (``target=0``): CROWN adds pure CROWN's passes only for the samples
-it has not certified (and whose relaxations the intersection with IBP changed); α-CROWN first optimizes the final slopes only, then, on the samples still
-uncertified and one at a time (a step keeps the autograd graph of every pre-activation pass: memory
-grows with the samples), the pre-activation bounds' slopes too."""
+it has not certified (and whose relaxations the intersection with IBP changed); α-CROWN first
+optimizes the final slopes only, then, on the samples still uncertified, the pre-activation bounds
+too (layer by layer, on chunks of rows: memory stays that of one chunk's autograd graph)."""
 
 
 def _checked(sound: Union[bool, str]) -> Union[bool, str]:

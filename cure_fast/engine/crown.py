@@ -119,74 +119,109 @@ def _specification(y: Tensor, classes: int, dtype: torch.dtype) -> Tuple[Tensor,
 def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, steps: int, lr: float,
                      intermediate: bool, target: Optional[float],
                      search: Optional[Tuple[passes.Problem, passes.Chain]] = None) -> Tensor:
-    """α-CROWN lower bounds of ``C z``: C (N, K), rows (N,) -> (N,), never below the fixed-slope bound.
-    ``search``: the problem and chain in float32 where the slopes are searched; the bound is then
-    computed in ``problem``'s arithmetic (any slopes give a sound bound) with the slopes of each row's
-    best step (:class:`_Keeper`), the larger per row."""
+    """α-CROWN lower bounds of ``C z``: C (N, K), rows (N,) -> (N,), never below CROWN's (``chain``'s).
+    ``intermediate``: the pre-activation bounds are optimized first (:func:`_optimized_chain`), then
+    the final slopes over them. ``search``: the problem and chain in float32 where the slopes are
+    searched; the bounds are then computed in ``problem``'s arithmetic (any slopes give a sound bound)
+    with the slopes of each row's best step (:class:`_Keeper`), the larger per row."""
     if steps == 0 or not any(r.unstable.any() for r in chain.relaxations.values()):
         return passes.linear_bound(problem, chain, C, rows)
-    if search is not None:
-        problem = dataclasses.replace(problem, itemsize=search[0].dtype.itemsize)  # the search's chunks
-    parts = [slice(None)] if intermediate else _final_parts(problem, C.shape[0])
+    crown_bound = passes.linear_bound(problem, chain, C, rows)
+    open_rows = torch.ones_like(rows, dtype=torch.bool) if target is None else crown_bound <= target
+    if not bool(open_rows.any()):
+        return crown_bound
+    if intermediate:
+        chain = _optimized_chain(problem, chain, steps, lr, rows[open_rows], None if search is None else search[0])
+        search = None if search is None else (search[0], chain.cast(search[0].dtype))
+    end, sizing = len(problem.ops), problem if search is None else search[0]
     values = []
-    for part in parts:
-        if search is None:
-            values.append(_optimize(problem, chain, C[part], rows[part], steps, lr, intermediate, target)[0])
-            continue
-        _, keeper = _optimize(*search, C[part].to(search[0].dtype), rows[part], steps, lr, intermediate, target,
-                              keep=True)
-        bounds = [_final_bound(problem, chain, C[part], rows[part], s.frozen(problem.dtype), intermediate)
-                  for s in keeper.candidates()]
-        values.append(_no_nan(torch.stack(bounds)).max(0).values)
-    if search is None:  # the first step's bound is CROWN's
-        return torch.cat(values)
-    return torch.fmax(torch.cat(values), passes.linear_bound(problem, chain, C, rows))
+    for part in passes.chunks(C.shape[0], sizing.rows(sizing.width(end), share=8)):
+        def final_pass(p: passes.Problem, c: passes.Chain, slopes: passes.Slopes, part: slice = part) -> Tensor:
+            return passes.backward(p, c, end, C[part].to(p.dtype), rows[part], slopes)
+        values.append(_optimized_rows(final_pass, problem, chain, search, steps, lr, target))
+    return torch.fmax(torch.cat(values), crown_bound)  # fmax: NaN (no bound) loses
 
 
-def _final_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, slopes: passes.Slopes,
-                 intermediate: bool) -> Tensor:
-    """The bounds of ``C z`` (N,) with α-CROWN's slopes: those of the final passes, and with
-    ``intermediate`` of the pre-activation passes too (their bounds intersected with ``chain``'s)."""
-    end = len(problem.ops)
-    current = passes.optimized_chain(problem, chain, slopes.view("pre")) if intermediate else chain
-    return torch.cat([passes.backward(problem, current, end, C[part], rows[part], slopes.view("final", k))
-                      for k, part in enumerate(_final_parts(problem, C.shape[0]))])
+def _optimized_chain(problem: passes.Problem, reference: passes.Chain, steps: int, lr: float,
+                     samples: Optional[Tensor] = None, search: Optional[passes.Problem] = None) -> passes.Chain:
+    """α-CROWN on the pre-activation bounds, layer by layer: the bounds on the neurons unstable under
+    ``reference`` at each activation, every one its own objective over the slopes of the activations
+    below (fixed at their optimized bounds), optimized on chunks of rows (memory: one chunk's
+    autograd graph) and intersected with ``reference``'s. ``samples``: the indices of the samples to
+    optimize (None: all; the others keep ``reference``'s bounds); ``search``: the float32 problem to
+    search in."""
+    weights = problem.arithmetic.weights
+    chain = passes.Chain({}, {}, dict(weights), dict(problem.arithmetic.folds(weights, 0)))
+    for i in reference.relaxations:
+        (lower, upper), unstable = reference.bounds[i], reference.relaxations[i].unstable
+        if samples is not None:
+            chosen = torch.zeros(unstable.shape[0], dtype=torch.bool, device=unstable.device)
+            chosen[samples] = True
+            unstable = unstable & chosen.view((-1,) + (1,) * (unstable.dim() - 1))
+        if not passes.ibp_is_exact(problem.ops[:i]) and bool(unstable.any()):
+            searched = None if search is None else (search, chain.cast(search.dtype))
+            lower, upper = _optimized_layer(problem, chain, i, lower, upper, unstable, steps, lr, searched)
+        passes.extend(problem, chain, i, lower, upper)
+    return chain
 
 
-def _final_parts(problem: passes.Problem, n: int) -> List[slice]:
-    return passes.chunks(n, problem.rows(problem.width(len(problem.ops)), share=8))
+def _optimized_layer(problem: passes.Problem, chain: passes.Chain, i: int, lower: Tensor, upper: Tensor,
+                     unstable: Tensor, steps: int, lr: float,
+                     search: Optional[Tuple[passes.Problem, passes.Chain]]) -> Tuple[Tensor, Tensor]:
+    """The bounds ``lower``, ``upper`` (B, *shape) on the input of activation i, those of the neurons
+    ``unstable`` (B, *shape) bool replaced by their α-CROWN bounds where tighter. A row stops once its
+    bound makes the neuron stable (target 0)."""
+    sample, neuron = unstable.flatten(1).nonzero(as_tuple=True)
+    count = sample.numel()
+    rows, neurons = sample.repeat(2), neuron.repeat(2)
+    signs = torch.cat([torch.ones(count), -torch.ones(count)]).to(lower.device)
+    sizing = problem if search is None else search[0]
+    values = []
+    for part in passes.chunks(2 * count, sizing.rows(sizing.width(i, unit=True), share=8)):
+        def unit_pass(p: passes.Problem, c: passes.Chain, slopes: passes.Slopes, part: slice = part) -> Tensor:
+            return passes.unit_bound(p, c, i, neurons[part], signs[part].to(p.dtype), rows[part], slopes)
+        values.append(_optimized_rows(unit_pass, problem, chain, search, steps, lr, target=0.0))
+    values = round_down(torch.cat(values), problem.dtype)
+    low = torch.fmax(lower.flatten(1)[sample, neuron], values[:count])  # NaN (an overflow) loses
+    high = torch.fmin(upper.flatten(1)[sample, neuron], -values[count:])
+    return passes.replaced((lower, upper), sample, neuron, low, high)
 
 
-def _optimize(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, steps: int, lr: float,
-              intermediate: bool, target: Optional[float] = None,
+def _optimized_rows(bound, problem: passes.Problem, chain: passes.Chain,
+                    search: Optional[Tuple[passes.Problem, passes.Chain]], steps: int, lr: float,
+                    target: Optional[float]) -> Tensor:
+    """The best bound per row (N,) of ``bound(problem, chain, slopes)`` over α-CROWN's steps; with
+    ``search``, the slopes are searched there and the bound computed in ``problem``'s arithmetic with
+    the slopes of each row's best step, the larger per row."""
+    if search is None:
+        return _optimize(lambda slopes: bound(problem, chain, slopes), steps, lr, target)[0]
+    _, keeper = _optimize(lambda slopes: bound(*search, slopes), steps, lr, target, keep=True)
+    bounds = [bound(problem, chain, slopes.frozen(problem.dtype)) for slopes in keeper.candidates()]
+    return _no_nan(torch.stack(bounds)).max(0).values
+
+
+def _optimize(bound, steps: int, lr: float, target: Optional[float] = None,
               keep: bool = False) -> Tuple[Tensor, Optional["_Keeper"]]:
-    """Projected Adam on the lower slopes α from CROWN's choice, one per unstable neuron and row of
-    every pass: the rows of C, and with ``intermediate`` also the rows of every CROWN-computed
-    pre-activation bound, recomputed at each step (intersected with ``chain``'s). Returns the best
-    bound per row of C and (``keep``) the slopes of the rows' best steps. ``target``: a row whose
-    bound is above it leaves the objective; all above it: stop."""
+    """Projected Adam on the lower slopes α of the unstable neurons in the passes of ``bound(slopes)``
+    (N,), one per neuron and row, starting from the relaxations' own (the first step is CROWN's).
+    Returns the best bound per row and (``keep``) the slopes of the rows' best steps. ``target``: a
+    row whose bound is above it leaves the objective; all above it: stop."""
     slopes = passes.Slopes()
-    parts = _final_parts(problem, C.shape[0])
     keeper = _Keeper(slopes, target) if keep else None
     best, optimizer, schedule = None, None, None
     for step in range(steps + 1):
         training = step < steps
         with torch.set_grad_enabled(training):
-            current = passes.optimized_chain(problem, chain, slopes.view("pre")) if intermediate else chain
-            values = []
-            for k, part in enumerate(parts):
-                value = passes.backward(problem, current, len(problem.ops), C[part], rows[part],
-                                        slopes.view("final", k))
-                if training:
-                    open_rows = 1.0 if best is None or target is None else (best[part] <= target).to(value.dtype)
-                    (-(value * open_rows).sum()).backward(retain_graph=intermediate and k < len(parts) - 1)
-                values.append(value.detach())
-        value = torch.cat(values)
+            value = bound(slopes)
+            if training and slopes.table:
+                open_rows = 1.0 if best is None or target is None else (best <= target).to(value.dtype)
+                (-(value * open_rows).sum()).backward()
+        value = value.detach()
         best = value if best is None else torch.fmax(best, value)  # NaN: no bound
         if keeper is not None:
             keeper.update(value, step)
-        if target is not None and bool((best > target).all()):
-            break
+        if not slopes.table or (target is not None and bool((best > target).all())):
+            break  # no slope in these passes, or every row above the target
         if training:
             if optimizer is None:
                 optimizer = torch.optim.Adam(slopes.parameters(), lr=lr)

@@ -199,7 +199,7 @@ def chunks(n: int, size: int) -> List[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
 
-def _ibp_is_exact(ops: List[Optional[Operator]]) -> bool:
+def ibp_is_exact(ops: List[Optional[Operator]]) -> bool:
     """Whether IBP's bounds after these layers are exact: one Linear on a flat input or Conv2d, and
     otherwise per-channel affines and reshapes (no activation, no pooling)."""
     kinds = ["inexact" if op is None else op.ibp for op in ops]
@@ -241,7 +241,7 @@ def crown_values(problem: Problem, chain: Chain, end: int, marked: Tensor,
     return sample, neuron, values[:count], -values[count:]
 
 
-def _replaced(bounds: Interval, sample: Tensor, neuron: Tensor, low: Tensor, high: Tensor) -> Interval:
+def replaced(bounds: Interval, sample: Tensor, neuron: Tensor, low: Tensor, high: Tensor) -> Interval:
     """``bounds`` (B, *shape) with the entries at the flat indices ``(sample, neuron)`` set to low, high."""
     l, u = (b.flatten(1).clone() for b in bounds)
     l[sample, neuron], u[sample, neuron] = low, high
@@ -258,7 +258,7 @@ def crown_bounds(problem: Problem, chain: Chain, end: int, lower: Tensor, upper:
     if intersect:
         low = torch.fmax(lower.flatten(1)[sample, neuron], low)  # NaN (an overflow) loses
         high = torch.fmin(upper.flatten(1)[sample, neuron], high)
-    return _replaced((lower, upper), sample, neuron, low, high)
+    return replaced((lower, upper), sample, neuron, low, high)
 
 
 def _unstable(bounds: Interval) -> Tensor:
@@ -289,7 +289,7 @@ def relaxations(problem: Problem, crown: bool, intersect: bool = True, reuse: Op
         if op is not None:
             continue
         ibp = problem.propagation.input_bounds(0, i)
-        exact = _ibp_is_exact(problem.ops[:i])
+        exact = ibp_is_exact(problem.ops[:i])
         if not crown or (exact and reuse is None):
             bounds, pure = ibp, ibp
         elif track:
@@ -298,7 +298,7 @@ def relaxations(problem: Problem, crown: bool, intersect: bool = True, reuse: Op
             bounds = crown_bounds(problem, chain, i, *ibp, intersect=False)
         else:
             bounds = _pure_after_divergence(problem, chain, i, ibp, reuse, samples, exact)
-        _extend(problem, chain, i, *bounds)
+        extend(problem, chain, i, *bounds)
         if track:
             same = problem.arithmetic.relaxation(problem.layers[i], *pure).packed == chain.relaxations[i].packed
             changed = ~same.flatten(1).all(1) & (chain.diverged == len(problem.ops))
@@ -324,10 +324,10 @@ def _intersected(problem: Problem, chain: Chain, i: int, ibp: Interval, previous
     fresh = _per_sample(chain.diverged >= i, lower)
     marked = _unstable((lower, upper)) | (_unstable(ibp) & fresh)
     sample, neuron, low, high = crown_values(problem, chain, i, marked)
-    pure = _replaced(ibp, sample, neuron, low, high)
+    pure = replaced(ibp, sample, neuron, low, high)
     low = torch.fmax(lower.flatten(1)[sample, neuron], low)  # NaN (an overflow) loses
     high = torch.fmin(upper.flatten(1)[sample, neuron], high)
-    return _replaced((lower, upper), sample, neuron, low, high), pure
+    return replaced((lower, upper), sample, neuron, low, high), pure
 
 
 def _pure_after_divergence(problem: Problem, chain: Chain, i: int, ibp: Interval, reuse: Chain,
@@ -344,7 +344,7 @@ def _pure_after_divergence(problem: Problem, chain: Chain, i: int, ibp: Interval
     return crown_bounds(problem, chain, i, lower, upper, intersect=False, unstable=marked)
 
 
-def _extend(problem: Problem, chain: Chain, i: int, lower: Tensor, upper: Tensor) -> None:
+def extend(problem: Problem, chain: Chain, i: int, lower: Tensor, upper: Tensor) -> None:
     """Add activation i with pre-activation bounds lower, upper to the chain (its error weights are
     constants to autograd)."""
     chain.relaxations[i] = relaxation = problem.arithmetic.relaxation(problem.layers[i], lower, upper)
@@ -352,30 +352,6 @@ def _extend(problem: Problem, chain: Chain, i: int, lower: Tensor, upper: Tensor
     with torch.no_grad():
         chain.weights.update(problem.arithmetic.chain_weights(i, lower.detach(), upper.detach(), relaxation))
         chain.folds.update(problem.arithmetic.folds(chain.weights, i + 1))
-
-
-def optimized_chain(problem: Problem, reference: Chain, slopes: Slopes) -> Chain:
-    """The chain with every CROWN-computed pre-activation bound recomputed with the slopes of its own
-    passes (α-CROWN on intermediate layers) and intersected with ``reference``'s, with the gradient of
-    the recomputed bound also where the reference's is the tighter (so that its slopes keep moving:
-    tighter final bounds than a gradient cut off there, measured). Rows: the neurons unstable under
-    ``reference``."""
-    weights = problem.arithmetic.weights
-    chain = Chain({}, {}, dict(weights), dict(problem.arithmetic.folds(weights, 0)))
-    for i in reference.relaxations:
-        lower, upper = reference.bounds[i]
-        if not _ibp_is_exact(problem.ops[:i]):
-            low, high = crown_bounds(problem, chain, i, lower, upper, intersect=False, slopes=slopes.view(i),
-                                     unstable=reference.relaxations[i].unstable)
-            tight = torch.maximum(low, lower)
-            lower, upper = _through(low, tight), _through(high, torch.maximum(torch.minimum(high, upper), tight))
-        _extend(problem, chain, i, lower, upper)
-    return chain
-
-
-def _through(raw: Tensor, value: Tensor) -> Tensor:
-    """Exactly ``value`` (forward), with the gradient of ``raw``."""
-    return value.detach() + (raw - raw.detach())
 
 
 def linear_bound(problem: Problem, chain: Chain, C: Tensor, rows: Tensor, start: int = 0) -> Tensor:
