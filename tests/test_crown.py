@@ -439,7 +439,8 @@ def test_alpha_slopes_searched_in_float32_give_the_float64_search_bounds(interme
 
 
 def test_the_keeper_holds_the_slopes_of_every_rows_best_step():
-    """Row 0 is best at step 0, row 1 at step 2: the two tables are kept, step 1's is dropped."""
+    """Row 0 is best at step 0, row 1 at step 2: the kept table holds step 0's slopes in row 0 and
+    step 2's in row 1; with a target, a row above it keeps the first step there."""
     slopes = passes.Slopes()
     relaxation = passes.Relaxation.of(torch.tensor([[-1.0, -2.0]]), torch.tensor([[2.0, 1.0]]))
     alpha = slopes.view("final", 0).dense(3, relaxation, torch.tensor([0, 0]))
@@ -448,12 +449,14 @@ def test_the_keeper_holds_the_slopes_of_every_rows_best_step():
         with torch.no_grad():
             alpha.fill_(step / 10)
         keeper.update(torch.tensor(value), step)
-    held = sorted(float(table.table[("final", 0, 3)][0][0, 0]) for table in keeper.candidates())
-    assert held == pytest.approx([0.0, 0.2])
+    kept = keeper.best.table[("final", 0, 3)][0]
+    assert kept[:, 0].tolist() == pytest.approx([0.0, 0.2]) and keeper.best_step.tolist() == [0, 2]
     capped = crown._Keeper(slopes, target=0.4)  # above the target: the first step there is kept
     for step, value in enumerate(([0.5, 0.5], [0.6, 0.7])):
+        with torch.no_grad():
+            alpha.fill_(step / 10)
         capped.update(torch.tensor(value), step)
-    assert len(capped.candidates()) == 1 and capped.best_step.tolist() == [0, 0]
+    assert capped.best_step.tolist() == [0, 0] and capped.best.table[("final", 0, 3)][0].max() == 0.0
 
 
 def test_fixed_slopes_refuse_a_pass_they_do_not_hold():

@@ -123,7 +123,7 @@ def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, ro
     ``intermediate``: the pre-activation bounds are optimized first (:func:`_optimized_chain`), then
     the final slopes over them. ``search``: the problem and chain in float32 where the slopes are
     searched; the bounds are then computed in ``problem``'s arithmetic (any slopes give a sound bound)
-    with the slopes of each row's best step (:class:`_Keeper`), the larger per row."""
+    with the slopes of each row's best step (:class:`_Keeper`)."""
     if steps == 0 or not any(r.unstable.any() for r in chain.relaxations.values()):
         return passes.linear_bound(problem, chain, C, rows)
     crown_bound = passes.linear_bound(problem, chain, C, rows)
@@ -191,13 +191,12 @@ def _optimized_rows(bound, problem: passes.Problem, chain: passes.Chain,
                     search: Optional[Tuple[passes.Problem, passes.Chain]], steps: int, lr: float,
                     target: Optional[float]) -> Tensor:
     """The best bound per row (N,) of ``bound(problem, chain, slopes)`` over α-CROWN's steps; with
-    ``search``, the slopes are searched there and the bound computed in ``problem``'s arithmetic with
-    the slopes of each row's best step, the larger per row."""
+    ``search``, the slopes are searched there and the bound computed in ``problem``'s arithmetic, in
+    one pass, with the slopes of each row's best step."""
     if search is None:
         return _optimize(lambda slopes: bound(problem, chain, slopes), steps, lr, target)[0]
     _, keeper = _optimize(lambda slopes: bound(*search, slopes), steps, lr, target, keep=True)
-    bounds = [bound(problem, chain, slopes.frozen(problem.dtype)) for slopes in keeper.candidates()]
-    return _no_nan(torch.stack(bounds)).max(0).values
+    return _no_nan(bound(problem, chain, keeper.best.frozen(problem.dtype)))
 
 
 def _optimize(bound, steps: int, lr: float, target: Optional[float] = None,
@@ -234,12 +233,12 @@ def _optimize(bound, steps: int, lr: float, target: Optional[float] = None,
 
 
 class _Keeper:
-    """The slopes of every step that is some row's best so far (bounds capped at ``target``): a
-    bound with each of them, the larger per row, is each row's best step's."""
+    """Each row's slopes at its best step so far (bounds capped at ``target``), in one table: a row's
+    bound depends on its own slopes only (the first dimension of every slope tensor is the row)."""
 
     def __init__(self, slopes: passes.Slopes, target: Optional[float]):
         self.slopes, self.target = slopes, target
-        self.score, self.best_step, self.snapshots = None, None, {}
+        self.score, self.best_step, self.best = None, None, None
 
     def update(self, value: Tensor, step: int) -> None:
         """Record the bounds ``value`` (N,) of this step's slopes."""
@@ -249,12 +248,11 @@ class _Keeper:
             return
         self.score = capped if self.score is None else torch.where(better, capped, self.score)
         self.best_step = torch.where(better, step, step if self.best_step is None else self.best_step)
-        self.snapshots[step] = self.slopes.frozen()
-        kept = set(self.best_step.unique().tolist())
-        self.snapshots = {s: table for s, table in self.snapshots.items() if s in kept}
-
-    def candidates(self) -> List[passes.Slopes]:
-        return list(self.snapshots.values())
+        if self.best is None:
+            self.best = self.slopes.frozen()
+            return
+        for key, (alpha, _, _) in self.slopes.table.items():
+            self.best.table[key][0][better] = alpha.detach()[better]
 
 
 def _with_pure_crown(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, values: Tensor,
