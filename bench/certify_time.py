@@ -69,14 +69,15 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _margins(bounded: BoundedModule, x, y, spec, method: str, sound: str):
+def _margins(bounded: BoundedModule, x, y, spec, method: str, sound: str, alpha_steps: int = 20):
     if method == "ibp":
         return crown_margins(bounded, x, y, spec, "ibp", sound="fp32") if sound == "fp32" else bounded.margins(x, y, spec)
-    return bounded.margins(x, y, spec, method=method, sound=SOUND[sound])
+    steps = {"alpha_steps": alpha_steps} if method == "alpha-crown" else {}
+    return bounded.margins(x, y, spec, method=method, sound=SOUND[sound], **steps)
 
 
 def measure(method: str, norm: str, images: int, device: torch.device, width: int, smoke: bool = False,
-            sound: str = "fp64") -> dict:
+            sound: str = "fp64", alpha_steps: int = 20) -> dict:
     """Seconds per image, peak memory and the bounds of one (method, norm) on ``images`` random images."""
     dtype = torch.float64 if sound == "fp64" else torch.float32
     model = _model(device, width, smoke, dtype)
@@ -87,7 +88,7 @@ def measure(method: str, norm: str, images: int, device: torch.device, width: in
         y = model(x).argmax(1)
     spec = NORMS[norm]()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    run = lambda: _margins(bounded, x, y, spec, method, sound)  # noqa: E731
+    run = lambda: _margins(bounded, x, y, spec, method, sound, alpha_steps)  # noqa: E731
     repeats = 3 if method in ("ibp", "crown-ibp") else 1
     if repeats > 1:
         run()
@@ -106,7 +107,8 @@ def measure(method: str, norm: str, images: int, device: torch.device, width: in
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     worst = margins.scatter(1, y[:, None], float("inf")).amin(1)
-    return {"method": method, "norm": norm, "images": images, "sound": sound,
+    steps = {"alpha_steps": alpha_steps} if method == "alpha-crown" else {}
+    return {"method": method, "norm": norm, "images": images, "sound": sound, **steps,
             "seconds_per_image": sorted(times)[len(times) // 2] / images, "peak_memory_mb": peak / 2**20,
             "cpu_rss_before_mb": None if device.type == "cuda" else before / 2**20,
             "certified": int((worst > 0).sum()), "mean_worst_margin": float(worst.mean())}
@@ -115,7 +117,8 @@ def measure(method: str, norm: str, images: int, device: torch.device, width: in
 def _run_isolated(method: str, norm: str, args: argparse.Namespace) -> dict:
     """:func:`measure` in a fresh subprocess (its own peak memory); on failure, the error's last line."""
     command = [sys.executable, __file__, "--worker", method, norm, "--images", str(args.images),
-               "--device", args.device, "--width", str(args.width), "--sound", args.sound]
+               "--device", args.device, "--width", str(args.width), "--sound", args.sound,
+               "--alpha-steps", str(args.alpha_steps)]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
         sys.stderr.write(run.stderr)
@@ -143,6 +146,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sound", default="fp64", choices=list(SOUND),
                         help="fp64 (float64, the default), fp32 (float32, rounding errors bounded), off (plain float32)")
+    parser.add_argument("--norms", default="inf,2", help="inf, 2 or both (the default): l∞ 2/255, l2 0.25")
+    parser.add_argument("--alpha-steps", type=int, default=20, help="α-CROWN's steps (fewer: its memory in less time)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--smoke", action="store_true",
                         help="CNN7 on 8x8 inputs, width 1, one image, in this process: checks the script")
@@ -153,14 +158,19 @@ def main() -> None:
         args.width, args.images = 1, 1
     args.images = 1 if args.quick else args.images or (16 if device.type == "cuda" else 2)
     if args.worker:
-        print(json.dumps(measure(*args.worker, args.images, device, args.width, sound=args.sound)))
+        print(json.dumps(measure(*args.worker, args.images, device, args.width, sound=args.sound,
+                                 alpha_steps=args.alpha_steps)))
         return
     results, load = [], os.getloadavg()
     print(f"{'norm':<11} {'method':<12} {'s/image':>9} {'peak MB':>9} {'(before)':>9} {'certified':>9} "
           f"{'mean worst margin':>18}")
-    for norm in NORMS:
+    chosen = [n for n in NORMS if n.split()[0][1:] in args.norms.split(",")]
+    if not chosen:
+        parser.error(f"--norms {args.norms!r}: give inf, 2 or inf,2")
+    for norm in chosen:
         for method in args.methods.split(","):
-            r = measure(method, norm, args.images, device, args.width, True, args.sound) if args.smoke else \
+            r = measure(method, norm, args.images, device, args.width, True, args.sound, args.alpha_steps) \
+                if args.smoke else \
                 _run_isolated(method, norm, args)
             results.append(r)
             if "error" in r:
