@@ -75,7 +75,6 @@ on a chunk then run from the cache; 1.6x faster than large chunks on cnn5); ``ma
 from __future__ import annotations
 
 import copy
-import dataclasses
 from typing import List, Optional, Tuple, Union
 
 import torch

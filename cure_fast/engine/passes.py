@@ -35,13 +35,12 @@ class Problem:
     chunk_bytes: int  # the most bytes of coefficients a chunk of rows holds at one step of a pass
     arithmetic: rounding.Arithmetic
     dtype: torch.dtype  # the working dtype
-    itemsize: Optional[int] = None  # bytes per coefficient when sizing chunks (None: the dtype's)
 
     def rows(self, width: int, share: int = 1) -> int:
         """Rows per chunk of a pass whose rows hold at most ``width`` coefficients each, with
         ``share`` times less room (α-CROWN keeps its autograd graph)."""
         budget = min(self.chunk_bytes, MEMORY_BYTES // share)
-        fit = max(1, budget // (width * (self.itemsize or self.dtype.itemsize)))
+        fit = max(1, budget // (width * self.dtype.itemsize))
         return fit if self.max_rows is None else min(fit, self.max_rows)
 
     def width(self, end: int, unit: bool = False) -> int:
