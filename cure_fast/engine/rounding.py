@@ -386,8 +386,9 @@ class Sound(Arithmetic):
 
     def _activation_weights(self, lower: Tensor, upper: Tensor, relaxation) -> Tensor:
         """``u m + (γ_33 + 2 γ'_n) |offset|`` (:func:`summed`: the offset terms' products are added in
-        runs of 32, then in float64): m >= |h| on [lower, upper]; the first term only where a slope is
-        not 0 or 1 (products with those are exact)."""
+        runs of 32, then in float64; in float64 they may be one dot product, whose γ'_n is below it):
+        m >= |h| on [lower, upper]; the first term only where a slope is not 0 or 1 (products with
+        those are exact)."""
         slopes, offset = relaxation.packed[..., :2], relaxation.packed[..., 2]
         exact = ((slopes == 0) | (slopes == 1)).all(-1) & ~relaxation.unstable
         m = torch.maximum(lower.abs(), upper.abs()).double()

@@ -38,9 +38,15 @@ class Relaxation:
 
     def _step(self, A: Tensor, lower: Tensor, upper: Tensor, offset: Tensor) -> Tuple[Tensor, Tensor]:
         """``A * (lower where A >= 0 else upper)`` (one rounding per entry: the other product is 0) and
-        ``rowdot(min(A, 0), offset)`` (N,), summed in ``accumulate``."""
+        ``rowdot(min(A, 0), offset)`` (N,), summed in ``accumulate``: a matrix-vector product when the
+        rows share one sample's offsets (N, *shape) and the sum is in A's dtype (any order of a dot
+        product keeps its γ_n error bound)."""
         negative = A.clamp(max=0)
-        return torch.addcmul(negative * upper, A.clamp(min=0), lower), rowsum(negative * offset, self.accumulate)
+        out = negative * upper
+        out.addcmul_(A.clamp(min=0), lower)
+        if offset.dim() < A.dim() and self.accumulate in (None, A.dtype):
+            return out, negative.reshape(A.shape[0], -1) @ offset.reshape(-1)
+        return out, rowsum(negative * offset, self.accumulate)
 
     @classmethod
     def of(cls, l: Tensor, u: Tensor, slope: float = 0.0) -> "Relaxation":
