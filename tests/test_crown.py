@@ -457,6 +457,10 @@ def test_the_keeper_holds_the_slopes_of_every_rows_best_step():
             alpha.fill_(step / 10)
         capped.update(torch.tensor(value), step)
     assert capped.best_step.tolist() == [0, 0] and capped.best.table[("final", 0, 3)][0].max() == 0.0
+    nan_first = crown._Keeper(slopes, target=None)  # NaN (no bound) at step 0: a finite later step wins
+    for step, value in enumerate(([float("nan"), 0.5], [0.1, 0.4])):
+        nan_first.update(torch.tensor(value), step)
+    assert nan_first.best_step.tolist() == [1, 0]
 
 
 def test_fixed_slopes_refuse_a_pass_they_do_not_hold():

@@ -33,21 +33,23 @@ Methods (``method=``):
   every sample; 2.4x faster). With ``target`` (the cascade: 0), pure CROWN runs only for the samples
   not yet above it.
 - ``"alpha-crown"`` (α-CROWN): the lower slopes α of every ReLU are optimized by projected Adam
-  (``alpha_steps`` steps, learning rate ``alpha_lr`` decaying by 2% a step, clamped to ``[0, 1]``
-  after each) from CROWN's choice, one per unstable neuron *and per row of every backward pass*: the
-  margin rows, and (``alpha_intermediate``, the default) the rows that bound each pre-activation,
-  which every step recomputes with their own slopes and intersects with CROWN's, the gradient being
-  the recomputed bound's even where CROWN's is tighter (every bound of every step is sound, whatever
-  the slopes). The objective is the sum of the margin
-  bounds; the best bound seen per row is kept and compared with pure CROWN's, so it is never looser
-  than CROWN. ``alpha_intermediate=False``: CROWN's pre-activation bounds, final slopes only.
+  (``alpha_steps`` steps, learning rate ``alpha_lr`` decaying by 2% a step, clamped to the sound range
+  after each) from CROWN's choice, one per unstable neuron *and per row of every backward pass*. With
+  ``alpha_intermediate`` (the default) the pre-activation bounds come first, layer by layer: at each
+  ReLU, the lower and upper bound of every neuron unstable under CROWN is its own objective over the
+  slopes of the ReLUs below (their bounds fixed at the optimized values), on chunks of rows (the
+  autograd graph of one chunk at a time: the memory of a CROWN pass), a row stopping once its neuron
+  is stable, each bound intersected with CROWN's. Then the margin rows: the objective is the sum of
+  their bounds. The best bound seen per row is kept, the result is at least CROWN's and compared with
+  pure CROWN's (every bound of every step is sound, whatever the slopes).
+  ``alpha_intermediate=False``: CROWN's pre-activation bounds, final slopes only.
   ``target=0`` (what the certification cascade uses): a row leaves the objective once its
-  bound is above 0, and the optimization stops when every row is (certified). In the sound modes
-  the slopes are searched in plain float32 arithmetic (a float32 copy of the model, from the sound
-  CROWN's relaxations: any slopes in range give a sound bound) and the bound is computed once in the
-  sound arithmetic with the slopes of every step that is some row's best (bounds capped at
-  ``target``; usually the last step alone), the larger per row: each row's best step's bound, 2.4x
-  faster on cnn5 (fp64), the float64 search's bounds within 5e-8 on small nets.
+  bound is above 0, and the optimization stops when every row is (certified); samples whose CROWN
+  bound is already above it are not optimized. In the sound modes the slopes are searched in plain
+  float32 arithmetic (a float32 copy of the model, from the sound CROWN's relaxations: any slopes in
+  range give a sound bound) and each bound is computed once in the sound arithmetic with every row's
+  slopes from its best step (bounds capped at ``target``), the float64 search's bounds within 5e-8
+  on small nets.
 
 Every method returns the elementwise maximum of its bound and IBP's folded margin (both are sound);
 where both are NaN (an overflow to infinity on the way), the margin is -inf: no certificate.
@@ -126,7 +128,7 @@ def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, ro
     if steps == 0 or not any(r.unstable.any() for r in chain.relaxations.values()):
         return passes.linear_bound(problem, chain, C, rows)
     crown_bound = passes.linear_bound(problem, chain, C, rows)
-    open_rows = torch.ones_like(rows, dtype=torch.bool) if target is None else crown_bound <= target
+    open_rows = torch.ones_like(rows, dtype=torch.bool) if target is None else ~(crown_bound > target)  # NaN: open
     if not bool(open_rows.any()):
         return crown_bound
     if intermediate:
@@ -241,7 +243,8 @@ class _Keeper:
 
     def update(self, value: Tensor, step: int) -> None:
         """Record the bounds ``value`` (N,) of this step's slopes."""
-        capped = value if self.target is None else value.clamp(max=self.target)
+        capped = torch.where(value.isnan(), -float("inf"), value)  # NaN (no bound): any later step is better
+        capped = capped if self.target is None else capped.clamp(max=self.target)
         better = torch.ones_like(capped, dtype=torch.bool) if self.score is None else capped > self.score
         if not bool(better.any()):
             return
@@ -376,9 +379,8 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
             rigorous bound on every rounding error (a certificate); ``False``: the model's dtype (not
             a certificate).
         max_rows: rows per backward pass (memory); None for the default budget.
-        alpha_intermediate: α-CROWN also optimizes the slopes of the passes that bound the
-            pre-activations (every step recomputes them, keeping their autograd graph: slower, more
-            memory, growing with the batch; tighter); False: the final pass only.
+        alpha_intermediate: α-CROWN also optimizes the pre-activation bounds, layer by layer (about
+            ``alpha_steps`` CROWN passes; tighter); False: the final pass only.
         target: the bound a margin row needs (0: enough to certify; None: the tightest bound):
             α-CROWN stops optimizing a row once above it, and stops when every row is; the pure-CROWN
             passes (``"crown"``, ``"alpha-crown"``) run only for the samples with a row not above it.
