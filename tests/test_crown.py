@@ -443,20 +443,20 @@ def test_the_keeper_holds_the_slopes_of_every_rows_best_step():
     step 2's in row 1; with a target, a row above it keeps the first step there."""
     slopes = passes.Slopes()
     relaxation = passes.Relaxation.of(torch.tensor([[-1.0, -2.0]]), torch.tensor([[2.0, 1.0]]))
-    alpha = slopes.view("final", 0).dense(3, relaxation, torch.tensor([0, 0]))
+    alpha = slopes.dense(3, relaxation, torch.tensor([0, 0]))
     keeper = crown._Keeper(slopes, target=None)
     for step, value in enumerate(([1.0, 0.0], [0.5, 0.5], [0.2, 0.9])):
         with torch.no_grad():
             alpha.fill_(step / 10)
         keeper.update(torch.tensor(value), step)
-    kept = keeper.best.table[("final", 0, 3)][0]
+    kept = keeper.best.table[3][0]
     assert kept[:, 0].tolist() == pytest.approx([0.0, 0.2]) and keeper.best_step.tolist() == [0, 2]
     capped = crown._Keeper(slopes, target=0.4)  # above the target: the first step there is kept
     for step, value in enumerate(([0.5, 0.5], [0.6, 0.7])):
         with torch.no_grad():
             alpha.fill_(step / 10)
         capped.update(torch.tensor(value), step)
-    assert capped.best_step.tolist() == [0, 0] and capped.best.table[("final", 0, 3)][0].max() == 0.0
+    assert capped.best_step.tolist() == [0, 0] and capped.best.table[3][0].max() == 0.0
     nan_first = crown._Keeper(slopes, target=None)  # NaN (no bound) at step 0: a finite later step wins
     for step, value in enumerate(([float("nan"), 0.5], [0.1, 0.4])):
         nan_first.update(torch.tensor(value), step)
@@ -466,13 +466,13 @@ def test_the_keeper_holds_the_slopes_of_every_rows_best_step():
 def test_fixed_slopes_refuse_a_pass_they_do_not_hold():
     table = passes.Slopes()
     relaxation = passes.Relaxation.of(torch.tensor([[-1.0, -2.0]]), torch.tensor([[2.0, 1.0]]))
-    table.view("final", 0).dense(3, relaxation, torch.tensor([0]))
+    table.dense(3, relaxation, torch.tensor([0]))
     fixed = table.frozen(torch.float64)
-    assert fixed.view("final", 0).dense(3, relaxation, torch.tensor([0])).dtype == torch.float64
-    with pytest.raises(RuntimeError, match="no slopes for the rows of pass"):
-        fixed.view("final", 1).dense(3, relaxation, torch.tensor([0]))
-    with pytest.raises(RuntimeError, match="no slopes for the rows of pass"):
-        fixed.view("final", 0).dense(3, relaxation, torch.tensor([1]))
+    assert fixed.dense(3, relaxation, torch.tensor([0])).dtype == torch.float64
+    with pytest.raises(RuntimeError, match="no slopes for these rows at activation 5"):
+        fixed.dense(5, relaxation, torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="no slopes for these rows at activation 3"):
+        fixed.dense(3, relaxation, torch.tensor([1]))
 
 
 @pytest.mark.parametrize("sound", [True, False])

@@ -339,8 +339,9 @@ def _run(args: argparse.Namespace) -> Dict:
     method = args.method or (PAPER_METHOD if args.protocol == "paper" else "ibp")
     summary = certify_run(args.model, eps, method, args.limit, args.data_root, args.out,
                           args.pgd_steps, args.batch_size, _sound(args), () if args.no_curve else CURVE,
-                          args.device, sigmas, args.smoothing_n or SMOOTHING_N, args.geometric, progress=not args.no_progress,
-                          protocol=args.protocol, alpha_intermediate=not args.no_alpha_intermediate)
+                          args.device, sigmas, args.smoothing_n or SMOOTHING_N, args.geometric,
+                          progress=not args.no_progress, protocol=args.protocol,
+                          alpha_intermediate=not args.no_alpha_intermediate)
     print(format_table({method: summary}, caption=caption(summary)))
     print(format_times(summary))
     if "smoothing" in summary:

@@ -153,11 +153,14 @@ def _optimized_chain(problem: passes.Problem, reference: passes.Chain, steps: in
     search in."""
     weights = problem.arithmetic.weights
     chain = passes.Chain({}, {}, dict(weights), dict(problem.arithmetic.folds(weights, 0)))
+    chosen = None
+    if samples is not None:
+        batch = next(iter(reference.bounds.values()))[0]
+        chosen = torch.zeros(batch.shape[0], dtype=torch.bool, device=batch.device)
+        chosen[samples] = True
     for i in reference.relaxations:
         (lower, upper), unstable = reference.bounds[i], reference.relaxations[i].unstable
-        if samples is not None:
-            chosen = torch.zeros(unstable.shape[0], dtype=torch.bool, device=unstable.device)
-            chosen[samples] = True
+        if chosen is not None:
             unstable = unstable & chosen.view((-1,) + (1,) * (unstable.dim() - 1))
         if not passes.ibp_is_exact(problem.ops[:i]) and bool(unstable.any()):
             searched = None if search is None else (search, chain.cast(search.dtype))
@@ -170,22 +173,16 @@ def _optimized_layer(problem: passes.Problem, chain: passes.Chain, i: int, lower
                      unstable: Tensor, steps: int, lr: float,
                      search: Optional[Tuple[passes.Problem, passes.Chain]]) -> Tuple[Tensor, Tensor]:
     """The bounds ``lower``, ``upper`` (B, *shape) on the input of activation i, those of the neurons
-    ``unstable`` (B, *shape) bool replaced by their α-CROWN bounds where tighter. A row stops once its
-    bound makes the neuron stable (target 0)."""
-    sample, neuron = unstable.flatten(1).nonzero(as_tuple=True)
-    count = sample.numel()
-    rows, neurons = sample.repeat(2), neuron.repeat(2)
-    signs = torch.cat([torch.ones(count), -torch.ones(count)]).to(lower.device)
+    ``unstable`` (B, *shape) bool replaced by their α-CROWN bounds where tighter
+    (:func:`passes.crown_bounds` with optimized slopes). A row stops once its bound makes the neuron
+    stable (target 0)."""
+    def optimized(neurons: Tensor, signs: Tensor, rows: Tensor) -> Tensor:
+        def unit_pass(p: passes.Problem, c: passes.Chain, slopes: passes.Slopes) -> Tensor:
+            return passes.unit_bound(p, c, i, neurons, signs.to(p.dtype), rows, slopes)
+        return _optimized_rows(unit_pass, problem, chain, search, steps, lr, target=0.0)
     sizing = problem if search is None else search[0]
-    values = []
-    for part in passes.chunks(2 * count, sizing.rows(sizing.width(i, unit=True), share=8)):
-        def unit_pass(p: passes.Problem, c: passes.Chain, slopes: passes.Slopes, part: slice = part) -> Tensor:
-            return passes.unit_bound(p, c, i, neurons[part], signs[part].to(p.dtype), rows[part], slopes)
-        values.append(_optimized_rows(unit_pass, problem, chain, search, steps, lr, target=0.0))
-    values = round_down(torch.cat(values), problem.dtype)
-    low = torch.fmax(lower.flatten(1)[sample, neuron], values[:count])  # NaN (an overflow) loses
-    high = torch.fmin(upper.flatten(1)[sample, neuron], -values[count:])
-    return passes.replaced((lower, upper), sample, neuron, low, high)
+    return passes.crown_bounds(problem, chain, i, lower, upper, unstable=unstable, solve=optimized,
+                               chunk_rows=sizing.rows(sizing.width(i, unit=True), share=8))
 
 
 def _optimized_rows(bound, problem: passes.Problem, chain: passes.Chain,

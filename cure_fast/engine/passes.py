@@ -5,7 +5,7 @@ pre-activation bounds, passes over dense coefficients and over windows, and α-C
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -81,19 +81,16 @@ class Chain:
 
 
 class Slopes:
-    """α-CROWN's lower slopes of the unstable neurons, one tensor per backward pass and activation:
-    (N, *shape) on a dense step, window-shaped (N, C, h, w) on a window step, with the samples (N,)
-    of its rows. A tensor is made on first use from the relaxation's own slopes (so the first pass is
-    CROWN's); ``view(key)`` gives the slopes of one pass (a chunk of rows), sharing the table. A
-    ``fixed`` table (:meth:`frozen`) makes none: a pass it lacks, or with other rows, is an error."""
+    """α-CROWN's lower slopes of the unstable neurons of one chunk of rows, one tensor per activation
+    its passes step through: (N, *shape) on a dense step, window-shaped (N, C, h, w) on a window step,
+    with the samples (N,) of its rows. A tensor is made on first use from the relaxation's own slopes
+    (so the first pass is CROWN's). A ``fixed`` table (:meth:`frozen`) makes none: an activation it
+    lacks, or other rows, is an error."""
 
-    def __init__(self, table: Optional[Dict[tuple, Tuple[Tensor, Tuple[float, float], Tensor]]] = None,
-                 key: tuple = (), fixed: bool = False):
+    def __init__(self, table: Optional[Dict[int, Tuple[Tensor, Tuple[float, float], Tensor]]] = None,
+                 fixed: bool = False):
         self.table = {} if table is None else table
-        self.key, self.fixed = key, fixed
-
-    def view(self, *key) -> "Slopes":
-        return Slopes(self.table, self.key + key, self.fixed)
+        self.fixed = fixed
 
     def dense(self, i: int, relaxation: Relaxation, rows: Tensor) -> Tensor:
         return self._get(i, relaxation, rows, lambda: relaxation.lower[rows])
@@ -102,12 +99,12 @@ class Slopes:
         return self._get(i, relaxation, rows, lambda: window.take(relaxation.lower, rows))
 
     def _get(self, i: int, relaxation: Relaxation, rows: Tensor, initial) -> Tensor:
-        key = self.key + (i,)
-        if self.fixed and (key not in self.table or not torch.equal(self.table[key][2], rows)):
-            raise RuntimeError(f"α-CROWN: no slopes for the rows of pass {key} (the passes differ from the search's)")
-        if key not in self.table:
-            self.table[key] = (initial().detach().clone().requires_grad_(True), relaxation.alpha_range, rows)
-        return self.table[key][0]
+        if self.fixed and (i not in self.table or not torch.equal(self.table[i][2], rows)):
+            raise RuntimeError(f"α-CROWN: no slopes for these rows at activation {i} (the passes differ from the "
+                               f"search's)")
+        if i not in self.table:
+            self.table[i] = (initial().detach().clone().requires_grad_(True), relaxation.alpha_range, rows)
+        return self.table[i][0]
 
     def parameters(self) -> List[Tensor]:
         return [alpha for alpha, _, _ in self.table.values()]
@@ -222,25 +219,29 @@ def unit_bound(problem: Problem, chain: Chain, end: int, neurons: Tensor, signs:
     return backward(problem, chain, end, A.view((n,) + shape), rows, slopes)
 
 
-def crown_values(problem: Problem, chain: Chain, end: int, marked: Tensor,
-                 slopes: Optional[Slopes] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+UnitSolver = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``solve(neurons, signs, rows)``: lower bounds (N,) of ``sign * h[neuron]`` for one chunk of rows."""
+
+
+def crown_values(problem: Problem, chain: Chain, end: int, marked: Tensor, solve: Optional[UnitSolver] = None,
+                 chunk_rows: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """CROWN's lower and upper bounds (N,) on the neurons ``marked`` (B, *shape) bool of the output of
-    layer ``end - 1``, and their flat indices ``(sample, neuron)`` (N,) each. ``slopes``: α-CROWN's
-    slopes, one view per chunk of rows."""
+    layer ``end - 1``, and their flat indices ``(sample, neuron)`` (N,) each. ``solve``: how a chunk of
+    rows is bounded (default: one pass, :func:`unit_bound`; α-CROWN: optimized slopes); ``chunk_rows``:
+    rows per chunk (default: sized to the pass)."""
     sample, neuron = marked.flatten(1).nonzero(as_tuple=True)
     count = sample.numel()
     rows, neurons = sample.repeat(2), neuron.repeat(2)
     ones = torch.ones(count, dtype=problem.dtype, device=marked.device)
     signs = torch.cat([ones, -ones])
-    values = []
-    for k, part in enumerate(chunks(2 * count, problem.rows(problem.width(end, unit=True)))):
-        view = None if slopes is None else slopes.view(k)
-        values.append(unit_bound(problem, chain, end, neurons[part], signs[part], rows[part], view))
+    solve = solve or (lambda n, s, r: unit_bound(problem, chain, end, n, s, r))
+    size = chunk_rows or problem.rows(problem.width(end, unit=True))
+    values = [solve(neurons[part], signs[part], rows[part]) for part in chunks(2 * count, size)]
     values = round_down(torch.cat(values), problem.dtype) if values else ones.new_zeros(0)
     return sample, neuron, values[:count], -values[count:]
 
 
-def replaced(bounds: Interval, sample: Tensor, neuron: Tensor, low: Tensor, high: Tensor) -> Interval:
+def _replaced(bounds: Interval, sample: Tensor, neuron: Tensor, low: Tensor, high: Tensor) -> Interval:
     """``bounds`` (B, *shape) with the entries at the flat indices ``(sample, neuron)`` set to low, high."""
     l, u = (b.flatten(1).clone() for b in bounds)
     l[sample, neuron], u[sample, neuron] = low, high
@@ -248,16 +249,17 @@ def replaced(bounds: Interval, sample: Tensor, neuron: Tensor, low: Tensor, high
 
 
 def crown_bounds(problem: Problem, chain: Chain, end: int, lower: Tensor, upper: Tensor, intersect: bool = True,
-                 slopes: Optional[Slopes] = None, unstable: Optional[Tensor] = None) -> Interval:
+                 unstable: Optional[Tensor] = None, solve: Optional[UnitSolver] = None,
+                 chunk_rows: Optional[int] = None) -> Interval:
     """CROWN bounds on the output of layer ``end - 1`` for the neurons unstable under ``lower``, ``upper``
     (B, *shape) (or marked by ``unstable``, (B, *shape) bool), intersected with them (or in their
-    place); the others keep them. ``slopes``: α-CROWN's slopes, one view per chunk of rows."""
+    place); the others keep them. ``solve``, ``chunk_rows``: as in :func:`crown_values`."""
     marked = (lower < 0) & (upper > 0) if unstable is None else unstable
-    sample, neuron, low, high = crown_values(problem, as_chain(chain, problem), end, marked, slopes)
+    sample, neuron, low, high = crown_values(problem, as_chain(chain, problem), end, marked, solve, chunk_rows)
     if intersect:
         low = torch.fmax(lower.flatten(1)[sample, neuron], low)  # NaN (an overflow) loses
         high = torch.fmin(upper.flatten(1)[sample, neuron], high)
-    return replaced((lower, upper), sample, neuron, low, high)
+    return _replaced((lower, upper), sample, neuron, low, high)
 
 
 def _unstable(bounds: Interval) -> Tensor:
@@ -323,10 +325,10 @@ def _intersected(problem: Problem, chain: Chain, i: int, ibp: Interval, previous
     fresh = _per_sample(chain.diverged >= i, lower)
     marked = _unstable((lower, upper)) | (_unstable(ibp) & fresh)
     sample, neuron, low, high = crown_values(problem, chain, i, marked)
-    pure = replaced(ibp, sample, neuron, low, high)
+    pure = _replaced(ibp, sample, neuron, low, high)
     low = torch.fmax(lower.flatten(1)[sample, neuron], low)  # NaN (an overflow) loses
     high = torch.fmin(upper.flatten(1)[sample, neuron], high)
-    return replaced((lower, upper), sample, neuron, low, high), pure
+    return _replaced((lower, upper), sample, neuron, low, high), pure
 
 
 def _pure_after_divergence(problem: Problem, chain: Chain, i: int, ibp: Interval, reuse: Chain,
