@@ -35,10 +35,10 @@ def test_parse_norms():
 
 
 def test_load_trained_from_run_dir_and_checkpoint(run_dir, tmp_path):
-    from_dir, config = load_trained(run_dir, torch.device("cpu"))
-    from_checkpoint, _ = load_trained(os.path.join(run_dir, "checkpoint.pt"), torch.device("cpu"))
-    from_model, _ = load_trained(os.path.join(run_dir, "model.pt"), torch.device("cpu"))  # config.yaml beside it
-    assert config.model == "cnn3" and not from_dir.training
+    from_dir, config, epochs = load_trained(run_dir, torch.device("cpu"))
+    from_checkpoint, _, _ = load_trained(os.path.join(run_dir, "checkpoint.pt"), torch.device("cpu"))
+    from_model, _, _ = load_trained(os.path.join(run_dir, "model.pt"), torch.device("cpu"))  # config.yaml beside it
+    assert config.model == "cnn3" and not from_dir.training and epochs == 2
     for a, b, c in zip(from_dir.state_dict().values(), from_checkpoint.state_dict().values(),
                        from_model.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
@@ -225,14 +225,21 @@ def test_a_stopped_certification_is_one_line_and_leaves_no_empty_report_folder(r
     assert sorted(os.listdir(run)) == before
 
 
-def test_certifying_an_unfinished_run_says_so(run_dir, tmp_path, capsys):
+@pytest.mark.parametrize("earlier_model", [False, True])
+def test_certifying_an_unfinished_run_says_so(run_dir, tmp_path, capsys, earlier_model):
+    """An unfinished run: its checkpoint is certified, with a note and the epochs in the summary; also
+    when the run finished before and was resumed for more epochs (its earlier model.pt is older)."""
     run = tmp_path / "run"
-    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("certify-*", "model.pt"))
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("certify-*", *(() if earlier_model else ("model.pt",))))
     state = torch.load(run / "checkpoint.pt", weights_only=True)
-    torch.save({**state, "epoch": 1}, run / "checkpoint.pt")
-    main(["certify", str(run), "--limit", "2", "--pgd-steps", "1", "--no-curve", "--no-progress"])
+    model = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}  # newer weights
+    torch.save({**state, "model": model, "epoch": 1}, run / "checkpoint.pt")
+    summary = certify_run(str(run), {"inf": 0.05}, "ibp", limit=2, out_dir=str(tmp_path / "out"), pgd_steps=1, curve=())
     err = capsys.readouterr().err
     assert "is an unfinished run's checkpoint (1 of 2 epochs trained)" in err and len(err.splitlines()) == 1
+    assert summary["epochs_trained"] == 1
+    loaded = load_trained(str(run), torch.device("cpu"))[0]
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.items())
 
 
 def test_times_say_how_many_bounds_a_later_stage_ran_on():

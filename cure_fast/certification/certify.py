@@ -59,20 +59,17 @@ def describe_norms(eps: Dict[str, float]) -> str:
     return ", ".join(f"{NORM_NAMES.get(n, n)} eps {v:.4g}" for n, v in eps.items())
 
 
-def load_trained(path: str, device: torch.device) -> Tuple[nn.Module, TrainConfig]:
-    """A trained model and its config from a run directory (config.yaml + model.pt or checkpoint.pt),
-    from the trainer's checkpoint.pt, or from a model.pt with the run's config.yaml beside it.
-    Loading uses ``weights_only=True``; a broken or foreign file is a one-line CheckpointError."""
+def load_trained(path: str, device: torch.device) -> Tuple[nn.Module, TrainConfig, int]:
+    """A trained model, its config and the epochs it was trained for, from a run directory (config.yaml
+    + model.pt, or checkpoint.pt while the run is unfinished), from the trainer's checkpoint.pt, or
+    from a model.pt with the run's config.yaml beside it. Loading uses ``weights_only=True``; a broken
+    or foreign file is a one-line CheckpointError."""
     if os.path.isdir(path):
         config_path = os.path.join(path, "config.yaml")
         if not os.path.isfile(config_path):
             raise CheckpointError(f"{path} is not a run directory: it has no config.yaml")
         config = load_config(config_file=config_path, config_label=config_path)
-        weights = next((os.path.join(path, f) for f in ("model.pt", "checkpoint.pt")
-                        if os.path.isfile(os.path.join(path, f))), None)
-        if weights is None:
-            raise CheckpointError(f"{path} holds no model.pt or checkpoint.pt yet")
-        state, _, what, epoch = checkpoints.model_weights(weights, device)
+        weights, (state, _, what, epoch) = _run_weights(path, config, device)
     elif os.path.isfile(path):
         weights = path
         state, config_dict, what, epoch = checkpoints.model_weights(path, device)
@@ -91,7 +88,21 @@ def load_trained(path: str, device: torch.device) -> Tuple[nn.Module, TrainConfi
     if epoch is not None and epoch < config.epochs:
         print(f"note: {weights} is an unfinished run's checkpoint ({epoch} of {config.epochs} epochs trained); "
               f"certifying those weights", file=sys.stderr, flush=True)
-    return model.eval(), config
+    return model.eval(), config, config.epochs if epoch is None else epoch
+
+
+def _run_weights(run: str, config: TrainConfig, device: torch.device) -> Tuple[str, tuple]:
+    """The newest weights of a run directory and :func:`checkpoints.model_weights` of them: model.pt
+    (the finished run's), unless checkpoint.pt is an unfinished one (a run resumed for more epochs
+    keeps its earlier model.pt until it finishes)."""
+    model, checkpoint = os.path.join(run, "model.pt"), os.path.join(run, "checkpoint.pt")
+    if os.path.isfile(checkpoint):
+        found = checkpoints.model_weights(checkpoint, device)
+        if not os.path.isfile(model) or (found[3] is not None and found[3] < config.epochs):
+            return checkpoint, found
+    if os.path.isfile(model):
+        return model, checkpoints.model_weights(model, device)
+    raise CheckpointError(f"{run} holds no model.pt or checkpoint.pt yet")
 
 
 def write_per_sample(evaluation: Evaluation, labels: torch.Tensor, path: str) -> None:
@@ -169,7 +180,7 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
     ``protocol="paper"``: the CURE paper's test images and eps (l∞, l2, l1; those given in ``eps``
     replace its own) and a ``paper_table.md`` (:mod:`~cure_fast.certification.protocol`)."""
     dev = resolve_device(device)
-    model, config = load_trained(path, dev)
+    model, config, epochs_trained = load_trained(path, dev)
     from_config = eps is None
     first = 0
     source = " (the run's own evaluation eps)" if from_config else ""
@@ -204,7 +215,7 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
         precision = {True: "fp64 (rounding bounded)", False: "fp32 (not sound)", "fp64": "fp64 (rounding bounded)",
                      "fp32": "fp32 (rounding bounded)"}.get(sound)
         alpha = {"alpha_intermediate": alpha_intermediate} if method == "alpha-crown" else {}
-        summary = {"model": path, "method": method, **alpha, "sound": sound is not False, "precision": precision,
+        summary = {"model": path, "epochs_trained": epochs_trained, "method": method, **alpha, "sound": sound is not False, "precision": precision,
                    "eps": eps, "images": n, "first_image": first,
                    **evaluation.summary(),
                    "seconds_per_image": {k: v / n for k, v in evaluation.seconds.items()},

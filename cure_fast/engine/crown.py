@@ -83,7 +83,7 @@ import torch
 from torch import Tensor, nn
 
 from ..specs import Ball, L1Ball, L2Ball, LinfBall
-from . import passes, rounding
+from . import heap, passes, rounding
 from .inputs import InputSet, SoundInputSet
 from .layers import Layer, Operator
 from .passes import Interval
@@ -148,24 +148,29 @@ def _optimized_chain(problem: passes.Problem, reference: passes.Chain, steps: in
     """α-CROWN on the pre-activation bounds, layer by layer: the bounds on the neurons unstable under
     ``reference`` at each activation, every one its own objective over the slopes of the activations
     below (fixed at their optimized bounds), optimized on chunks of rows (memory: one chunk's
-    autograd graph) and intersected with ``reference``'s. ``samples``: the indices of the samples to
+    autograd graph) and intersected with ``reference``'s and with IBP from the optimized bounds of
+    the activation below (:func:`passes.forwarded`). ``samples``: the indices of the samples to
     optimize (None: all; the others keep ``reference``'s bounds); ``search``: the float32 problem to
     search in."""
     weights = problem.arithmetic.weights
     chain = passes.Chain({}, {}, dict(weights), dict(problem.arithmetic.folds(weights, 0)))
-    chosen = None
+    chosen, previous = None, None
     if samples is not None:
         batch = next(iter(reference.bounds.values()))[0]
         chosen = torch.zeros(batch.shape[0], dtype=torch.bool, device=batch.device)
         chosen[samples] = True
     for i in reference.relaxations:
-        (lower, upper), unstable = reference.bounds[i], reference.relaxations[i].unstable
+        lower, upper = reference.bounds[i]
+        if previous is not None:  # IBP from the optimized bounds below may be tighter still
+            lower, upper = passes.forwarded(problem, i, (lower, upper), previous)
+        unstable = reference.relaxations[i].unstable & (lower < 0) & (upper > 0)
         if chosen is not None:
             unstable = unstable & chosen.view((-1,) + (1,) * (unstable.dim() - 1))
         if not passes.ibp_is_exact(problem.ops[:i]) and bool(unstable.any()):
             searched = None if search is None else (search, chain.cast(search.dtype))
             lower, upper = _optimized_layer(problem, chain, i, lower, upper, unstable, steps, lr, searched)
         passes.extend(problem, chain, i, lower, upper)
+        previous = (i, (lower, upper))
     return chain
 
 
@@ -320,6 +325,8 @@ def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec,
     propagation = bounded.propagate(x, [spec], y)  # in the sound modes: the checks of the inputs only
     ops, shapes = _operators(bounded.layers, x)
     chunk = passes.MEMORY_BYTES if x.is_cuda else passes.CACHE_BYTES
+    if not x.is_cuda:
+        heap.keep_freed()
     if mode is None:
         arithmetic = rounding.Arithmetic(bounded.layers, ops)
         return passes.Problem(bounded.layers, ops, shapes, InputSet(spec, x), propagation, max_rows, chunk, arithmetic,

@@ -315,11 +315,7 @@ def _intersected(problem: Problem, chain: Chain, i: int, ibp: Interval, previous
     tightened bounds of the activation before), and pure CROWN's (exact for the samples not diverged
     before i: every neuron IBP leaves unstable gets its rows there). ``exact``: IBP's bounds are exact
     at activation i (kept)."""
-    lower, upper = ibp
-    if previous is not None:
-        low, high = problem.arithmetic.forward(previous[0] + 1, i, previous[1])
-        lower, upper = torch.fmax(lower, low), torch.fmin(upper, high)
-        upper = torch.maximum(upper, lower)
+    lower, upper = ibp if previous is None else forwarded(problem, i, ibp, previous)
     if exact:
         return (lower, upper), ibp
     fresh = _per_sample(chain.diverged >= i, lower)
@@ -329,6 +325,14 @@ def _intersected(problem: Problem, chain: Chain, i: int, ibp: Interval, previous
     low = torch.fmax(lower.flatten(1)[sample, neuron], low)  # NaN (an overflow) loses
     high = torch.fmin(upper.flatten(1)[sample, neuron], high)
     return _replaced((lower, upper), sample, neuron, low, high), pure
+
+
+def forwarded(problem: Problem, i: int, bounds: Interval, previous: Tuple[int, Interval]) -> Interval:
+    """``bounds`` on the input of activation i intersected with IBP from ``previous`` = (j, bounds on
+    the input of activation j < i) through activation j and the linear layers up to i."""
+    low, high = problem.arithmetic.forward(previous[0] + 1, i, previous[1])
+    lower, upper = torch.fmax(bounds[0], low), torch.fmin(bounds[1], high)  # NaN (an overflow) loses
+    return lower, torch.maximum(upper, lower)
 
 
 def _pure_after_divergence(problem: Problem, chain: Chain, i: int, ibp: Interval, reuse: Chain,

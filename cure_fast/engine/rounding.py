@@ -127,7 +127,7 @@ def penalty(A: Union[Tensor, Window], weights: Tensor, rows: Tensor) -> Tensor:
     (C, H, W) map, weights (B, ...) like a sample of A's map."""
     if weights.dtype == torch.float64:  # u = 2^-53: the coarser sum|A| max(w) costs no gather
         A = A.A if isinstance(A, Window) else A
-        sums = A.abs().flatten(1).sum(1) * weights.flatten(1).amax(1)[rows]
+        sums = torch.linalg.vector_norm(A.flatten(1), 1, dim=1) * weights.flatten(1).amax(1)[rows]
     elif isinstance(A, Window):
         w, A = A.take(weights, rows), A.A
         sums = torch.linalg.vecdot(A.abs().flatten(1), w.flatten(1))

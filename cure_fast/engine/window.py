@@ -35,6 +35,11 @@ def runs(rows: Tensor) -> List[Tuple[int, int]]:
     return list(zip(samples.tolist(), counts.tolist()))
 
 
+def pixel_major(t: Tensor) -> Tensor:
+    """t (B, C, H, W, *extra) as (B, H, W, C, *extra), contiguous: every pixel's values together."""
+    return t.movedim(1, 3).contiguous()
+
+
 @dataclass
 class Window:
     """Coefficients of each row on a spatial window of a (C, H, W) feature map: ``A`` (N, C, h, w) on map
@@ -59,16 +64,18 @@ class Window:
         i, j = self._grid()
         return (((i >= 0) & (i < height))[:, None, :, None]) & (((j >= 0) & (j < width))[:, None, None, :])
 
-    def take(self, t: Tensor, rows: Tensor) -> Tensor:
+    def take(self, t: Tensor, rows: Tensor, pixels: Optional[Tensor] = None) -> Tensor:
         """The values of t (B, C, H, W, *extra) of sample ``rows`` (N,) on each window, (N, C, h, w, *extra);
         positions outside the map take the nearest border value (A is zero there). One row gather of
-        a pixel-major copy of t (every pixel's C values together), not an element-wise gather."""
-        batch, channels, height, width = t.shape[:4]
+        t's :func:`pixel_major` copy (``pixels``, when the caller keeps one), not an element-wise gather."""
+        pixels = pixel_major(t) if pixels is None else pixels
+        batch, height, width, channels = pixels.shape[:4]
+        extra = pixels.shape[4:]
         i, j = self._grid()
         i, j = i.clamp(0, height - 1), j.clamp(0, width - 1)
         pixel = (rows[:, None, None] * height + i[:, :, None]) * width + j[:, None, :]  # (N, h, w)
-        table = t.movedim(1, 3).reshape(batch * height * width, channels, *t.shape[4:])
-        values = table.index_select(0, pixel.flatten()).view(*pixel.shape, channels, *t.shape[4:])
+        table = pixels.view(batch * height * width, channels, *extra)
+        values = table.index_select(0, pixel.flatten()).view(*pixel.shape, channels, *extra)
         return values.movedim(3, 1)
 
     def dense(self, height: int, width: int) -> Tensor:

@@ -10,7 +10,7 @@ by the chord ``f(l) + (u - f(l)) (h - l) / (u - l)`` (f is convex) and below by 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ... import ops
 from ..streams import Streams
 from ..rounding import bracket, up
-from ..window import Window, rowsum, runs
+from ..window import Window, pixel_major, rowsum, runs
 from .base import Context, Layer, register_layer
 
 
@@ -35,6 +35,14 @@ class Relaxation:
 
     def __post_init__(self):
         self.planes = tuple(t.contiguous() for t in self.packed.unbind(-1))  # lower, upper, offset
+        self._pixels: Dict[str, Tensor] = {}  # pixel-major copies for window steps, made on first use
+
+    def pixels(self, name: str) -> Tensor:
+        """The :func:`~..window.pixel_major` copy of ``packed`` or ``unstable`` (kept: every window
+        step of every pass gathers from it)."""
+        if name not in self._pixels:
+            self._pixels[name] = pixel_major(getattr(self, name))
+        return self._pixels[name]
 
     def _step(self, A: Tensor, lower: Tensor, upper: Tensor, offset: Tensor) -> Tuple[Tensor, Tensor]:
         """``A * (lower where A >= 0 else upper)`` (one rounding per entry: the other product is 0) and
@@ -102,9 +110,9 @@ class Relaxation:
 
     def back_window(self, window: Window, rows: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Window, Tensor]:
         """:meth:`back` on windows of a (C, H, W) map; ``alpha`` window-shaped (N, C, h, w)."""
-        lower, upper, offset = window.take(self.packed, rows).unbind(-1)
+        lower, upper, offset = window.take(self.packed, rows, self.pixels("packed")).unbind(-1)
         if alpha is not None:
-            lower = torch.where(window.take(self.unstable, rows), alpha, lower)
+            lower = torch.where(window.take(self.unstable, rows, self.pixels("unstable")), alpha, lower)
         A, bias = self._step(window.A, lower, upper, offset)
         return window.with_A(A), bias
 

@@ -112,7 +112,12 @@ class DenseOperator(Operator):
         self.fan_out, self.fan_in = self.weight.shape
 
     def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
-        bias = None if self.bias is None else rowsum(A * self.bias, self.accumulate)
+        if self.bias is None:
+            bias = None
+        elif self.accumulate in (None, A.dtype):  # one dot product per row
+            bias = A @ self.bias
+        else:
+            bias = rowsum(A * self.bias, self.accumulate)
         return A @ self.weight, bias
 
     def interval(self, c: Tensor, r: Tensor) -> Interval:

@@ -54,8 +54,10 @@ class Operator:
     accumulate: Optional[torch.dtype] = None
 
     def channel_term(self, A: Tensor, bias: Tensor) -> Tensor:
-        """``sum A[n, c, ...] bias[c]`` (N,) for A (N, C, ...), summed in ``accumulate``."""
-        if self.accumulate is None:
+        """``sum A[n, c, ...] bias[c]`` (N,) for A (N, C, ...), summed in ``accumulate``: in A's dtype as
+        per-channel sums times the bias (a dot product of n entries in another order: its error is
+        within ``γ_{n+1}``, below the ``γ_33 + 2 γ_n`` the sound modes charge for it)."""
+        if self.accumulate in (None, A.dtype):
             return A.reshape(A.shape[0], A.shape[1], -1).sum(2) @ bias
         return rowsum(A * bias.view((1, -1) + (1,) * (A.dim() - 2)), self.accumulate)
 
