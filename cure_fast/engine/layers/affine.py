@@ -179,7 +179,7 @@ class ConvOperator(Operator):
         top = window.top * self.stride[0] - self.padding[0]
         left = window.left * self.stride[1] - self.padding[1]
         grown = Window(A, top, left)
-        return grown.with_A(A * grown.inside(*self.in_shape[1:])), bias
+        return grown.with_A(A.mul_(grown.inside(*self.in_shape[1:]))), bias  # A is this step's own tensor
 
     def _transpose_window(self, A: Tensor) -> Tensor:
         """The transposed convolution (no padding) of windows A (N, O, h, w). A one-pixel window (a pass
