@@ -2,6 +2,7 @@
 (IBP <= CROWN-IBP, CROWN-IBP <= CROWN on average, CROWN <= α-CROWN), exact where the network is affine
 on the input set, per-sample eps, eval mode only."""
 import copy
+import types
 
 import pytest
 import torch
@@ -465,6 +466,29 @@ def test_the_keeper_holds_the_slopes_of_every_rows_best_step():
     for step, value in enumerate(([float("nan"), 0.5], [0.1, 0.4])):
         nan_first.update(torch.tensor(value), step)
     assert nan_first.best_step.tolist() == [1, 0]
+
+
+def test_a_row_whose_sound_bound_misses_the_target_is_searched_again():
+    """A search bound ``k - sum(α)`` per row, the sound bound 0.25 lower, target 0. Row 0 passes the
+    target in the search one step after CROWN's (kept there, its sound bound below 0) and is searched
+    again, alone, until it is certified; row 1 can never pass it, row 2 passes it at CROWN's slopes:
+    neither is searched again."""
+    relaxation = passes.Relaxation.of(-torch.ones(3, 4), 2 * torch.ones(3, 4))  # unstable: slopes from 1
+    rows, k = torch.arange(3), torch.tensor([3.9, -1.0, 10.0])
+    sound, search, calls = types.SimpleNamespace(dtype=torch.float64), types.SimpleNamespace(), []
+
+    def bound(problem, chain, slopes, picked):
+        calls.append((problem is sound, None if picked is None else picked.tolist()))
+        picked = rows if picked is None else picked
+        alpha = slopes.dense(0, relaxation, rows[picked])
+        return k[picked].to(alpha.dtype) - alpha.sum(1) - (0.25 if problem is sound else 0.0)
+
+    value = crown._optimized_rows(bound, sound, None, (search, None), steps=40, lr=0.05, target=0.0)
+    assert value[0] > 0 and [c for c in calls if c[0]] == [(True, None), (True, [0])], value
+    assert {tuple(picked) for _, picked in calls[calls.index((True, None)) + 1:]} == {(0,)}  # row 0 alone again
+    assert value[1] == pytest.approx(-1.25, abs=0.05) and value[2] == pytest.approx(5.75)
+    first_round = crown._optimize(lambda slopes: bound(search, None, slopes, None), 40, 0.05, 0.0, keep=True)[1]
+    assert first_round.value[0] < 0.5  # the first round alone stops short of the raised target
 
 
 def test_fixed_slopes_refuse_a_pass_they_do_not_hold():

@@ -137,8 +137,10 @@ def _optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, ro
     end, sizing = len(problem.ops), problem if search is None else search[0]
     values = []
     for part in passes.chunks(C.shape[0], sizing.rows(sizing.width(end), share=8)):
-        def final_pass(p: passes.Problem, c: passes.Chain, slopes: passes.Slopes, part: slice = part) -> Tensor:
-            return passes.backward(p, c, end, C[part].to(p.dtype), rows[part], slopes)
+        def final_pass(p: passes.Problem, c: passes.Chain, slopes: passes.Slopes, picked: Optional[Tensor],
+                       part: slice = part) -> Tensor:
+            C_part, rows_part = (C[part], rows[part]) if picked is None else (C[part][picked], rows[part][picked])
+            return passes.backward(p, c, end, C_part.to(p.dtype), rows_part, slopes)
         values.append(_optimized_rows(final_pass, problem, chain, search, steps, lr, target))
     return torch.fmax(torch.cat(values), crown_bound)  # fmax: NaN (no bound) loses
 
@@ -182,8 +184,9 @@ def _optimized_layer(problem: passes.Problem, chain: passes.Chain, i: int, lower
     (:func:`passes.crown_bounds` with optimized slopes). A row stops once its bound makes the neuron
     stable (target 0)."""
     def optimized(neurons: Tensor, signs: Tensor, rows: Tensor) -> Tensor:
-        def unit_pass(p: passes.Problem, c: passes.Chain, slopes: passes.Slopes) -> Tensor:
-            return passes.unit_bound(p, c, i, neurons, signs.to(p.dtype), rows, slopes)
+        def unit_pass(p: passes.Problem, c: passes.Chain, slopes: passes.Slopes, picked: Optional[Tensor]) -> Tensor:
+            n, s, r = (neurons, signs, rows) if picked is None else (neurons[picked], signs[picked], rows[picked])
+            return passes.unit_bound(p, c, i, n, s.to(p.dtype), r, slopes)
         return _optimized_rows(unit_pass, problem, chain, search, steps, lr, target=0.0)
     sizing = problem if search is None else search[0]
     return passes.crown_bounds(problem, chain, i, lower, upper, unstable=unstable, solve=optimized,
@@ -193,22 +196,33 @@ def _optimized_layer(problem: passes.Problem, chain: passes.Chain, i: int, lower
 def _optimized_rows(bound, problem: passes.Problem, chain: passes.Chain,
                     search: Optional[Tuple[passes.Problem, passes.Chain]], steps: int, lr: float,
                     target: Optional[float]) -> Tensor:
-    """The best bound per row (N,) of ``bound(problem, chain, slopes)`` over α-CROWN's steps; with
-    ``search``, the slopes are searched there and the bound computed in ``problem``'s arithmetic, in
-    one pass, with the slopes of each row's best step."""
+    """The best bound per row (N,) of ``bound(problem, chain, slopes, picked)`` (the rows ``picked``,
+    indices, or all for None) over α-CROWN's steps; with ``search``, the slopes are searched there
+    and the bound computed in ``problem``'s arithmetic, in one pass, with the slopes of each row's best
+    step. The rows whose search passed ``target`` but whose bound did not (the rounding allowance) are
+    searched again from their kept slopes, to the target plus twice that gap."""
     if search is None:
-        return _optimize(lambda slopes: bound(problem, chain, slopes), steps, lr, target)[0]
-    _, keeper = _optimize(lambda slopes: bound(*search, slopes), steps, lr, target, keep=True)
-    return _no_nan(bound(problem, chain, keeper.best.frozen(problem.dtype)))
+        return _optimize(lambda slopes: bound(problem, chain, slopes, None), steps, lr, target)[0]
+    _, keeper = _optimize(lambda slopes: bound(*search, slopes, None), steps, lr, target, keep=True)
+    value = _no_nan(bound(problem, chain, keeper.best.frozen(problem.dtype), None))
+    short = ((keeper.value > target) & ~(value > target)).nonzero()[:, 0] if target is not None else []
+    if len(short) == 0:
+        return value
+    raised = target + 2 * (keeper.value - value)[short]
+    _, again = _optimize(lambda slopes: bound(*search, slopes, short), steps, lr, raised, keep=True,
+                         start=keeper.best.resumed(short))
+    value[short] = torch.fmax(value[short], _no_nan(bound(problem, chain, again.best.frozen(problem.dtype), short)))
+    return value
 
 
-def _optimize(bound, steps: int, lr: float, target: Optional[float] = None,
-              keep: bool = False) -> Tuple[Tensor, Optional["_Keeper"]]:
+def _optimize(bound, steps: int, lr: float, target: Union[None, float, Tensor] = None,
+              keep: bool = False, start: Optional[passes.Slopes] = None) -> Tuple[Tensor, Optional["_Keeper"]]:
     """Projected Adam on the lower slopes α of the unstable neurons in the passes of ``bound(slopes)``
-    (N,), one per neuron and row, starting from the relaxations' own (the first step is CROWN's).
-    Returns the best bound per row and (``keep``) the slopes of the rows' best steps. ``target``: a
-    row whose bound is above it leaves the objective; all above it: stop."""
-    slopes = passes.Slopes()
+    (N,), one per neuron and row, starting from ``start`` or else the relaxations' own (the first step
+    is CROWN's). Returns the best bound per row and (``keep``) the slopes of the rows' best steps.
+    ``target`` (a number, or one per row): a row whose bound is above it leaves the objective; all
+    above it: stop."""
+    slopes = passes.Slopes() if start is None else start
     keeper = _Keeper(slopes, target) if keep else None
     best, optimizer, schedule = None, None, None
     for step in range(steps + 1):
@@ -239,18 +253,20 @@ class _Keeper:
     """Each row's slopes at its best step so far (bounds capped at ``target``), in one table: a row's
     bound depends on its own slopes only (the first dimension of every slope tensor is the row)."""
 
-    def __init__(self, slopes: passes.Slopes, target: Optional[float]):
+    def __init__(self, slopes: passes.Slopes, target: Union[None, float, Tensor]):
         self.slopes, self.target = slopes, target
-        self.score, self.best_step, self.best = None, None, None
+        self.score, self.value, self.best_step, self.best = None, None, None, None
 
     def update(self, value: Tensor, step: int) -> None:
-        """Record the bounds ``value`` (N,) of this step's slopes."""
-        capped = torch.where(value.isnan(), -float("inf"), value)  # NaN (no bound): any later step is better
-        capped = capped if self.target is None else capped.clamp(max=self.target)
+        """Record the bounds ``value`` (N,) of this step's slopes (``self.value``: each row's bound at
+        its kept step, uncapped)."""
+        value = torch.where(value.isnan(), -float("inf"), value)  # NaN (no bound): any later step is better
+        capped = value if self.target is None else torch.minimum(value, torch.as_tensor(self.target).to(value))
         better = torch.ones_like(capped, dtype=torch.bool) if self.score is None else capped > self.score
         if not bool(better.any()):
             return
         self.score = capped if self.score is None else torch.where(better, capped, self.score)
+        self.value = value if self.value is None else torch.where(better, value, self.value)
         self.best_step = torch.where(better, step, step if self.best_step is None else self.best_step)
         if self.best is None:
             self.best = self.slopes.frozen()

@@ -115,6 +115,12 @@ class Slopes:
         for alpha, (low, high), _ in self.table.values():
             alpha.clamp_(low, high)
 
+    def resumed(self, picked: Tensor) -> "Slopes":
+        """The slopes of the rows ``picked`` (indices), to optimize further (new tensors that require
+        a gradient)."""
+        return Slopes({key: (alpha.detach()[picked].requires_grad_(True), bounds, rows[picked])
+                       for key, (alpha, bounds, rows) in self.table.items()})
+
     def frozen(self, dtype: Optional[torch.dtype] = None) -> "Slopes":
         """A copy of these slopes in ``dtype`` (None: their own), fixed (no gradient), each clamped into
         its sound range again in ``dtype``: a search in float32 rounds the bounds of the range (a
