@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall
-from cure_fast.engine import crown, passes
+from cure_fast.engine import alpha, crown, passes
 from cure_fast.training import attacks
 from cure_fast.nn import Normalize
 from netgen import draw_problem, modules_of, networks, run_layers
@@ -196,7 +196,7 @@ def test_alpha_crown_on_intermediate_bounds_tightens_them_and_the_margins():
     spec = LinfBall(0.03)
     problem = crown._problem(bm, x, y, spec, True, None)
     chain = passes.relaxations(problem, crown=True)
-    optimized = crown._optimized_chain(problem, chain, 20, 0.5)
+    optimized = alpha.optimized_chain(problem, chain, 20, 0.5)
     gained, previous = 0.0, None
     for i, (lower, upper) in chain.bounds.items():
         low, high = optimized.bounds[i]
@@ -422,9 +422,9 @@ def _alpha_in_float64_and_searched_in_float32(bm, x, y, spec, intermediate):
     problem = crown._problem(bm, x, y, spec, True, None)
     chain = passes.relaxations(problem, crown=True)
     C, rows, mask = crown._specification(y, problem.shapes[-1][0], torch.float64)
-    searched = crown._optimized_bound(problem, chain, C, rows, 20, 0.5, intermediate, None,
+    searched = alpha.optimized_bound(problem, chain, C, rows, 20, 0.5, intermediate, None,
                                       crown._float32_search(bm, x, y, spec, None, chain))
-    full = crown._optimized_bound(problem, chain, C, rows, 20, 0.5, intermediate, None)
+    full = alpha.optimized_bound(problem, chain, C, rows, 20, 0.5, intermediate, None)
     return searched, full, passes.linear_bound(problem, chain, C, rows)
 
 
@@ -448,21 +448,21 @@ def test_the_keeper_holds_the_slopes_of_every_rows_best_step():
     step 2's in row 1; with a target, a row above it keeps the first step there."""
     slopes = passes.Slopes()
     relaxation = passes.Relaxation.of(torch.tensor([[-1.0, -2.0]]), torch.tensor([[2.0, 1.0]]))
-    alpha = slopes.dense(3, relaxation, torch.tensor([0, 0]))
-    keeper = crown._Keeper(slopes, target=None)
+    slope = slopes.dense(3, relaxation, torch.tensor([0, 0]))
+    keeper = alpha.Keeper(slopes, target=None)
     for step, value in enumerate(([1.0, 0.0], [0.5, 0.5], [0.2, 0.9])):
         with torch.no_grad():
-            alpha.fill_(step / 10)
+            slope.fill_(step / 10)
         keeper.update(torch.tensor(value), step)
     kept = keeper.best.table[3][0]
     assert kept[:, 0].tolist() == pytest.approx([0.0, 0.2]) and keeper.best_step.tolist() == [0, 2]
-    capped = crown._Keeper(slopes, target=0.4)  # above the target: the first step there is kept
+    capped = alpha.Keeper(slopes, target=0.4)  # above the target: the first step there is kept
     for step, value in enumerate(([0.5, 0.5], [0.6, 0.7])):
         with torch.no_grad():
-            alpha.fill_(step / 10)
+            slope.fill_(step / 10)
         capped.update(torch.tensor(value), step)
     assert capped.best_step.tolist() == [0, 0] and capped.best.table[3][0].max() == 0.0
-    nan_first = crown._Keeper(slopes, target=None)  # NaN (no bound) at step 0: a finite later step wins
+    nan_first = alpha.Keeper(slopes, target=None)  # NaN (no bound) at step 0: a finite later step wins
     for step, value in enumerate(([float("nan"), 0.5], [0.1, 0.4])):
         nan_first.update(torch.tensor(value), step)
     assert nan_first.best_step.tolist() == [1, 0]
@@ -480,14 +480,14 @@ def test_a_row_whose_sound_bound_misses_the_target_is_searched_again():
     def bound(problem, chain, slopes, picked):
         calls.append((problem is sound, None if picked is None else picked.tolist()))
         picked = rows if picked is None else picked
-        alpha = slopes.dense(0, relaxation, rows[picked])
-        return k[picked].to(alpha.dtype) - alpha.sum(1) - (0.25 if problem is sound else 0.0)
+        slope = slopes.dense(0, relaxation, rows[picked])
+        return k[picked].to(slope.dtype) - slope.sum(1) - (0.25 if problem is sound else 0.0)
 
-    value = crown._optimized_rows(bound, sound, None, (search, None), steps=40, lr=0.05, target=0.0)
+    value = alpha.optimized_rows(bound, sound, None, (search, None), steps=40, lr=0.05, target=0.0)
     assert value[0] > 0 and [c for c in calls if c[0]] == [(True, None), (True, [0])], value
     assert {tuple(picked) for _, picked in calls[calls.index((True, None)) + 1:]} == {(0,)}  # row 0 alone again
     assert value[1] == pytest.approx(-1.25, abs=0.05) and value[2] == pytest.approx(5.75)
-    first_round = crown._optimize(lambda slopes: bound(search, None, slopes, None), 40, 0.05, 0.0, keep=True)[1]
+    first_round = alpha.optimize(lambda slopes: bound(search, None, slopes, None), 40, 0.05, 0.0, keep=True)[1]
     assert first_round.value[0] < 0.5  # the first round alone stops short of the raised target
 
 

@@ -371,3 +371,8 @@ def linear_bound(problem: Problem, chain: Chain, C: Tensor, rows: Tensor, start:
     end, chain = len(problem.ops), as_chain(chain, problem)
     return torch.cat([backward(problem, chain, end, C[part], rows[part], start=start)
                       for part in chunks(C.shape[0], problem.rows(problem.width(end)))])
+
+
+def no_nan(values: Tensor) -> Tensor:
+    """NaN bounds (an overflow on the way: no information) as -inf."""
+    return torch.where(values.isnan(), -float("inf"), values)
