@@ -37,8 +37,9 @@ def test_parse_norms():
 def test_load_trained_from_run_dir_and_checkpoint(run_dir, tmp_path):
     from_dir, config, epochs = load_trained(run_dir, torch.device("cpu"))
     from_checkpoint, _, _ = load_trained(os.path.join(run_dir, "checkpoint.pt"), torch.device("cpu"))
-    from_model, _, _ = load_trained(os.path.join(run_dir, "model.pt"), torch.device("cpu"))  # config.yaml beside it
+    from_model, _, alone_epochs = load_trained(os.path.join(run_dir, "model.pt"), torch.device("cpu"))
     assert config.model == "cnn3" and not from_dir.training and epochs == 2
+    assert alone_epochs is None  # a model.pt does not say; config.yaml beside it gives the architecture
     for a, b, c in zip(from_dir.state_dict().values(), from_checkpoint.state_dict().values(),
                        from_model.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
@@ -240,6 +241,18 @@ def test_certifying_an_unfinished_run_says_so(run_dir, tmp_path, capsys, earlier
     assert summary["epochs_trained"] == 1
     loaded = load_trained(str(run), torch.device("cpu"))[0]
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.items())
+
+
+def test_a_finished_run_with_a_broken_checkpoint_is_certified_from_its_model(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("certify-*"))
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    model, _, epochs = load_trained(str(run), torch.device("cpu"))
+    assert epochs is None and all(torch.equal(a, b) for a, b in zip(
+        model.state_dict().values(), load_trained(run_dir, torch.device("cpu"))[0].state_dict().values()))
+    (run / "model.pt").unlink()
+    with pytest.raises(ValueError, match="checkpoint.pt"):
+        load_trained(str(run), torch.device("cpu"))
 
 
 def test_times_say_how_many_bounds_a_later_stage_ran_on():

@@ -445,36 +445,31 @@ def test_alpha_slopes_searched_in_float32_give_the_float64_search_bounds(interme
 
 def test_the_keeper_holds_the_slopes_of_every_rows_best_step():
     """Row 0 is best at step 0, row 1 at step 2: the kept table holds step 0's slopes in row 0 and
-    step 2's in row 1; with a target, a row above it keeps the first step there."""
-    slopes = passes.Slopes()
-    relaxation = passes.Relaxation.of(torch.tensor([[-1.0, -2.0]]), torch.tensor([[2.0, 1.0]]))
-    slope = slopes.dense(3, relaxation, torch.tensor([0, 0]))
-    keeper = alpha.Keeper(slopes, target=None)
-    for step, value in enumerate(([1.0, 0.0], [0.5, 0.5], [0.2, 0.9])):
-        with torch.no_grad():
-            slope.fill_(step / 10)
-        keeper.update(torch.tensor(value), step)
-    kept = keeper.best.table[3][0]
-    assert kept[:, 0].tolist() == pytest.approx([0.0, 0.2]) and keeper.best_step.tolist() == [0, 2]
-    capped = alpha.Keeper(slopes, target=0.4)  # above the target: the first step there is kept
-    for step, value in enumerate(([0.5, 0.5], [0.6, 0.7])):
-        with torch.no_grad():
-            slope.fill_(step / 10)
-        capped.update(torch.tensor(value), step)
-    assert capped.best_step.tolist() == [0, 0] and capped.best.table[3][0].max() == 0.0
-    nan_first = alpha.Keeper(slopes, target=None)  # NaN (no bound) at step 0: a finite later step wins
-    for step, value in enumerate(([float("nan"), 0.5], [0.1, 0.4])):
-        nan_first.update(torch.tensor(value), step)
-    assert nan_first.best_step.tolist() == [1, 0]
+    step 2's in row 1; with a target, a row above it keeps the first step there; a NaN bound (none)
+    loses to any later step."""
+    def kept_steps(target, values):
+        slopes = passes.Slopes()
+        relaxation = passes.Relaxation.of(torch.tensor([[-1.0, -2.0]]), torch.tensor([[2.0, 1.0]]))
+        slope = slopes.dense(3, relaxation, torch.tensor([0, 0]))
+        keeper = alpha.Keeper(slopes, target=target)
+        for step, value in enumerate(values):
+            with torch.no_grad():
+                slope.fill_(step / 10)
+            keeper.update(torch.tensor(value, dtype=torch.float64))
+        return (keeper.best.table[3][0][:, 0] * 10).round().int().tolist(), keeper.value.tolist()
+
+    assert kept_steps(None, ([1.0, 0.0], [0.5, 0.5], [0.2, 0.9])) == ([0, 2], [1.0, 0.9])
+    assert kept_steps(0.4, ([0.5, 0.5], [0.6, 0.7])) == ([0, 0], [0.5, 0.5])  # value: the kept step's, uncapped
+    assert kept_steps(None, ([float("nan"), 0.5], [0.1, 0.4])) == ([1, 0], [0.1, 0.5])
 
 
 def test_a_row_whose_sound_bound_misses_the_target_is_searched_again():
-    """A search bound ``k - sum(α)`` per row, the sound bound 0.25 lower, target 0. Row 0 passes the
+    """A search bound ``k - sum(α)`` per row, the sound bound 0.25 lower, target 0. Row 1 passes the
     target in the search one step after CROWN's (kept there, its sound bound below 0) and is searched
-    again, alone, until it is certified; row 1 can never pass it, row 2 passes it at CROWN's slopes:
+    again, alone, until it is certified; row 0 can never pass it, row 2 passes it at CROWN's slopes:
     neither is searched again."""
     relaxation = passes.Relaxation.of(-torch.ones(3, 4), 2 * torch.ones(3, 4))  # unstable: slopes from 1
-    rows, k = torch.arange(3), torch.tensor([3.9, -1.0, 10.0])
+    rows, k = torch.arange(3), torch.tensor([-1.0, 3.9, 10.0])
     sound, search, calls = types.SimpleNamespace(dtype=torch.float64), types.SimpleNamespace(), []
 
     def bound(problem, chain, slopes, picked):
@@ -484,11 +479,11 @@ def test_a_row_whose_sound_bound_misses_the_target_is_searched_again():
         return k[picked].to(slope.dtype) - slope.sum(1) - (0.25 if problem is sound else 0.0)
 
     value = alpha.optimized_rows(bound, sound, None, (search, None), steps=40, lr=0.05, target=0.0)
-    assert value[0] > 0 and [c for c in calls if c[0]] == [(True, None), (True, [0])], value
-    assert {tuple(picked) for _, picked in calls[calls.index((True, None)) + 1:]} == {(0,)}  # row 0 alone again
-    assert value[1] == pytest.approx(-1.25, abs=0.05) and value[2] == pytest.approx(5.75)
+    assert value[1] > 0 and [c for c in calls if c[0]] == [(True, None), (True, [1])], value
+    assert {tuple(picked) for _, picked in calls[calls.index((True, None)) + 1:]} == {(1,)}  # row 1 alone again
+    assert value[0] == pytest.approx(-1.25, abs=0.05) and value[2] == pytest.approx(5.75)
     first_round = alpha.optimize(lambda slopes: bound(search, None, slopes, None), 40, 0.05, 0.0, keep=True)[1]
-    assert first_round.value[0] < 0.5  # the first round alone stops short of the raised target
+    assert first_round.value[1] < 0.5  # the first round alone stops short of the raised target
 
 
 def test_fixed_slopes_refuse_a_pass_they_do_not_hold():
@@ -519,3 +514,21 @@ def test_alpha_crown_rows_are_separable_so_chunks_do_not_change_the_bounds(sound
         crown_only = bm.margins(x, y, spec, method="crown", sound=sound)
         assert (default - crown_only).max() > 1e-3
         torch.testing.assert_close(one_row, default, rtol=0, atol=1e-5 if sound else 1e-9)
+
+
+@pytest.mark.parametrize("sound", [False, "fp32", "fp64"])
+def test_linear_on_a_sequence_of_vectors(sound):
+    """Linear on (B, L, F) inputs (its bias term sums over L as well): every CROWN method runs and
+    stays below the margins at sampled points."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Flatten(), nn.Linear(15, 3)).eval()
+    x = torch.rand(2, 3, 4)
+    y = model(x).argmax(1)
+    spec = LinfBall(0.05)
+    points = (x[None] + spec.eps * (2 * torch.rand(256, *x.shape) - 1)).clamp(0, 1)
+    with torch.no_grad():
+        logits = model(points.flatten(0, 1)).view(256, 2, 3)
+    true = (logits.gather(2, y[None, :, None].expand(256, -1, 1)) - logits).amin(0)
+    for method in crown.METHODS:
+        margins = BoundedModule(model).margins(x, y, spec, method=method, sound=sound, alpha_steps=3)
+        assert margins.shape == (2, 3) and (margins <= true + 1e-5).all(), method

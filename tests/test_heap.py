@@ -9,11 +9,17 @@ import pytest
 from cure_fast.engine import heap
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-PROBE = "from cure_fast.engine import heap; print(heap.keep_freed(), heap.keep_freed())"
+PROBE = """
+import ctypes
+from cure_fast.engine import heap
+first = heap.keep_freed()
+ctypes.CDLL = None  # a second call that reached the C library again would fail
+print(first, heap.keep_freed())
+"""
 
 
 def _probe(**env) -> str:
-    clean = {k: v for k, v in os.environ.items() if k not in heap.OWN_SETTINGS}
+    clean = {k: v for k, v in os.environ.items() if k not in heap.OWN_SETTINGS + ("GLIBC_TUNABLES",)}
     out = subprocess.run([sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True,
                          check=True)
     return out.stdout.strip()
@@ -24,9 +30,10 @@ def test_settings_taken_once_per_process():
     assert _probe() == "True True"
 
 
-@pytest.mark.parametrize("name", heap.OWN_SETTINGS)
-def test_environment_settings_win(name):
-    assert _probe(**{name: "1048576"}) == "False False"
+@pytest.mark.parametrize("env", [{name: "1048576"} for name in heap.OWN_SETTINGS]
+                         + [{"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1048576"}])
+def test_environment_settings_win(env):
+    assert _probe(**env) == "False False"
 
 
 def test_crown_on_cpu_takes_them(monkeypatch):

@@ -59,11 +59,12 @@ def describe_norms(eps: Dict[str, float]) -> str:
     return ", ".join(f"{NORM_NAMES.get(n, n)} eps {v:.4g}" for n, v in eps.items())
 
 
-def load_trained(path: str, device: torch.device) -> Tuple[nn.Module, TrainConfig, int]:
-    """A trained model, its config and the epochs it was trained for, from a run directory (config.yaml
-    + model.pt, or checkpoint.pt while the run is unfinished), from the trainer's checkpoint.pt, or
-    from a model.pt with the run's config.yaml beside it. Loading uses ``weights_only=True``; a broken
-    or foreign file is a one-line CheckpointError."""
+def load_trained(path: str, device: torch.device) -> Tuple[nn.Module, TrainConfig, Optional[int]]:
+    """A trained model, its config and the epochs it was trained for (None: a model.pt given alone, whose
+    file does not say), from a run directory (config.yaml + model.pt, or checkpoint.pt while the run
+    is unfinished), from the trainer's checkpoint.pt, or from a model.pt with the run's config.yaml
+    beside it. Loading uses ``weights_only=True``; a broken or foreign file is a one-line
+    CheckpointError."""
     if os.path.isdir(path):
         config_path = os.path.join(path, "config.yaml")
         if not os.path.isfile(config_path):
@@ -88,20 +89,27 @@ def load_trained(path: str, device: torch.device) -> Tuple[nn.Module, TrainConfi
     if epoch is not None and epoch < config.epochs:
         print(f"note: {weights} is an unfinished run's checkpoint ({epoch} of {config.epochs} epochs trained); "
               f"certifying those weights", file=sys.stderr, flush=True)
-    return model.eval(), config, config.epochs if epoch is None else epoch
+    return model.eval(), config, epoch
 
 
 def _run_weights(run: str, config: TrainConfig, device: torch.device) -> Tuple[str, tuple]:
     """The newest weights of a run directory and :func:`checkpoints.model_weights` of them: model.pt
-    (the finished run's), unless checkpoint.pt is an unfinished one (a run resumed for more epochs
-    keeps its earlier model.pt until it finishes)."""
+    (the finished run's, trained for its checkpoint's epochs), unless checkpoint.pt is an unfinished
+    one (a run resumed for more epochs keeps its earlier model.pt until it finishes). A checkpoint.pt
+    that does not load is no reason to refuse a model.pt that does."""
     model, checkpoint = os.path.join(run, "model.pt"), os.path.join(run, "checkpoint.pt")
+    found = None
     if os.path.isfile(checkpoint):
-        found = checkpoints.model_weights(checkpoint, device)
-        if not os.path.isfile(model) or (found[3] is not None and found[3] < config.epochs):
+        try:
+            found = checkpoints.model_weights(checkpoint, device)
+        except CheckpointError:
+            if not os.path.isfile(model):
+                raise
+        if found is not None and (not os.path.isfile(model) or (found[3] is not None and found[3] < config.epochs)):
             return checkpoint, found
     if os.path.isfile(model):
-        return model, checkpoints.model_weights(model, device)
+        state, _, what, _ = checkpoints.model_weights(model, device)
+        return model, (state, None, what, None if found is None else found[3])
     raise CheckpointError(f"{run} holds no model.pt or checkpoint.pt yet")
 
 

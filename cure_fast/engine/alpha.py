@@ -51,7 +51,8 @@ def optimized_chain(problem: passes.Problem, reference: passes.Chain, steps: int
     below (fixed at their optimized bounds), optimized on chunks of rows (memory: one chunk's
     autograd graph) and intersected with ``reference``'s and with IBP from the optimized bounds of
     the activation below (:func:`passes.forwarded`). ``samples``: the indices of the samples to
-    optimize (None: all; the others keep ``reference``'s bounds); ``search``: the float32 problem to
+    optimize (None: all; the others keep ``reference``'s bounds, intersected with the forwarded
+    IBP); ``search``: the float32 problem to
     search in."""
     weights = problem.arithmetic.weights
     chain = passes.Chain({}, {}, dict(weights), dict(problem.arithmetic.folds(weights, 0)))
@@ -108,6 +109,9 @@ def optimized_rows(bound, problem: passes.Problem, chain: passes.Chain,
     if len(short) == 0:
         return value
     raised = target + 2 * (keeper.value - value)[short]
+    short, raised = short[raised.isfinite()], raised[raised.isfinite()]  # no gap to close without a bound
+    if len(short) == 0:
+        return value
     _, again = optimize(lambda slopes: bound(*search, slopes, short), steps, lr, raised, keep=True,
                          start=keeper.best.resumed(short))
     value[short] = torch.fmax(value[short], passes.no_nan(bound(problem, chain, again.best.frozen(problem.dtype), short)))
@@ -134,7 +138,7 @@ def optimize(bound, steps: int, lr: float, target: Union[None, float, Tensor] = 
         value = value.detach()
         best = value if best is None else torch.fmax(best, value)  # NaN: no bound
         if keeper is not None:
-            keeper.update(value, step)
+            keeper.update(value)
         if not slopes.table or (target is not None and bool((best > target).all())):
             break  # no slope in these passes, or every row above the target
         if training:
@@ -154,9 +158,9 @@ class Keeper:
 
     def __init__(self, slopes: passes.Slopes, target: Union[None, float, Tensor]):
         self.slopes, self.target = slopes, target
-        self.score, self.value, self.best_step, self.best = None, None, None, None
+        self.score, self.value, self.best = None, None, None
 
-    def update(self, value: Tensor, step: int) -> None:
+    def update(self, value: Tensor) -> None:
         """Record the bounds ``value`` (N,) of this step's slopes (``self.value``: each row's bound at
         its kept step, uncapped)."""
         value = torch.where(value.isnan(), -float("inf"), value)  # NaN (no bound): any later step is better
@@ -166,7 +170,6 @@ class Keeper:
             return
         self.score = capped if self.score is None else torch.where(better, capped, self.score)
         self.value = value if self.value is None else torch.where(better, value, self.value)
-        self.best_step = torch.where(better, step, step if self.best_step is None else self.best_step)
         if self.best is None:
             self.best = self.slopes.frozen()
             return

@@ -12,7 +12,8 @@ before the step and one weight tensor ``w`` per layer and sample (rounded up, sh
 
 - linear layer ``W h + b`` on inputs ``|h| <= m``: ``w = γ_{f+2} |W| m + e_n |b|`` (f the fan-out of
   the transposed product; the bias term is summed in float64 from runs of 32 products in the working
-  dtype, ``e_n = γ_33 + 2 γ'_n`` with γ' of float64, n the entries of a row of A), plus
+  dtype, ``e_n = γ_33 + 2 γ'_n`` with γ' of float64, n the entries of a row of A; in float64 it is
+  one dot product, or per-channel sums then one, in any order: off by at most γ'_n <= e_n), plus
   ``|W* - W| m + |b* - b|`` where the coefficients round real ones ``W*, b*`` (per-channel affines:
   derived in float64 from the layer's parameters, off by at most 2^-47 of their terms, then rounded
   to the working dtype);

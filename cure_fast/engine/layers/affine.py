@@ -114,8 +114,8 @@ class DenseOperator(Operator):
     def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         if self.bias is None:
             bias = None
-        elif self.accumulate in (None, A.dtype):  # one dot product per row
-            bias = A @ self.bias
+        elif self.accumulate in (None, A.dtype):  # dot products over the last dimension, then the rest
+            bias = (A @ self.bias).reshape(A.shape[0], -1).sum(1)
         else:
             bias = rowsum(A * self.bias, self.accumulate)
         return A @ self.weight, bias

@@ -43,8 +43,9 @@ class Operator:
     For sound bounds (:mod:`..rounding`): ``exact`` operators (reshapes) round nothing; the others
     give ``fan_in`` (terms of a forward dot product, without the bias), ``fan_out`` (the most
     non-zero terms of a coefficient of the transposed product) and :meth:`magnitude`; their bias
-    terms are summed in ``accumulate`` (None: A's dtype; in the sound modes float64, from products
-    and partial sums of at most ``window.BLOCK`` terms in A's dtype).
+    terms are summed in ``accumulate`` (None: A's dtype; in the sound modes float64: in float32, from
+    products and partial sums of at most ``window.BLOCK`` terms in float32; in float64, as dot
+    products in any order, whose error γ'_n is within the one charged).
     """
     local: bool = False
     ibp: str = "inexact"
