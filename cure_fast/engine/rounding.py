@@ -93,6 +93,8 @@ def inflate(n: int, dtype: torch.dtype) -> float:
 
 def round_down(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t in ``dtype``, rounded towards -inf."""
+    if t.dtype == dtype:
+        return t
     low = t.to(dtype)
     return torch.where(low.to(t.dtype) > t, torch.nextafter(low, torch.full_like(low, -float("inf"))), low)
 
