@@ -8,7 +8,8 @@ The peer (a checkout of github.com/Verified-Intelligence/auto_LiRPA) is not a de
 ``sys.path`` only with ``--peer PATH``; without it the script says so and exits 0.
 
 Nets: ``models.build(net, dataset)``, eval mode, random weights (BatchNorm statistics of random
-images) or briefly trained (natural, MNIST). Labels are the predictions; the specification is
+images), briefly trained (natural, MNIST) or briefly certifiably trained (cnn3: IBP at l∞ 0.1, MNIST,
+the kind of net certification is for: most neurons stable, many dead). Labels are the predictions; the specification is
 ``z_y - z_j``, ``j != y`` (the peer's ``C``). Sets: l∞ over ``[max(x-eps, 0), min(x+eps, 1)]``
 (the peer's ``x_L, x_U``), l2 without the domain (the peer ignores it; ours ``L2Ball(eps, domain=None)``).
 Ours: ``margins``, ``sound=True`` (fp64), ``sound="fp32"`` (sound fp32) and ``sound=False`` (fp32); IBP in fp32 and fp64. The peer:
@@ -112,16 +113,22 @@ def build(case: dict, smoke: bool):
     torch.manual_seed(case["seed"])
     model = models.build(case["net"], case["data"], **({"width": 4} if smoke else {}))
     shape = models.DATASETS[case["data"]].shape
-    if case["weights"] == "trained":  # natural training on MNIST, Adam, batches of 64
+    if case["weights"] in ("trained", "ibp"):  # training on MNIST, Adam, batches of 64
         from cure_fast.data import load_mnist
         images, labels = load_mnist("train")
         generator = torch.Generator().manual_seed(case["seed"])
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(20 if smoke else 300):
+        bounded, steps = BoundedModule(model), 20 if smoke else 300
+        for step in range(steps):
             index = torch.randint(0, len(images), (64,), generator=generator)
             logits = model.train()(images[index])
+            loss = nn.functional.cross_entropy(logits, labels[index])
+            if case["weights"] == "ibp":  # certified training: IBP's worst-case logits, eps ramped up over half the steps
+                eps = EPS["mnist"]["inf"] * min(1.0, 2 * (step + 1) / steps)
+                worst = -bounded.margins(images[index], labels[index], LinfBall(eps))
+                loss = (loss + nn.functional.cross_entropy(worst, labels[index])) / 2
             optimizer.zero_grad()
-            nn.functional.cross_entropy(logits, labels[index]).backward()
+            loss.backward()
             optimizer.step()
         case["train_batch_accuracy"] = float((logits.argmax(1) == labels[index]).float().mean())
         x = load_mnist("test")[0][: case["batch"]].clone()
@@ -329,6 +336,7 @@ def plan(args) -> List[dict]:
                   native_check=seed == 0 and data == "mnist", fixed_interm=seed == 0)
              for seed in range(args.seeds) for data in ("mnist", "cifar10")]
     cases += [dict(net="cnn3", data="mnist", weights="trained", seed=0, batch=8, methods=methods, fixed_interm=True),
+              dict(net="cnn3", data="mnist", weights="ibp", seed=0, batch=8, methods=methods),
               dict(net="cnn5", data="mnist", weights="trained", seed=0, batch=2,
                    methods=methods if args.cnn5_alpha else crown),  # α-CROWN: minutes per case
               dict(net="cnn5", data="cifar10", weights="random", seed=0, batch=2, methods=crown)]
@@ -411,6 +419,7 @@ def summary(rows: List[dict], args, notes: List[str]) -> List[List[str]]:
     for method, name in (("crown", "CROWN"), ("alpha-crown", "α-CROWN")):
         timing(f"{name} per image, cnn5 (batch 2, briefly trained, MNIST)", lambda r: r["net"] == "cnn5" and r["weights"] == "trained", method)
         timing(f"{name} per image, cnn3 (batch 8, briefly trained, MNIST)", lambda r: r["net"] == "cnn3" and r["weights"] == "trained", method)
+        timing(f"{name} per image, cnn3 (batch 8, IBP-trained, MNIST)", lambda r: r["net"] == "cnn3" and r["weights"] == "ibp", method)
     timing("CROWN per image, cnn5 (one batch of 2, random weights, CIFAR-10)", lambda r: r["net"] == "cnn5" and r["weights"] == "random")
     timing("CROWN per image, CNN7 CIFAR (random weights, 1 image, l∞)", lambda r: r["net"] == "cnn7")
     table += [[f"{r['method']} l{r['norm']}, {r['case']}", "", r["error"], "error"] for r in rows if "error" in r and r["net"] != "cnn7"]
