@@ -118,15 +118,18 @@ def build(case: dict, smoke: bool):
         images, labels = load_mnist("train")
         generator = torch.Generator().manual_seed(case["seed"])
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        bounded, steps = BoundedModule(model), 20 if smoke else 300
+        bounded, steps = BoundedModule(model.train()), 20 if smoke else 300
         for step in range(steps):
             index = torch.randint(0, len(images), (64,), generator=generator)
-            logits = model.train()(images[index])
-            loss = nn.functional.cross_entropy(logits, labels[index])
             if case["weights"] == "ibp":  # certified training: IBP's worst-case logits, eps ramped up over half the steps
                 eps = EPS["mnist"]["inf"] * min(1.0, 2 * (step + 1) / steps)
-                worst = -bounded.margins(images[index], labels[index], LinfBall(eps))
-                loss = (loss + nn.functional.cross_entropy(worst, labels[index])) / 2
+                out = bounded.propagate(images[index], [LinfBall(eps)], labels[index])  # natural and IBP, one pass
+                logits, worst = out.logits, -out.margins[0]
+                loss = (nn.functional.cross_entropy(logits, labels[index])
+                        + nn.functional.cross_entropy(worst, labels[index])) / 2
+            else:
+                logits = model(images[index])
+                loss = nn.functional.cross_entropy(logits, labels[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
