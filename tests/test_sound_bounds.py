@@ -376,7 +376,8 @@ def test_sound_bounds_are_below_exact_rational_crown_ibp_and_the_true_minimum(se
 def test_dead_relus_leave_no_subnormal_numbers(mode):
     """ReLUs whose input is never positive have the image [0, 0]; rounded outwards by one ulp that is
     ± the smallest subnormal, and products with it are subnormal (50x slower on CPUs, on every layer
-    after). The sound bounds and error weights hold no subnormal number, and stay below the margins."""
+    after). The sound IBP and CROWN bounds, the error weights of every layer (activations included)
+    and the relaxations hold no subnormal number, and the margins stay below sampled ones."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 1, 1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(64, 3)).eval()
@@ -385,10 +386,10 @@ def test_dead_relus_leave_no_subnormal_numbers(mode):
     bm, x = BoundedModule(model), torch.rand(2, 1, 4, 4)
     y, spec = model(x).argmax(1), LinfBall(0.05)
     problem = crown._problem(bm, x, y, spec, mode, None)
-    passes.relaxations(problem, crown=True)
+    chain = passes.relaxations(problem, crown=True)
     tiny = torch.finfo(problem.dtype).tiny
-    tensors = [t for pair in problem.arithmetic.ibp for t in pair] + [w for w in problem.arithmetic.weights.values()
-                                                                      if w is not None]
+    tensors = ([t for pair in problem.arithmetic.ibp for t in pair] + [t for pair in chain.bounds.values() for t in pair]
+               + [w for w in chain.weights.values() if w is not None] + [r.packed for r in chain.relaxations.values()])
     assert all(not ((t != 0) & (t.abs() < tiny)).any() for t in tensors)
     assert (problem.arithmetic.ibp[1][1][:, :2] < 0).all()  # two channels dead: pre-activation upper bounds < 0
     margins = crown.crown_margins(bm, x, y, spec, method="crown", sound=mode)

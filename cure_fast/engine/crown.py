@@ -73,8 +73,8 @@ on a GPU as many as fit ``A`` in 256 MiB (Î±-CROWN an eighth of that: it keeps Î
 and the autograd graph per row), on the CPU in 2 MiB (a core's L2 cache: chained elementwise steps
 on a chunk then run from the cache; 1.6x faster than large chunks on cnn5); ``max_rows`` caps them.
 On the CPU with glibc the first call keeps freed memory in the process from then on (:mod:`.heap`:
-the sound fp64 passes spent a quarter of their time faulting it back in; ``MALLOC_TRIM_THRESHOLD_``
-in the environment opts out).
+the sound fp64 passes spent a quarter of their time faulting it back in; glibc's own heap settings
+in the environment, e.g. ``MALLOC_TRIM_THRESHOLD_``, win and opt out).
 
 >>> margins = crown_margins(BoundedModule(model.eval()), x, y, LinfBall(2 / 255), method="crown")
 >>> certified = (margins > 0).sum(1) == margins.shape[1] - 1

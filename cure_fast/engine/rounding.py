@@ -101,15 +101,17 @@ def round_down(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def down(t: Tensor, dtype: torch.dtype) -> Tensor:
     """A tensor in ``dtype`` <= the exact result of the one float64 operation that gave t (a relative
-    error of 2^-53, or half the smallest float64 where it underflowed), and at least ``FLOOR`` below
-    it (never a subnormal number)."""
+    error of 2^-53, or half the smallest float64 where it underflowed), lowered by ``FLOOR`` as well
+    (lost in the rounding once |t| is far above it): a bound of 0 becomes about -FLOOR, not minus the
+    smallest subnormal number."""
     t = t.double()
     low = t - t.abs() * 2.0 ** -50 - FLOOR[dtype]
     return round_down(torch.nextafter(low, torch.full_like(low, -float("inf"))), dtype)
 
 
 def up(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """A tensor in ``dtype`` >= the exact result of the one float64 operation that gave t."""
+    """A tensor in ``dtype`` >= the exact result of the one float64 operation that gave t (and raised
+    by ``FLOOR``, as :func:`down` lowers)."""
     return -down(-t.double(), dtype)
 
 
@@ -373,7 +375,8 @@ class Sound(Arithmetic):
             return c_out, r_out
         n = op.fan_in + 1
         g = inflate(n, self.dtype)
-        radius = r_out.double() * g + op.magnitude(c.abs()).double() * (gamma(n, self.dtype) * g) + 2 * n * self.eta
+        underflow = max(2 * n * self.eta, FLOOR[torch.float64])  # a normal float64: subnormal operands are slow
+        radius = r_out.double() * g + op.magnitude(c.abs()).double() * (gamma(n, self.dtype) * g) + underflow
         deviation = op.deviation(c.abs().double() + r.double())
         if deviation is not None:
             radius = radius + deviation
@@ -404,7 +407,7 @@ class Sound(Arithmetic):
         m = torch.maximum(lower.abs(), upper.abs()).double()
         entries = lower[0].numel()
         w = torch.where(exact, 0.0, m * self.u) + offset.abs().double() * summed(entries, self.dtype)
-        return up(w * NUDGE, self.dtype)
+        return torch.where(w == 0, 0.0, up(w * NUDGE, self.dtype))  # 0: no rounding (up would give FLOOR)
 
     def _dual(self, op, ball) -> Interval:
         """Bounds of the first affine layer over the ball, computed in float64: centre ``W x + b``,
@@ -416,7 +419,7 @@ class Sound(Arithmetic):
         spread = op.magnitude(rho, bias=False)
         n = op.fan_in + 4
         g = 2.0 * n * 2.0 ** -53
-        floor = (n * ETA[torch.float64]
+        floor = (max(n * ETA[torch.float64], FLOOR[torch.float64])
                  + eps.view((-1,) + (1,) * (c.dim() - 1)) * math.sqrt(n * ETA[torch.float64]) * NUDGE)
         radius = radius + spread + g * (op.magnitude(x.abs()) + radius + spread) + floor
         return down(c - radius, self.dtype), up(c + radius, self.dtype)

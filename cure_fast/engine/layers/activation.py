@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ... import ops
 from ..streams import Streams
-from ..rounding import bracket, up
+from ..rounding import FLOOR, bracket, up
 from ..window import Window, pixel_major, rowsum, runs
 from .base import Context, Layer, register_layer
 
@@ -75,7 +75,7 @@ class Relaxation:
         dtype above and below a), a stable negative neuron between ``a↑ h`` and ``a↓ h``, and the upper
         line's offset recomputed in float64 from its slope s, ``max(f(l) - s l, f(u) - s u)``, rounded
         up (its products and differences are off by at most 2^-52 of the magnitudes, or 2^-1074 where
-        they underflow): above f at both ends, so above the convex f on ``[l, u]``."""
+        they underflow, far below the ``FLOOR`` added): above f at both ends, so above the convex f on ``[l, u]``."""
         low, high = bracket(slope, l.dtype)
         unstable = (l < 0) & (u > 0)
         one, below, above = torch.ones_like(l), torch.full_like(l, low), torch.full_like(l, high)
@@ -86,7 +86,7 @@ class Relaxation:
         f_low, f_high = F.leaky_relu(low_end, slope), F.leaky_relu(high_end, slope)
         gap = torch.maximum(f_low - s * low_end, f_high - s * high_end)
         size = f_low.abs() + (s * low_end).abs() + f_high.abs() + (s * high_end).abs()
-        offset = up(gap + (2.0 ** -48 * size + 2.0 ** -1070), l.dtype)
+        offset = up(gap + (2.0 ** -48 * size + FLOOR[torch.float64]), l.dtype)
         offset = torch.where(unstable, offset, torch.zeros_like(l))
         return cls(torch.stack([lower, upper, offset], -1), unstable, (high, 1.0), torch.float64)
 
