@@ -1,6 +1,7 @@
 """The trainer: every method trains, the formulas, exact resume, NaN handling, DDP equivalence."""
 import math
 import os
+import socket
 
 import pytest
 import torch
@@ -225,6 +226,9 @@ def test_ddp_with_two_cpu_processes_matches_a_single_process(tmp_path):
     single = Trainer(config, str(tmp_path / "single"))
     single.run()
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, 29500 + os.getpid() % 1000, config, out), nprocs=2, join=True)
+    with socket.socket() as probe:  # a free port (a fixed one may be taken by a parallel test run)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, config, out), nprocs=2, join=True)
     for (name, a), b in zip(single.model.state_dict().items(), torch.load(out, weights_only=True).values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
