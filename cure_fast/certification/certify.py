@@ -98,19 +98,21 @@ def _run_weights(run: str, config: TrainConfig, device: torch.device) -> Tuple[s
     one (a run resumed for more epochs keeps its earlier model.pt until it finishes). A checkpoint.pt
     that does not load is no reason to refuse a model.pt that does."""
     model, checkpoint = os.path.join(run, "model.pt"), os.path.join(run, "checkpoint.pt")
-    found = None
+    if not os.path.isfile(model):
+        if not os.path.isfile(checkpoint):
+            raise CheckpointError(f"{run} holds no model.pt or checkpoint.pt yet")
+        return checkpoint, checkpoints.model_weights(checkpoint, device)
+    epoch = None
     if os.path.isfile(checkpoint):
         try:
             found = checkpoints.model_weights(checkpoint, device)
         except CheckpointError:
-            if not os.path.isfile(model):
-                raise
-        if found is not None and (not os.path.isfile(model) or (found[3] is not None and found[3] < config.epochs)):
+            found = None
+        if found is not None and found[3] is not None and found[3] < config.epochs:
             return checkpoint, found
-    if os.path.isfile(model):
-        state, _, what, _ = checkpoints.model_weights(model, device)
-        return model, (state, None, what, None if found is None else found[3])
-    raise CheckpointError(f"{run} holds no model.pt or checkpoint.pt yet")
+        epoch = None if found is None else found[3]
+    state, _, what, _ = checkpoints.model_weights(model, device)
+    return model, (state, None, what, epoch)
 
 
 def write_per_sample(evaluation: Evaluation, labels: torch.Tensor, path: str) -> None:
@@ -223,8 +225,8 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
         precision = {True: "fp64 (rounding bounded)", False: "fp32 (not sound)", "fp64": "fp64 (rounding bounded)",
                      "fp32": "fp32 (rounding bounded)"}.get(sound)
         alpha = {"alpha_intermediate": alpha_intermediate} if method == "alpha-crown" else {}
-        summary = {"model": path, "epochs_trained": epochs_trained, "method": method, **alpha, "sound": sound is not False, "precision": precision,
-                   "eps": eps, "images": n, "first_image": first,
+        summary = {"model": path, "epochs_trained": epochs_trained, "method": method, **alpha,
+                   "sound": sound is not False, "precision": precision, "eps": eps, "images": n, "first_image": first,
                    **evaluation.summary(),
                    "seconds_per_image": {k: v / n for k, v in evaluation.seconds.items()},
                    "bounded": evaluation.bounded, "reports": out_dir}

@@ -17,16 +17,16 @@ LR_DECAY = 0.98  # Adam's learning rate is multiplied by this after every step
 
 
 def optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: Tensor, steps: int, lr: float,
-                     intermediate: bool, target: Optional[float],
-                     search: Optional[Tuple[passes.Problem, passes.Chain]] = None) -> Tensor:
+                    intermediate: bool, target: Optional[float],
+                    search: Optional[Tuple[passes.Problem, passes.Chain]] = None) -> Tensor:
     """α-CROWN lower bounds of ``C z``: C (N, K), rows (N,) -> (N,), never below CROWN's (``chain``'s).
     ``intermediate``: the pre-activation bounds are optimized first (:func:`optimized_chain`), then
     the final slopes over them. ``search``: the problem and chain in float32 where the slopes are
     searched; the bounds are then computed in ``problem``'s arithmetic (any slopes give a sound bound)
     with the slopes of each row's best step (:class:`Keeper`)."""
-    if steps == 0 or not any(r.unstable.any() for r in chain.relaxations.values()):
-        return passes.linear_bound(problem, chain, C, rows)
     crown_bound = passes.linear_bound(problem, chain, C, rows)
+    if steps == 0 or not any(r.unstable.any() for r in chain.relaxations.values()):
+        return crown_bound
     open_rows = torch.ones_like(rows, dtype=torch.bool) if target is None else ~(crown_bound > target)  # NaN: open
     if not bool(open_rows.any()):
         return crown_bound
@@ -45,15 +45,14 @@ def optimized_bound(problem: passes.Problem, chain: passes.Chain, C: Tensor, row
 
 
 def optimized_chain(problem: passes.Problem, reference: passes.Chain, steps: int, lr: float,
-                     samples: Optional[Tensor] = None, search: Optional[passes.Problem] = None) -> passes.Chain:
+                    samples: Optional[Tensor] = None, search: Optional[passes.Problem] = None) -> passes.Chain:
     """α-CROWN on the pre-activation bounds, layer by layer: the bounds on the neurons unstable under
     ``reference`` at each activation, every one its own objective over the slopes of the activations
     below (fixed at their optimized bounds), optimized on chunks of rows (memory: one chunk's
     autograd graph) and intersected with ``reference``'s and with IBP from the optimized bounds of
     the activation below (:func:`passes.forwarded`). ``samples``: the indices of the samples to
     optimize (None: all; the others keep ``reference``'s bounds, intersected with the forwarded
-    IBP); ``search``: the float32 problem to
-    search in."""
+    IBP); ``search``: the float32 problem to search in."""
     weights = problem.arithmetic.weights
     chain = passes.Chain({}, {}, dict(weights), dict(problem.arithmetic.folds(weights, 0)))
     chosen, previous = None, None
@@ -77,8 +76,8 @@ def optimized_chain(problem: passes.Problem, reference: passes.Chain, steps: int
 
 
 def optimized_layer(problem: passes.Problem, chain: passes.Chain, i: int, lower: Tensor, upper: Tensor,
-                     unstable: Tensor, steps: int, lr: float,
-                     search: Optional[Tuple[passes.Problem, passes.Chain]]) -> Tuple[Tensor, Tensor]:
+                    unstable: Tensor, steps: int, lr: float,
+                    search: Optional[Tuple[passes.Problem, passes.Chain]]) -> Tuple[Tensor, Tensor]:
     """The bounds ``lower``, ``upper`` (B, *shape) on the input of activation i, those of the neurons
     ``unstable`` (B, *shape) bool replaced by their α-CROWN bounds where tighter
     (:func:`passes.crown_bounds` with optimized slopes). A row stops once its bound makes the neuron
@@ -94,8 +93,8 @@ def optimized_layer(problem: passes.Problem, chain: passes.Chain, i: int, lower:
 
 
 def optimized_rows(bound, problem: passes.Problem, chain: passes.Chain,
-                    search: Optional[Tuple[passes.Problem, passes.Chain]], steps: int, lr: float,
-                    target: Optional[float]) -> Tensor:
+                   search: Optional[Tuple[passes.Problem, passes.Chain]], steps: int, lr: float,
+                   target: Optional[float]) -> Tensor:
     """The best bound per row (N,) of ``bound(problem, chain, slopes, picked)`` (the rows ``picked``,
     indices, or all for None) over α-CROWN's steps; with ``search``, the slopes are searched there
     and the bound computed in ``problem``'s arithmetic, in one pass, with the slopes of each row's best
@@ -105,21 +104,21 @@ def optimized_rows(bound, problem: passes.Problem, chain: passes.Chain,
         return optimize(lambda slopes: bound(problem, chain, slopes, None), steps, lr, target)[0]
     _, keeper = optimize(lambda slopes: bound(*search, slopes, None), steps, lr, target, keep=True)
     value = passes.no_nan(bound(problem, chain, keeper.best.frozen(problem.dtype), None))
-    short = ((keeper.value > target) & ~(value > target)).nonzero()[:, 0] if target is not None else []
-    if len(short) == 0:
+    if target is None:
         return value
-    raised = target + 2 * (keeper.value - value)[short]
-    short, raised = short[raised.isfinite()], raised[raised.isfinite()]  # no gap to close without a bound
-    if len(short) == 0:
+    gap = keeper.value - value  # not finite: no bound, no gap to close
+    short = ((keeper.value > target) & ~(value > target) & gap.isfinite()).nonzero()[:, 0]
+    if short.numel() == 0:
         return value
-    _, again = optimize(lambda slopes: bound(*search, slopes, short), steps, lr, raised, keep=True,
-                         start=keeper.best.resumed(short))
-    value[short] = torch.fmax(value[short], passes.no_nan(bound(problem, chain, again.best.frozen(problem.dtype), short)))
+    _, again = optimize(lambda slopes: bound(*search, slopes, short), steps, lr, target + 2 * gap[short],
+                        keep=True, start=keeper.best.resumed(short))
+    again_value = passes.no_nan(bound(problem, chain, again.best.frozen(problem.dtype), short))
+    value[short] = torch.fmax(value[short], again_value)
     return value
 
 
 def optimize(bound, steps: int, lr: float, target: Union[None, float, Tensor] = None,
-              keep: bool = False, start: Optional[passes.Slopes] = None) -> Tuple[Tensor, Optional["Keeper"]]:
+             keep: bool = False, start: Optional[passes.Slopes] = None) -> Tuple[Tensor, Optional["Keeper"]]:
     """Projected Adam on the lower slopes α of the unstable neurons in the passes of ``bound(slopes)``
     (N,), one per neuron and row, starting from ``start`` or else the relaxations' own (the first step
     is CROWN's). Returns the best bound per row and (``keep``) the slopes of the rows' best steps.

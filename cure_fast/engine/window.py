@@ -64,11 +64,15 @@ class Window:
         i, j = self._grid()
         return (((i >= 0) & (i < height))[:, None, :, None]) & (((j >= 0) & (j < width))[:, None, None, :])
 
-    def take(self, t: Tensor, rows: Tensor, pixels: Optional[Tensor] = None) -> Tensor:
+    def take(self, t: Tensor, rows: Tensor) -> Tensor:
         """The values of t (B, C, H, W, *extra) of sample ``rows`` (N,) on each window, (N, C, h, w, *extra);
-        positions outside the map take the nearest border value (A is zero there). One row gather of
-        t's :func:`pixel_major` copy (``pixels``, when the caller keeps one), not an element-wise gather."""
-        pixels = pixel_major(t) if pixels is None else pixels
+        positions outside the map take the nearest border value (A is zero there): :meth:`gather` of
+        t's :func:`pixel_major` copy."""
+        return self.gather(pixel_major(t), rows)
+
+    def gather(self, pixels: Tensor, rows: Tensor) -> Tensor:
+        """:meth:`take` from a :func:`pixel_major` copy ``pixels`` (B, H, W, C, *extra), which a caller
+        may keep: one row gather (every pixel's C values together), not an element-wise gather."""
         batch, height, width, channels = pixels.shape[:4]
         extra = pixels.shape[4:]
         i, j = self._grid()

@@ -10,7 +10,8 @@ by the chord ``f(l) + (u - f(l)) (h - l) / (u - l)`` (f is convex) and below by 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from functools import cached_property
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +36,15 @@ class Relaxation:
 
     def __post_init__(self):
         self.planes = tuple(t.contiguous() for t in self.packed.unbind(-1))  # lower, upper, offset
-        self._pixels: Dict[str, Tensor] = {}  # pixel-major copies for window steps, made on first use
 
-    def pixels(self, name: str) -> Tensor:
-        """The :func:`~..window.pixel_major` copy of ``packed`` or ``unstable`` (kept: every window
-        step of every pass gathers from it)."""
-        if name not in self._pixels:
-            self._pixels[name] = pixel_major(getattr(self, name))
-        return self._pixels[name]
+    @cached_property
+    def packed_pixels(self) -> Tensor:
+        """``packed``'s :func:`~..window.pixel_major` copy (made once: every window step gathers from it)."""
+        return pixel_major(self.packed)
+
+    @cached_property
+    def unstable_pixels(self) -> Tensor:
+        return pixel_major(self.unstable)
 
     def _step(self, A: Tensor, lower: Tensor, upper: Tensor, offset: Tensor) -> Tuple[Tensor, Tensor]:
         """``A * (lower where A >= 0 else upper)`` (one rounding per entry: the other product is 0) and
@@ -110,9 +112,9 @@ class Relaxation:
 
     def back_window(self, window: Window, rows: Tensor, alpha: Optional[Tensor] = None) -> Tuple[Window, Tensor]:
         """:meth:`back` on windows of a (C, H, W) map; ``alpha`` window-shaped (N, C, h, w)."""
-        lower, upper, offset = window.take(self.packed, rows, self.pixels("packed")).unbind(-1)
+        lower, upper, offset = window.gather(self.packed_pixels, rows).unbind(-1)
         if alpha is not None:
-            lower = torch.where(window.take(self.unstable, rows, self.pixels("unstable")), alpha, lower)
+            lower = torch.where(window.gather(self.unstable_pixels, rows), alpha, lower)
         A, bias = self._step(window.A, lower, upper, offset)
         return window.with_A(A), bias
 
