@@ -265,7 +265,7 @@ def run(args) -> List[dict]:
                 if compiled is not None:
                     variants["compile"] = compiled
                 times, errors = {}, {}
-                with backends.library_tf32(precision == "tf32"):
+                with backends.library_precision(precision == "tf32"):
                     for name, fn in variants.items():
                         times[name] = harness.attempt(
                             errors, name, lambda: _timings(fn, case.make, args.device, args.smoke), args.smoke)

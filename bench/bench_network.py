@@ -102,7 +102,7 @@ def run(args) -> List[dict]:
             if not args.no_compile:
                 losses["compile"] = lambda: torch.compile(bounded("torch"))
             times, errors = {}, {}
-            with backends.library_tf32(precision == "tf32"):
+            with backends.library_precision(precision == "tf32"):
                 for name, loss in losses.items():  # the rows so far are written after each (a time limit keeps them)
                     times[name] = harness.attempt(
                         errors, name, lambda: _timings(loss(), params, make, args.device, args.smoke), args.smoke)

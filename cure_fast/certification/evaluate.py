@@ -107,7 +107,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
     bar = tqdm(total=len(labels), unit="img", disable=None if progress else True, leave=False, dynamic_ncols=True,
                desc=f"certify ({method})" if sound is not False else f"evaluate ({method})")
     try:
-        with backends.library_tf32(False):  # certificates need IEEE fp32 products
+        with backends.library_precision(False, ("cpu", "cuda")):  # certificates need IEEE fp32 products
             for start in range(0, len(labels), batch_size):
                 x = images[start:start + batch_size].to(device)
                 x = x.float().div(255) if x.dtype == torch.uint8 else x.float()

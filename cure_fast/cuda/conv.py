@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..ops import autoselect
 from ..ops.affine import apply_epilogue, interval_conv2d_ref
-from ..ops.policy import library_tf32
+from ..ops.policy import library_precision
 from ..ops.registry import register
 from .elementwise import channel_epilogue_backward_op, channel_epilogue_op, epilogue_param_grads, has_epilogue
 from .extension import contiguous, empty_like, load, needs_grad, zeros_if_none
@@ -168,7 +168,7 @@ def _implicit_gemm(c, r, weight, bias, scale, shift, *, geometry, relu, precisio
 
 def _cudnn(c, r, weight, bias, scale, shift, *, stride, padding, dilation, groups, relu, precision):
     out = weight.shape[0]
-    with library_tf32(precision != "ieee"):  # bf16 runs as TF32 here
+    with library_precision(precision != "ieee"):  # bf16 runs as TF32 here
         if groups == 1 and r.shape[0] == c.shape[0] and c.shape[0] > 0:
             both = F.conv2d(torch.cat([c, r], 1), torch.cat([weight, weight.abs()], 0), None, stride, padding,
                             dilation, 2)
@@ -181,7 +181,7 @@ def _cudnn(c, r, weight, bias, scale, shift, *, stride, padding, dilation, group
 
 def _torch(c, r, weight, bias, scale, shift, *, stride, padding, dilation, groups, relu, precision):
     """The torch backend's result for the same call: the reference the methods are checked against."""
-    with library_tf32(precision != "ieee"):  # bf16 runs as TF32 here
+    with library_precision(precision != "ieee"):  # bf16 runs as TF32 here
         out = interval_conv2d_ref(c, r, weight, bias, stride, padding, dilation, groups)
     return apply_epilogue(out, scale, shift, relu, 1, "torch")
 

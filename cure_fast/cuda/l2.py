@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..ops.common import batched_eps, safe_sqrt, scale_squared
 from ..ops.l2 import l2_conv2d_ref
-from ..ops.policy import library_tf32
+from ..ops.policy import library_precision
 from ..ops.registry import register
 from .conv import IntPair, conv_grad_input_op, conv_grad_weight_op, conv_out_size, implicit_geometry, interval_conv2d_op
 from .extension import eps_rows, load
@@ -142,7 +142,7 @@ def l2_conv2d(x: Tensor, eps: Union[float, Tensor], weight: Tensor, bias: Option
     eps float or (B,), scale None or broadcastable to x -> (B, O, P, Q) twice."""
     geometry = implicit_geometry(x, weight, stride, padding, dilation, groups)
     if geometry is None:
-        with library_tf32(precision != "ieee"):  # bf16 runs as TF32 here
+        with library_precision(precision != "ieee"):  # bf16 runs as TF32 here
             return l2_conv2d_ref(x, eps, weight, bias, stride, padding, dilation, groups, scale)
     s2 = scale_squared(scale, x).contiguous()
     opt_bias = bias.contiguous() if bias is not None else None

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..ops import autoselect
 from ..ops.affine import apply_epilogue, interval_linear_ref
-from ..ops.policy import library_tf32
+from ..ops.policy import library_precision
 from ..ops.registry import register
 from .elementwise import channel_epilogue_backward_op, channel_epilogue_op, epilogue_param_grads, has_epilogue
 from .extension import contiguous, empty_like, load, needs_grad, zeros_if_none
@@ -113,7 +113,7 @@ def _fused_gemm(c, r, weight, bias, scale, shift, *, relu, precision):
 def _cublas(c, r, weight, bias, scale, shift, *, relu, precision):
     """The two products from cuBLAS (one strided batched GEMM of ``[c; r]`` against ``[W; |W|]``
     when every row has a radius, else two GEMMs), then the fused epilogue kernel."""
-    with library_tf32(precision != "ieee"):  # bf16 runs as TF32 here
+    with library_precision(precision != "ieee"):  # bf16 runs as TF32 here
         if r.shape[0] == c.shape[0] and c.shape[0] > 0:
             xc, xr = torch.bmm(torch.stack([c, r]), torch.stack([weight, weight.abs()]).transpose(1, 2)).unbind(0)
         else:
@@ -123,7 +123,7 @@ def _cublas(c, r, weight, bias, scale, shift, *, relu, precision):
 
 def _torch(c, r, weight, bias, scale, shift, *, relu, precision):
     """The torch backend's result for the same call: the reference the methods are checked against."""
-    with library_tf32(precision != "ieee"):
+    with library_precision(precision != "ieee"):
         out = interval_linear_ref(c, r, weight, bias)
     return apply_epilogue(out, scale, shift, relu, -1, "torch")
 

@@ -42,7 +42,7 @@ from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..ops.policy import library_tf32
+from ..ops.policy import library_precision
 from .window import BLOCK, Window, runs
 
 Interval = Tuple[Tensor, Tensor]
@@ -164,19 +164,19 @@ def outward(c: Tensor, r: Tensor) -> Interval:
 
 @contextlib.contextmanager
 def strict(enabled: bool):
-    """IEEE float32 dot products inside the block when ``enabled``: TF32 off, float32 matmul precision
-    "highest", and cuDNN off (its heuristics may pick Winograd or FFT convolutions)."""
+    """IEEE float32 dot products inside the block when ``enabled``: torch's libraries in IEEE fp32 on the
+    CPU and CUDA, whatever the process's precision settings (:func:`~..ops.policy.library_precision`),
+    and cuDNN off (its heuristics may pick Winograd or FFT convolutions)."""
     if not enabled:
         yield
         return
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    cudnn = torch.backends.cudnn.enabled
+    torch.backends.cudnn.enabled = False
     try:
-        with library_tf32(False), torch.backends.cudnn.flags(enabled=False, benchmark=False, deterministic=True,
-                                                               allow_tf32=False):
+        with library_precision(False, ("cpu", "cuda")):
             yield
     finally:
-        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.enabled = cudnn
 
 
 class Arithmetic:

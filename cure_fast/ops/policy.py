@@ -8,13 +8,14 @@ Precision (:func:`set_precision`, or ``precision=`` per call): ``ieee`` (default
 products in IEEE fp32, the mode certificates need; ``tf32`` lets them use TF32 tensor cores and
 ``bf16`` rounds their inputs to bfloat16, both with fp32 accumulation, for training. The
 ``triton`` and ``cuda`` backends use ``tf32`` / ``bf16`` in their kernels; the ``torch`` backend
-turns TF32 off for ``ieee`` calls on CUDA tensors and otherwise follows torch's own settings.
+computes ``ieee`` calls in IEEE fp32 whatever torch's precision settings (:func:`library_precision`) and
+otherwise follows them.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -73,25 +74,85 @@ def resolve_precision(precision: Optional[str]) -> str:
     return get_precision() if precision is None else check_precision(precision)
 
 
+_PER_BACKEND = hasattr(torch._C, "_get_fp32_precision_getter")  # torch 2.9+: per-library fp32_precision
+_LIBRARY = {"cuda": "cuda", "cpu": "mkldnn"}  # torch's name for the settings of each device type's libraries
+_OPS = ("matmul", "conv", "rnn")
+
+
+def _fp32_precision(library: str, op: str) -> str:
+    """The precision torch uses for ``op`` in ``library``: its own setting, else its library's, else the
+    global one (torch 2.9+; "none" everywhere is IEEE)."""
+    for key in ((library, op), (library, "all"), ("generic", "all")):
+        value = torch._C._get_fp32_precision_getter(*key)
+        if value != "none":
+            return value
+    return "ieee"
+
+
+def _matmul_precision() -> Optional[str]:
+    """torch's legacy float32 matmul precision, or None where the process mixed it with the per-library
+    settings so that torch refuses to read it."""
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return None
+
+
 @contextlib.contextmanager
-def library_tf32(enabled: bool):
-    """cuBLAS matmuls and cuDNN convolutions with TF32 on (``enabled``) or off inside the block."""
-    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
-    saved = [f.allow_tf32 for f in flags]
-    if all(value == enabled for value in saved):  # already so (the common case per op): touch nothing
-        yield
+def library_precision(tf32: bool, devices: Tuple[str, ...] = ("cuda",)):
+    """Inside the block, fp32 matmuls and convolutions of torch's libraries on the device types ``devices``
+    ("cuda": cuBLAS and cuDNN, "cpu": oneDNN) in TF32 (``tf32``; CUDA only, the CPU is left as it is)
+    or in IEEE fp32, whatever the process set before through torch's legacy settings
+    (``allow_tf32``, ``set_float32_matmul_precision``) or its per-library ``fp32_precision`` (a
+    oneDNN convolution set to bf16 would make a certificate unsound); restored after the block."""
+    if not _PER_BACKEND:
+        with _legacy_precision(tf32, devices):
+            yield
         return
+    want, cuda = ("tf32" if tf32 else "ieee"), "cuda" in devices
+    keys = [(_LIBRARY[d], op) for d in devices if not (tf32 and d == "cpu") for op in _OPS]
+    legacy = _matmul_precision()
+    wanted_legacy = (legacy if legacy in ("high", "medium") else "high") if tf32 else "highest"  # as cuBLAS reads it
+    if all(_fp32_precision(*key) == want for key in keys) and (not cuda or legacy == wanted_legacy):
+        yield  # already so (the common case per op): touch nothing
+        return
+    every = [(library, op) for library in _LIBRARY.values() for op in _OPS]
+    saved = {key: torch._C._get_fp32_precision_getter(*key) for key in every}
+    if legacy is None:  # torch's legacy value consistent with cuBLAS's per-library setting, as it checks
+        legacy = "high" if _fp32_precision("cuda", "matmul") == "tf32" else "highest"
+    if cuda:  # cuBLAS checks the legacy value against its own setting; this call sets both
+        torch.set_float32_matmul_precision(wanted_legacy)
+    for key in every:
+        torch._C._set_fp32_precision_setter(*key, want if key in keys else saved[key])
+    try:
+        yield
+    finally:
+        if cuda:
+            torch.set_float32_matmul_precision(legacy)
+        for key, value in saved.items():
+            torch._C._set_fp32_precision_setter(*key, value)
+
+
+@contextlib.contextmanager
+def _legacy_precision(tf32: bool, devices: Tuple[str, ...]):
+    """:func:`library_precision` for torch before 2.9 (``allow_tf32`` flags and the matmul precision)."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn) if "cuda" in devices else ()
+    saved, matmul = [f.allow_tf32 for f in flags], torch.get_float32_matmul_precision()
     for f in flags:
-        f.allow_tf32 = enabled
+        f.allow_tf32 = tf32
+    if not tf32:
+        torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
         for f, value in zip(flags, saved):
             f.allow_tf32 = value
+        torch.set_float32_matmul_precision(matmul)
 
 
 def honoured(precision: str, device: torch.device):
-    """Context in which plain torch ops honour ``precision``: TF32 off for ``ieee`` on a CUDA device."""
-    if precision != "ieee" or device.type != "cuda":
+    """Context in which plain torch ops honour ``precision``: IEEE fp32 in torch's libraries for
+    ``ieee`` on a CPU or CUDA device (:func:`library_precision`); else torch's own settings."""
+    if precision != "ieee" or device.type not in _LIBRARY:
         return contextlib.nullcontext()
-    return library_tf32(False)
+    return library_precision(False, (device.type,))
