@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cure_fast import BoundedModule, LinfBall, models
+from cure_fast.engine import rounding
 from cure_fast.ops import policy
 
 per_library = pytest.mark.skipif(not policy._PER_BACKEND, reason="torch before 2.9 has no per-library settings")
@@ -113,3 +114,30 @@ def test_sound_bounds_ignore_the_process_precision_settings(state, restored, one
     for got, want in zip(bounds(), expected):
         assert torch.equal(got, want)
     assert torch.backends.cudnn.enabled
+
+
+def test_sound_bounds_keep_subnormal_numbers_where_the_process_flushes_them(one_thread):
+    """Products that underflow: the error bounds count at most the smallest subnormal number per
+    rounding, not the smallest normal one that flushing to zero loses; the flushing is back after."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            layer.weight.mul_(2.0 ** -60)
+            layer.bias.mul_(2.0 ** -125)
+    bounded = BoundedModule(net)
+    x, y, spec = torch.rand(3, 4) * 2.0 ** -60, torch.tensor([0, 1, 2]), LinfBall(2.0 ** -64, domain=None)
+
+    def margins():
+        return [bounded.margins(x, y, spec, method=method, sound=sound)
+                for method in ("crown-ibp", "crown") for sound in ("fp32", "fp64")]
+
+    expected = margins()
+    assert not rounding.flushes_subnormals() and torch.set_flush_denormal(True)
+    try:
+        got = margins()
+        assert rounding.flushes_subnormals()
+    finally:
+        torch.set_flush_denormal(False)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)

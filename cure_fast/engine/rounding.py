@@ -162,21 +162,31 @@ def outward(c: Tensor, r: Tensor) -> Interval:
     return down(c.double() - r.double(), c.dtype), up(c.double() + r.double(), c.dtype)
 
 
+def flushes_subnormals() -> bool:
+    """Whether this thread's CPU arithmetic flushes subnormal numbers to zero (``torch.set_flush_denormal``)."""
+    return float(torch.full((1,), 2.0 ** -140) * 1.0) == 0.0
+
+
 @contextlib.contextmanager
 def strict(enabled: bool):
     """IEEE float32 dot products inside the block when ``enabled``: torch's libraries in IEEE fp32 on the
     CPU and CUDA, whatever the process's precision settings (:func:`~..ops.policy.library_precision`),
-    and cuDNN off (its heuristics may pick Winograd or FFT convolutions)."""
+    cuDNN off (its heuristics may pick Winograd or FFT convolutions), and subnormal numbers kept (the
+    error bounds count an underflow as at most the smallest subnormal, not the smallest normal number)."""
     if not enabled:
         yield
         return
-    cudnn = torch.backends.cudnn.enabled
+    cudnn, flush = torch.backends.cudnn.enabled, flushes_subnormals()
     torch.backends.cudnn.enabled = False
+    if flush:
+        torch.set_flush_denormal(False)
     try:
         with library_precision(False, ("cpu", "cuda")):
             yield
     finally:
         torch.backends.cudnn.enabled = cudnn
+        if flush:
+            torch.set_flush_denormal(True)
 
 
 class Arithmetic:
