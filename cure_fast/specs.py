@@ -73,9 +73,11 @@ class Ball:
             return x
         if self.center.shape != x.shape:
             raise ValueError(f"{self.name}: center has shape {tuple(self.center.shape)} but the input has {tuple(x.shape)}")
-        if self.domain is not None and self.center.numel():
+        if self.center.numel():
             low, high = (float(v) for v in torch.aminmax(self.center))
-            if low < self.domain[0] or high > self.domain[1]:
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"{self.name}: center contains NaN or Inf; give finite centres")
+            if self.domain is not None and (low < self.domain[0] or high > self.domain[1]):
                 raise ValueError(f"{self.name}: center values span [{low:g}, {high:g}], outside the domain "
                                  f"{self.domain}; give a center inside the domain (or domain=None)")
         return self.center.to(device=x.device, dtype=x.dtype)

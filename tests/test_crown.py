@@ -399,6 +399,11 @@ def test_train_mode_and_bad_arguments_give_clear_errors():
         bm.margins(x, y, LinfBall(0.1), method="crown", max_rows=0)
     with pytest.raises(TypeError, match="LinfBall, L2Ball or L1Ball"):
         crown.crown_margins(bm, x, y, [LinfBall(0.1)])
+    with torch.no_grad():
+        model[1].weight[0, 0, 0, 0] = float("nan")
+    for sound in (True, "fp32", False):  # a NaN weight was "not float32-representable" (fp32) or silently -inf
+        with pytest.raises(ValueError, match=r"model's 1.weight contains NaN or Inf"):
+            bm.margins(x, y, LinfBall(0.1), method="crown", sound=sound)
 
 
 @settings(max_examples=40, deadline=None)
@@ -532,3 +537,12 @@ def test_linear_on_a_sequence_of_vectors(sound):
     for method in crown.METHODS:
         margins = BoundedModule(model).margins(x, y, spec, method=method, sound=sound, alpha_steps=3)
         assert margins.shape == (2, 3) and (margins <= true + 1e-5).all(), method
+
+
+def test_an_asymmetric_same_padding_is_refused_naming_what_supports_it():
+    model = nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.ReLU(), nn.Flatten(), nn.Linear(32, 3)).eval()
+    bm, x, y = BoundedModule(model), torch.rand(2, 1, 4, 4), torch.tensor([0, 2])
+    for method in ("ibp",) + crown.METHODS:
+        with pytest.raises(ValueError, match="asymmetric padding .* BoundedModule.propagate's IBP supports it"):
+            crown.crown_margins(bm, x, y, LinfBall(0.1), method=method)
+    assert bm.propagate(x, [LinfBall(0.1)], y).margins[0].shape == (2, 3)

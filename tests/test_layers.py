@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 from torch import nn
 
-from cure_fast import BoundedModule, L2Ball, LinfBall
+from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall
 from cure_fast.engine import crown
 from cure_fast.engine.layers import bound_layer
 from cure_fast.nn import Normalize
@@ -78,6 +78,18 @@ def test_a_set_centre_outside_the_domain_is_refused():
     with pytest.raises(ValueError, match=r"center values span .* outside the domain"):
         BoundedModule(model).propagate(x, [L2Ball(0.1, center=x - 2)])
     BoundedModule(model).propagate(x, [L2Ball(0.1, center=x - 2, domain=None)])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("method", ["ibp", "crown"])
+def test_a_set_centre_that_is_not_finite_is_refused(bad, method):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    x = torch.rand(2, 4)
+    center = x.clone()
+    center[1, 2] = bad
+    for spec in (LinfBall(0.1, center=center, domain=None), L1Ball(0.1, center=center, domain=None)):
+        with pytest.raises(ValueError, match="center contains NaN or Inf"):
+            BoundedModule(model).margins(x, torch.tensor([0, 1]), spec, method=method)
 
 
 INPLACE = {

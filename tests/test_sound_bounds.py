@@ -202,6 +202,56 @@ def test_a_backward_pass_that_overflows_falls_back_to_ibp():
         assert bound == ibp and Fraction(float(bound)) <= smallest, method
 
 
+
+def _two_relus(w1, b1, w2, b2, w3, dtype):
+    """Linear(1, 1), ReLU, Linear(1, 1), ReLU, Linear(1, 2) with margin ``z0 - z1 = 1 - w3 h2``."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2)).to(dtype).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(w1)
+        model[0].bias.fill_(b1)
+        model[2].weight.fill_(w2)
+        model[2].bias.fill_(b2)
+        model[4].weight.copy_(torch.tensor([[0.0], [w3]], dtype=dtype))
+        model[4].bias.copy_(torch.tensor([1.0, 0.0], dtype=dtype))
+    return model
+
+
+@pytest.mark.parametrize("dtype, weights, eps, modes", [
+    (torch.float32, (1e25, 0.0, 1e25, -5e34, 1e-30), 1e-15, ["fp32", False]),
+    (torch.float64, (3.0056302211996516e+224, -3.68436280393947e-36, 1.4791057930591257e+245,
+                     -1.0729426063720253e+210, 1.0343503768463839e-210), 4.349381789419529e-260, [True, False]),
+], ids=["float32", "float64"])
+def test_a_pre_activation_bound_that_overflows_to_nan_is_no_dead_neuron(dtype, weights, eps, modes):
+    """Pure CROWN's bound on the second ReLU's input overflows (-inf + inf = NaN): read as ``NaN < 0``
+    is False the neuron looked dead and the margin bound was 1, above the margin the net reaches at
+    x + eps (exact rational arithmetic; plain arithmetic within 1e-6 of it); a NaN bound is unknown
+    (-inf / +inf), every bound through it NaN and discarded."""
+    w1, b1, w2, b2, w3 = weights
+    bm = BoundedModule(_two_relus(w1, b1, w2, b2, w3, dtype))
+    x, y, spec = torch.zeros(1, 1, dtype=dtype), torch.tensor([0]), LinfBall(eps, domain=None)
+    h1 = max(Fraction(w1) * Fraction(eps) + Fraction(b1), Fraction(0))
+    reached = 1 - Fraction(w3) * max(Fraction(w2) * h1 + Fraction(b2), Fraction(0))
+    for method, sound in itertools.product(crown.METHODS, modes):
+        bound = crown.crown_margins(bm, x, y, spec, method=method, sound=sound)[0, 1]
+        slack = 0 if sound else Fraction(1, 10 ** 6) * abs(reached)
+        assert Fraction(float(bound)) <= reached + slack, (method, sound, float(bound), float(reached))
+
+
+@pytest.mark.parametrize("spec", [L2Ball(0.05), L1Ball(0.05)])
+def test_an_exact_first_layer_that_overflows_gives_no_certificate(spec):
+    """Weights of 3e38 on two inputs of 0.9: the l2 / l1 first layer overflows float32 (NaN bounds);
+    every method of plain float32 returned a margin of 1 where the net's margin is -5.4e8."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[3e38, 3e38], [-3e38, -3e38]]))
+        model[0].bias.zero_()
+        model[2].weight.copy_(torch.tensor([[0.0, 0.0], [1e-30, 0.0]]))
+        model[2].bias.copy_(torch.tensor([1.0, 0.0]))
+    bm, x, y = BoundedModule(model), torch.tensor([[0.9, 0.9]]), torch.tensor([0])
+    for method, sound in itertools.product(crown.METHODS, [False, "fp32", True]):
+        assert crown.crown_margins(bm, x, y, spec, method=method, sound=sound)[0, 1] < -5e8, (method, sound)
+    for lower, upper in crown.preactivation_bounds(bm, x, spec, method="crown-ibp", sound=False):
+        assert not (lower.isnan().any() or upper.isnan().any())
 @pytest.mark.parametrize("slope", [0.01, 0.7])
 def test_alpha_crown_slopes_searched_in_float32_stay_in_the_real_range(slope):
     """float32(0.01) and float32(0.7) lie below 0.01 and 0.7: a lower line with such a slope is above
@@ -398,3 +448,12 @@ def test_dead_relus_leave_no_subnormal_numbers(mode):
         logits = model(points.flatten(0, 1)).view(128, 2, 3)
     true = (logits.gather(2, y[None, :, None].expand(128, -1, 1)) - logits).amin(0)
     assert (margins <= true).all()
+
+
+@pytest.mark.parametrize("spec", [LinfBall(0.05), L2Ball(0.05), L1Ball(0.05)])
+def test_ibp_margins_lost_to_an_overflow_are_minus_infinity_and_zero_at_the_label(spec):
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.fill_(3e38)
+    margins = BoundedModule(model).propagate(torch.tensor([[0.9, 0.9]]), [spec], torch.tensor([1])).margins[0]
+    assert margins.tolist() == [[-float("inf"), 0.0, -float("inf")]]

@@ -47,7 +47,8 @@ class Propagation:
     Attributes:
         logits: natural output (B, K).
         bounds: per spec, ``(lower, upper)`` on the output, each (B, K).
-        margins: per spec, lower bounds on ``z_y - z_j`` (B, K), 0 at ``j = y``; None without labels.
+        margins: per spec, lower bounds on ``z_y - z_j`` (B, K), 0 at ``j = y``, -inf where an overflow
+            lost the bound; None without labels.
         layer_names: position of every layer of the flattened model.
         sound: False when a shrinking box was applied (training only): then bounds and margins are
             NOT bounds of the network over the input sets.
@@ -133,10 +134,14 @@ def _fold_affines(linear: nn.Linear, affines: List[Affine]) -> Tuple[Tensor, Ten
     return weight, bias
 
 
+def _lost_as_no_bound(margins: Tensor, labels: Tensor) -> Tensor:
+    """Margins (B, K) with NaN (a bound lost to an overflow) as -inf, and exactly 0 at the labels."""
+    return torch.where(margins.isnan(), -float("inf"), margins).scatter(1, labels[:, None], 0.0)
+
+
 def _margins_from_bounds(lower: Tensor, upper: Tensor, labels: Tensor) -> Tensor:
     """``l_y - u_j`` (0 at j = y): the margin bound when the specification cannot be folded."""
-    margins = lower.gather(1, labels[:, None]) - upper
-    return margins.scatter(1, labels[:, None], 0.0)
+    return _lost_as_no_bound(lower.gather(1, labels[:, None]) - upper, labels)
 
 
 class BoundedModule(nn.Module):
@@ -334,7 +339,7 @@ class BoundedModule(nn.Module):
                 margins.append(torch.maximum(ball, per_block[k]) if k in per_block else ball)
             else:
                 margins.append(per_block[k])
-        return margins
+        return [_lost_as_no_bound(m, labels) for m in margins]
 
     def extra_repr(self) -> str:
         return f"backend={self.backend or 'default'}"

@@ -91,6 +91,7 @@ from ..specs import Ball, L1Ball, L2Ball, LinfBall
 from . import alpha, heap, passes, rounding
 from .inputs import InputSet, SoundInputSet
 from .layers import Layer, Operator
+from .layers.activation import unknown_as_infinite
 from .passes import Interval
 from .rounding import round_down
 
@@ -151,6 +152,13 @@ def _floating(model: nn.Module) -> List[Tensor]:
     return [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
 
 
+def _check_finite(model: nn.Module) -> None:
+    """A ValueError naming the first parameter or buffer with a NaN or infinite entry."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"the model's {name} contains NaN or Inf: no bound holds for it (a diverged training run?)")
+
+
 def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The model, or a copy in ``dtype`` when some floating tensor is in another."""
     return model if all(t.dtype == dtype for t in _floating(model)) else copy.deepcopy(model).to(dtype)
@@ -174,6 +182,7 @@ def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec,
         raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}")
     for layer in bounded.layers:
         layer.check_certifiable()
+    _check_finite(bounded.model)
     given, mode = x, _mode(sound)
     if mode is not None:
         model = _float32(bounded.model) if mode == "fp32" else _in_dtype(bounded.model, torch.float64)
@@ -281,11 +290,13 @@ def preactivation_bounds(bounded: BoundedModule, x: Tensor, spec: Spec, method: 
     """Bounds ``(lower, upper)`` on the input of every ReLU, in order, each (B, *shape) in x's dtype
     (rounded outwards), as the CROWN-family methods use them (``sound`` as in :func:`crown_margins`).
 
-    ``method``: ``"crown-ibp"`` (IBP's bounds), ``"crown"`` or ``"alpha-crown"`` (CROWN's bounds).
+    ``method``: ``"crown-ibp"`` (IBP's bounds), ``"crown"`` or ``"alpha-crown"`` (CROWN's bounds). A
+    bound lost to an overflow (NaN) is returned as -inf / +inf.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     with rounding.strict(_mode(sound) is not None):
         problem = _problem(bounded, x, None, spec, sound, max_rows)
         bounds = passes.relaxations(problem, crown=method != "crown-ibp").bounds
-    return [(round_down(lower, x.dtype), -round_down(-upper, x.dtype)) for lower, upper in bounds.values()]
+    bounds = [unknown_as_infinite(lower, upper) for lower, upper in bounds.values()]
+    return [(round_down(lower, x.dtype), -round_down(-upper, x.dtype)) for lower, upper in bounds]

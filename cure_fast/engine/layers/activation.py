@@ -24,6 +24,14 @@ from ..window import Window, pixel_major, rowsum, runs
 from .base import Context, Layer, register_layer
 
 
+def unknown_as_infinite(l: Tensor, u: Tensor) -> Tuple[Tensor, Tensor]:
+    """Pre-activation bounds with NaN (an overflow on the way) as unknown: -inf / +inf. A neuron with an
+    infinite bound on the side it can cross 0 gets a NaN upper line, so every bound through it is NaN
+    and discarded (the CROWN family keeps the larger of two bounds with ``fmax``), never a certificate;
+    ``NaN < 0`` being False, it would otherwise be taken for a dead neuron."""
+    return torch.where(l.isnan(), -float("inf"), l), torch.where(u.isnan(), float("inf"), u)
+
+
 @dataclass
 class Relaxation:
     """Linear bounds ``lower * h <= f(h) <= upper * h + offset`` of an activation: ``packed``
@@ -60,7 +68,9 @@ class Relaxation:
 
     @classmethod
     def of(cls, l: Tensor, u: Tensor, slope: float = 0.0) -> "Relaxation":
-        """The CROWN relaxation of LeakyReLU with negative slope ``slope`` (0: ReLU) over l, u (B, *shape)."""
+        """The CROWN relaxation of LeakyReLU with negative slope ``slope`` (0: ReLU) over l, u (B, *shape)
+        (see :func:`unknown_as_infinite` for NaN bounds)."""
+        l, u = unknown_as_infinite(l, u)
         unstable = (l < 0) & (u > 0)
         stable = torch.where(l >= 0, torch.ones_like(l), torch.full_like(l, slope))
         chord = (u - slope * l) / torch.where(unstable, u - l, torch.ones_like(u))
@@ -78,6 +88,7 @@ class Relaxation:
         line's offset recomputed in float64 from its slope s, ``max(f(l) - s l, f(u) - s u)``, rounded
         up (its products and differences are off by at most 2^-52 of the magnitudes, or 2^-1074 where
         they underflow, far below the ``FLOOR`` added): above f at both ends, so above the convex f on ``[l, u]``."""
+        l, u = unknown_as_infinite(l, u)
         low, high = bracket(slope, l.dtype)
         unstable = (l < 0) & (u > 0)
         one, below, above = torch.ones_like(l), torch.full_like(l, low), torch.full_like(l, high)

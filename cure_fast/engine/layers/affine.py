@@ -140,7 +140,8 @@ def int_padding(module: nn.Conv2d) -> Tuple[int, int]:
         return (0, 0)
     total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
     if any(t % 2 for t in total):
-        raise ValueError(f"{module}: padding='same' with an asymmetric padding is not supported by CROWN")
+        raise ValueError(f"{module}: padding='same' with an asymmetric padding is not supported by crown_margins "
+                         f"and preactivation_bounds (any method); BoundedModule.propagate's IBP supports it")
     return tuple(t // 2 for t in total)
 
 
