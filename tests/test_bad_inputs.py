@@ -153,7 +153,20 @@ BAD_VALUES = {
     "set-norms-comma": (_train("norms=inf,2"), 2, ["norms='inf,2'", "write a list in brackets: norms=[inf, 2]"]),
     "set-two-pairs": (lambda w: ["train", "--config", str(w.config), "--set", "lr=1e-3", "epochs=2"], 2,
                       ["unrecognized arguments: epochs=2", "give each KEY=VALUE its own --set"]),
+    "out-dir-a-file": (lambda w: _train(f"out_dir={w.config}")(w), 2, ["out_dir=", "is a file; give a folder"]),
+    "out-dir-under-a-file": (lambda w: _train(f"out_dir={w.config}/runs")(w), 2,
+                             ["out_dir=", "cannot create the run folder"]),
+    "certify-out-a-file": (lambda w: _certify("--out", str(w.config))(w), 2, ["is a file; give the report a folder"]),
+    "certify-out-a-finished-report": (lambda w: _certify("--out", str(_finished_report(w)))(w), 2,
+                                      ["holds an earlier report (summary.json)", "never replaces"]),
 }
+
+
+def _finished_report(w):
+    folder = w.root / "old-report"
+    folder.mkdir(exist_ok=True)
+    (folder / "summary.json").write_text('{"images": 5}')
+    return folder
 
 BROKEN_FILES = {
     "resume-truncated": (lambda w: ["train", "--resume", str(w.root / "run-truncated")], ["checkpoint.pt is truncated"]),

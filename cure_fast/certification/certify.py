@@ -178,6 +178,18 @@ def _new_report_folder(run_dir: str, name: str) -> str:
             return folder
 
 
+def _check_report_folder(out_dir: str) -> None:
+    """A ConfigError unless ``out_dir`` is a new folder, or one without a finished report."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"--out {out_dir} is a file; give the report a folder")
+    if os.path.isfile(os.path.join(out_dir, "config.yaml")):
+        raise ConfigError(f"--out {out_dir} is a training run's folder (it holds config.yaml); give the report a "
+                          f"folder of its own")
+    if os.path.isfile(os.path.join(out_dir, "summary.json")):
+        raise ConfigError(f"--out {out_dir} holds an earlier report (summary.json), which a new certification never "
+                          f"replaces; give another folder, or leave --out out for a new one beside it")
+
+
 def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str = "ibp", limit: Optional[int] = None,
                 data_root: Optional[str] = None, out_dir: Optional[str] = None, pgd_steps: int = 20,
                 batch_size: int = 100, sound: Union[bool, str] = True, curve: Sequence[float] = CURVE,
@@ -210,9 +222,7 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
         test = data.ImageData(test.images[first:], test.labels[first:])
     out_dir = out_dir or _new_report_folder(path if os.path.isdir(path) else os.path.dirname(path),
                                             f"certify-{protocol or method}")
-    if os.path.isfile(os.path.join(out_dir, "config.yaml")):
-        raise ConfigError(f"--out {out_dir} is a training run's folder (it holds config.yaml); give the report a "
-                          f"folder of its own")
+    _check_report_folder(out_dir)
     with _report_folder(out_dir):
         n = len(test.labels)
         verb = "certifying" if sound is not False else "bounding (--fast: plain fp32, not certificates)"

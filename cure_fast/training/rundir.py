@@ -9,6 +9,7 @@ whole from the history), then ``checkpoint.pt``. The write-up after the last epo
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -18,6 +19,7 @@ from typing import Dict, List, Optional
 import yaml
 
 from ..config import TrainConfig, to_dict
+from ..errors import ConfigError
 from ..reporting import format_table, plot_curves, plot_summary
 from ..storage import save_torch, write_atomic, write_json
 
@@ -33,6 +35,19 @@ def new_run_dir(out_dir: str, name: str) -> str:
         n += 1
         path = os.path.join(out_dir, f"{name}-{n}")
     return path
+
+
+def make_run_dir(run_dir: str, out_dir: str) -> None:
+    """Create the run folder ``run_dir`` under ``out_dir``; a ConfigError naming out_dir when it cannot be
+    (a full disk stays a DiskFullError)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir={out_dir!r} is a file; give a folder for the runs")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise
+        raise ConfigError(f"out_dir={out_dir!r}: cannot create the run folder {run_dir} ({error.strerror})") from None
 
 
 def resume_command(run_dir: str) -> str:

@@ -80,7 +80,7 @@ class Trainer:
             return
         with self._disk_full_advice():
             if self.rank == 0:
-                os.makedirs(self.run_dir, exist_ok=True)
+                rundir.make_run_dir(self.run_dir, cfg.out_dir)
                 rundir.write_config(self.run_dir, cfg)
                 print(f"{cfg.name}: training {self.architecture} on {len(self.train_set)} images, testing on "
                       f"{len(self.test_set)}; writing to {self.run_dir}", flush=True)
