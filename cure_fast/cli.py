@@ -60,7 +60,7 @@ def demo(args: argparse.Namespace) -> None:
     """Train a small CNN on real MNIST three ways (l∞ only, l2 only, CURE multi-norm) and compare."""
     from .config import load_config
     from .reporting import format_table, plot_summary
-    from .training.rundir import caption
+    from .training.rundir import caption, new_path
     from .training.trainer import Trainer
     start, rows = time.perf_counter(), {}
     configs = [load_config(preset, overrides=[f"out_dir={args.out_dir}"] + args.set) for preset, _ in DEMO]
@@ -74,7 +74,7 @@ def demo(args: argparse.Namespace) -> None:
     title = caption(configs[0], images) + " (certified by IBP; union: certified for both at once)"
     print(f"\n{title}")
     print(format_table(rows))
-    path = f"{args.out_dir}/demo-summary.png"
+    path = new_path(args.out_dir, "demo-summary", ".png")  # a second demo keeps the first one's table
     plot_summary(rows, path, title=caption(configs[0], images))
     print(f"table saved to {path}; wall time {time.perf_counter() - start:.0f} s")
 

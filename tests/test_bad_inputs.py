@@ -266,12 +266,18 @@ def test_init_from_accepts_checkpoint_and_model_files(world, tmp_path):
             assert torch.equal(value, saved[key]), (name, key)
 
 
-def test_demo_prints_the_number_of_images_it_evaluated(world, capsys):
-    main(["demo", "--out-dir", str(world.root / "demo"), "--set", f"data_root={world.data}", "--set", "eval_limit=20",
-          "--set", "train_limit=64", "--set", "epochs=1", "--set", "eps_end_epoch=1", "--set", "model=mlp",
-          "--set", "model_args={hidden: [8]}", "--set", "eval_pgd_steps=1", "--set", "progress=false"])
+def test_demo_prints_the_number_of_images_it_evaluated_and_a_second_demo_keeps_the_first(world, capsys):
+    demo = world.root / "demo"
+    argv = ["demo", "--out-dir", str(demo), "--set", f"data_root={world.data}", "--set", "eval_limit=20",
+            "--set", "train_limit=64", "--set", "epochs=1", "--set", "eps_end_epoch=1", "--set", "model=mlp",
+            "--set", "model_args={hidden: [8]}", "--set", "eval_pgd_steps=1", "--set", "progress=false"]
+    main(argv)
     out = capsys.readouterr().out
     assert "test accuracy on 20 images, l∞ eps 0.2, l2 eps 0.5" in out and "1000" not in out
+    first = {p.name: p.read_bytes() for p in demo.iterdir() if p.is_file()}
+    main(argv)
+    assert f"table saved to {demo / 'demo-summary-2.png'}" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in demo.iterdir() if p.name in first} == first
 
 
 def test_a_finished_run_resumes_for_the_epochs_added_to_its_config(world, tmp_path, capsys):

@@ -28,12 +28,12 @@ PER_SAMPLE, MODEL, CURVES, SUMMARY_PNG, SUMMARY = ("test_per_sample.csv", "model
                                                    "summary.json")
 
 
-def new_run_dir(out_dir: str, name: str) -> str:
-    """``out_dir/name``, or ``out_dir/name-2``, ``-3``, ... when taken."""
-    path, n = os.path.join(out_dir, name), 1
+def new_path(folder: str, name: str, suffix: str = "") -> str:
+    """``folder/NAME SUFFIX``, or ``folder/NAME-2 SUFFIX``, ``-3``, ... when taken (a run folder, a report)."""
+    path, n = os.path.join(folder, name + suffix), 1
     while os.path.exists(path):
         n += 1
-        path = os.path.join(out_dir, f"{name}-{n}")
+        path = os.path.join(folder, f"{name}-{n}{suffix}")
     return path
 
 

@@ -51,7 +51,7 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(self.device)
         torch.manual_seed(cfg.seed)
-        self.run_dir = self._agree(run_dir or (rundir.new_run_dir(cfg.out_dir, cfg.name) if self.rank == 0 else None))
+        self.run_dir = self._agree(run_dir or (rundir.new_path(cfg.out_dir, cfg.name) if self.rank == 0 else None))
         if resume and not os.path.isfile(self._checkpoint_path()):
             raise CheckpointError(f"cannot resume: no {rundir.CHECKPOINT} in {self.run_dir}; start a new run instead")
         self.train_set = data.load_dataset(cfg.dataset, cfg.train_split, cfg.data_root, limit=cfg.train_limit)
