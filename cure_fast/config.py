@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import math
 import os
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -248,12 +249,28 @@ def validate(config: TrainConfig, sources: Optional[Dict[str, str]] = None) -> T
     return config
 
 
+class StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader refusing a key given twice in one mapping (plain YAML keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):
+                continue  # the base class refuses it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _parse_override(item: str):
     if "=" not in item:
         _fail(f"--set {item!r} is not of the form key=value")
     key, value = item.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), yaml.load(value, Loader=StrictLoader)
     except yaml.YAMLError as error:
         _fail(f"--set {item!r}: the value is not valid YAML ({getattr(error, 'problem', None) or error})")
 
@@ -267,7 +284,7 @@ def read_yaml(path: str, label: Optional[str] = None) -> Dict[str, Any]:
     label = label or path
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=StrictLoader)
     except FileNotFoundError:
         _fail(f"{label}: no such file")
     except IsADirectoryError:

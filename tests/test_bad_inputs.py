@@ -159,7 +159,16 @@ BAD_VALUES = {
     "certify-out-a-file": (lambda w: _certify("--out", str(w.config))(w), 2, ["is a file; give the report a folder"]),
     "certify-out-a-finished-report": (lambda w: _certify("--out", str(_finished_report(w)))(w), 2,
                                       ["holds an earlier report (summary.json)", "never replaces"]),
+    "config-duplicate-key": (lambda w: ["train", "--config", str(_with_duplicate_key(w))], 2,
+                             ["is not valid YAML at line", "key 'lr' is given twice"]),
+    "set-duplicate-key": (_train("model_args={hidden: [8], hidden: [4]}"), 2, ["key 'hidden' is given twice"]),
 }
+
+
+def _with_duplicate_key(w):
+    path = w.root / "duplicate.yaml"
+    path.write_text(w.config.read_text() + "lr: 0.1\nlr: 0.2\n")
+    return path
 
 
 def _finished_report(w):

@@ -178,9 +178,11 @@ def test_l2_pgd_stays_in_ball_and_domain_and_finds_the_linear_worst_case():
     torch.testing.assert_close(best @ w, exact, rtol=0, atol=1e-4)
 
 
-def test_presets_load_and_validate():
+def test_presets_load_and_validate(tmp_path):
+    pretrained = tmp_path / "model.pt"
+    pretrained.write_bytes(b"")
     for name in presets():
-        config = load_config(name)
+        config = load_config(name, overrides=[f"init_from={pretrained}"] if "finetune" in name else [])
         assert config.name == name
     cifar = load_config("cifar10-2-cure")
     assert cifar.eps_inf == pytest.approx(2 / 255) and cifar.batch_size == 128 and cifar.lr_milestones == [119, 139]  # 0-based
