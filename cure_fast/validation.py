@@ -34,7 +34,7 @@ def did_you_mean(word: object, choices: Iterable[str]) -> str:
     word, choices = str(word), [str(c) for c in choices]
     if SYNONYMS.get(word.lower()) in choices:
         return f"; did you mean {SYNONYMS[word.lower()]!r}?"
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
     close = close or [c for c in choices if len(c) > 1 and len(word) > 1 and (word.startswith(c) or c.startswith(word))]
     return f"; did you mean {close[0]!r}?" if close else ""
 

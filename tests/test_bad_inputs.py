@@ -161,6 +161,7 @@ BAD_VALUES = {
                                       ["holds an earlier report (summary.json)", "never replaces"]),
     "config-duplicate-key": (lambda w: ["train", "--config", str(_with_duplicate_key(w))], 2,
                              ["is not valid YAML at line", "key 'lr' is given twice"]),
+    "choice-typo": (_train("sabr_l2_set=boks"), 2, ["sabr_l2_set='boks'", "did you mean 'box'"]),
     "set-duplicate-key": (_train("model_args={hidden: [8], hidden: [4]}"), 2, ["key 'hidden' is given twice"]),
 }
 
