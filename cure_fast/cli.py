@@ -130,13 +130,15 @@ def _parser() -> OneLineParser:
     parser.add_argument("--version", action="version", version=f"cure-fast {cure_fast.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     quick = commands.add_parser("quickstart", help=quickstart.__doc__)
-    quick.add_argument("--model", default="cnn7", choices=sorted(models.MODELS))
-    quick.add_argument("--dataset", default="mnist", choices=sorted(models.DATASETS))
-    quick.add_argument("--batch", type=integer_type(1), default=32)
-    quick.add_argument("--linf", type=number_type(0, high=1), default=0.1)
-    quick.add_argument("--l2", type=number_type(0), default=0.5)
-    quick.add_argument("--backend", default=None, choices=backends.CHOICES)
-    quick.add_argument("--repeats", type=integer_type(1), default=5)
+    quick.add_argument("--model", default="cnn7", choices=sorted(models.MODELS), help="architecture (default cnn7)")
+    quick.add_argument("--dataset", default="mnist", choices=sorted(models.DATASETS),
+                       help="input shape and classes of this data set (random inputs; default mnist)")
+    quick.add_argument("--batch", type=integer_type(1), default=32, help="batch size (default 32)")
+    quick.add_argument("--linf", type=number_type(0, high=1), default=0.1, help="l∞ eps in pixel space (default 0.1)")
+    quick.add_argument("--l2", type=number_type(0), default=0.5, help="l2 eps in pixel space (default 0.5)")
+    quick.add_argument("--backend", default=None, choices=backends.CHOICES,
+                       help="the ops' backend (default: set_backend / $CURE_FAST_BACKEND / auto)")
+    quick.add_argument("--repeats", type=integer_type(1), default=5, help="timed repeats per step (median; default 5)")
     quick.set_defaults(run=quickstart)
     commands.add_parser("info", help=info.__doc__).set_defaults(run=info)
     from .training.trainer import add_arguments
@@ -148,7 +150,7 @@ def _parser() -> OneLineParser:
     certify_arguments(certifier)
     certifier.set_defaults(run=certify_command)
     show = commands.add_parser("demo", help=demo.__doc__)
-    show.add_argument("--out-dir", default="runs/demo")
+    show.add_argument("--out-dir", default="runs/demo", help="folder of the three runs and the table (default runs/demo)")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of all three runs")
     show.set_defaults(run=demo)
     return parser

@@ -323,11 +323,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=("paper",), help="paper: the CURE paper's test images, eps per norm "
                         "(l∞, l2, l1) and certifier (alpha-crown), and its union table")
     parser.add_argument("--limit", type=integer_type(1), help="certify the first N test images")
-    parser.add_argument("--data-root")
+    parser.add_argument("--data-root", help="folder holding the data sets (default: the run's data_root)")
     parser.add_argument("--out", help="report folder (default: RUN_DIR/certify-METHOD, or certify-METHOD-2, … "
                         "when that holds an earlier report)")
-    parser.add_argument("--pgd-steps", type=integer_type(0), default=20)
-    parser.add_argument("--batch-size", type=integer_type(1), default=100)
+    parser.add_argument("--pgd-steps", type=integer_type(0), default=20, help="PGD steps of the empirical robustness "
+                        "attack per norm (0: none; default 20)")
+    parser.add_argument("--batch-size", type=integer_type(1), default=100, help="test images per batch (default 100)")
     parser.add_argument("--sound", choices=("fp64", "fp32"), help="the certifier's arithmetic: fp64 (the default) "
                         "or fp32 with every rounding error bounded (certificates for the float32 weights)")
     parser.add_argument("--fast", action="store_true", help="fp32 without accounting for rounding (not a "
@@ -335,7 +336,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-alpha-intermediate", action="store_true", help="α-CROWN on the final slopes only "
                         "(the pre-activation bounds' slopes cost about 20 CROWN passes per uncertified image)")
     parser.add_argument("--no-curve", action="store_true", help="skip certified accuracy at fractions of eps")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: a GPU when there is one")
     parser.add_argument("--smoothing", default="", help="randomized smoothing sigmas, e.g. 0.25,0.5")
     parser.add_argument("--smoothing-n", type=integer_type(1), help=f"noise samples per image for smoothing's "
                         f"certificate (default {SMOOTHING_N})")

@@ -52,12 +52,12 @@ class Evaluation:
     def summary(self) -> Dict[str, float]:
         """Accuracies in [0, 1]: clean, pgd_<norm>, certified_<norm>, union (certified for all
         norms), empirical_union (PGD-robust for all norms)."""
-        out = {"clean": self.correct.float().mean().item()}
+        out = {"clean": self.correct.double().mean().item()}  # float64: 0.8, not 0.800000011920929
         for norm in self.certified:
-            out[f"pgd_{norm}"] = self.pgd_robust[norm].float().mean().item()
-            out[f"certified_{norm}"] = self.certified[norm].float().mean().item()
-        out["union"] = torch.stack(list(self.certified.values())).all(0).float().mean().item()
-        out["empirical_union"] = torch.stack(list(self.pgd_robust.values())).all(0).float().mean().item()
+            out[f"pgd_{norm}"] = self.pgd_robust[norm].double().mean().item()
+            out[f"certified_{norm}"] = self.certified[norm].double().mean().item()
+        out["union"] = torch.stack(list(self.certified.values())).all(0).double().mean().item()
+        out["empirical_union"] = torch.stack(list(self.pgd_robust.values())).all(0).double().mean().item()
         return out
 
 

@@ -157,9 +157,9 @@ def geometric_robustness(model: nn.Module, images: Tensor, labels: Tensor,
     samples = [{"index": i, "label": int(labels[i]), "correct": bool(correct[i]),
                 "robust": {family: bool(r[i]) for family, r in robust.items()}, "worst_case": bool(worst[i])}
                for i in range(len(labels))]
-    return {"clean": correct.float().mean().item(),
-            "families": {family: r.float().mean().item() for family, r in robust.items()},
-            "worst_case": worst.float().mean().item(),
+    return {"clean": correct.double().mean().item(),
+            "families": {family: r.double().mean().item() for family, r in robust.items()},
+            "worst_case": worst.double().mean().item(),
             "grid": {family: values.tolist() for family, values in params.items()},
             "samples": samples}
 

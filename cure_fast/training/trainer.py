@@ -298,7 +298,7 @@ class Trainer:
         if self.rank == 0 and rundir.completed_summary(self.run_dir) is not None:
             return f"stopped by {name} as the run completed: results in {self.run_dir}, nothing to resume"
         if self.epoch >= cfg.epochs:
-            saved = f"training is finished ({self._checkpoint_path()} holds all {cfg.epochs} epochs), the report not"
+            saved = f"training is finished ({self._checkpoint_path()} holds all {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}), the report not"
         else:
             lost = f" (epoch {self.epoch + 1}, in progress, is lost)" if self.in_epoch else ""
             saved = f"saved {self._checkpoint_path()} at epoch {self.epoch} of {cfg.epochs}{lost}"
@@ -384,7 +384,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     parser.add_argument("--data-root", help="folder holding the data sets")
-    parser.add_argument("--list-presets", action="store_true")
+    parser.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
 
 
 def run_from_args(args: argparse.Namespace) -> Dict[str, float]:
