@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import math
 import os
+import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -333,8 +334,24 @@ def from_dict(data: Dict[str, Any], sources: Optional[Dict[str, str]] = None) ->
     for key in data:
         if key not in known:
             _fail(f"unknown key {key!r}{_where(key, sources or {})}{did_you_mean(key, known)} "
-                  "(the keys are the fields of cure_fast.config.TrainConfig)")
+                  "(cure-fast train --list-keys lists them)")
     return validate(TrainConfig(**data), sources)
+
+
+def describe_keys() -> List[str]:
+    """One line per config key: its default, what it takes, and what it does (TrainConfig's comments)."""
+    comments = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(TrainConfig), flags=re.M))
+    defaults = to_dict(TrainConfig())
+    lines = []
+    for name, default in defaults.items():
+        rule = RULES.get(name)
+        takes = "a number >= 0 in pixel space, at most what covers the image domain" if name in EPS_KEYS else rule.allowed
+        if getattr(rule, "optional", False) and "null" not in takes:
+            takes += ", or null"
+        what = f" — {comments[name]}" if name in comments else ""
+        shown = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
+        lines.append(f"{name} (default {shown}): {takes}{what}")
+    return lines
 
 
 def to_dict(config: TrainConfig) -> Dict[str, Any]:

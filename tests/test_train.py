@@ -1,4 +1,5 @@
 """The trainer: every method trains, the formulas, exact resume, NaN handling, DDP equivalence."""
+import dataclasses
 import math
 import os
 import socket
@@ -9,7 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cure_fast import BoundedModule, L2Ball, LinfBall
-from cure_fast.config import from_dict, load_config, presets
+from cure_fast.config import TrainConfig, from_dict, load_config, presets
 from cure_fast.reporting import format_table
 from cure_fast.specs import contains
 from cure_fast.training import attacks, objectives
@@ -234,3 +235,13 @@ def test_ddp_with_two_cpu_processes_matches_a_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, port, config, out), nprocs=2, join=True)
     for (name, a), b in zip(single.model.state_dict().items(), torch.load(out, weights_only=True).values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_list_keys_names_every_config_key_with_its_default(capsys):
+    from cure_fast.cli import main
+    main(["train", "--list-keys"])
+    lines = capsys.readouterr().out.splitlines()
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert [line.split(" ", 1)[0] for line in lines] == fields
+    assert "lr (default 0.0005): a number > 0" in lines[fields.index("lr")]
+    assert "init_from (default null): a non-empty string, or null — fine-tune" in lines[fields.index("init_from")]

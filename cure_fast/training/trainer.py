@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .. import checkpoints, data, faults, models
 from ..certification.evaluate import Evaluation, evaluate
-from ..config import TrainConfig, load_config, presets, resolve_device, to_dict, validate
+from ..config import TrainConfig, describe_keys, load_config, presets, resolve_device, to_dict, validate
 from ..errors import CheckpointError, ConfigError, DiskFullError, SignalGuard, TrainingError, one_line_errors
 from ..ops import registry
 from ..storage import remove_temporaries, save_torch
@@ -385,11 +385,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
     parser.add_argument("--data-root", help="folder holding the data sets")
     parser.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
+    parser.add_argument("--list-keys", action="store_true", help="print every config key (default, values, "
+                        "what it does) and exit")
 
 
 def run_from_args(args: argparse.Namespace) -> Dict[str, float]:
     if args.list_presets:
         print("\n".join(presets()))
+        return {}
+    if args.list_keys:
+        print("\n".join(describe_keys()))
         return {}
     if args.resume:
         if args.preset or args.config or args.set:
@@ -406,7 +411,8 @@ def run_from_args(args: argparse.Namespace) -> Dict[str, float]:
                              values={"data_root": args.data_root} if args.data_root else None)
         return train(config, args.resume, resume=True)
     if not (args.preset or args.config):
-        raise ConfigError("give --preset NAME or --config FILE (or --resume RUN_DIR); --list-presets lists the presets")
+        raise ConfigError("give --preset NAME or --config FILE (or --resume RUN_DIR); --list-presets lists the "
+                          "presets, --list-keys the config keys")
     overrides = list(args.set) + ([f"data_root={args.data_root}"] if args.data_root else [])
     return train(load_config(args.preset, args.config, overrides))
 
