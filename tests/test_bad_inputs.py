@@ -156,7 +156,7 @@ BAD_VALUES = {
     "out-dir-a-file": (lambda w: _train(f"out_dir={w.config}")(w), 2, ["out_dir=", "is a file; give a folder"]),
     "out-dir-under-a-file": (lambda w: _train(f"out_dir={w.config}/runs")(w), 2,
                              ["out_dir=", "cannot create the run folder"]),
-    "certify-out-a-file": (lambda w: _certify("--out", str(w.config))(w), 2, ["is a file; give the report a folder"]),
+    "certify-out-a-file": (lambda w: _certify("--out", str(w.config))(w), 2, ["is a file; give another with --out"]),
     "certify-out-a-finished-report": (lambda w: _certify("--out", str(_finished_report(w)))(w), 2,
                                       ["holds an earlier report (summary.json)", "never replaces"]),
     "config-duplicate-key": (lambda w: ["train", "--config", str(_with_duplicate_key(w))], 2,

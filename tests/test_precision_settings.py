@@ -2,6 +2,12 @@
 IEEE fp32 (or TF32 on CUDA) from any state the process put them in, through the legacy flags or the
 per-library ``fp32_precision`` of torch 2.9+, without tripping torch's check against mixing the two,
 and restores that state after."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
 import pytest
 import torch
 
@@ -10,8 +16,6 @@ from cure_fast.engine import rounding
 from cure_fast.ops import policy
 
 per_library = pytest.mark.skipif(not policy._PER_BACKEND, reason="torch before 2.9 has no per-library settings")
-KEYS = [(library, op) for library in ("generic", "cuda", "mkldnn") for op in ("all", "matmul", "conv", "rnn")
-        if (library == "generic") == (op == "all")]
 
 STATES = {  # what a user may have run before calling us
     "default": [],
@@ -26,20 +30,30 @@ STATES = {  # what a user may have run before calling us
 }
 
 
-def raw_settings() -> dict:
-    return {key: torch._C._get_fp32_precision_getter(*key) for key in KEYS}
+def settings() -> tuple:
+    """torch's fp32 settings as a user leaves them: the global one, each library's and each op's ("none"
+    where one follows the level above: torch's getters return the resolved value)."""
+    get = torch._C._get_fp32_precision_getter
+    generic = get("generic", "all")
+    libraries = {library: "none" if get(library, "all") == generic else get(library, "all")
+                 for library in ("cuda", "mkldnn")}
+    return generic, libraries, policy._op_settings()
 
 
 @pytest.fixture
 def restored():
     """Puts torch's settings back as they were (the tests leave mixed states behind otherwise)."""
-    saved, legacy = raw_settings(), torch.get_float32_matmul_precision()
-    cudnn = torch.backends.cudnn.enabled
+    (generic, libraries, ops), legacy = settings(), torch.get_float32_matmul_precision()
+    cudnn, enabled = torch._C._get_cudnn_allow_tf32(), torch.backends.cudnn.enabled
     yield
+    torch._C._set_fp32_precision_setter("generic", "all", generic)
+    for library, value in libraries.items():
+        torch._C._set_fp32_precision_setter(library, "all", value)
     torch.set_float32_matmul_precision(legacy)
-    for key, value in saved.items():
+    torch._C._set_cudnn_allow_tf32(cudnn)
+    for key, value in ops.items():
         torch._C._set_fp32_precision_setter(*key, value)
-    torch.backends.cudnn.enabled = cudnn
+    torch.backends.cudnn.enabled = enabled
 
 
 def cublas_tf32() -> bool:
@@ -61,20 +75,20 @@ def readable(getter):
 def test_settings_inside_the_block_and_restored_after(state, tf32, restored):
     for apply in STATES[state]:
         apply()
-    before, legacy, cublas = raw_settings(), readable(torch.get_float32_matmul_precision), readable(cublas_tf32)
+    before, legacy, cublas = settings(), readable(torch.get_float32_matmul_precision), readable(cublas_tf32)
     devices = ("cuda",) if tf32 else ("cpu", "cuda")
     with policy.library_precision(tf32, devices):
         want = "tf32" if tf32 else "ieee"
         for device in devices:
             for op in ("matmul", "conv", "rnn"):
                 assert policy._fp32_precision(policy._LIBRARY[device], op) == want, (device, op)
-        assert cublas_tf32() is tf32  # cuBLAS's check of the two APIs passes inside
+        assert cublas_tf32() is tf32 and torch.backends.cudnn.allow_tf32 is tf32  # torch's checks pass inside
         if legacy is not None or not tf32:  # (TF32 leaves the CPU's mix of the two as it was)
             assert torch.get_float32_matmul_precision() in (("high", "medium") if tf32 else ("highest",))
         if tf32:  # the CPU's settings are left alone
-            assert {k: v for k, v in raw_settings().items() if k[0] == "mkldnn"} == \
-                {k: v for k, v in before.items() if k[0] == "mkldnn"}
-    assert raw_settings() == before
+            assert {k: v for k, v in settings()[2].items() if k[0] == "mkldnn"} == \
+                {k: v for k, v in before[2].items() if k[0] == "mkldnn"}
+    assert settings() == before
     if legacy is not None:  # exactly as before, a mix that cuBLAS refuses included
         assert torch.get_float32_matmul_precision() == legacy and readable(cublas_tf32) == cublas
     else:  # torch's legacy value unreadable before: after, the one cuBLAS accepts
@@ -141,3 +155,115 @@ def test_sound_bounds_keep_subnormal_numbers_where_the_process_flushes_them(one_
         torch.set_flush_denormal(False)
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
+
+
+@per_library
+@pytest.mark.parametrize("user, devices", [("tf32", ("cpu", "cuda")), ("bf16", ("cpu",))])
+def test_an_op_setting_that_followed_its_library_follows_it_after_the_block(user, devices, restored):
+    """torch reads back resolved values: written back as they read, the ops would stop following a later
+    global setting (a oneDNN convolution left in bf16 for good)."""
+    torch.backends.fp32_precision = user
+    with policy.library_precision(False, devices):
+        pass
+    torch.backends.fp32_precision = "ieee"
+    for library in ("cuda", "mkldnn"):
+        for op in ("matmul", "conv", "rnn"):
+            assert policy._fp32_precision(library, op) == "ieee", (library, op)
+
+
+@per_library
+def test_a_second_thread_waits_for_the_first_threads_block(restored):
+    """Thread B enters its block while thread A is in one: without waiting, B would find IEEE already
+    set, save nothing, and compute in the user's bf16 once A restored it."""
+    import threading
+    torch.manual_seed(0)
+    x, w = torch.randn(4, 16, 12, 12), torch.randn(32, 16, 3, 3)
+    exact = torch.nn.functional.conv2d(x.double(), w.double())
+    torch.backends.mkldnn.conv.fp32_precision = "bf16"
+    a_in, a_out, error = threading.Event(), threading.Event(), {}
+
+    def first():
+        with policy.library_precision(False, ("cpu",)):
+            a_in.set()
+            time.sleep(0.2)
+        a_out.set()
+
+    def second():
+        a_in.wait()
+        with policy.library_precision(False, ("cpu",)):
+            a_out.wait(timeout=10)
+            error["max"] = float((torch.nn.functional.conv2d(x, w).double() - exact).abs().max())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert error["max"] < 1e-3  # bf16: 0.1
+
+
+def test_sound_bounds_and_ieee_ibp_ignore_autocast(restored, one_thread):
+    torch.manual_seed(0)
+    model = models.build("cnn3", "mnist").eval()
+    bounded = BoundedModule(model, backend="torch", precision="ieee")
+    x, spec = torch.rand(2, 1, 28, 28), LinfBall(0.01)
+    y = model(x).argmax(1)
+
+    def bounds():
+        return (*bounded.bounds(x, spec), bounded.margins(x, y, spec, method="crown", sound="fp32"),
+                bounded.margins(x, y, spec, method="crown-ibp", sound=True))
+
+    expected = bounds()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = bounds()
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype and torch.equal(g, e)
+
+
+def _run_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_sound_bounds_where_torchs_worker_threads_flush_subnormals():
+    """set_flush_denormal(True) before torch's intra-op threads start: they copy the flag, which no call
+    from this thread can clear; the certificate was +333.8 for a net whose margin is -1 everywhere
+    (ReLU input at most -6.04e-35: 32768 subnormal products of -1.1e-38 against a bias of 3e-34)."""
+    out = _run_python("""
+        import numpy as np, torch
+        torch.set_flush_denormal(True)  # the user's start-up setting
+        torch.set_num_threads(2)
+        (torch.ones(1 << 20) * 2).sum()  # starts the worker threads: they copy the flag
+        torch.set_flush_denormal(False)  # for this thread only
+        from torch import nn
+        from cure_fast import BoundedModule, LinfBall
+        n = 1 << 16
+        weight = np.zeros((1, n), np.float32)
+        weight[0, n // 2:] = np.float32(-1.1e-38)  # before flushing: it would make this 0
+        net = nn.Sequential(nn.Linear(n, 1), nn.ReLU(), nn.Linear(1, 2)).eval()
+        net[0].weight.data, net[0].bias.data = torch.from_numpy(weight), torch.tensor([3e-34])
+        net[2].weight.data, net[2].bias.data = torch.tensor([[2.0 ** 120], [0.0]]), torch.tensor([-1.0, 0.0])
+        x = torch.ones(1, n)
+        torch.set_flush_denormal(True)
+        for method in ("crown-ibp", "crown"):
+            margin = BoundedModule(net).margins(x, torch.tensor([0]), LinfBall(2.0 ** -40, domain=None),
+                                                method=method, sound="fp32")[0, 1]
+            print(method, float(margin), torch.get_num_threads())
+        """)
+    for line in out.splitlines():
+        method, margin, threads = line.split()
+        assert float(margin) <= -1 and threads == "2", line
+
+
+def test_sound_bounds_after_torch_freezes_its_global_flags():
+    out = _run_python("""
+        import torch
+        from torch import nn
+        from cure_fast import BoundedModule, LinfBall
+        torch.backends.disable_global_flags()  # torch's tests do this: cudnn.enabled = ... raises
+        net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+        print(BoundedModule(net).margins(torch.rand(2, 3), torch.tensor([0, 1]), LinfBall(0.1), method="crown").shape)
+        """)
+    assert "torch.Size([2, 2])" in out

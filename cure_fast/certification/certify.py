@@ -181,7 +181,7 @@ def _new_report_folder(run_dir: str, name: str) -> str:
 def _check_report_folder(out_dir: str) -> None:
     """A ConfigError unless ``out_dir`` is a new folder, or one without a finished report."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"--out {out_dir} is a file; give the report a folder")
+        raise ConfigError(f"the report folder {out_dir} is a file; give another with --out")
     if os.path.isfile(os.path.join(out_dir, "config.yaml")):
         raise ConfigError(f"--out {out_dir} is a training run's folder (it holds config.yaml); give the report a "
                           f"folder of its own")

@@ -336,7 +336,7 @@ class BoundedModule(nn.Module):
                                                  precision=ctx.precision)
                 else:
                     ball = ops.l2_margins_linear(pen.point(j), eps, weight, bias, labels, pen.scale, **options)
-                margins.append(torch.maximum(ball, per_block[k]) if k in per_block else ball)
+                margins.append(torch.fmax(ball, per_block[k]) if k in per_block else ball)  # NaN loses
             else:
                 margins.append(per_block[k])
         return [_lost_as_no_bound(m, labels) for m in margins]

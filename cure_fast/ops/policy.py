@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional, Tuple
+import threading
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -77,23 +78,29 @@ def resolve_precision(precision: Optional[str]) -> str:
 _PER_BACKEND = hasattr(torch._C, "_get_fp32_precision_getter")  # torch 2.9+: per-library fp32_precision
 _LIBRARY = {"cuda": "cuda", "cpu": "mkldnn"}  # torch's name for the settings of each device type's libraries
 _OPS = ("matmul", "conv", "rnn")
+_LOCK = threading.RLock()  # the settings are process-wide: one thread's block at a time
 
 
 def _fp32_precision(library: str, op: str) -> str:
-    """The precision torch uses for ``op`` in ``library``: its own setting, else its library's, else the
-    global one (torch 2.9+; "none" everywhere is IEEE)."""
-    for key in ((library, op), (library, "all"), ("generic", "all")):
-        value = torch._C._get_fp32_precision_getter(*key)
-        if value != "none":
-            return value
-    return "ieee"
+    """The precision torch uses for ``op`` in ``library`` (its getter resolves "none" through the
+    library's and the global setting; "none" everywhere is IEEE)."""
+    value = torch._C._get_fp32_precision_getter(library, op)
+    return "ieee" if value == "none" else value
 
 
-def _matmul_precision() -> Optional[str]:
-    """torch's legacy float32 matmul precision, or None where the process mixed it with the per-library
-    settings so that torch refuses to read it."""
+def _op_settings() -> Dict[Tuple[str, str], str]:
+    """torch's per-op settings as a user leaves them: "none" where an op follows its library's setting
+    (torch reads back the resolved value; writing that back would stop it following)."""
+    get = torch._C._get_fp32_precision_getter
+    return {(library, op): "none" if get(library, op) == get(library, "all") else get(library, op)
+            for library in _LIBRARY.values() for op in _OPS}
+
+
+def _legacy(getter) -> Optional[object]:
+    """A legacy setting, or None where the process mixed it with the per-library ones so that torch
+    refuses to read it."""
     try:
-        return torch.get_float32_matmul_precision()
+        return getter()
     except RuntimeError:
         return None
 
@@ -102,40 +109,53 @@ def _matmul_precision() -> Optional[str]:
 def library_precision(tf32: bool, devices: Tuple[str, ...] = ("cuda",)):
     """Inside the block, fp32 matmuls and convolutions of torch's libraries on the device types ``devices``
     ("cuda": cuBLAS and cuDNN, "cpu": oneDNN) in TF32 (``tf32``; CUDA only, the CPU is left as it is)
-    or in IEEE fp32, whatever the process set before through torch's legacy settings
-    (``allow_tf32``, ``set_float32_matmul_precision``) or its per-library ``fp32_precision`` (a
-    oneDNN convolution set to bf16 would make a certificate unsound); restored after the block."""
-    if not _PER_BACKEND:
-        with _legacy_precision(tf32, devices):
-            yield
-        return
+    or in IEEE fp32 with autocast off, whatever the process set before through torch's legacy settings
+    (``allow_tf32``, ``set_float32_matmul_precision``) or its per-library ``fp32_precision`` (a oneDNN
+    convolution set to bf16 would make a certificate unsound); restored after the block. The settings
+    are process-wide: a second thread's block waits for the first one's end."""
+    with _LOCK, contextlib.ExitStack() as stack:
+        if not tf32:
+            for device in devices:
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device, enabled=False))
+        stack.enter_context((_per_library_precision if _PER_BACKEND else _legacy_precision)(tf32, devices))
+        yield
+
+
+@contextlib.contextmanager
+def _per_library_precision(tf32: bool, devices: Tuple[str, ...]):
+    """:func:`library_precision`'s settings in torch 2.9+, where torch checks every cuBLAS matmul's setting
+    against its legacy matmul precision (and cuDNN's against its legacy flag): both are set."""
     want, cuda = ("tf32" if tf32 else "ieee"), "cuda" in devices
     keys = [(_LIBRARY[d], op) for d in devices if not (tf32 and d == "cpu") for op in _OPS]
-    legacy = _matmul_precision()
-    wanted_legacy = (legacy if legacy in ("high", "medium") else "high") if tf32 else "highest"  # as cuBLAS reads it
-    if all(_fp32_precision(*key) == want for key in keys) and (not cuda or legacy == wanted_legacy):
+    legacy, cudnn = _legacy(torch.get_float32_matmul_precision), _legacy(torch._C._get_cudnn_allow_tf32)
+    wanted_legacy = (legacy if legacy in ("high", "medium") else "high") if tf32 else "highest"
+    if all(_fp32_precision(*key) == want for key in keys) and (not cuda or (legacy, cudnn) == (wanted_legacy, tf32)):
         yield  # already so (the common case per op): touch nothing
         return
-    every = [(library, op) for library in _LIBRARY.values() for op in _OPS]
-    saved = {key: torch._C._get_fp32_precision_getter(*key) for key in every}
-    if legacy is None:  # torch's legacy value consistent with cuBLAS's per-library setting, as it checks
+    saved = _op_settings()
+    if legacy is None:  # the legacy values consistent with the per-library settings, as torch checks them
         legacy = "high" if _fp32_precision("cuda", "matmul") == "tf32" else "highest"
-    if cuda:  # cuBLAS checks the legacy value against its own setting; this call sets both
+    if cudnn is None:
+        cudnn = _fp32_precision("cuda", "conv") == "tf32"
+    if cuda:  # these calls set the legacy values and some per-op settings, all set just below
         torch.set_float32_matmul_precision(wanted_legacy)
-    for key in every:
-        torch._C._set_fp32_precision_setter(*key, want if key in keys else saved[key])
+        torch._C._set_cudnn_allow_tf32(tf32)
+    for key, value in saved.items():
+        torch._C._set_fp32_precision_setter(*key, want if key in keys else value)
     try:
         yield
     finally:
         if cuda:
             torch.set_float32_matmul_precision(legacy)
+            torch._C._set_cudnn_allow_tf32(cudnn)
         for key, value in saved.items():
             torch._C._set_fp32_precision_setter(*key, value)
 
 
 @contextlib.contextmanager
 def _legacy_precision(tf32: bool, devices: Tuple[str, ...]):
-    """:func:`library_precision` for torch before 2.9 (``allow_tf32`` flags and the matmul precision)."""
+    """:func:`library_precision`'s settings for torch before 2.9 (``allow_tf32`` flags and the matmul precision)."""
     flags = (torch.backends.cuda.matmul, torch.backends.cudnn) if "cuda" in devices else ()
     saved, matmul = [f.allow_tf32 for f in flags], torch.get_float32_matmul_precision()
     for f in flags:

@@ -45,7 +45,7 @@ def make_run_dir(run_dir: str, out_dir: str) -> None:
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as error:
-        if error.errno == errno.ENOSPC:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):  # a full disk: the caller's advice
             raise
         raise ConfigError(f"out_dir={out_dir!r}: cannot create the run folder {run_dir} ({error.strerror})") from None
 
