@@ -348,7 +348,8 @@ def describe_keys() -> List[str]:
     for name, default in defaults.items():
         rule = RULES.get(name)
         optional = EPS_KEYS[name][1] if name in EPS_KEYS else getattr(rule, "optional", False)
-        takes = "a number >= 0 in pixel space, at most what covers the image domain" if name in EPS_KEYS else rule.allowed
+        takes = ("a number >= 0 in pixel space, at most what covers the image domain" if name in EPS_KEYS
+                 else rule.allowed)
         if optional and "null" not in takes:
             takes += ", or null"
         comment = comments.get(name, "")

@@ -336,7 +336,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-alpha-intermediate", action="store_true", help="α-CROWN on the final slopes only "
                         "(the pre-activation bounds' slopes cost about 20 CROWN passes per uncertified image)")
     parser.add_argument("--no-curve", action="store_true", help="skip certified accuracy at fractions of eps")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: a GPU when there is one")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: a GPU when there is one")
     parser.add_argument("--smoothing", default="", help="randomized smoothing sigmas, e.g. 0.25,0.5")
     parser.add_argument("--smoothing-n", type=integer_type(1), help=f"noise samples per image for smoothing's "
                         f"certificate (default {SMOOTHING_N})")

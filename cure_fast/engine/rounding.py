@@ -4,8 +4,9 @@ subtracted from the bound (docs/design.md, "Sound bounds").
 With u the unit roundoff of the working dtype (``2^-24`` for float32, ``2^-53`` for float64) and
 ``γ_n = n u / (1 - n u)``, a dot product of n terms is off by at most ``γ_n`` times the dot product of
 the absolute values, whatever the order of summation (blocked, pairwise, FMA: GEMM-based matrix
-products and convolutions; Winograd and FFT convolutions are not covered, so :func:`strict` turns TF32
-and cuDNN off), plus ``n η / 2`` for the products that underflow (η the dtype's smallest subnormal).
+products and convolutions; Winograd and FFT convolutions are not covered, so
+:func:`~..ops.policy.strict` turns TF32 and cuDNN off and keeps subnormal numbers), plus ``n η / 2``
+for the products that underflow (η the dtype's smallest subnormal).
 The CROWN family keeps a lower bound ``q >= A h + a`` on its quantity ``q``; every step that changes
 ``A`` or ``a`` lowers ``a`` by the most it can have lost, ``rowdot(|A|, w)`` with A the coefficients
 before the step and one weight tensor ``w`` per layer and sample (rounded up, shared by every row):
@@ -35,14 +36,12 @@ rounded outwards; relaxations hold exactly for their slopes and offsets (``Relax
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from ..ops.policy import library_precision
 from .window import BLOCK, Window, runs
 
 Interval = Tuple[Tensor, Tensor]
@@ -160,56 +159,6 @@ def centre_radius(lower: Tensor, upper: Tensor) -> Interval:
 def outward(c: Tensor, r: Tensor) -> Interval:
     """``(lower, upper)`` in c's dtype containing ``[c - r, c + r]``."""
     return down(c.double() - r.double(), c.dtype), up(c.double() + r.double(), c.dtype)
-
-
-def flushes_subnormals() -> bool:
-    """Whether any of torch's CPU threads flushes subnormal numbers to zero (``torch.set_flush_denormal``
-    sets the calling thread's flag; intra-op threads started after it copied it): a product of
-    subnormal numbers spread over every thread."""
-    size = 2 * 32768 * torch.get_num_threads()  # two grains of torch's parallel loops per thread
-    return bool((torch.full((size,), 2.0 ** -140) * 1.0 == 0).any())
-
-
-@contextlib.contextmanager
-def _subnormals_kept():
-    """Subnormal numbers kept inside the block: flushing off on this thread, and where other threads
-    still flush (their flag cannot be reached from here), the block computed on this thread alone."""
-    if not flushes_subnormals():
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_flush_denormal(False)
-    if flushes_subnormals():
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_flush_denormal(True)
-
-
-@contextlib.contextmanager
-def _cudnn_off():
-    enabled = torch._C._get_cudnn_enabled()  # not torch.backends.cudnn.enabled: refused after disable_global_flags
-    torch._C._set_cudnn_enabled(False)
-    try:
-        yield
-    finally:
-        torch._C._set_cudnn_enabled(enabled)
-
-
-@contextlib.contextmanager
-def strict(enabled: bool):
-    """IEEE float32 dot products inside the block when ``enabled``: torch's libraries in IEEE fp32 on the
-    CPU and CUDA and autocast off, whatever the process's settings (:func:`~..ops.policy.library_precision`;
-    one thread's block at a time), cuDNN off (its heuristics may pick Winograd or FFT convolutions), and
-    subnormal numbers kept (the error bounds count an underflow as at most the smallest subnormal, not
-    the smallest normal number)."""
-    if not enabled:
-        yield
-        return
-    with library_precision(False, ("cpu", "cuda")), _cudnn_off(), _subnormals_kept():
-        yield
 
 
 class Arithmetic:

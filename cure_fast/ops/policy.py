@@ -170,6 +170,56 @@ def _legacy_precision(tf32: bool, devices: Tuple[str, ...]):
         torch.set_float32_matmul_precision(matmul)
 
 
+def flushes_subnormals() -> bool:
+    """Whether any of torch's CPU threads flushes subnormal numbers to zero (``torch.set_flush_denormal``
+    sets the calling thread's flag; intra-op threads started after it copied it): a product of
+    subnormal numbers spread over every thread."""
+    size = 2 * 32768 * torch.get_num_threads()  # two grains of torch's parallel loops per thread
+    return bool((torch.full((size,), 2.0 ** -140) * 1.0 == 0).any())
+
+
+@contextlib.contextmanager
+def _subnormals_kept():
+    """Subnormal numbers kept inside the block: flushing off on this thread, and where other threads
+    still flush (their flag cannot be reached from here), the block computed on this thread alone."""
+    if not flushes_subnormals():
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_flush_denormal(False)
+    if flushes_subnormals():
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(True)
+
+
+@contextlib.contextmanager
+def _cudnn_off():
+    enabled = torch._C._get_cudnn_enabled()  # not torch.backends.cudnn.enabled: refused after disable_global_flags
+    torch._C._set_cudnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_cudnn_enabled(enabled)
+
+
+@contextlib.contextmanager
+def strict(enabled: bool):
+    """IEEE float32 dot products inside the block when ``enabled``: torch's libraries in IEEE fp32 on the
+    CPU and CUDA and autocast off, whatever the process's settings (:func:`library_precision`;
+    one thread's block at a time), cuDNN off (its heuristics may pick Winograd or FFT convolutions), and
+    subnormal numbers kept (the error bounds count an underflow as at most the smallest subnormal, not
+    the smallest normal number)."""
+    if not enabled:
+        yield
+        return
+    with library_precision(False, ("cpu", "cuda")), _cudnn_off(), _subnormals_kept():
+        yield
+
+
 def honoured(precision: str, device: torch.device):
     """Context in which plain torch ops honour ``precision``: IEEE fp32 in torch's libraries for
     ``ieee`` on a CPU or CUDA device (:func:`library_precision`); else torch's own settings."""
