@@ -340,6 +340,23 @@ def from_dict(data: Dict[str, Any], sources: Optional[Dict[str, str]] = None) ->
     return validate(TrainConfig(**data), sources)
 
 
+def inert_settings(config: TrainConfig) -> List[str]:
+    """The settings of ``config`` that differ from their default but cannot act in it (a likely slip)."""
+    default, notes = TrainConfig(), []
+    if len(config.norms) == 1 and config.combine != default.combine:
+        notes.append(f"combine={config.combine} combines two norms; norms=[{config.norms[0]}] trains one")
+    if config.combine != "joint" and config.alpha != default.alpha and len(config.norms) > 1:
+        notes.append(f"alpha={config.alpha:g} weighs the norms of combine=joint only, not combine={config.combine}")
+    late = [m for m in config.lr_milestones if m >= config.epochs]
+    if late:
+        notes.append(f"lr_milestones {late} lie at or past epochs={config.epochs} (0-based epochs): they never apply")
+    sabr = [k for k in ("sabr_lambda", "sabr_lambda_inf", "sabr_lambda_2", "sabr_l2_set")
+            if getattr(config, k) != getattr(default, k)]
+    if sabr and config.method != "sabr":
+        notes.append(f"{', '.join(sabr)} set the small sets of method=sabr, not method={config.method}")
+    return notes
+
+
 def describe_keys() -> List[str]:
     """One line per config key: its default, what it takes, and what it does (TrainConfig's comments)."""
     comments = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(TrainConfig), flags=re.M))

@@ -245,3 +245,18 @@ def test_list_keys_names_every_config_key_with_its_default(capsys):
     assert [line.split(" ", 1)[0] for line in lines] == fields
     assert "lr (default 0.0005): a number > 0" in lines[fields.index("lr")]
     assert "init_from (default null): a non-empty string, or null — fine-tune" in lines[fields.index("init_from")]
+
+
+def test_settings_that_cannot_act_are_noted_and_no_preset_has_one(tmp_path):
+    from cure_fast.config import inert_settings
+    config = load_config("mnist-demo-inf", overrides=["combine=random", "lr_milestones=[2, 100]", "sabr_l2_set=box"])
+    assert inert_settings(config) == [
+        "combine=random combines two norms; norms=[inf] trains one",
+        "lr_milestones [100] lie at or past epochs=3 (0-based epochs): they never apply",
+        "sabr_l2_set set the small sets of method=sabr, not method=ibp"]
+    two = load_config("mnist-demo-cure", overrides=["alpha=0.3"])
+    assert inert_settings(two) == ["alpha=0.3 weighs the norms of combine=joint only, not combine=max"]
+    pretrained = tmp_path / "model.pt"
+    pretrained.write_bytes(b"")
+    for name in presets():
+        assert not inert_settings(load_config(name, overrides=[f"init_from={pretrained}"] if "finetune" in name else []))

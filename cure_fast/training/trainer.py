@@ -11,6 +11,7 @@ import contextlib
 import copy
 import os
 import signal
+import sys
 import time
 from typing import Dict, List, Optional
 
@@ -21,7 +22,8 @@ from tqdm import tqdm
 
 from .. import checkpoints, data, faults, models
 from ..certification.evaluate import Evaluation, evaluate
-from ..config import TrainConfig, describe_keys, load_config, presets, resolve_device, to_dict, validate
+from ..config import (TrainConfig, describe_keys, inert_settings, load_config, presets, resolve_device, to_dict,
+                      validate)
 from ..errors import CheckpointError, ConfigError, DiskFullError, SignalGuard, TrainingError, one_line_errors
 from ..ops import registry
 from ..storage import remove_temporaries, save_torch
@@ -82,6 +84,8 @@ class Trainer:
             if self.rank == 0:
                 rundir.make_run_dir(self.run_dir, cfg.out_dir)
                 rundir.write_config(self.run_dir, cfg)
+                for note in inert_settings(cfg):
+                    print(f"note: {note}", file=sys.stderr, flush=True)
                 print(f"{cfg.name}: training {self.architecture} on {len(self.train_set)} images, testing on "
                       f"{len(self.test_set)}; writing to {self.run_dir}", flush=True)
             self._save_checkpoint()  # epoch 0: every interruption from here on can be resumed
