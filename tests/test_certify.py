@@ -262,3 +262,22 @@ def test_times_say_how_many_bounds_a_later_stage_ran_on():
     text = format_times(summary)
     assert text.startswith("time per test image: pgd 1 ms, ibp 2 ms, crown 4 ms (10 of 200 bounds, 40 ms each)")
     assert text.endswith("total 7 ms (fp64 (rounding bounded))")
+
+
+@pytest.mark.parametrize("sound", [True, "fp32", False])
+def test_a_sample_the_model_misclassifies_is_never_counted_certified(sound):
+    """The sound fp64 mode bounds a float64 copy: x + 1e8 - 1e8 is 1 there and 0 in the float32 model,
+    which predicts class 1; the copy's IBP margin 0.49 > 0 counted the sample certified (and in union)."""
+    from cure_fast.certification.evaluate import evaluate
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1, 2), torch.nn.Linear(2, 2)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0], [0.0]]))
+        model[1].bias.copy_(torch.tensor([1e8, 0.5]))
+        model[2].weight.copy_(torch.eye(2))
+        model[2].bias.copy_(torch.tensor([-1e8, 0.0]))
+    x, y = torch.ones(1, 1, 1, 1), torch.tensor([0])
+    assert model(x).argmax(1).item() == 1
+    result = evaluate(model, x, y, {"inf": 0.01, "2": 0.01}, method="crown", pgd_steps=2, sound=sound)
+    summary = result.summary()
+    assert summary["clean"] == 0 and summary["certified_inf"] == summary["certified_2"] == summary["union"] == 0
+    assert result.certified_by == {"inf": [""], "2": [""]}

@@ -85,6 +85,15 @@ def test_fewest_samples_is_where_a_certificate_first_becomes_possible(alpha):
     assert clopper_pearson_lower(n, n, alpha) > 0.5 >= clopper_pearson_lower(n - 1, n - 1, alpha)
 
 
+@pytest.mark.parametrize("n, alpha", [(10, 2 ** -10), (5, 2 ** -5), (1, 0.5)])
+def test_a_lower_bound_of_exactly_one_half_abstains(halfspace, n, alpha):
+    """Every sample on the class with ``alpha ** (1/n) = 1/2``: p_A = 1/2 certifies nothing (Cohen et al.
+    need p_A > 1/2); the class at radius 0 was returned."""
+    x = _point(halfspace, 5.0)  # far on class 0's side: every noise sample votes for it
+    assert clopper_pearson_lower(n, n, alpha) == 0.5
+    assert Smooth(halfspace, 2, SIGMA).certify(x, n0=1, n=n, alpha=alpha, batch_size=n) == (ABSTAIN, 0.0)
+
+
 def test_certify_is_reproducible_under_a_seed(halfspace):
     x = _point(halfspace, 0.2)
     results = []

@@ -101,11 +101,11 @@ class Smooth:
 
         The class is the top one among ``n0`` noise samples; ``n`` fresh samples give the
         Clopper-Pearson lower bound ``p_A`` on its probability; radius ``sigma * Phi^-1(p_A)``;
-        abstain when ``p_A < 1/2``. x: one input (C, H, W) in [0, 1].
+        abstain unless ``p_A > 1/2``. x: one input (C, H, W) in [0, 1].
         """
         guess = int(self.sample_counts(x, n0, batch_size).argmax())
         p_lower = clopper_pearson_lower(int(self.sample_counts(x, n, batch_size)[guess]), n, alpha)
-        if p_lower < 0.5:
+        if p_lower <= 0.5:
             return ABSTAIN, 0.0
         return guess, self.sigma * float(norm.ppf(p_lower))
 
