@@ -31,10 +31,11 @@ def quickstart(args: argparse.Namespace) -> None:
     specs = [LinfBall(args.linf), L2Ball(args.l2)]
     print(f"{args.model} on {args.dataset}, batch {args.batch}, backend {args.backend or backends.get_backend()}")
     out = bm.propagate(x, specs, y)
-    print(f"{'input set':<40}{'mean width':>12}{'certified':>11}")
+    column = max(len("input set"), *(len(str(spec)) for spec in specs)) + 2
+    print(f"{'input set':<{column}}{'mean width':>12}{'certified':>11}")
     for spec, (lower, upper), margins in zip(specs, out.bounds, out.margins):
         certified = (margins.scatter(1, y[:, None], 1.0) > 0).all(1).float().mean()
-        print(f"{str(spec):<40}{(upper - lower).mean().item():>12.4g}{certified.item():>11.1%}")
+        print(f"{str(spec):<{column}}{(upper - lower).mean().item():>12.4g}{certified.item():>11.1%}")
 
     def natural_step():
         model.zero_grad(set_to_none=True)
