@@ -192,6 +192,9 @@ def test_reports_flag_per_batch_as_not_sound_and_summarize(tmp_path):
     with pytest.raises(ValueError, match="adapt mode"):
         smoothing_report(model, images, labels, adapt="online", **settings)
     heldout = _images(20, 6)
+    with pytest.raises(ValueError, match="1 of the images to certify are among heldout_images"):
+        smoothing_report(model, images, labels, adapt="heldout", heldout_images=torch.cat([heldout, images[1:2]]),
+                         **settings)
     reports = {str(adapt): smoothing_report(model, images, labels, adapt=adapt, heldout_images=heldout, **settings)
                for adapt in (None, "heldout", "per-batch")}
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -299,8 +299,9 @@ def caption(summary: Dict) -> str:
 
 def _smoothing(model, test, config, data_root, sigmas, n, batch_size, out_dir, progress) -> Dict:
     """Randomized smoothing per sigma, plain and with BatchNorm re-estimated once on held-out noisy data."""
-    from .smoothing import plot_smoothing, smoothing_report  # scipy: loaded only when smoothing is asked for
+    from .smoothing import found_in, plot_smoothing, smoothing_report  # scipy: loaded only when smoothing is asked for
     heldout = data.load_dataset(config.dataset, "train", data_root or config.data_root, limit=1000).images
+    heldout = heldout[~found_in(heldout, test.images)]  # a training image that is also a test image: left out
     reports = {}
     for sigma in sigmas:
         reports[f"sigma {sigma:g}"] = smoothing_report(model, test.images, test.labels, sigma, n=n,

@@ -189,12 +189,22 @@ def _batch_dependent(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) and m.running_mean is None for m in model.modules())
 
 
+def found_in(a: Tensor, b: Tensor) -> Tensor:
+    """Which images of ``a`` (N, ...) also occur in ``b`` (M, ...), byte for byte: (N,) bool."""
+    seen = {image.numpy().tobytes() for image in b.detach().cpu().contiguous()}
+    return torch.tensor([image.numpy().tobytes() in seen for image in a.detach().cpu().contiguous()], dtype=torch.bool)
+
+
 def _adapted(frozen: nn.Module, sigma: float, adapt: Optional[str], heldout_images: Optional[Tensor],
-             batch_size: int, generator: Optional[torch.Generator]) -> nn.Module:
-    """The eval-mode copy ``frozen`` of a model with its BatchNorm adapted according to ``adapt``."""
+             batch_size: int, generator: Optional[torch.Generator], images: Tensor) -> nn.Module:
+    """The eval-mode copy ``frozen`` of a model with its BatchNorm adapted according to ``adapt``
+    (``images``: those to certify, which the held-out statistics must not have seen)."""
     if adapt == "heldout":
         if heldout_images is None:
             raise ValueError('adapt="heldout" needs heldout_images, data disjoint from the evaluated images')
+        if heldout_images.dtype == images.dtype and (shared := int(found_in(images, heldout_images).sum())):
+            raise ValueError(f"{shared} of the images to certify are among heldout_images: statistics adapted on "
+                             f"them make no certificate; give held-out data (e.g. training images)")
         return adapt_batchnorm(frozen, heldout_images, sigma, batch_size, generator)
     return per_batch_batchnorm(frozen) if adapt == "per-batch" else frozen
 
@@ -226,7 +236,7 @@ def smoothing_report(model: nn.Module, images: Tensor, labels: Tensor, sigma: fl
     if num_classes is None:
         with torch.no_grad():
             num_classes = frozen(to_float(images[:1].to(_device(frozen, images)), _dtype(frozen))).shape[1]
-    base = _adapted(frozen, sigma, adapt, heldout_images, batch_size, generator)
+    base = _adapted(frozen, sigma, adapt, heldout_images, batch_size, generator, images)
     smooth = Smooth(base, num_classes, sigma, generator)
     samples = []
     name = f"smoothing sigma {sigma:g}" + (f", {adapt} BN" if adapt else "")
