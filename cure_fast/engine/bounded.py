@@ -22,6 +22,7 @@ from .. import ops
 from ..ops.policy import check_backend, check_precision
 from ..specs import Ball, L1Ball, L2Ball, LinfBall
 from .layers import Affine, Context, Layer, bound_layer
+from .passes import no_nan
 from .shrink import ShrinkBox
 from .streams import Interval, Lazy, Pending, Streams, lower_upper
 
@@ -136,7 +137,7 @@ def _fold_affines(linear: nn.Linear, affines: List[Affine]) -> Tuple[Tensor, Ten
 
 def _lost_as_no_bound(margins: Tensor, labels: Tensor) -> Tensor:
     """Margins (B, K) with NaN (a bound lost to an overflow) as -inf, and exactly 0 at the labels."""
-    return torch.where(margins.isnan(), -float("inf"), margins).scatter(1, labels[:, None], 0.0)
+    return no_nan(margins).scatter(1, labels[:, None], 0.0)
 
 
 def _margins_from_bounds(lower: Tensor, upper: Tensor, labels: Tensor) -> Tensor:

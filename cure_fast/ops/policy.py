@@ -128,17 +128,20 @@ def _per_library_precision(tf32: bool, devices: Tuple[str, ...]):
     against its legacy matmul precision (and cuDNN's against its legacy flag): both are set."""
     want, cuda = ("tf32" if tf32 else "ieee"), "cuda" in devices
     keys = [(_LIBRARY[d], op) for d in devices if not (tf32 and d == "cpu") for op in _OPS]
-    legacy, cudnn = _legacy(torch.get_float32_matmul_precision), _legacy(torch._C._get_cudnn_allow_tf32)
-    wanted_legacy = (legacy if legacy in ("high", "medium") else "high") if tf32 else "highest"
-    if all(_fp32_precision(*key) == want for key in keys) and (not cuda or (legacy, cudnn) == (wanted_legacy, tf32)):
+    legacy = cudnn = wanted_legacy = None  # torch's legacy values: checked against CUDA's settings only
+    if cuda:
+        legacy, cudnn = _legacy(torch.get_float32_matmul_precision), _legacy(torch._C._get_cudnn_allow_tf32)
+        wanted_legacy = (legacy if legacy in ("high", "medium") else "high") if tf32 else "highest"
+    agreed = (legacy, cudnn) == (wanted_legacy, tf32 if cuda else None)
+    if agreed and all(_fp32_precision(*key) == want for key in keys):
         yield  # already so (the common case per op): touch nothing
         return
     saved = _op_settings()
-    if legacy is None:  # the legacy values consistent with the per-library settings, as torch checks them
-        legacy = "high" if _fp32_precision("cuda", "matmul") == "tf32" else "highest"
-    if cudnn is None:
-        cudnn = _fp32_precision("cuda", "conv") == "tf32"
     if cuda:  # these calls set the legacy values and some per-op settings, all set just below
+        if legacy is None:  # unreadable (a mix): the values consistent with the per-library ones, as torch checks
+            legacy = "high" if _fp32_precision("cuda", "matmul") == "tf32" else "highest"
+        if cudnn is None:
+            cudnn = _fp32_precision("cuda", "conv") == "tf32"
         torch.set_float32_matmul_precision(wanted_legacy)
         torch._C._set_cudnn_allow_tf32(tf32)
     for key, value in saved.items():
