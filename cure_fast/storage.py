@@ -13,13 +13,23 @@ import glob
 import io
 import json
 import os
-from typing import Any, Union
+from typing import Any, Iterator, Union
 
 from . import faults
 from .errors import DiskFullError
 
 CHUNK = 1 << 20
 TMP_SUFFIX = ".tmp"
+
+
+def numbered_paths(folder: str, name: str, suffix: str = "") -> Iterator[str]:
+    """``folder/NAME SUFFIX``, then ``folder/NAME-run2 SUFFIX``, ``-run3``, ...: the candidates for a new run
+    folder or report (``-runK``, not ``-K``: run names end in numbers, ``mnist-demo-2`` is the l2 demo)."""
+    yield os.path.join(folder, name + suffix)
+    k = 2
+    while True:
+        yield os.path.join(folder, f"{name}-run{k}{suffix}")
+        k += 1
 
 
 def write_chunk(f, chunk) -> None:

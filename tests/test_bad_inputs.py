@@ -286,7 +286,7 @@ def test_demo_prints_the_number_of_images_it_evaluated_and_a_second_demo_keeps_t
     assert "test accuracy on 20 images, l∞ eps 0.2, l2 eps 0.5" in out and "1000" not in out
     first = {p.name: p.read_bytes() for p in demo.iterdir() if p.is_file()}
     main(argv)
-    assert f"table saved to {demo / 'demo-summary-2.png'}" in capsys.readouterr().out
+    assert f"table saved to {demo / 'demo-summary-run2.png'}" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in demo.iterdir() if p.name in first} == first
 
 

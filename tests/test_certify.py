@@ -134,7 +134,7 @@ def test_a_second_certification_does_not_replace_the_first_report(run_dir, tmp_p
     for _ in range(2):
         main(["certify", str(run), "--limit", "2", "--pgd-steps", "1", "--no-curve", "--norms", "inf:0.01,1:0.5"])
     stdout = capsys.readouterr().out
-    assert (run / "certify-ibp" / "summary.json").is_file() and (run / "certify-ibp-2" / "summary.json").is_file()
+    assert (run / "certify-ibp" / "summary.json").is_file() and (run / "certify-ibp-run2" / "summary.json").is_file()
     assert "cert l1" in stdout and "PGD l1" in stdout
 
 

@@ -260,3 +260,15 @@ def test_settings_that_cannot_act_are_noted_and_no_preset_has_one(tmp_path):
     pretrained.write_bytes(b"")
     for name in presets():
         assert not inert_settings(load_config(name, overrides=[f"init_from={pretrained}"] if "finetune" in name else []))
+
+
+def test_a_second_run_of_a_name_ending_in_a_number_gets_an_unambiguous_folder(tmp_path):
+    from cure_fast.training.rundir import new_path
+    assert new_path(str(tmp_path), "mnist-demo-2") == str(tmp_path / "mnist-demo-2")
+    (tmp_path / "mnist-demo-2").mkdir()
+    assert new_path(str(tmp_path), "mnist-demo") == str(tmp_path / "mnist-demo")  # not taken by the l2 demo
+    (tmp_path / "mnist-demo").mkdir()
+    assert new_path(str(tmp_path), "mnist-demo") == str(tmp_path / "mnist-demo-run2")
+    assert new_path(str(tmp_path), "mnist-demo-2") == str(tmp_path / "mnist-demo-2-run2")
+    (tmp_path / "mnist-demo-2-run2").mkdir()
+    assert new_path(str(tmp_path), "mnist-demo-2") == str(tmp_path / "mnist-demo-2-run3")

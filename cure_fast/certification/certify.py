@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import csv
 import io
-import itertools
 import os
 import re
 import signal
@@ -24,7 +23,7 @@ from .. import checkpoints, data, models
 from ..config import NORMS as TRAINED_NORMS, TrainConfig, eps_rule, from_dict, load_config, resolve_device
 from ..errors import CheckpointError, ConfigError, SignalGuard
 from ..reporting import NORM_NAMES, format_table, plot_summary, pyplot
-from ..storage import save_figure, write_atomic, write_json
+from ..storage import numbered_paths, save_figure, write_atomic, write_json
 from ..validation import Integer, did_you_mean, integer_type, number_list, parse_number
 from .evaluate import CERTIFIERS, Evaluation, evaluate
 from .geometric import format_geometric, geometric_robustness, plot_geometric
@@ -170,12 +169,10 @@ def _check_arguments(config: TrainConfig, eps: Dict[str, float], limit, batch_si
 
 
 def _new_report_folder(run_dir: str, name: str) -> str:
-    """``run_dir/name``, or ``name-2``, ``name-3``, … : the first without a finished report (summary.json),
-    so that a new certification never replaces an earlier one."""
-    for k in itertools.count(1):
-        folder = os.path.join(run_dir, name if k == 1 else f"{name}-{k}")
-        if not os.path.isfile(os.path.join(folder, "summary.json")):
-            return folder
+    """``run_dir/name``, or ``name-run2``, ``name-run3``, … : the first without a finished report
+    (summary.json), so that a new certification never replaces an earlier one."""
+    return next(folder for folder in numbered_paths(run_dir, name)
+                if not os.path.isfile(os.path.join(folder, "summary.json")))
 
 
 def _check_report_folder(out_dir: str) -> None:

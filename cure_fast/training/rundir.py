@@ -21,7 +21,7 @@ import yaml
 from ..config import TrainConfig, to_dict
 from ..errors import ConfigError
 from ..reporting import format_table, plot_curves, plot_summary
-from ..storage import save_torch, write_atomic, write_json
+from ..storage import numbered_paths, save_torch, write_atomic, write_json
 
 CONFIG, METRICS, METRICS_CSV, CHECKPOINT = "config.yaml", "metrics.jsonl", "metrics.csv", "checkpoint.pt"
 PER_SAMPLE, MODEL, CURVES, SUMMARY_PNG, SUMMARY = ("test_per_sample.csv", "model.pt", "curves.png", "summary.png",
@@ -29,12 +29,8 @@ PER_SAMPLE, MODEL, CURVES, SUMMARY_PNG, SUMMARY = ("test_per_sample.csv", "model
 
 
 def new_path(folder: str, name: str, suffix: str = "") -> str:
-    """``folder/NAME SUFFIX``, or ``folder/NAME-2 SUFFIX``, ``-3``, ... when taken (a run folder, a report)."""
-    path, n = os.path.join(folder, name + suffix), 1
-    while os.path.exists(path):
-        n += 1
-        path = os.path.join(folder, f"{name}-{n}{suffix}")
-    return path
+    """The first of :func:`~cure_fast.storage.numbered_paths` that does not exist (a run folder, a table)."""
+    return next(path for path in numbered_paths(folder, name, suffix) if not os.path.exists(path))
 
 
 def make_run_dir(run_dir: str, out_dir: str) -> None:
