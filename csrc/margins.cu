@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     acc_r = warp_sum(acc_r);
     if (lane == 0) {
       A m = acc_c;
-      if (bias != nullptr) m += A(load(bias + y)) - A(load(bias + j));
+      if (bias != nullptr) m += A(load(bias + (valid ? y : 0))) - A(load(bias + j));
       if (has_r) m -= e * (l2 ? sqrt(acc_r) : acc_r);
       store(out + n * classes + j, valid ? m : A(NAN));
     }

@@ -11,6 +11,10 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# On a GPU tl.dot reads float32 tiles as TF32 by dropping their low 13 bits (a bias in every product's
+# sign direction, which grows with the reduction length); cuBLAS rounds. The interpreter multiplies in
+# full float32, so there the tiles stay as they are.
+ROUND_TF32 = tl.constexpr(not INTERPRET)
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # Tests set this: every output then starts as NaN, so an element a kernel fails to write shows up.
@@ -55,6 +59,19 @@ def autotune(configs: List[triton.Config], key: List[str], interpreter: triton.C
     return triton.autotune(configs=configs, key=key)
 
 
+def _on_the_inputs_device(fn: Callable) -> Callable:
+    """``fn`` run with its first tensor's GPU as the current device: a Triton launch goes to the current
+    device, whatever its tensors' (an illegal address on another GPU)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None or first.device.type != "cuda" or first.device.index in (None, torch.cuda.current_device()):
+            return fn(*args, **kwargs)
+        with torch.cuda.device(first.device):
+            return fn(*args, **kwargs)
+    return run
+
+
 def library_op(name: str, fake: Callable):
     """Decorator: the launcher becomes the op ``cure_fast::<name>``, traceable by torch.compile.
 
@@ -63,6 +80,7 @@ def library_op(name: str, fake: Callable):
     ``fake`` (a function with the launcher's signature that only allocates the outputs).
     """
     def wrap(fn: Callable):
+        fn = _on_the_inputs_device(fn)
         if hasattr(torch.library, "triton_op") and not INTERPRET:
             return torch.library.triton_op(f"cure_fast::{name}", fn, mutates_args=())
         op = torch.library.custom_op(f"cure_fast::{name}", fn, mutates_args=())
@@ -174,11 +192,34 @@ def interval_relu_grad(c, r, gc, gr):
 
 
 @triton.jit
+def sqrt_nearest(x):
+    """The square root rounded to nearest, as torch's (``tl.sqrt`` is a fast approximation in float32)."""
+    if x.dtype == tl.float32:
+        x = tl.sqrt_rn(x)
+    else:
+        x = tl.sqrt(x)
+    return x
+
+
+@triton.jit
+def round_to_tf32(x):
+    """float32 ``x`` rounded to the nearest TF32 value (10 mantissa bits, ties away from zero: PTX
+    ``cvt.rna.tf32.f32``), as a float32 with its low 13 bits zero; NaN stays NaN, overflow gives inf."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
+
+
+@triton.jit
 def dot(a, b, acc, DOT: tl.constexpr, BF16: tl.constexpr):
-    """``acc + a @ b``, the tiles rounded to bfloat16 first when ``BF16``."""
+    """``acc + a @ b``, the tiles rounded to bfloat16 first when ``BF16``, to TF32 when ``DOT`` is "tf32"
+    (on a GPU: see :data:`ROUND_TF32`)."""
     if BF16:
         a = a.to(tl.bfloat16)
         b = b.to(tl.bfloat16)
+    elif DOT == "tf32" and ROUND_TF32 and a.dtype == tl.float32:
+        a = round_to_tf32(a)
+        b = round_to_tf32(b)
     return tl.dot(a, b, acc, input_precision=DOT)
 
 

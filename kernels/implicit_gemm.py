@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (acc_dtype, acc_zeros, autotune, dot, dot_flags, empty, interval_relu, launch, library_op, pair,
-                      sign, splits)
+                      sign, splits, sqrt_nearest)
 from .elementwise import BLOCK
 
 Geometry = Tuple[List[int], List[int], List[int], List[int]]  # stride, padding (top, left), dilation, output size
@@ -64,7 +64,7 @@ def _epilogue(acc_c, acc_r, scale_ptr, shift_ptr, channel, mask, HAS_SCALE: tl.c
     if HAS_SHIFT:
         acc_c += tl.load(shift_ptr + channel, mask=mask, other=0.0).to(acc_c.dtype)
     if SQRT:
-        acc_r = tl.sqrt(acc_r)
+        acc_r = sqrt_nearest(acc_r)
     if RELU:
         acc_c, acc_r = interval_relu(acc_c, acc_r)
     return acc_c, acc_r

@@ -18,7 +18,7 @@ from torch import Tensor
 from cure_fast.ops.common import batched_eps, scale_squared
 from cure_fast.ops.registry import register
 
-from ._common import acc_dtype, check_inputs, empty, launch, library_op, load, sign, splits
+from ._common import acc_dtype, check_inputs, empty, launch, library_op, load, sign, splits, sqrt_nearest
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _margins_kernel(c_ptr, r_ptr, w_ptr, b_ptr, y_ptr, centre_ptr, spread_ptr, n
     if HAS_BIAS:
         acc_c += load(b_ptr + y, True, FP64) - load(b_ptr + j, j_ok, FP64)
     if L2:
-        acc_r = tl.sqrt(acc_r)
+        acc_r = sqrt_nearest(acc_r)
     tl.store(centre_ptr + n * K + j, acc_c.to(centre_ptr.dtype.element_ty), mask=j_ok)
     tl.store(spread_ptr + n * K + j, acc_r.to(spread_ptr.dtype.element_ty), mask=j_ok)
 

@@ -257,3 +257,15 @@ def test_autoselect_measures_the_cpu_stand_in_like_any_backend():
     impls = {"torch": registry.implementation("interval_linear", "torch"), "cuda": cuda.interval_linear}
     results = autoselect.measure(lambda name: impls[name](c, r, w), ["cuda"], c.device, [w])
     assert isinstance(results["cuda"], float)
+
+
+def test_every_operator_name_the_code_and_tests_use_is_registered():
+    """The GPU-only tests name the custom ops directly; a misspelt name would only fail on a GPU."""
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    names = {m.group(1) for folder in ("cure_fast", "tests", "bench") for path in (root / folder).rglob("*.py")
+             for m in re.finditer(r"torch\.ops\.cure_fast\.(\w+)", path.read_text())}
+    assert "interval_linear_cuda" in names
+    for name in sorted(names):
+        assert hasattr(torch.ops.cure_fast, name), f"torch.ops.cure_fast.{name} is not registered"

@@ -359,24 +359,24 @@ def test_opcheck():
                   _rand((4,), torch.float32, 3))
     s, t = _rand((4,), torch.float32, 4), _rand((4,), torch.float32, 5)
     for args in [(c, r, w, b, s, t, True, "ieee", True), (c, r, w, None, None, None, False, "ieee", False)]:
-        torch.library.opcheck(torch.ops.cure_fast.interval_linearcuda.default,
+        torch.library.opcheck(torch.ops.cure_fast.interval_linear_cuda.default,
                               tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args))
     xc, xr = _rand((5, 4, 3, 3), torch.float32, 6), _rand((2, 4, 3, 3), torch.float32, 7, True)
-    torch.library.opcheck(torch.ops.cure_fast.channel_epiloguecuda.default,
+    torch.library.opcheck(torch.ops.cure_fast.channel_epilogue_cuda.default,
                           (xc.requires_grad_(), xr.requires_grad_(), b, s, t, True))
     xc, xr, wc = _rand((3, 2, 5, 6), torch.float32, 8), _rand((2, 2, 5, 6), torch.float32, 9, True), \
         _rand((4, 2, 3, 2), torch.float32, 10)
     for args in [(xc, xr, wc, b, s, t, True, [1, 1], [1, 1], [1, 1], "ieee", True),
                  (xc, xr, wc, None, None, None, False, [2, 1], [0, 1], [1, 2], "ieee", False)]:
-        torch.library.opcheck(torch.ops.cure_fast.interval_conv2dcuda.default,
+        torch.library.opcheck(torch.ops.cure_fast.interval_conv2d_cuda.default,
                               tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args))
     eps = _rand((3,), torch.float32, 11, True)
     for s2, e in [(xc[:1].abs(), None), (xc.abs(), eps)]:
-        torch.library.opcheck(torch.ops.cure_fast.l2_conv2dcuda.default,
+        torch.library.opcheck(torch.ops.cure_fast.l2_conv2d_cuda.default,
                               (xc.detach().requires_grad_(), s2.detach().requires_grad_(), wc.detach().requires_grad_(),
                                b.detach().requires_grad_(), e, [1, 1], [1, 0], [1, 1], "ieee"))
     labels = torch.tensor([0, 3, 1, 2, 2], device="cuda")
-    torch.library.opcheck(torch.ops.cure_fast.margins_linearcuda.default,
+    torch.library.opcheck(torch.ops.cure_fast.margins_linear_cuda.default,
                           (c.detach().requires_grad_(), r.detach().requires_grad_(), w.requires_grad_(), b, labels, None,
                            False))
 

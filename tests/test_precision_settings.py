@@ -266,3 +266,28 @@ def test_sound_bounds_after_torch_freezes_its_global_flags():
         print(BoundedModule(net).margins(torch.rand(2, 3), torch.tensor([0, 1]), LinfBall(0.1), method="crown").shape)
         """)
     assert "torch.Size([2, 2])" in out
+
+
+def test_the_subnormal_probe_sees_a_device_that_flushes_and_sound_bounds_refuse_it(monkeypatch, one_thread):
+    """On CUDA the sound modes check that torch's GEMMs and convolutions keep subnormal numbers (their
+    error bound counts an underflow as the smallest subnormal); the probe itself, on the CPU."""
+    assert policy.keeps_subnormals(torch.device("cpu"))
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormal numbers")
+    try:
+        assert not policy.keeps_subnormals(torch.device("cpu"))
+    finally:
+        torch.set_flush_denormal(False)
+    monkeypatch.setitem(policy._KEEPS_SUBNORMALS, "cuda:0", False)
+    with pytest.raises(ValueError, match=r"sound bounds on cuda:0: .*flush subnormal numbers.*certify on the CPU"):
+        with policy.strict(True, torch.device("cuda", 0)):
+            pass
+    with policy.strict(False, torch.device("cuda", 0)):  # not a sound mode: nothing to check
+        pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gemms_and_convolutions_keep_subnormal_numbers():
+    with policy.strict(True):
+        assert policy.keeps_subnormals(torch.device("cuda")), "the sound modes refuse this GPU"

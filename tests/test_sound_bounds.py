@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall
+from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall, models
 from cure_fast.engine import crown, passes
 from cure_fast.engine.layers.activation import Relaxation
 from netgen import draw_problem, modules_of, networks, run_layers
@@ -458,3 +458,30 @@ def test_ibp_margins_lost_to_an_overflow_are_minus_infinity_and_zero_at_the_labe
         model[0].weight.fill_(3e38)
     margins = BoundedModule(model).propagate(torch.tensor([[0.9, 0.9]]), [spec], torch.tensor([1])).margins[0]
     assert margins.tolist() == [[-float("inf"), 0.0, -float("inf")]]
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=[pytest.mark.gpu] if d == "cuda" else []) for d in DEVICES])
+@pytest.mark.parametrize("mode", ["fp32", "fp64"])
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
+def test_sound_bounds_on_each_device_are_below_plain_float64_on_the_cpu_and_sampled_margins(device, mode, method):
+    """The sound modes where the model lives (on CUDA: cuBLAS and torch's own convolutions, cuDNN off):
+    below the plain float64 bound computed on the CPU (IBP, CROWN-IBP: the same relaxations up to
+    rounding; CROWN's relaxations move with its intermediate bounds, so it is compared loosely), within
+    1e-3 of it, and below the margins at points of the set."""
+    torch.manual_seed(0)
+    model = models.build("cnn3", "mnist").eval()
+    x = torch.rand(3, 1, 28, 28)
+    y = model(x).argmax(1)
+    wide = copy.deepcopy(model).double()
+    reference, bm = BoundedModule(wide), BoundedModule(model.to(device))
+    for spec in (LinfBall(0.02), L2Ball(0.2)):
+        exact = crown.crown_margins(reference, x.double(), y, spec, method=method, sound=False)
+        bound = crown.crown_margins(bm, x.to(device), y.to(device), spec, method=method, sound=mode).cpu().double()
+        assert bound.isfinite().all() and (bound - exact).abs().max() < 1e-3, f"{spec}: far from float64"
+        if method != "crown":
+            assert (bound <= exact).all(), f"{spec}: above the float64 bound by {(bound - exact).max():.3g}"
+        for point in _sample(spec, x.double()):
+            assert (_true_margins(wide(point), y) >= bound).all(), f"{spec}: unsound"

@@ -29,7 +29,7 @@ from test_soundness import (_setup, check_margins_vs_logit_differences, check_pg
 
 DEVICE = "cuda" if CUDA else "cpu"
 pytestmark = [pytest.mark.gpu] if CUDA else []
-EXAMPLES = 50 if CUDA else 6
+EXAMPLES = int(os.environ.get("CURE_FAST_GPU_EXAMPLES", "50")) if CUDA else 6  # bench/gpu_quick.sh: 5
 SPECS = [LinfBall(0.05), L2Ball(0.3), L2Ball(0.2, domain=None)]
 
 

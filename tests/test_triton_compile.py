@@ -60,6 +60,7 @@ AFFINE = {  # name: (flags, dtype, precision, arch)
     "l2": (dict(SQUARE=True, HAS_SHIFT=True, SQRT=True), "bf16", "ieee", 80),
     "l2-rgb-flat": (dict(SQUARE=True, HAS_SHIFT=True, SQRT=True, FLAT=True), "fp32", "tf32", 90),
     "interval-rgb-flat-fp64": (dict(HAS_SCALE=True, HAS_SHIFT=True, RELU=True, FLAT=True), "fp64", "ieee", 80),
+    "interval-fp64-sm90": (dict(HAS_SCALE=True, HAS_SHIFT=True, RELU=True), "fp64", "ieee", 90),  # no fp64 wgmma
     "linear-split": (dict(SPLIT=True, HAS_SHIFT=True, RELU=True), "bf16", "ieee", 90),
     "input-grad": (dict(TRANSPOSED=True, SQUARE=True), "fp32", "tf32", 90),
 }
@@ -89,7 +90,8 @@ def test_finish_splits_kernel_compiles(dtype, sqrt):
                                                                    ("bf16", True, False, False, "ieee", 80),
                                                                    ("fp32", False, True, False, "tf32", 80),
                                                                    ("fp32", True, True, True, "tf32", 90),
-                                                                   ("fp64", False, True, True, "ieee", 80)])
+                                                                   ("fp64", False, True, True, "ieee", 80),
+                                                                   ("fp64", True, True, False, "ieee", 90)])
 def test_weight_grad_kernel_compiles(dtype, square, bias, flat, precision, arch):
     acc = "fp64" if dtype == "fp64" else "fp32"
     constexprs = dict(SQUARE=square, HAS_BIAS=bias, FLAT=flat, FP64=dtype == "fp64", **_precision(dtype, precision))

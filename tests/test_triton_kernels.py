@@ -290,3 +290,36 @@ def test_margins_are_exactly_zero_at_the_label():
     for margins in (BF.margins_linear(c, r, weight, _rand(gen, 4), labels, backend="triton"),
                     BF.l2_margins_linear(c, 0.3, weight, None, labels, backend="triton")):
         assert (margins.gather(1, labels[:, None]) == 0).all()
+
+
+# ---------------------------------------------------------------- TF32 rounding of the dot tiles
+
+def test_round_to_tf32_rounds_to_nearest_ties_away_like_cvt_rna():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rounded(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, _common.round_to_tf32(tl.load(x_ptr + offs, mask=offs < n)), mask=offs < n)
+
+    ulp = 2.0 ** -10  # of TF32 at 1
+    special = [1 + ulp / 2, 1 + ulp / 2 - 2 ** -23, -(1 + ulp / 2), 1 + 3 * ulp / 2, 2 ** -149, -0.0, 0.0,
+               torch.finfo(torch.float32).max, float("inf"), float("-inf"), float("nan"), 3.0e38, 1e-40]
+    expect = [1 + ulp, 1.0, -(1 + ulp), 1 + 2 * ulp, 0.0, -0.0, 0.0, float("inf"), float("inf"), float("-inf"),
+              float("nan"), None, None]
+    bits = torch.randint(-2 ** 31, 2 ** 31, (1000,), generator=torch.Generator().manual_seed(0), dtype=torch.int64)
+    x = torch.cat([torch.tensor(special), bits.to(torch.int32).view(torch.float32)]).to(DEVICE)
+    out = torch.empty_like(x)
+    rounded[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), BLOCK=256)
+    out = out.cpu()
+    for value, want, got in zip(special, expect, out):
+        if want is not None:
+            assert torch.equal(got, torch.tensor(want)) or (want != want and got != got), f"{value!r}: {got.item()!r}"
+    # Rounded to nearest: at most half a TF32 ulp away, 13 low bits clear; NaN stays NaN.
+    x, finite = x.cpu(), out.isfinite() & x.isfinite()
+    assert (out.view(torch.int32)[finite] & 0x1FFF == 0).all()
+    exponent = torch.frexp(x[finite].double())[1].clamp(min=-125)  # subnormals: the ulp of the smallest binade
+    half_ulp = torch.ldexp(torch.ones_like(exponent, dtype=torch.float64), exponent - 12)
+    assert ((out[finite].double() - x[finite].double()).abs() <= half_ulp).all()
+    assert (out[x.isnan()].isnan()).all()

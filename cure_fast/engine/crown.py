@@ -262,7 +262,7 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         raise ValueError(f"unknown method {method!r}; choose one of ibp, {', '.join(METHODS)}")
     if isinstance(alpha_steps, bool) or not isinstance(alpha_steps, int) or alpha_steps < 0:
         raise ValueError(f"alpha_steps must be a non-negative int, got {alpha_steps!r}")
-    with policy.strict(_mode(sound) is not None):
+    with policy.strict(_mode(sound) is not None, x.device):
         problem = _problem(bounded, x, y, spec, sound, max_rows)
         chain = passes.relaxations(problem, crown=method in ("crown", "alpha-crown"))
         C, rows, mask = _specification(y.long(), problem.shapes[-1][0], problem.dtype)
@@ -296,7 +296,7 @@ def preactivation_bounds(bounded: BoundedModule, x: Tensor, spec: Spec, method: 
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    with policy.strict(_mode(sound) is not None):
+    with policy.strict(_mode(sound) is not None, x.device):
         problem = _problem(bounded, x, None, spec, sound, max_rows)
         bounds = passes.relaxations(problem, crown=method != "crown-ibp").bounds
     bounds = [unknown_as_infinite(lower, upper) for lower, upper in bounds.values()]

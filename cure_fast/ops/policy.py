@@ -199,6 +199,44 @@ def _subnormals_kept():
         torch.set_flush_denormal(True)
 
 
+_KEEPS_SUBNORMALS: Dict[str, bool] = {}
+
+
+def keeps_subnormals(device: torch.device) -> bool:
+    """Whether torch's matrix products and convolutions (forward and transposed, cuDNN off) on ``device``
+    keep subnormal numbers in float32 and float64, operands and results: each probed once, exactly
+    (sums of products of ``2^-70`` or ``2^-535``, whose results are subnormal)."""
+    import torch.nn.functional as F
+    device = torch.device(device)
+    for dtype, half in ((torch.float32, 2.0 ** -70), (torch.float64, 2.0 ** -535)):
+        a = torch.full((4, 32), half, dtype=dtype, device=device)
+        x, w, y = (torch.full(shape, half, dtype=dtype, device=device) for shape in ((1, 2, 5, 5), (3, 2, 3, 3),
+                                                                                     (1, 3, 5, 5)))
+        counts = [(a @ a.T, torch.full((4, 4), 32.0)),
+                  (F.conv2d(x, w, padding=1), F.conv2d(torch.ones(x.shape), torch.ones(w.shape), padding=1)),
+                  (F.conv_transpose2d(y, w), F.conv_transpose2d(torch.ones(y.shape), torch.ones(w.shape)))]
+        for got, count in counts:
+            if not torch.equal(got.cpu().double(), count.double() * (half * half)):
+                return False
+    return True
+
+
+def _require_subnormals(device: torch.device) -> None:
+    """A ValueError where ``device`` flushes subnormal numbers (CUDA only: the CPU threads are handled by
+    :func:`_subnormals_kept`); probed once per device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if str(device) not in _KEEPS_SUBNORMALS:
+        _KEEPS_SUBNORMALS[str(device)] = keeps_subnormals(device)
+    if not _KEEPS_SUBNORMALS[str(device)]:
+        raise ValueError(f"sound bounds on {device}: its matrix products or convolutions flush subnormal numbers "
+                         f"to zero, which the rounding-error bounds do not cover; certify on the CPU, or with "
+                         f"sound=False (not a certificate)")
+
+
 @contextlib.contextmanager
 def _cudnn_off():
     enabled = torch._C._get_cudnn_enabled()  # not torch.backends.cudnn.enabled: refused after disable_global_flags
@@ -210,16 +248,19 @@ def _cudnn_off():
 
 
 @contextlib.contextmanager
-def strict(enabled: bool):
+def strict(enabled: bool, device: Optional[torch.device] = None):
     """IEEE float32 dot products inside the block when ``enabled``: torch's libraries in IEEE fp32 on the
     CPU and CUDA and autocast off, whatever the process's settings (:func:`library_precision`;
     one thread's block at a time), cuDNN off (its heuristics may pick Winograd or FFT convolutions), and
     subnormal numbers kept (the error bounds count an underflow as at most the smallest subnormal, not
-    the smallest normal number)."""
+    the smallest normal number): on the CPU by :func:`_subnormals_kept`, on a CUDA ``device`` checked
+    (:func:`keeps_subnormals`; a ValueError where it flushes them)."""
     if not enabled:
         yield
         return
     with library_precision(False, ("cpu", "cuda")), _cudnn_off(), _subnormals_kept():
+        if device is not None:
+            _require_subnormals(device)
         yield
 
 
