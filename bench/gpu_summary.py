@@ -17,7 +17,7 @@ error line of each failure, every benchmark figure (the rows of each benchmark's
 headline per benchmark (ratios to the natural step and to the two-GEMM floor, seconds per image),
 and the steps skipped because their budget would have overrun the total.
 
-    python bench/gpu_summary.py --out OUT --work WORK --started EPOCH --total 470 [--dry] [--final]
+    python bench/gpu_summary.py --out OUT --work WORK --started EPOCH --total 540 [--dry] [--final]
     python bench/gpu_summary.py --probe WORK/env.json     # the environment probe (imports torch)
 """
 import argparse

@@ -193,7 +193,8 @@ def interval_relu_grad(c, r, gc, gr):
 
 @triton.jit
 def sqrt_nearest(x):
-    """The square root rounded to nearest, as torch's (``tl.sqrt`` is a fast approximation in float32)."""
+    """The square root rounded to nearest, as torch's (``tl.sqrt`` is a fast approximation in float32); a
+    float32 input below the smallest normal number reads as 0 on a GPU (Triton flushes subnormals there)."""
     if x.dtype == tl.float32:
         x = tl.sqrt_rn(x)
     else:
@@ -205,7 +206,7 @@ def sqrt_nearest(x):
 def round_to_tf32(x):
     """float32 ``x`` rounded to the nearest TF32 value (10 mantissa bits, ties away from zero: PTX
     ``cvt.rna.tf32.f32``), as a float32 with its low 13 bits zero; NaN stays NaN, overflow gives inf."""
-    bits = x.to(tl.uint32, bitcast=True)
+    bits = tl.where(x == x, x.to(tl.uint32, bitcast=True), 0)  # NaN bits could overflow the add
     rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
     return tl.where(x == x, rounded, x)
 

@@ -270,20 +270,29 @@ def test_sound_bounds_after_torch_freezes_its_global_flags():
 
 def test_the_subnormal_probe_sees_a_device_that_flushes_and_sound_bounds_refuse_it(monkeypatch, one_thread):
     """On CUDA the sound modes check that torch's GEMMs and convolutions keep subnormal numbers (their
-    error bound counts an underflow as the smallest subnormal); the probe itself, on the CPU."""
+    error bound counts an underflow as the smallest subnormal); the probe itself, on the CPU: each op
+    made to flush float64 inputs (DAZ) or results (FTZ) in turn, then the thread's own flag."""
     assert policy.keeps_subnormals(torch.device("cpu"))
-    if not torch.set_flush_denormal(True):
-        pytest.skip("this CPU cannot flush subnormal numbers")
-    try:
-        assert not policy.keeps_subnormals(torch.device("cpu"))
-    finally:
-        torch.set_flush_denormal(False)
+    tiny = torch.finfo(torch.float64).tiny
+    for k, (op, *shapes) in enumerate(policy._PROBE_OPS):
+        for flush in (lambda v, w, op=op: op(torch.where(v.abs() < tiny, 0, v), w),
+                      lambda v, w, op=op: (lambda r: torch.where(r.abs() < tiny, 0, r))(op(v, w))):
+            probes = list(policy._PROBE_OPS)
+            probes[k] = (lambda v, w, flush=flush, op=op: flush(v, w) if v.dtype == torch.float64 else op(v, w), *shapes)
+            monkeypatch.setattr(policy, "_PROBE_OPS", tuple(probes))
+            assert not policy.keeps_subnormals(torch.device("cpu")), f"probe {k} missed a flush"
+    monkeypatch.undo()
     monkeypatch.setitem(policy._KEEPS_SUBNORMALS, "cuda:0", False)
     with pytest.raises(ValueError, match=r"sound bounds on cuda:0: .*flush subnormal numbers.*certify on the CPU"):
         with policy.strict(True, torch.device("cuda", 0)):
             pass
     with policy.strict(False, torch.device("cuda", 0)):  # not a sound mode: nothing to check
         pass
+    if torch.set_flush_denormal(True):
+        try:
+            assert not policy.keeps_subnormals(torch.device("cpu"))
+        finally:
+            torch.set_flush_denormal(False)
 
 
 @pytest.mark.gpu

@@ -314,8 +314,9 @@ def test_round_to_tf32_rounds_to_nearest_ties_away_like_cvt_rna():
     rounded[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), BLOCK=256)
     out = out.cpu()
     for value, want, got in zip(special, expect, out):
-        if want is not None:
-            assert torch.equal(got, torch.tensor(want)) or (want != want and got != got), f"{value!r}: {got.item()!r}"
+        if want is not None:  # bit for bit (the sign of zero too), any NaN for NaN
+            assert torch.equal(got.view(torch.int32), torch.tensor(want).view(torch.int32)) or (want != want and got != got), \
+                f"{value!r}: {got.item()!r}"
     # Rounded to nearest: at most half a TF32 ulp away, 13 low bits clear; NaN stays NaN.
     x, finite = x.cpu(), out.isfinite() & x.isfinite()
     assert (out.view(torch.int32)[finite] & 0x1FFF == 0).all()
@@ -323,3 +324,27 @@ def test_round_to_tf32_rounds_to_nearest_ties_away_like_cvt_rna():
     half_ulp = torch.ldexp(torch.ones_like(exponent, dtype=torch.float64), exponent - 12)
     assert ((out[finite].double() - x[finite].double()).abs() <= half_ulp).all()
     assert (out[x.isnan()].isnan()).all()
+
+
+def test_the_tf32_dot_multiplies_tiles_rounded_to_tf32(monkeypatch):
+    """The rounding a GPU's tf32 dot gets (ROUND_TF32, off in the interpreter, which multiplies in full
+    float32), on here: 1 + 2^-12 rounds to 1, so sixteen products sum to exactly 16, not 16.0039."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def product(a_ptr, b_ptr, out_ptr, DOT: tl.constexpr):
+        i = tl.arange(0, 16)
+        a = tl.load(a_ptr + i[:, None] * 16 + i[None, :])
+        b = tl.load(b_ptr + i[:, None] * 16 + i[None, :])
+        tl.store(out_ptr + i[:, None] * 16 + i[None, :], _common.dot(a, b, tl.zeros((16, 16), tl.float32), DOT, False))
+
+    a, b = torch.full((16, 16), 1 + 2.0 ** -12, device=DEVICE), torch.ones(16, 16, device=DEVICE)
+    out = torch.empty(16, 16, device=DEVICE)
+    if not CUDA:
+        monkeypatch.setattr(_common, "ROUND_TF32", tl.constexpr(True))
+    product[(1,)](a, b, out, DOT="tf32")
+    assert (out == 16).all(), out.unique()
+    if not CUDA:
+        product[(1,)](a, b, out, DOT="ieee")
+        assert (out == 16 * (1 + 2.0 ** -12)).all()

@@ -322,7 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(l∞, l2, l1) and certifier (alpha-crown), and its union table")
     parser.add_argument("--limit", type=integer_type(1), help="certify the first N test images")
     parser.add_argument("--data-root", help="folder holding the data sets (default: the run's data_root)")
-    parser.add_argument("--out", help="report folder (default: RUN_DIR/certify-METHOD, or certify-METHOD-2, … "
+    parser.add_argument("--out", help="report folder (default: RUN_DIR/certify-METHOD, or certify-METHOD-run2, … "
                         "when that holds an earlier report)")
     parser.add_argument("--pgd-steps", type=integer_type(0), default=20, help="PGD steps of the empirical robustness "
                         "attack per norm (0: none; default 20)")

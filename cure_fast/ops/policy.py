@@ -200,24 +200,33 @@ def _subnormals_kept():
 
 
 _KEEPS_SUBNORMALS: Dict[str, bool] = {}
+# The probes of keeps_subnormals: (op, input shape, weight shape); F.linear with a bias is addmm.
+_PROBE_OPS = ((torch.matmul, (4, 32), (32, 4)), (torch.bmm, (2, 4, 16), (2, 16, 4)),
+              (lambda v, w: torch.nn.functional.linear(v, w, torch.zeros_like(w[:, 0])), (4, 32), (4, 32)),
+              (lambda v, w: torch.nn.functional.conv2d(v, w, padding=1), (1, 2, 5, 5), (3, 2, 3, 3)),
+              (torch.nn.functional.conv_transpose2d, (1, 3, 5, 5), (3, 2, 3, 3)))
+# dtype: (its bits, the exponents of its smallest subnormal and normal numbers, the probes' (input, weight)
+# exponents: products that are subnormal, then subnormal inputs whose products are normal).
+_PROBE_DTYPES = {torch.float32: (torch.int32, -149, -126, ((-70, -70), (-140, 30))),
+                 torch.float64: (torch.int64, -1074, -1022, ((-535, -535), (-1070, 60)))}
 
 
 def keeps_subnormals(device: torch.device) -> bool:
-    """Whether torch's matrix products and convolutions (forward and transposed, cuDNN off) on ``device``
-    keep subnormal numbers in float32 and float64, operands and results: each probed once, exactly
-    (sums of products of ``2^-70`` or ``2^-535``, whose results are subnormal)."""
-    import torch.nn.functional as F
+    """Whether torch's matrix products (matmul, bmm, addmm) and convolutions (forward and transposed) on
+    ``device`` keep subnormal numbers in float32 and float64, as results and as inputs: each probed on
+    powers of two, the results compared bit for bit with the exact ones (integers: no float arithmetic
+    on the host, which may flush them itself)."""
     device = torch.device(device)
-    for dtype, half in ((torch.float32, 2.0 ** -70), (torch.float64, 2.0 ** -535)):
-        a = torch.full((4, 32), half, dtype=dtype, device=device)
-        x, w, y = (torch.full(shape, half, dtype=dtype, device=device) for shape in ((1, 2, 5, 5), (3, 2, 3, 3),
-                                                                                     (1, 3, 5, 5)))
-        counts = [(a @ a.T, torch.full((4, 4), 32.0)),
-                  (F.conv2d(x, w, padding=1), F.conv2d(torch.ones(x.shape), torch.ones(w.shape), padding=1)),
-                  (F.conv_transpose2d(y, w), F.conv_transpose2d(torch.ones(y.shape), torch.ones(w.shape)))]
-        for got, count in counts:
-            if not torch.equal(got.cpu().double(), count.double() * (half * half)):
-                return False
+    for dtype, (ints, tiniest, normal, exponents) in _PROBE_DTYPES.items():
+        for e_input, e_weight in exponents:
+            for op, input_shape, weight_shape in _PROBE_OPS:
+                count = op(torch.ones(input_shape, dtype=torch.float64), torch.ones(weight_shape, dtype=torch.float64))
+                got = op(torch.full(input_shape, 2.0 ** e_input, dtype=dtype, device=device),
+                         torch.full(weight_shape, 2.0 ** e_weight, dtype=dtype, device=device)).cpu().view(ints)
+                e = e_input + e_weight
+                want = (count.long() << (e - tiniest)).to(ints) if e < normal else (count * 2.0 ** e).to(dtype).view(ints)
+                if not torch.equal(got, want):
+                    return False
     return True
 
 
