@@ -237,3 +237,26 @@ def test_specs_with_their_own_centre_equal_propagating_from_that_centre(train):
         stats_from_x = copy.deepcopy(model)
         out = BoundedModule(model).propagate(x, specs)
         torch.testing.assert_close(out.logits, stats_from_x(x))
+
+
+def test_bounds_follow_a_layer_replaced_added_or_removed_after_wrapping():
+    """A new head for fine-tuning, an appended layer, a dropped one: every method bounds the model as
+    it is now (not the layers seen when it was wrapped), and an unsupported new layer is refused."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    bm = BoundedModule(model)
+    x, y = torch.rand(2, 4), torch.tensor([0, 1])
+    bm.bounds(x, LinfBall(0.01))
+    for change in (lambda: model.__setitem__(3, nn.Linear(8, 3)), lambda: model.append(nn.ReLU()),
+                   lambda: model.append(nn.Linear(3, 2)), lambda: model.__delitem__(slice(4, 6))):
+        change()
+        out = model(x)
+        lower, upper = bm.bounds(x, LinfBall(0.0))
+        assert torch.allclose(lower, out, atol=1e-6) and torch.allclose(upper, out, atol=1e-6)
+        actual = out.gather(1, y[:, None]) - out
+        for method in ("ibp", "crown", "alpha-crown"):
+            margins = bm.margins(x, y, LinfBall(0.0), method=method)
+            assert (margins <= actual + 1e-6).all() and (margins >= actual - 1e-5).all(), method
+    model.append(nn.MaxPool1d(2))
+    with pytest.raises(ValueError, match="MaxPool1d"):
+        bm.bounds(x, LinfBall(0.01))

@@ -148,10 +148,12 @@ def _margins_from_bounds(lower: Tensor, upper: Tensor, labels: Tensor) -> Tensor
 class BoundedModule(nn.Module):
     """Sound bound propagation through an ``nn.Sequential``, sharing the model's parameters.
 
-    Supported layers: those of :mod:`cure_fast.engine.layers` — Conv2d (any stride, padding,
-    dilation, groups; zero padding), Linear, BatchNorm1d/2d, ReLU, LeakyReLU, Flatten, AvgPool2d,
+    Supported layers: those of :mod:`cure_fast.engine.layers` — Conv2d (any stride, dilation, groups;
+    zero padding: numbers, ``'valid'`` or ``'same'``, the CROWN methods only where ``'same'`` pads
+    symmetrically), Linear, BatchNorm1d/2d, ReLU, LeakyReLU, Flatten, AvgPool2d,
     Identity, Dropout and :class:`cure_fast.nn.Normalize`; nested ``nn.Sequential`` containers are
-    flattened. In train mode BatchNorm normalizes every stream with the natural stream's batch
+    flattened; a layer of the model replaced, added or removed after wrapping is followed (the bound
+    layers are rebuilt at the next call). In train mode BatchNorm normalizes every stream with the natural stream's batch
     statistics (and updates the running statistics once per call); in eval mode it uses the
     running statistics.
 
@@ -171,20 +173,31 @@ class BoundedModule(nn.Module):
         if not isinstance(model, nn.Sequential):
             raise ValueError(f"BoundedModule needs an nn.Sequential, got {type(model).__name__}")
         super().__init__()
-        named = _flatten(model)
-        if not named:
-            raise ValueError("BoundedModule needs a model with at least one layer")
         self.model = model
         self.backend = backend
         self.precision = None if precision is None else check_precision(precision)
         if backend is not None:
             check_backend(backend)
+        self._structure: List[nn.Module] = []
+        self.follow_model()
+
+    def follow_model(self) -> None:
+        """The bound layers of the model's layers as they are now: rebuilt where a layer was replaced,
+        added or removed since they were last built (every entry point calls this; in-place changes of
+        a layer's parameters need nothing)."""
+        named = _flatten(self.model)
+        modules = [module for _, module in named]
+        if len(modules) == len(self._structure) and all(a is b for a, b in zip(modules, self._structure)):
+            return
+        if not named:
+            raise ValueError("BoundedModule needs a model with at least one layer")
         self.layer_names = [position for position, _ in named]
         self.layers: List[Layer] = [bound_layer(module, position) for position, module in named]
+        self._structure = modules
         self.spec_layer = self._find_spec_layer()
         affine = [i for i, layer in enumerate(self.layers) if layer.fuses == "affine"]
         self.first_affine = affine[0] if affine else None
-        self._copies_input = any(getattr(module, "inplace", False) for _, module in named)
+        self._copies_input = any(getattr(module, "inplace", False) for module in modules)
 
     def _find_spec_layer(self) -> Optional[int]:
         """Index of the last Linear when only layers the specification folds through follow it."""
@@ -197,6 +210,7 @@ class BoundedModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The natural output, ``model(x)`` (on a copy of x when a layer works in place)."""
+        self.follow_model()
         return self.model(x.clone() if self._copies_input else x)
 
     def bounds(self, x: Tensor, spec: Spec) -> Interval:
@@ -234,6 +248,7 @@ class BoundedModule(nn.Module):
             when ``y`` is given, and the bounds of every layer (``layer_bounds``, ``preactivation_bounds``);
             ``sound`` is False when ``shrink`` was given.
         """
+        self.follow_model()
         specs = _spec_list(specs)
         _check_input(x, specs)
         _check_dtype(x, self.model)

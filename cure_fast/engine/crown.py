@@ -181,6 +181,7 @@ def _problem(bounded: BoundedModule, x: Tensor, y: Optional[Tensor], spec: Spec,
         raise TypeError(f"spec must be a LinfBall, L2Ball or L1Ball, got {type(spec).__name__}")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}")
+    bounded.follow_model()
     for layer in bounded.layers:
         layer.check_certifiable()
     _check_finite(bounded.model)
