@@ -242,3 +242,27 @@ def test_a_float64_model_is_evaluated_in_float64(halfspace):
     assert bn[2].running_mean.dtype == torch.float64 and bn[2].num_batches_tracked.item() == 2
     report = smoothing_report(bn, _images(2, 10), torch.tensor([0, 1]), 0.25, n0=10, n=20, batch_size=20)
     assert [s["index"] for s in report["samples"]] == [0, 1]
+
+
+def test_what_would_make_no_certificate_is_refused(halfspace):
+    """A non-finite input, alpha outside (0, 1), a num_classes the model does not have, a batch for one
+    input, a BatchNorm in train mode: one clear error each, never a class and radius."""
+    smooth, x = Smooth(halfspace, 2, SIGMA), _point(halfspace, 0.5)
+    for bad in (torch.full(SHAPE, float("nan")), torch.full(SHAPE, float("inf"))):
+        with pytest.raises(ValueError, match="finite"):
+            smooth.certify(bad, n0=10, n=100)
+    for alpha in (2.0, -1.0, 0.0, 1.0):
+        with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+            smooth.certify(x, n0=10, n=100, alpha=alpha)
+        with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+            smooth.predict(x, n=100, alpha=alpha)
+    with pytest.raises(ValueError, match="num_classes=5"):
+        Smooth(halfspace, 5, SIGMA).certify(x, n0=10, n=100)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        smooth.certify(x, n0=10, n=100, batch_size=0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    statistics = model[2].running_mean.clone()
+    with pytest.raises(ValueError, match=r"base classifier's 2 is in train mode: call \.eval\(\)"):
+        Smooth(model, 2, SIGMA).certify(x, n0=10, n=100)
+    assert torch.equal(model[2].running_mean, statistics)
+    assert Smooth(model.eval(), 2, SIGMA).certify(x, n0=10, n=100)[0] in (ABSTAIN, 0, 1)

@@ -88,6 +88,7 @@ class Smooth:
         """g(x) from ``n`` noise samples, or ABSTAIN when a two-sided binomial test of the top two
         counts does not reject equality at level ``alpha`` (then g(x) differs from the returned
         class with probability at most alpha). x: one input (C, H, W) in [0, 1]."""
+        _check_alpha(alpha)
         counts = self.sample_counts(x, n, batch_size)
         top, second = np.argsort(-counts, kind="stable")[:2]
         if binomtest(int(counts[top]), int(counts[top] + counts[second]), 0.5).pvalue > alpha:
@@ -103,6 +104,7 @@ class Smooth:
         Clopper-Pearson lower bound ``p_A`` on its probability; radius ``sigma * Phi^-1(p_A)``;
         abstain unless ``p_A > 1/2``. x: one input (C, H, W) in [0, 1].
         """
+        _check_alpha(alpha)
         guess = int(self.sample_counts(x, n0, batch_size).argmax())
         p_lower = clopper_pearson_lower(int(self.sample_counts(x, n, batch_size)[guess]), n, alpha)
         if p_lower <= 0.5:
@@ -113,6 +115,7 @@ class Smooth:
         """(num_classes,) int64: how often the base classifier predicts each class on ``num`` noisy
         copies of x (C, H, W), classified in batches of ``batch_size`` with the noise drawn on the
         device."""
+        self._check(x, num, batch_size)
         device = _device(self.base_classifier, x)
         x = to_float(x.to(device), _dtype(self.base_classifier))
         counts = torch.zeros(self.num_classes, dtype=torch.int64, device=device)
@@ -120,9 +123,31 @@ class Smooth:
             for start in range(0, num, batch_size):
                 size = min(batch_size, num - start)
                 noise = torch.randn((size, *x.shape), dtype=x.dtype, device=device, generator=self.generator)
-                predictions = self.base_classifier(x + self.sigma * noise).argmax(1)
-                counts += torch.bincount(predictions, minlength=self.num_classes)
+                logits = self.base_classifier(x + self.sigma * noise)
+                if logits.dim() != 2 or logits.shape[1] != self.num_classes:
+                    raise ValueError(f"the base classifier returned logits of shape {tuple(logits.shape)} for "
+                                     f"{size} inputs; Smooth was given num_classes={self.num_classes} (and x is one "
+                                     f"input, not a batch)")
+                counts += torch.bincount(logits.argmax(1), minlength=self.num_classes)
         return counts.cpu().numpy()
+
+    def _check(self, x: Tensor, num: int, batch_size: int) -> None:
+        """A ValueError for what would make no certificate: a model in train mode, a non-finite x."""
+        training = next((name or "the model" for name, m in self.base_classifier.named_modules()
+                         if m.training and isinstance(m, (_BatchNorm, nn.modules.dropout._DropoutNd))), None)
+        if training is not None:
+            raise ValueError(f"the base classifier's {training} is in train mode: call .eval() first (a BatchNorm "
+                             f"in train mode normalizes by the noisy batch and updates its running statistics)")
+        if not isinstance(x, Tensor) or (x.is_floating_point() and not torch.isfinite(x).all()):
+            raise ValueError("x must be a finite tensor (one input, in [0, 1])")
+        for name, value in (("the number of samples", num), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1) (the certificates hold with probability 1 - alpha), got {alpha!r}")
 
 
 def _batchnorms(model: nn.Module) -> List[_BatchNorm]:
