@@ -169,9 +169,10 @@ class L1Ball(Ball):
 
 def contains(spec: Ball, x: Tensor, points: Tensor, tol: float = 0.0) -> Tensor:
     """Whether each of ``points`` (B, ...) lies in the input set around ``x`` (B, ...) (around its own
-    centre when it has one); returns (B,) bool."""
-    eps = spec.per_sample_eps(x).reshape(-1)
-    delta = (points - spec.center_for(x)).flatten(1)
+    centre when it has one), in float64: the set of the spec's own eps, not of eps rounded to x's dtype;
+    returns (B,) bool."""
+    eps = spec.per_sample_eps(x.double()).reshape(-1)
+    delta = (points.double() - spec.center_for(x).double()).flatten(1)
     norm = delta.norm(p=spec.p, dim=1)
     inside = norm <= eps + tol
     if spec.domain is not None:

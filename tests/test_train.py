@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from cure_fast import BoundedModule, L2Ball, LinfBall
+from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall
 from cure_fast.config import TrainConfig, from_dict, load_config, presets
 from cure_fast.reporting import format_table
 from cure_fast.specs import contains
@@ -272,3 +272,23 @@ def test_a_second_run_of_a_name_ending_in_a_number_gets_an_unambiguous_folder(tm
     assert new_path(str(tmp_path), "mnist-demo-2") == str(tmp_path / "mnist-demo-2-run2")
     (tmp_path / "mnist-demo-2-run2").mkdir()
     assert new_path(str(tmp_path), "mnist-demo-2") == str(tmp_path / "mnist-demo-2-run3")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spec", [LinfBall(0.0017293476), LinfBall(0.3), LinfBall(0.1, domain=None),
+                                  L2Ball(0.3), L2Ball(0.7, domain=None), L1Ball(0.9), L1Ball(0.2, domain=None)],
+                         ids=str)
+def test_projected_points_are_in_the_set_exactly(spec, dtype):
+    """Every projected point in the set of the spec's own eps, its distance to x computed in float64 (x ± eps
+    rounded to nearest in float32 can fall outside; eps in float32, 0.3 -> 0.30000001, is larger)."""
+    from cure_fast.training.attacks import project
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 5, 5, generator=gen, dtype=torch.float64).to(dtype)
+    z = x + torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
+    p = project(spec, x, z)
+    assert p.dtype == dtype and contains(spec, x, p).all()
+    distance = (p.double() - x.double()).flatten(1).norm(p=spec.p, dim=1)
+    assert (distance <= spec.eps).all(), (distance - spec.eps).max()
+    if spec.domain is not None:
+        assert ((p >= spec.domain[0]) & (p <= spec.domain[1])).all()
+    assert (project(spec, x, x) == x).all()

@@ -27,6 +27,20 @@ def _clip_domain(spec: Ball, z: Tensor) -> Tensor:
     return z if spec.domain is None else z.clamp(spec.domain[0], spec.domain[1])
 
 
+def _offset_norm(spec: Ball, p: Tensor, x: Tensor) -> Tensor:
+    """``|p - x|`` in the set's norm, per sample (B, 1, ..., 1), in float64 (the differences of float32
+    numbers exact): whether a point of the working dtype is in the set, not whether it nearly is."""
+    return (p.double() - x.double()).flatten(1).norm(p=spec.p, dim=1).view((-1,) + (1,) * (p.dim() - 1))
+
+
+def _towards(x: Tensor, eps: Tensor, sign: int) -> Tensor:
+    """``x + sign eps`` (eps float64) in x's dtype, rounded towards x where its distance to x (in float64,
+    as :func:`_offset_norm` measures it) would exceed eps."""
+    rounded = (x.double() + sign * eps).to(x.dtype)
+    passed = (rounded.double() - x.double()).abs() > eps
+    return torch.where(passed, torch.nextafter(rounded, x), rounded)
+
+
 def _l2_norm(v: Tensor) -> Tensor:
     """Per-sample l2 norm, shaped (B, 1, ..., 1)."""
     return v.flatten(1).norm(dim=1).view((-1,) + (1,) * (v.dim() - 1))
@@ -35,16 +49,18 @@ def _l2_norm(v: Tensor) -> Tensor:
 @torch.no_grad()
 def project(spec: Ball, x: Tensor, z: Tensor, iterations: int = 60) -> Tensor:
     """Euclidean projection of ``z`` (B, ...) onto the input set ``spec`` around ``x`` (B, ...)
-    (around the set's own centre when it has one)."""
-    eps = spec.per_sample_eps(x)
+    (around the set's own centre when it has one); every returned point is in the set exactly (its
+    distance to x computed in float64 is at most eps, the set's eps before any rounding to x's dtype)."""
+    eps = spec.per_sample_eps(x.double())
     x = spec.center_for(x)
     if isinstance(spec, LinfBall):
-        return _clip_domain(spec, torch.minimum(torch.maximum(z, x - eps), x + eps))
+        low, high = _towards(x, eps, -1), _towards(x, eps, 1)
+        return _clip_domain(spec, torch.minimum(torch.maximum(z, low), high))
     if isinstance(spec, L1Ball):
         return _project_l1(spec, x, z, eps, iterations)
-    radius = lambda mu: _l2_norm(_clip_domain(spec, (z + mu * x) / (1 + mu)) - x)  # noqa: E731
-    low = torch.zeros_like(eps)
-    high = torch.ones_like(eps)
+    radius = lambda mu: _offset_norm(spec, _clip_domain(spec, (z + mu * x) / (1 + mu)), x)  # noqa: E731
+    low = torch.zeros_like(eps, dtype=x.dtype)
+    high = torch.ones_like(eps, dtype=x.dtype)
     while bool((radius(high) > eps).any()):  # grow the bracket until every sample is inside
         high = torch.where(radius(high) > eps, high * 4, high)
     mu = _smallest_inside(radius, eps, low, high, iterations)
@@ -71,8 +87,9 @@ def _project_l1(spec: Ball, x: Tensor, z: Tensor, eps: Tensor, iterations: int) 
     else:
         room = torch.where(d > 0, spec.domain[1] - x, x - spec.domain[0]).clamp_min(0)
     step = lambda t: torch.minimum((d.abs() - t).clamp_min(0), room)  # noqa: E731
-    norm = lambda t: step(t).flatten(1).sum(1).view_as(eps)  # noqa: E731
-    t = _smallest_inside(norm, eps, torch.zeros_like(eps), d.abs().flatten(1).amax(1).view_as(eps), iterations)
+    norm = lambda t: _offset_norm(spec, x + d.sign() * step(t), x)  # noqa: E731
+    t = _smallest_inside(norm, eps, torch.zeros_like(eps, dtype=d.dtype), d.abs().flatten(1).amax(1).view(eps.shape),
+                         iterations)
     return x + d.sign() * step(t)
 
 
