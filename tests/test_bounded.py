@@ -260,3 +260,14 @@ def test_bounds_follow_a_layer_replaced_added_or_removed_after_wrapping():
     model.append(nn.MaxPool1d(2))
     with pytest.raises(ValueError, match="MaxPool1d"):
         bm.bounds(x, LinfBall(0.01))
+
+
+def test_ibp_margins_with_sound_are_the_sound_ibp_of_crown_margins():
+    from cure_fast.engine.crown import crown_margins
+    model, x = _small_cnn()
+    model.eval()
+    bm, y = BoundedModule(model), torch.zeros(len(x), dtype=torch.long)
+    for sound in (True, "fp32"):
+        got = bm.margins(x, y, LinfBall(0.01), sound=sound)
+        assert torch.equal(got, crown_margins(bm, x, y, LinfBall(0.01), method="ibp", sound=sound))
+        assert (got <= bm.margins(x, y, LinfBall(0.01)) + 1e-5).all()

@@ -393,8 +393,8 @@ def test_train_mode_and_bad_arguments_give_clear_errors():
     bm.eval()
     with pytest.raises(ValueError, match="unknown method 'zonotope'"):
         bm.margins(x, y, LinfBall(0.1), method="zonotope")
-    with pytest.raises(TypeError, match="CROWN methods only"):
-        bm.margins(x, y, LinfBall(0.1), alpha_steps=3)
+    with pytest.raises(TypeError, match="no_such_option"):
+        bm.margins(x, y, LinfBall(0.1), no_such_option=3)
     with pytest.raises(ValueError, match="max_rows"):
         bm.margins(x, y, LinfBall(0.1), method="crown", max_rows=0)
     with pytest.raises(TypeError, match="LinfBall, L2Ball or L1Ball"):

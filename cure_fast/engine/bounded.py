@@ -186,11 +186,11 @@ class BoundedModule(nn.Module):
         added or removed since they were last built (every entry point calls this; in-place changes of
         a layer's parameters need nothing)."""
         named = _flatten(self.model)
+        if not named:
+            raise ValueError("BoundedModule needs a model with at least one layer")
         modules = [module for _, module in named]
         if len(modules) == len(self._structure) and all(a is b for a, b in zip(modules, self._structure)):
             return
-        if not named:
-            raise ValueError("BoundedModule needs a model with at least one layer")
         self.layer_names = [position for position, _ in named]
         self.layers: List[Layer] = [bound_layer(module, position) for position, module in named]
         self._structure = modules
@@ -218,17 +218,19 @@ class BoundedModule(nn.Module):
         return self.propagate(x, [spec]).bounds[0]
 
     def margins(self, x: Tensor, y: Tensor, spec: Spec, method: str = "ibp", **options) -> Tensor:
-        """Lower bounds on ``z_y - z_j`` over ``spec`` around x, (B, K), 0 at ``j = y``; > 0 off y certifies.
+        """Lower bounds on ``z_y - z_j`` over ``spec`` around x, (B, K), 0 at ``j = y``. A certificate (every
+        entry off y > 0 proves the sample robust) with the CROWN methods' sound modes (their default) and
+        IBP with ``sound=``; plain IBP computes in the model's dtype, rounding unbounded: bounds for
+        training, not a proof.
 
-        ``method``: ``"ibp"`` (this module's interval propagation), or ``"crown-ibp"``, ``"crown"``,
+        ``method``: ``"ibp"`` (this module's interval propagation; with ``options``, e.g. ``sound=True``,
+        :func:`cure_fast.engine.crown.crown_margins`' IBP, eval mode), or ``"crown-ibp"``, ``"crown"``,
         ``"alpha-crown"`` (eval mode; ``options`` go to :func:`cure_fast.engine.crown.crown_margins`).
         """
-        if method == "ibp":
-            if options:
-                raise TypeError(f"options {sorted(options)} apply to the CROWN methods only, not to 'ibp'")
+        if method == "ibp" and not options:
             return self.propagate(x, [spec], y).margins[0]
         from . import crown
-        if method not in crown.METHODS:
+        if method not in ("ibp",) + crown.METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of ibp, {', '.join(crown.METHODS)}")
         return crown.crown_margins(self, x, y, spec, method=method, **options)
 
