@@ -8,6 +8,11 @@ ops with dot products take ``precision=`` (``"ieee"``, ``"tf32"``, ``"bf16"``, o
 default). ``interval_linear`` / ``interval_conv2d`` take an optional epilogue (a per-output-feature
 affine ``scale``, ``shift`` and ``relu``) that the ``triton`` and ``cuda`` backends fuse into the
 kernel and the ``torch`` backend applies after the op. All ops are differentiable.
+
+Preconditions the ops do not check (the layers of :class:`cure_fast.BoundedModule` call them on every
+step, and a check would read every radius again, on a GPU with a synchronization): every radius
+``r >= 0`` and finite. A negative radius is no interval: its "bounds" (lower above upper) prove
+nothing. :class:`cure_fast.BoundedModule` builds radii from input sets that it checks.
 """
 from .ops import (Interval, batch_norm_stats, interval_affine, interval_conv2d, interval_linear, interval_relu,
                   l2_conv2d, l2_linear, l2_margins_linear, margins_linear)
