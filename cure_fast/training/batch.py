@@ -22,13 +22,14 @@ REFERENCE_STEP = {"inf": 0.5, "2": 0.2}
 class Objective(nn.Module):
     """The loss of one batch, as a module so that DistributedDataParallel can wrap it.
 
-    ``forward(x, y, specs, natural, ramp)``: natural training when ``natural`` (gradient
-    projection's natural epochs); without ``specs`` (eps = 0) the natural loss plus the l1 penalty,
-    plus with ``reg_zero_eps_box`` the warm-up regularizer on that box; otherwise the robust loss over
-    ``specs`` (one per trained norm, l∞ first; propagated with the shrinking box when
-    ``shrink_ratio`` is set), combined as configured, mixed with the natural loss, plus bound
-    alignment, plus the warm-up regularizer weighted by ``ramp`` (the regularizer's weight
-    ``reg_lambda * (1 - eps / eps_max)``), plus the l1 penalty. Returns (loss, logits, margins).
+    ``forward(x, y, specs, natural, regularizer_weight, assignment)``: natural training when ``natural``
+    (gradient projection's natural epochs); without ``specs`` (eps = 0) the natural loss plus the l1
+    penalty, plus with ``reg_zero_eps_box`` the warm-up regularizer on that box; otherwise the robust
+    loss over ``specs`` (one per norm of ``config.norms``, in that order; propagated with the shrinking
+    box when ``shrink_ratio`` is set), combined as configured (``assignment``: each sample's norm for
+    ``combine="random"``), mixed with the natural loss, plus bound alignment, plus the warm-up
+    regularizer weighted by ``regularizer_weight`` (``reg_lambda * (1 - eps / eps_max)``), plus the l1
+    penalty. Returns (loss, logits, margins).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig):
