@@ -271,3 +271,12 @@ def test_ibp_margins_with_sound_are_the_sound_ibp_of_crown_margins():
         got = bm.margins(x, y, LinfBall(0.01), sound=sound)
         assert torch.equal(got, crown_margins(bm, x, y, LinfBall(0.01), method="ibp", sound=sound))
         assert (got <= bm.margins(x, y, LinfBall(0.01)) + 1e-5).all()
+
+
+def test_input_bounds_of_a_layer_that_does_not_exist_is_a_clear_error():
+    bm = BoundedModule(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    out = bm.propagate(torch.rand(2, 4), [LinfBall(0.1)])
+    assert out.input_bounds(0, 2)[0].shape == (2, 3)
+    for layer in (3, -1, 99, 1.0):
+        with pytest.raises(ValueError, match=r"one of the model's 3 layers \(0 to 2\)"):
+            out.input_bounds(0, layer)

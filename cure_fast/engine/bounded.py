@@ -75,6 +75,10 @@ class Propagation:
 
     def input_bounds(self, spec: int, layer: int) -> Interval:
         """Bounds ``(lower, upper)`` of spec number ``spec`` on the input of layer number ``layer``."""
+        layers = len(self.states) - 1
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < layers:
+            raise ValueError(f"layer must be the number of one of the model's {layers} layers (0 to {layers - 1}), "
+                             f"got {layer!r}")
         return lower_upper(self._state(layer).block(self._check_spec(spec)))
 
     def layer_bounds(self, spec: int) -> List[Interval]:

@@ -71,6 +71,9 @@ def warmup_regularizer(prop: Propagation, spec: int, first_affine: int, tol: flo
     Tightness: ``relu(tol - r_in / r_i) / tol`` with r_in the mean radius at the input of the first
     affine layer and r_i at the input of ReLU i. Balance: the ratios of the mean and the variance
     of the active to the inactive centres, folded into [0, 1], each ``relu(tol - ratio) / tol``.
+    ``prop``: a propagation with every layer's bounds, ``spec`` the index of its input set,
+    ``first_affine`` the index (among the model's layers) of the first Linear / Conv2d, which
+    ``BoundedModule.first_affine`` holds.
     """
     lower, upper = prop.input_bounds(spec, first_affine)
     input_radius = ((upper - lower) / 2).mean()
