@@ -33,12 +33,21 @@ def _offset_norm(spec: Ball, p: Tensor, x: Tensor) -> Tensor:
     return (p.double() - x.double()).flatten(1).norm(p=spec.p, dim=1).view((-1,) + (1,) * (p.dim() - 1))
 
 
-def _towards(x: Tensor, eps: Tensor, sign: int) -> Tensor:
-    """``x + sign eps`` (eps float64) in x's dtype, rounded towards x where its distance to x (in float64,
-    as :func:`_offset_norm` measures it) would exceed eps."""
-    rounded = (x.double() + sign * eps).to(x.dtype)
-    passed = (rounded.double() - x.double()).abs() > eps
-    return torch.where(passed, torch.nextafter(rounded, x), rounded)
+def _pulled_inside(spec: Ball, x: Tensor, p: Tensor, eps: Tensor) -> Tensor:
+    """``p`` with each point whose float64 distance to x exceeds ``eps`` (float64; by a rounding error)
+    moved towards x by a relative 2^-20 until it does not (moving towards x keeps it in the domain)."""
+    for _ in range(8):
+        outside = _offset_norm(spec, p, x) > eps
+        if not bool(outside.any()):
+            break
+        p = torch.where(outside, x + (p - x) * (1 - 2.0 ** -20), p)
+    return p
+
+
+def _rounded_down(eps: Tensor, dtype: torch.dtype) -> Tensor:
+    """eps (float64) in ``dtype``, rounded down."""
+    rounded = eps.to(dtype)
+    return torch.where(rounded.double() > eps, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded)
 
 
 def _l2_norm(v: Tensor) -> Tensor:
@@ -51,20 +60,21 @@ def project(spec: Ball, x: Tensor, z: Tensor, iterations: int = 60) -> Tensor:
     """Euclidean projection of ``z`` (B, ...) onto the input set ``spec`` around ``x`` (B, ...)
     (around the set's own centre when it has one); every returned point is in the set exactly (its
     distance to x computed in float64 is at most eps, the set's eps before any rounding to x's dtype)."""
-    eps = spec.per_sample_eps(x.double())
+    exact = spec.per_sample_eps(x.double())
+    eps = _rounded_down(exact, x.dtype)
     x = spec.center_for(x)
-    if isinstance(spec, LinfBall):
-        low, high = _towards(x, eps, -1), _towards(x, eps, 1)
+    if isinstance(spec, LinfBall):  # x -+ eps rounded to nearest, then one ulp towards x: inside
+        low, high = torch.nextafter(x - eps, x), torch.nextafter(x + eps, x)
         return _clip_domain(spec, torch.minimum(torch.maximum(z, low), high))
     if isinstance(spec, L1Ball):
-        return _project_l1(spec, x, z, eps, iterations)
-    radius = lambda mu: _offset_norm(spec, _clip_domain(spec, (z + mu * x) / (1 + mu)), x)  # noqa: E731
-    low = torch.zeros_like(eps, dtype=x.dtype)
-    high = torch.ones_like(eps, dtype=x.dtype)
+        return _pulled_inside(spec, x, _project_l1(spec, x, z, eps, iterations), exact)
+    radius = lambda mu: _l2_norm(_clip_domain(spec, (z + mu * x) / (1 + mu)) - x)  # noqa: E731
+    low = torch.zeros_like(eps)
+    high = torch.ones_like(eps)
     while bool((radius(high) > eps).any()):  # grow the bracket until every sample is inside
         high = torch.where(radius(high) > eps, high * 4, high)
     mu = _smallest_inside(radius, eps, low, high, iterations)
-    return _clip_domain(spec, (z + mu * x) / (1 + mu))
+    return _pulled_inside(spec, x, _clip_domain(spec, (z + mu * x) / (1 + mu)), exact)
 
 
 def _smallest_inside(norm: Callable[[Tensor], Tensor], eps: Tensor, low: Tensor, high: Tensor,
@@ -87,9 +97,8 @@ def _project_l1(spec: Ball, x: Tensor, z: Tensor, eps: Tensor, iterations: int) 
     else:
         room = torch.where(d > 0, spec.domain[1] - x, x - spec.domain[0]).clamp_min(0)
     step = lambda t: torch.minimum((d.abs() - t).clamp_min(0), room)  # noqa: E731
-    norm = lambda t: _offset_norm(spec, x + d.sign() * step(t), x)  # noqa: E731
-    t = _smallest_inside(norm, eps, torch.zeros_like(eps, dtype=d.dtype), d.abs().flatten(1).amax(1).view(eps.shape),
-                         iterations)
+    norm = lambda t: step(t).flatten(1).sum(1).view_as(eps)  # noqa: E731
+    t = _smallest_inside(norm, eps, torch.zeros_like(eps), d.abs().flatten(1).amax(1).view_as(eps), iterations)
     return x + d.sign() * step(t)
 
 
