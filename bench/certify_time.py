@@ -91,7 +91,8 @@ def measure(method: str, norm: str, images: int, device: torch.device, width: in
     run = lambda: _margins(bounded, x, y, spec, method, sound, alpha_steps)  # noqa: E731
     repeats = 3 if method in ("ibp", "crown-ibp") else 1
     if repeats > 1:
-        run()
+        with torch.no_grad():  # as the timed runs: the backends are chosen per grad mode
+            run()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []

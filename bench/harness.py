@@ -117,8 +117,9 @@ def synced_seconds(fn: Callable[[], object], device: torch.device) -> float:
 def save_json(path: str, title: str, device: torch.device, record: Dict) -> None:
     """Write ``record`` with the environment (see :func:`environment`) to ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:  # replaced whole: a run stopped while writing keeps the last file
         json.dump({"benchmark": title, **environment(device), **record}, f, indent=1)
+    os.replace(path + ".tmp", path)
     print(f"wrote {path}")
 
 

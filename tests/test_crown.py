@@ -406,20 +406,60 @@ def test_train_mode_and_bad_arguments_give_clear_errors():
             bm.margins(x, y, LinfBall(0.1), method="crown", sound=sound)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(channels=st.integers(1, 6), out=st.integers(1, 5), kernel=st.integers(1, 4), stride=st.integers(1, 3),
-       dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]), size=st.sampled_from([(1, 1), (1, 3), (4, 2)]))
-def test_window_transpose_equals_the_transposed_convolution(channels, out, kernel, stride, dilation, groups, size):
+       dilation=st.integers(1, 2), groups=st.sampled_from([1, 2]), size=st.sampled_from([(1, 1), (1, 3), (4, 2)]),
+       taps=st.booleans())
+def test_window_transpose_equals_the_transposed_convolution(channels, out, kernel, stride, dilation, groups, size,
+                                                           taps):
     """Every path of the window step through a Conv2d (one-pixel matrix product, few-channel fold,
-    ``conv_transpose2d``) is the transposed convolution, with the window size it announces."""
-    from cure_fast.engine.layers.affine import ConvOperator
+    ``conv_transpose2d``, and the taps of CUDA with cuDNN off, ``taps``) is the transposed convolution,
+    with the window size it announces."""
+    from unittest import mock
+    from cure_fast.engine.layers import affine
     conv = nn.Conv2d(channels * groups, out * groups, kernel, stride, 0, dilation, groups).double()
-    op = ConvOperator(conv, torch.Size([channels * groups, 9, 9]))
+    op = affine.ConvOperator(conv, torch.Size([channels * groups, 9, 9]))
     A = torch.randn(3, out * groups, *size, dtype=torch.float64)
     expected = nn.functional.conv_transpose2d(A, conv.weight, None, stride, 0, 0, groups, dilation)
-    got = op._transpose_window(A)
+    with mock.patch.object(affine, "transposes_by_taps", lambda A: taps):
+        got = op._transpose_window(A)
     assert got.shape[2:] == op.window_size(*size)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kernel=st.integers(1, 4), stride=st.integers(1, 3), dilation=st.integers(1, 2), padding=st.integers(0, 2),
+       height=st.integers(4, 9), width=st.integers(4, 9))
+def test_the_taps_transpose_of_a_whole_map_is_the_gradient_of_the_convolution(kernel, stride, dilation, padding,
+                                                                             height, width):
+    """The dense backward step by taps (CUDA with cuDNN off), cropped to the map, is conv2d_input, also
+    where the convolution leaves rows or columns of its input unread."""
+    from unittest import mock
+    from hypothesis import assume
+    from cure_fast.engine.layers import affine
+    assume(min(height, width) + 2 * padding >= dilation * (kernel - 1) + 1)
+    conv = nn.Conv2d(5, 3, kernel, stride, padding, dilation).double()
+    op = affine.ConvOperator(conv, torch.Size([5, height, width]))
+    out_shape = conv(torch.zeros(1, 5, height, width, dtype=torch.float64)).shape[1:]
+    A = torch.randn(2, *out_shape, dtype=torch.float64)
+    expected, _ = op.back(A)
+    with mock.patch.object(affine, "transposes_by_taps", lambda A: True):
+        got, _ = op.back(A)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("sound", [True, "fp32"])
+def test_sound_crown_by_taps_equals_crown_by_transposed_convolutions(sound):
+    """The sound CROWN of CUDA (the taps; run here on the CPU) gives the CPU's margins up to rounding."""
+    from unittest import mock
+    from cure_fast.engine.layers import affine
+    model = _small_cnn().float()
+    bm = BoundedModule(model)
+    x, y = torch.rand(2, 2, 5, 5), torch.tensor([1, 3])
+    expected = crown.crown_margins(bm, x, y, LinfBall(0.05), method="crown", sound=sound)
+    with mock.patch.object(affine, "transposes_by_taps", lambda A: True):
+        got = crown.crown_margins(bm, x, y, LinfBall(0.05), method="crown", sound=sound)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()

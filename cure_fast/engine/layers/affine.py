@@ -148,6 +148,12 @@ def int_padding(module: nn.Conv2d) -> Tuple[int, int]:
 FEW_CHANNELS = 4
 
 
+def transposes_by_taps(A: Tensor) -> bool:
+    """Whether the transposed convolutions of A go through :meth:`ConvOperator._add_taps`: on CUDA with cuDNN
+    off (the sound modes), where torch's own runs one matrix product per row of A."""
+    return A.is_cuda and not torch._C._get_cudnn_enabled()
+
+
 class ConvOperator(Operator):
     """A Conv2d layer; its transpose is the gradient of the convolution with respect to its input."""
     local = True
@@ -167,6 +173,13 @@ class ConvOperator(Operator):
     def back(self, A: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
         """A (N, O, H', W') -> the transposed convolution of A (N, C, H, W), bias term (N,) or None."""
         bias = None if self.bias is None else self.channel_term(A, self.bias)
+        if self.groups == 1 and transposes_by_taps(A):  # the window form, cropped to the map
+            full, (height, width) = self._transpose_window(A), self.in_shape[1:]
+            top, left = self.padding
+            out = A.new_zeros((A.shape[0],) + tuple(self.in_shape))
+            rows, cols = min(height, full.shape[2] - top), min(width, full.shape[3] - left)
+            out[:, :, :rows, :cols] = full[:, :, top:top + rows, left:left + cols]
+            return out, bias
         size = (A.shape[0],) + tuple(self.in_shape)
         return torch.nn.grad.conv2d_input(size, self.weight, A, self.stride, self.padding, self.dilation,
                                           self.groups), bias
@@ -186,14 +199,30 @@ class ConvOperator(Operator):
         """The transposed convolution (no padding) of windows A (N, O, h, w). A one-pixel window (a pass
         from one neuron) is a weighted sum of the weight's slices: one matrix product; onto at most
         ``FEW_CHANNELS`` channels (a first layer) a matrix product then the sum of the overlapping
-        taps (``fold``); else ``conv_transpose2d`` (on the CPU: 10x and 1.1-3x faster, resp.)."""
+        taps (``fold``); else ``conv_transpose2d`` (on the CPU: 10x and 1.1-3x faster, resp.); on CUDA with
+        cuDNN off, :meth:`_add_taps`."""
         (n, o, h, w), weight = A.shape, self.weight
         if self.groups == 1 and (h, w) == (1, 1) and self.dilation == (1, 1):
             return (A.reshape(n, o) @ weight.reshape(o, -1)).view((n,) + weight.shape[1:])
+        if self.groups == 1 and transposes_by_taps(A):
+            return self._add_taps(A)
         if self.groups == 1 and weight.shape[1] <= FEW_CHANNELS:
             taps = torch.matmul(weight.reshape(o, -1).t(), A.reshape(n, o, h * w))  # (N, C k k, h w)
             return F.fold(taps, self.window_size(h, w), weight.shape[2:], self.dilation, 0, self.stride)
         return F.conv_transpose2d(A, weight, None, self.stride, 0, 0, self.groups, self.dilation)
+
+    def _add_taps(self, A: Tensor) -> Tensor:
+        """The transposed convolution (no padding) of A (N, O, h, w) as one matrix product over every row
+        and a strided addition per tap: tap (i, j) of input pixel p lands on ``p s + (i, j) d``."""
+        (n, o, h, w), weight = A.shape, self.weight
+        c, kh, kw = weight.shape[1:]
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        taps = torch.matmul(weight.reshape(o, -1).t(), A.reshape(n, o, h * w)).view(n, c, kh, kw, h, w)
+        out = A.new_zeros((n, c) + self.window_size(h, w))
+        for i in range(kh):
+            for j in range(kw):
+                out[:, :, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (w - 1) + 1:sw] += taps[:, :, i, j]
+        return out
 
     def window_size(self, height: int, width: int) -> Tuple[int, int]:
         k, s, d = self.weight.shape[2:], self.stride, self.dilation
