@@ -285,6 +285,6 @@ def test_a_sample_the_model_misclassifies_is_never_counted_certified(sound):
 
 def test_an_eps_of_an_unknown_norm_from_python_is_a_clear_error(run_dir, tmp_path):
     from cure_fast.errors import ConfigError
-    with pytest.raises(ConfigError, match=r"eps names the norm '3'; norms are 'inf', '2' and '1'"):
+    with pytest.raises(ConfigError, match=r"eps names the norm '3'; norms are 'inf', '2', '1'"):
         certify_run(run_dir, eps={"3": 0.1}, limit=2, out_dir=str(tmp_path / "report"))
     assert not (tmp_path / "report").exists()

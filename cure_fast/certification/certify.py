@@ -165,8 +165,9 @@ def _check_arguments(config: TrainConfig, eps: Dict[str, float], limit, batch_si
             if not sigma > 0:
                 raise ConfigError(f"smoothing sigma {sigma!r}; a number > 0")
     for norm, value in eps.items():
-        if norm not in ("inf", "2", "1"):
-            raise ConfigError(f"eps names the norm {norm!r}; norms are 'inf', '2' and '1' (--norms inf:…,2:…,1:…)")
+        if norm not in NORMS:
+            raise ConfigError(f"eps names the norm {norm!r}; norms are {', '.join(map(repr, NORMS))} "
+                              f"(--norms inf:…,2:…,1:…)")
         eps_rule(config.dataset, norm)(f"--norms {norm}", value)
 
 

@@ -16,6 +16,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ..engine.rounding import round_down
 from ..specs import L1Ball, L2Ball, LinfBall
 
 Ball = Union[LinfBall, L2Ball, L1Ball]
@@ -44,12 +45,6 @@ def _pulled_inside(spec: Ball, x: Tensor, p: Tensor, eps: Tensor) -> Tensor:
     return p
 
 
-def _rounded_down(eps: Tensor, dtype: torch.dtype) -> Tensor:
-    """eps (float64) in ``dtype``, rounded down."""
-    rounded = eps.to(dtype)
-    return torch.where(rounded.double() > eps, torch.nextafter(rounded, torch.zeros_like(rounded)), rounded)
-
-
 def _l2_norm(v: Tensor) -> Tensor:
     """Per-sample l2 norm, shaped (B, 1, ..., 1)."""
     return v.flatten(1).norm(dim=1).view((-1,) + (1,) * (v.dim() - 1))
@@ -61,7 +56,7 @@ def project(spec: Ball, x: Tensor, z: Tensor, iterations: int = 60) -> Tensor:
     (around the set's own centre when it has one); every returned point is in the set exactly (its
     distance to x computed in float64 is at most eps, the set's eps before any rounding to x's dtype)."""
     exact = spec.per_sample_eps(x.double())
-    eps = _rounded_down(exact, x.dtype)
+    eps = round_down(exact, x.dtype)
     x = spec.center_for(x)
     if isinstance(spec, LinfBall):  # x -+ eps rounded to nearest, then one ulp towards x: inside
         low, high = torch.nextafter(x - eps, x), torch.nextafter(x + eps, x)

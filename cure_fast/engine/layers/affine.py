@@ -200,25 +200,25 @@ class ConvOperator(Operator):
         from one neuron) is a weighted sum of the weight's slices: one matrix product; onto at most
         ``FEW_CHANNELS`` channels (a first layer) a matrix product then the sum of the overlapping
         taps (``fold``); else ``conv_transpose2d`` (on the CPU: 10x and 1.1-3x faster, resp.); on CUDA with
-        cuDNN off, :meth:`_add_taps`."""
+        cuDNN off, whatever the channels, the matrix product then :meth:`_add_taps`."""
         (n, o, h, w), weight = A.shape, self.weight
         if self.groups == 1 and (h, w) == (1, 1) and self.dilation == (1, 1):
             return (A.reshape(n, o) @ weight.reshape(o, -1)).view((n,) + weight.shape[1:])
-        if self.groups == 1 and transposes_by_taps(A):
-            return self._add_taps(A)
-        if self.groups == 1 and weight.shape[1] <= FEW_CHANNELS:
+        if self.groups == 1 and (transposes_by_taps(A) or weight.shape[1] <= FEW_CHANNELS):
             taps = torch.matmul(weight.reshape(o, -1).t(), A.reshape(n, o, h * w))  # (N, C k k, h w)
+            if transposes_by_taps(A):
+                return self._add_taps(taps, h, w)
             return F.fold(taps, self.window_size(h, w), weight.shape[2:], self.dilation, 0, self.stride)
         return F.conv_transpose2d(A, weight, None, self.stride, 0, 0, self.groups, self.dilation)
 
-    def _add_taps(self, A: Tensor) -> Tensor:
-        """The transposed convolution (no padding) of A (N, O, h, w) as one matrix product over every row
-        and a strided addition per tap: tap (i, j) of input pixel p lands on ``p s + (i, j) d``."""
-        (n, o, h, w), weight = A.shape, self.weight
-        c, kh, kw = weight.shape[1:]
+    def _add_taps(self, taps: Tensor, h: int, w: int) -> Tensor:
+        """The sum of the overlapping taps (N, C k k, h w) of an (h, w) window by a strided addition per tap
+        (what ``fold`` sums, as additions over every row at once): tap (i, j) of input pixel p lands on
+        ``p s + (i, j) d``."""
+        c, kh, kw = self.weight.shape[1:]
         (sh, sw), (dh, dw) = self.stride, self.dilation
-        taps = torch.matmul(weight.reshape(o, -1).t(), A.reshape(n, o, h * w)).view(n, c, kh, kw, h, w)
-        out = A.new_zeros((n, c) + self.window_size(h, w))
+        taps = taps.view(taps.shape[0], c, kh, kw, h, w)
+        out = taps.new_zeros((taps.shape[0], c) + self.window_size(h, w))
         for i in range(kh):
             for j in range(kw):
                 out[:, :, i * dh:i * dh + sh * (h - 1) + 1:sh, j * dw:j * dw + sw * (w - 1) + 1:sw] += taps[:, :, i, j]
