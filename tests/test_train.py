@@ -2,7 +2,6 @@
 import dataclasses
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -210,10 +209,9 @@ def test_format_table():
     assert "PGD" not in table and "cert" not in table  # columns no row has are left out (no nan% columns)
 
 
-def _ddp_worker(rank, world, port, config, out):
+def _ddp_worker(rank, world, rendezvous, config, out):
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         trainer = Trainer(config, os.path.join(config.out_dir, "ddp"))
@@ -229,10 +227,8 @@ def test_ddp_with_two_cpu_processes_matches_a_single_process(tmp_path):
     single = Trainer(config, str(tmp_path / "single"))
     single.run()
     out = str(tmp_path / "ddp.pt")
-    with socket.socket() as probe:  # a free port (a fixed one may be taken by a parallel test run)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, config, out), nprocs=2, join=True)
+    rendezvous = str(tmp_path / "rendezvous")  # a file, not a port: a free port probed here can be taken before use
+    mp.spawn(_ddp_worker, args=(2, rendezvous, config, out), nprocs=2, join=True)
     for (name, a), b in zip(single.model.state_dict().items(), torch.load(out, weights_only=True).values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
