@@ -27,6 +27,11 @@ def _activation(name: str) -> nn.Module:
     return {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(0.1), "identity": nn.Identity}[name]()
 
 
+def alpha_options(method: str, **options) -> Dict:
+    """α-CROWN's options for method "alpha-crown" only (another method warns that they are ignored)."""
+    return options if method == "alpha-crown" else {}
+
+
 def modules_of(bounded) -> List[nn.Module]:
     """The modules of a BoundedModule's flattened layers, in order."""
     return [layer.module for layer in bounded.layers]

@@ -205,6 +205,9 @@ def test_alpha_intermediate_off_skips_the_second_alpha_pass(run_dir, tmp_path, c
     main(["certify", run_dir, "--norms", "inf:0.08", "--limit", "4", "--out", str(tmp_path), "--pgd-steps", "1",
           "--method", "alpha-crown", "--no-alpha-intermediate", "--no-curve", "--no-progress"])
     assert json.loads((tmp_path / "summary.json").read_text())["alpha_intermediate"] is False
+    main(["certify", run_dir, "--norms", "inf:0.08", "--limit", "2", "--out", str(tmp_path / "crown"), "--pgd-steps",
+          "1", "--method", "crown", "--no-alpha-intermediate", "--no-curve", "--no-progress"])
+    assert "note: --no-alpha-intermediate sets α-CROWN's search; --method crown has none" in capsys.readouterr().err
 
 
 def test_info_lists_the_backends_of_every_device(capsys):

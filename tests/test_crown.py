@@ -13,7 +13,7 @@ from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall
 from cure_fast.engine import alpha, crown, passes
 from cure_fast.training import attacks
 from cure_fast.nn import Normalize
-from netgen import draw_problem, modules_of, networks, run_layers
+from netgen import alpha_options, draw_problem, modules_of, networks, run_layers
 from test_soundness import _sample, _tol, _true_margins
 
 METHODS = crown.METHODS
@@ -29,7 +29,8 @@ def _eval_setup(net, data):
 
 def _all_margins(bm, x, y, spec):
     margins = {"ibp": bm.margins(x, y, spec)}
-    margins.update({method: bm.margins(x, y, spec, method=method, alpha_steps=5) for method in METHODS})
+    margins.update({method: bm.margins(x, y, spec, method=method, **alpha_options(method, alpha_steps=5))
+                    for method in METHODS})
     return margins
 
 
@@ -88,7 +89,7 @@ def test_crown_is_never_looser_than_pure_crown(net, data):
     for spec in specs:
         pure, mask = _pure_crown(bm, x, y, spec)
         for method in ("crown", "alpha-crown"):
-            bound = bm.margins(x, y, spec, method=method, alpha_steps=3)[mask]
+            bound = bm.margins(x, y, spec, method=method, **alpha_options(method, alpha_steps=3))[mask]
             assert (bound >= pure - 1e-12 * (1 + pure.abs())).all(), f"{spec} {method} is looser than pure CROWN"
 
 
@@ -397,6 +398,9 @@ def test_train_mode_and_bad_arguments_give_clear_errors():
         bm.margins(x, y, LinfBall(0.1), no_such_option=3)
     with pytest.raises(ValueError, match="max_rows"):
         bm.margins(x, y, LinfBall(0.1), method="crown", max_rows=0)
+    with pytest.warns(UserWarning, match="alpha_steps=5, alpha_intermediate=False: α-CROWN's options, ignored by "
+                                         "method='crown'"):
+        bm.margins(x, y, LinfBall(0.1), method="crown", alpha_steps=5, alpha_intermediate=False)
     with pytest.raises(TypeError, match="LinfBall, L2Ball or L1Ball"):
         crown.crown_margins(bm, x, y, [LinfBall(0.1)])
     with torch.no_grad():
@@ -575,7 +579,8 @@ def test_linear_on_a_sequence_of_vectors(sound):
         logits = model(points.flatten(0, 1)).view(256, 2, 3)
     true = (logits.gather(2, y[None, :, None].expand(256, -1, 1)) - logits).amin(0)
     for method in crown.METHODS:
-        margins = BoundedModule(model).margins(x, y, spec, method=method, sound=sound, alpha_steps=3)
+        options = alpha_options(method, alpha_steps=3)
+        margins = BoundedModule(model).margins(x, y, spec, method=method, sound=sound, **options)
         assert margins.shape == (2, 3) and (margins <= true + 1e-5).all(), method
 
 

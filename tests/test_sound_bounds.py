@@ -15,7 +15,7 @@ from torch import nn
 from cure_fast import BoundedModule, L1Ball, L2Ball, LinfBall, models
 from cure_fast.engine import crown, passes
 from cure_fast.engine.layers.activation import Relaxation
-from netgen import draw_problem, modules_of, networks, run_layers
+from netgen import alpha_options, draw_problem, modules_of, networks, run_layers
 from test_soundness import _sample, _true_margins
 
 
@@ -37,7 +37,7 @@ def test_float32_bounds_are_below_float64_close_to_them_and_below_sampled_margin
     method = data.draw(st.sampled_from(crown.METHODS), label="method")
     reference = BoundedModule(copy.deepcopy(bm.model).double())
     for spec in specs:
-        bound = crown.crown_margins(bm, x, y, spec, method=method, alpha_steps=3, sound="fp32")
+        bound = crown.crown_margins(bm, x, y, spec, method=method, sound="fp32", **alpha_options(method, alpha_steps=3))
         assert bound.dtype == torch.float32 and (bound.gather(1, y[:, None]) == 0).all()
         bound = bound.double()
         if method != "alpha-crown":
@@ -138,7 +138,8 @@ def test_float64_bounds_are_below_the_exact_minimum_where_float64_cancels():
         plain = crown.crown_margins(bm, x, y, spec, method="crown", sound=False)[mask]
         optimistic |= any(Fraction(float(p)) > e for p, e in zip(plain, exact))
         for method in ("ibp",) + crown.METHODS:
-            bound = crown.crown_margins(bm, x, y, spec, method=method, alpha_steps=3, sound="fp64")[mask]
+            options = alpha_options(method, alpha_steps=3)
+            bound = crown.crown_margins(bm, x, y, spec, method=method, sound="fp64", **options)[mask]
             assert all(Fraction(float(b)) <= e for b, e in zip(bound, exact)), f"seed {seed} {method}: above the exact minimum"
     assert optimistic, "plain float64 is exact on every net: the test shows nothing"
 

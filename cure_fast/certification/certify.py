@@ -371,6 +371,8 @@ def _run(args: argparse.Namespace) -> Dict:
                           "(e.g. --smoothing 0.25,0.5)")
     eps = parse_norms(args.norms) if args.norms is not None else None
     method = args.method or (PAPER_METHOD if args.protocol == "paper" else "ibp")
+    if args.no_alpha_intermediate and method != "alpha-crown":
+        print(f"note: --no-alpha-intermediate sets α-CROWN's search; --method {method} has none", file=sys.stderr)
     summary = certify_run(args.model, eps, method, args.limit, args.data_root, args.out,
                           args.pgd_steps, args.batch_size, _sound(args), () if args.no_curve else CURVE,
                           args.device, sigmas, args.smoothing_n or SMOOTHING_N, args.geometric,

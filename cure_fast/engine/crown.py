@@ -82,6 +82,8 @@ in the environment, e.g. ``MALLOC_TRIM_THRESHOLD_``, win and opt out).
 from __future__ import annotations
 
 import copy
+import inspect
+import warnings
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -231,6 +233,14 @@ def _ibp_margins(problem: passes.Problem, chain: passes.Chain, C: Tensor, rows: 
     return passes.linear_bound(problem, chain, C, rows, start=problem.propagation.spec_start)
 
 
+def _note_alpha_options(method: str, **given) -> None:
+    """Warn that α-CROWN options changed from their defaults do not act on another method."""
+    defaults = inspect.signature(crown_margins).parameters
+    changed = [f"{name}={value!r}" for name, value in given.items() if value != defaults[name].default]
+    if changed and method != "alpha-crown":
+        warnings.warn(f"{', '.join(changed)}: α-CROWN's options, ignored by method={method!r}")
+
+
 @torch.no_grad()
 def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, method: str = "crown",
                   alpha_steps: int = 20, alpha_lr: float = 0.5, sound: Union[bool, str] = True,
@@ -263,6 +273,7 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         raise ValueError(f"unknown method {method!r}; choose one of ibp, {', '.join(METHODS)}")
     if isinstance(alpha_steps, bool) or not isinstance(alpha_steps, int) or alpha_steps < 0:
         raise ValueError(f"alpha_steps must be a non-negative int, got {alpha_steps!r}")
+    _note_alpha_options(method, alpha_steps=alpha_steps, alpha_lr=alpha_lr, alpha_intermediate=alpha_intermediate)
     with policy.strict(_mode(sound) is not None, x.device):
         problem = _problem(bounded, x, y, spec, sound, max_rows)
         chain = passes.relaxations(problem, crown=method in ("crown", "alpha-crown"))
