@@ -6,7 +6,8 @@ of the same network.
 Per batch size, mode (``train``: BatchNorm on batch statistics; ``eval``: running statistics, the
 certification setting) and precision, the median time of the forward, the backward and both with
 the ``triton`` backend, the ``cuda`` backend (when its extension is built), ``auto`` (per op the
-fastest backend that agrees with torch, measured on the first call), the ``torch`` backend (eager
+fastest backend that agrees with torch, measured on the first call; each row's ``auto_chose`` says
+which, per op), the ``torch`` backend (eager
 centre-radius IBP) and ``torch.compile`` of the latter, and the ratio of each full step to the
 natural one (the target: at most 3 at batch 128; the arithmetic alone would say 5).
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 import harness
 from bench_kernels import fused_backends
 from cure_fast import BoundedModule, L2Ball, LinfBall, models
+from cure_fast.ops import autoselect
 from cure_fast.ops import policy as backends
 
 SETTINGS = (("train", "tf32"), ("train", "ieee"), ("eval", "ieee"))
@@ -63,7 +65,7 @@ def _timings(loss: Callable, params: List[torch.Tensor], make: Callable, device,
     return {"forward": forward, "backward": backward, "both": both}
 
 
-def _rows(batch: int, mode: str, precision: str, times: dict, errors: dict) -> List[dict]:
+def _rows(batch: int, mode: str, precision: str, times: dict, errors: dict, chosen: dict) -> List[dict]:
     rows = []
     for step in PASSES:
         ms = {name: t[step] for name, t in times.items() if t is not None}
@@ -79,6 +81,8 @@ def _rows(batch: int, mode: str, precision: str, times: dict, errors: dict) -> L
                     row[key] = ms[other] / ms["triton"]
         if errors:
             row["errors"] = dict(errors)
+        if chosen:
+            row["auto_chose"] = chosen  # per op: {backend or method: call shapes}
         rows.append(row)
     return rows
 
@@ -101,13 +105,16 @@ def run(args) -> List[dict]:
                 losses[name] = lambda name=name: bounded(name)
             if not args.no_compile:
                 losses["compile"] = lambda: torch.compile(bounded("torch"))
-            times, errors = {}, {}
+            times, errors, chosen = {}, {}, {}
             with backends.library_precision(precision == "tf32"):
                 for name, loss in losses.items():  # the rows so far are written after each (a time limit keeps them)
+                    autoselect.clear()
                     times[name] = harness.attempt(
                         errors, name, lambda: _timings(loss(), params, make, args.device, args.smoke), args.smoke)
-                    harness.partial(TITLE, rows + _rows(batch, mode, precision, times, errors), args)
-            rows += _rows(batch, mode, precision, times, errors)
+                    if name == "auto":
+                        chosen = autoselect.choices()
+                    harness.partial(TITLE, rows + _rows(batch, mode, precision, times, errors, chosen), args)
+            rows += _rows(batch, mode, precision, times, errors, chosen)
     return rows
 
 

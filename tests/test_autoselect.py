@@ -94,3 +94,17 @@ def test_choose_is_static_on_the_cpu():
 def test_grad_inputs_deduplicates_nested_tensors():
     a, b = torch.zeros(2, requires_grad=True), torch.zeros(2)
     assert autoselect.grad_inputs(((a, b, [a]), {"scale": a})) == [a]
+
+
+def test_choices_count_what_each_op_chose_per_call_shape():
+    autoselect.clear()
+    c, r, w = _inputs()
+    methods = {"torch": lambda *t: interval_linear_ref(*t), "good": lambda *t: interval_linear_ref(*t),
+               "bad-output": lambda c, r, w: (c @ w.t(), 0.999 * (r @ w.abs().t()))}
+    for rows in (6, 2):
+        tensors = [c[:rows], r, w]
+        key = autoselect.key("linear_method", c.device, tensors)
+        assert autoselect.choose_method(key, methods, tensors, "ieee", c.device, "fallback") == "good"
+    assert autoselect.choices() == {"linear_method": {"good": 2}}
+    autoselect.clear()
+    assert autoselect.choices() == {}

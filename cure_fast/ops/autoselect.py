@@ -215,6 +215,15 @@ def choose_method(key: Hashable, methods: Dict[str, Callable], tensors: Sequence
     return _cache[key]
 
 
+def choices() -> Dict[str, Dict[str, int]]:
+    """What was chosen so far, per op: {op: {backend or method: how many call shapes chose it}}."""
+    counts: Dict[str, Dict[str, int]] = {}
+    for k, chosen in _cache.items():
+        per_op = counts.setdefault(k[0], {})
+        per_op[chosen] = per_op.get(chosen, 0) + 1
+    return counts
+
+
 def clear() -> None:
     """Forget every measured choice."""
     _cache.clear()
