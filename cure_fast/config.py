@@ -169,7 +169,8 @@ def eps_rule(dataset: str, norm: str, optional: bool = False) -> Number:
 
 RULES: Dict[str, Rule] = {
     "name": FolderName(), "dataset": Choice(DATASETS), "data_root": Text(optional=True),
-    "train_limit": Integer(1, optional=True, note=" (null: the whole training set)"), "model": Choice(MODELS),
+    "train_limit": Integer(1, optional=True, note=" (null: the whole training set)"),
+    "model": Choice(MODELS, note=" (or a name models.register()ed in this process)"),
     "model_args": Mapping(), "method": Choice(METHODS), "norms": ChoiceList(NORMS),
     "combine": Choice(COMBINES), "alpha": Number(0, 1), "init_from": Text(optional=True),
     "natural_weight": Number(0, 1), "sabr_lambda": Number(0, 1, low_open=True), "sabr_l2_set": Choice(L2_SETS),

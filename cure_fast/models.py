@@ -2,11 +2,12 @@
 dataset's :class:`~cure_fast.nn.Normalize` so that input sets (eps) live in pixel space.
 
 >>> model = cnn7(DATASETS["cifar10"])            # CNN7 for CIFAR-10, 3x32x32 -> 10
->>> model = build("cnn3", "mnist")               # by name
+>>> model = build("cnn3", "mnist")               # by name (yours too, after register())
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, Sequence, Tuple
 
@@ -88,6 +89,33 @@ def mlp(data: DatasetInfo, hidden: Sequence[int] = (512, 512), batchnorm: bool =
 
 
 MODELS: Dict[str, Callable[..., nn.Sequential]] = {"cnn7": cnn7, "cnn5": cnn5, "cnn3": cnn3, "mlp": mlp}
+BUILT_IN = tuple(MODELS)
+
+
+def register(name: str, builder: Callable[..., nn.Sequential]) -> Callable[..., nn.Sequential]:
+    """Make ``builder(data: DatasetInfo, **model_args) -> nn.Sequential`` the model ``name`` of this
+    process: the config key ``model``, :class:`~cure_fast.training.Trainer` and ``certify_run`` build it
+    by name (its keyword arguments with defaults become ``model_args``, checked by the type of the
+    default). ``data`` carries the input shape, the classes and the normalization's mean and std: start
+    with ``Normalize(data.mean, data.std)`` as the built-in models do, so that eps is in pixel units.
+    Registering a name again replaces it; a built-in name is refused. Returns ``builder``::
+
+        models.register("wide-mlp", lambda data, hidden=1024: models.mlp(data, (hidden, hidden)))
+        Trainer(load_config("mnist-demo-cure", overrides=["model=wide-mlp", "model_args={hidden: 256}"])).run()
+
+    A run of such a model is certified in a process that registered it too (``certify_run``).
+    """
+    if not isinstance(name, str) or not name.strip() or name != name.strip():
+        raise ValueError(f"a model name is a non-empty string without surrounding spaces, got {name!r}")
+    if name in BUILT_IN:
+        raise ValueError(f"{name!r} is a built-in model ({', '.join(BUILT_IN)}): register yours under another name")
+    if not callable(builder):
+        raise TypeError(f"builder must be callable as builder(data, **model_args), got {type(builder).__name__}")
+    first = next(iter(inspect.signature(builder).parameters.values()), None)
+    if first is None or first.kind not in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD):
+        raise TypeError(f"builder {name!r} must take the data set's DatasetInfo as its first argument")
+    MODELS[name] = builder
+    return builder
 
 
 REFERENCE_NORMALIZATION: Dict[str, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
@@ -103,7 +131,8 @@ def build(name: str, dataset: str = "cifar10", normalization: str = "standard", 
     first layer normalizing with the data set's statistics (``"standard"``) or with the reference
     code's constants (``"reference"``, :data:`REFERENCE_NORMALIZATION`)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} (or models.register it "
+                         f"in this process)")
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if normalization not in ("standard", "reference"):
@@ -112,4 +141,7 @@ def build(name: str, dataset: str = "cifar10", normalization: str = "standard", 
     if normalization == "reference":
         mean, std = REFERENCE_NORMALIZATION[dataset]
         info = dataclasses.replace(info, mean=mean, std=std)
-    return MODELS[name](info, **kwargs)
+    model = MODELS[name](info, **kwargs)
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"model {name!r} built a {type(model).__name__}; the bound layers take an nn.Sequential")
+    return model

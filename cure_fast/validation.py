@@ -15,7 +15,7 @@ import difflib
 import math
 import re
 import sys
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 from .errors import ConfigError
 
@@ -139,9 +139,18 @@ class Boolean(Rule):
 
 
 class Choice(Rule):
-    def __init__(self, choices: Sequence[str], optional: bool = False):
-        self.choices, self.optional = tuple(choices), optional
-        self.allowed = f"choose one of {', '.join(self.choices)}"
+    """One of ``choices``: a sequence, or a mapping read at every check (names registered later count)."""
+
+    def __init__(self, choices: Iterable[str], optional: bool = False, note: str = ""):
+        self.source, self.optional, self.note = choices, optional, note
+
+    @property
+    def choices(self) -> Tuple[str, ...]:
+        return tuple(self.source)
+
+    @property
+    def allowed(self) -> str:
+        return f"choose one of {', '.join(self.choices)}{self.note}"
 
     def check(self, key, value):
         if str(value) not in self.choices or isinstance(value, bool):

@@ -288,3 +288,43 @@ def test_projected_points_are_in_the_set_exactly(spec, dtype):
     if spec.domain is not None:
         assert ((p >= spec.domain[0]) & (p <= spec.domain[1])).all()
     assert (project(spec, x, x) == x).all()
+
+
+@pytest.fixture
+def registered():
+    from cure_fast import models
+    yield models
+    for name in [n for n in models.MODELS if n not in models.BUILT_IN]:
+        del models.MODELS[name]
+
+
+def test_a_registered_model_trains_and_certifies_by_name_and_bad_registrations_are_refused(tmp_path, registered):
+    from cure_fast.certification.certify import certify_run
+    from cure_fast.errors import ConfigError
+    from cure_fast.nn import Normalize
+
+    def two_layers(data, hidden=12):
+        return nn.Sequential(Normalize(data.mean, data.std), nn.Flatten(),
+                             nn.Linear(math.prod(data.shape), hidden), nn.ReLU(), nn.Linear(hidden, data.classes))
+    config = dict(model="two-layers", model_args={"hidden": 6}, method="ibp", epochs=1, eval_every=1)
+    with pytest.raises(ConfigError, match=r"model=.two-layers.; choose one of cnn7, .*models.register\(\)ed"):
+        _config(tmp_path, **config)
+    assert registered.register("two-layers", two_layers) is two_layers
+    with pytest.raises(ConfigError, match=r"model_args.*width"):
+        _config(tmp_path, **{**config, "model_args": {"width": 4}})
+    trainer = Trainer(_config(tmp_path, **config))
+    assert [m.out_features for m in trainer.model if isinstance(m, nn.Linear)] == [6, 10]
+    trainer.run()
+    summary = certify_run(trainer.run_dir, {"inf": 0.01}, method="crown", limit=4, pgd_steps=1, curve=())
+    assert summary["images"] == 4 and summary["model"] == trainer.run_dir
+    with pytest.raises(ValueError, match="'cnn3' is a built-in model"):
+        registered.register("cnn3", two_layers)
+    with pytest.raises(ValueError, match="non-empty string"):
+        registered.register(" ", two_layers)
+    with pytest.raises(TypeError, match="callable"):
+        registered.register("x", nn.Linear(2, 2).weight)
+    with pytest.raises(TypeError, match="DatasetInfo as its first argument"):
+        registered.register("x", lambda **kwargs: None)
+    registered.register("not-sequential", lambda data: nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="built a Linear; the bound layers take an nn.Sequential"):
+        registered.build("not-sequential", "mnist")
