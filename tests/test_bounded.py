@@ -186,6 +186,42 @@ def test_nested_sequentials_are_flattened():
     assert lower.shape == (2, 2) and (lower <= model(x)).all()
 
 
+class _Stack(nn.Sequential):
+    """A subclass that only names the container: its output is its layers' in order."""
+
+
+class _Negated(nn.Sequential):
+    def forward(self, x):
+        return -super().forward(x)
+
+
+def test_a_model_whose_output_is_not_its_layers_in_order_is_refused():
+    x, y = torch.rand(2, 4), torch.tensor([0, 1])
+    for model in (_Negated(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
+                  nn.Sequential(nn.Linear(4, 3), _Negated(nn.ReLU(), nn.Linear(3, 2)))):
+        with pytest.raises(ValueError, match=r"\(_Negated\) overrides nn.Sequential.forward"):
+            BoundedModule(model.eval())
+    plain = _Stack(nn.Linear(4, 3), _Stack(nn.ReLU(), nn.Linear(3, 2))).eval()
+    bm = BoundedModule(plain)
+    assert bm.layer_names == ["0", "1.0", "1.1"]
+    lower, upper = bm.bounds(x, LinfBall(0.0))
+    assert torch.allclose(lower, plain(x)) and torch.allclose(upper, plain(x))
+    for register in (lambda m: m.register_forward_hook(lambda module, args, out: -out),
+                     lambda m: m.register_forward_pre_hook(lambda module, args: (2 * args[0],))):
+        handle = register(plain[1][1])  # after wrapping: found at the next call
+        for call in (lambda: bm.bounds(x, LinfBall(0.1)), lambda: bm.margins(x, y, LinfBall(0.1), method="crown")):
+            with pytest.raises(ValueError, match=r"1.1 \(Linear\) has a forward hook.*handle.remove\(\)"):
+                call()
+        handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: out)
+    try:
+        with pytest.raises(ValueError, match="a global module forward hook"):
+            bm.bounds(x, LinfBall(0.1))
+    finally:
+        handle.remove()
+    assert (bm.margins(x, y, LinfBall(0.1), method="crown") <= bm.margins(x, y, LinfBall(0.0))).all()
+
+
 def test_margins_fall_back_to_logit_bounds_when_the_network_does_not_end_in_linear():
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
     x, y = torch.rand(2, 4), torch.tensor([0, 2])

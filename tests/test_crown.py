@@ -398,6 +398,12 @@ def test_train_mode_and_bad_arguments_give_clear_errors():
         bm.margins(x, y, LinfBall(0.1), no_such_option=3)
     with pytest.raises(ValueError, match="max_rows"):
         bm.margins(x, y, LinfBall(0.1), method="crown", max_rows=0)
+    for bad in ("0", float("nan"), True):
+        with pytest.raises(ValueError, match="target must be a number .* or None"):
+            bm.margins(x, y, LinfBall(0.1), method="crown", target=bad)
+    for bad in (float("nan"), -0.1, 0, float("inf")):
+        with pytest.raises(ValueError, match="alpha_lr must be a finite number > 0"):
+            bm.margins(x, y, LinfBall(0.1), method="alpha-crown", alpha_lr=bad)
     with pytest.warns(UserWarning, match="alpha_steps=5, alpha_intermediate=False: α-CROWN's options, ignored by "
                                          "method='crown'"):
         bm.margins(x, y, LinfBall(0.1), method="crown", alpha_steps=5, alpha_intermediate=False)

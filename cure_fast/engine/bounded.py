@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .. import ops
 from ..ops.policy import check_backend, check_precision
@@ -29,12 +30,28 @@ from .streams import Interval, Lazy, Pending, Streams, lower_upper
 Spec = Union[LinfBall, L2Ball, L1Ball]
 
 
+def _check_runs_as_its_layers(model: nn.Module) -> None:
+    """Refuse what makes the model's output differ from its layers applied in order (the bounds would
+    not bound it): an ``nn.Sequential`` subclass with a forward of its own, a forward hook."""
+    for name, module in model.named_modules():
+        where = f"{name or 'the model'} ({type(module).__name__})"
+        if isinstance(module, nn.Sequential) and type(module).forward is not nn.Sequential.forward:
+            raise ValueError(f"{where} overrides nn.Sequential.forward: the bounds follow its layers in order, not "
+                             f"its forward; make what forward adds a layer")
+        if module._forward_hooks or module._forward_pre_hooks:
+            raise ValueError(f"{where} has a forward hook, which the bounds would not follow: remove it "
+                             f"(handle.remove()) before bounding")
+    if _global_forward_hooks or _global_forward_pre_hooks:
+        raise ValueError("a global module forward hook is registered (register_module_forward_hook), which the "
+                         "bounds would not follow: remove it before bounding")
+
+
 def _flatten(module: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:
     """Layers of nested ``nn.Sequential`` containers in order, named by their dotted position."""
     layers = []
     for name, child in module.named_children():
         position = f"{prefix}{name}"
-        if type(child) is nn.Sequential:
+        if isinstance(child, nn.Sequential):
             layers += _flatten(child, position + ".")
         else:
             layers.append((position, child))
@@ -156,7 +173,7 @@ class BoundedModule(nn.Module):
     zero padding: numbers, ``'valid'`` or ``'same'``, the CROWN methods only where ``'same'`` pads
     symmetrically), Linear, BatchNorm1d/2d, ReLU, LeakyReLU, Flatten, AvgPool2d,
     Identity, Dropout and :class:`cure_fast.nn.Normalize`; nested ``nn.Sequential`` containers are
-    flattened; a layer of the model replaced, added or removed after wrapping is followed (the bound
+    flattened (a subclass with a ``forward`` of its own, or a forward hook, is refused); a layer of the model replaced, added or removed after wrapping is followed (the bound
     layers are rebuilt at the next call). In train mode BatchNorm normalizes every stream with the natural stream's batch
     statistics (and updates the running statistics once per call); in eval mode it uses the
     running statistics.
@@ -188,7 +205,9 @@ class BoundedModule(nn.Module):
     def follow_model(self) -> None:
         """The bound layers of the model's layers as they are now: rebuilt where a layer was replaced,
         added or removed since they were last built (every entry point calls this; in-place changes of
-        a layer's parameters need nothing)."""
+        a layer's parameters need nothing). Refuses a model whose output is not its layers' in order
+        (a forward of its own, a forward hook)."""
+        _check_runs_as_its_layers(self.model)
         named = _flatten(self.model)
         if not named:
             raise ValueError("BoundedModule needs a model with at least one layer")

@@ -273,6 +273,10 @@ def crown_margins(bounded: BoundedModule, x: Tensor, y: Tensor, spec: Spec, meth
         raise ValueError(f"unknown method {method!r}; choose one of ibp, {', '.join(METHODS)}")
     if isinstance(alpha_steps, bool) or not isinstance(alpha_steps, int) or alpha_steps < 0:
         raise ValueError(f"alpha_steps must be a non-negative int, got {alpha_steps!r}")
+    if isinstance(alpha_lr, bool) or not isinstance(alpha_lr, (int, float)) or not 0 < alpha_lr < float("inf"):
+        raise ValueError(f"alpha_lr must be a finite number > 0, got {alpha_lr!r}")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or target != target):
+        raise ValueError(f"target must be a number (0: enough to certify) or None (the tightest bound), got {target!r}")
     _note_alpha_options(method, alpha_steps=alpha_steps, alpha_lr=alpha_lr, alpha_intermediate=alpha_intermediate)
     with policy.strict(_mode(sound) is not None, x.device):
         problem = _problem(bounded, x, y, spec, sound, max_rows)
