@@ -222,6 +222,28 @@ def test_a_model_whose_output_is_not_its_layers_in_order_is_refused():
     assert (bm.margins(x, y, LinfBall(0.1), method="crown") <= bm.margins(x, y, LinfBall(0.0))).all()
 
 
+def test_parametrized_layers_bound_their_computed_weights_and_train_the_originals():
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(0)
+    model = nn.Sequential(parametrizations.spectral_norm(nn.Conv2d(1, 3, 3)), nn.ReLU(), nn.Flatten(),
+                          parametrizations.orthogonal(nn.Linear(12, 12)), nn.ReLU(), nn.Linear(12, 3)).eval()
+    x, y = torch.rand(4, 1, 4, 4), torch.tensor([0, 1, 2, 0])
+    bm = BoundedModule(model)
+    assert bm.layer_names == ["0", "1", "2", "3", "4", "5"]
+    lower, upper = bm.bounds(x, LinfBall(0.0))
+    torch.testing.assert_close(lower, model(x))
+    torch.testing.assert_close(upper, model(x))
+    points = (x + 0.05 * (2 * torch.rand(64, *x.shape) - 1)).clamp(0, 1)
+    logits = model(points.flatten(0, 1)).view(64, 4, 3)
+    reached = (logits.gather(2, y[None, :, None].expand(64, -1, 1)) - logits).amin(0)
+    for method in ("ibp", "crown"):
+        assert (bm.margins(x, y, LinfBall(0.05), method=method, sound=True) <= reached).all(), method
+    original = model[3].parametrizations.weight.original
+    out = bm.propagate(x, [LinfBall(0.05)], y)
+    out.margins[0].sum().backward()
+    assert original.grad is not None and original.grad.abs().sum() > 0
+
+
 def test_margins_fall_back_to_logit_bounds_when_the_network_does_not_end_in_linear():
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
     x, y = torch.rand(2, 4), torch.tensor([0, 2])
