@@ -244,6 +244,20 @@ def test_parametrized_layers_bound_their_computed_weights_and_train_the_original
     assert original.grad is not None and original.grad.abs().sum() > 0
 
 
+def test_a_layer_placed_twice_is_bounded_twice():
+    torch.manual_seed(0)
+    shared, block = nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    model = nn.Sequential(shared, nn.ReLU(), shared, block, block, nn.Linear(3, 2)).eval()
+    bm = BoundedModule(model)
+    assert bm.layer_names == ["0", "1", "2", "3.0", "3.1", "4.0", "4.1", "5"]
+    x = torch.rand(4, 3)
+    y = model(x).argmin(1)  # the wrong class: no margin may be certified
+    for bound in bm.bounds(x, LinfBall(0.0)):
+        torch.testing.assert_close(bound, model(x))
+    for method in ("ibp", "crown", "alpha-crown"):
+        assert (bm.margins(x, y, LinfBall(0.01), method=method, sound=True) <= 0).all(), method
+
+
 def test_margins_fall_back_to_logit_bounds_when_the_network_does_not_end_in_linear():
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
     x, y = torch.rand(2, 4), torch.tensor([0, 2])

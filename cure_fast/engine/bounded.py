@@ -47,9 +47,10 @@ def _check_runs_as_its_layers(model: nn.Module) -> None:
 
 
 def _flatten(module: nn.Module, prefix: str = "") -> List[Tuple[str, nn.Module]]:
-    """Layers of nested ``nn.Sequential`` containers in order, named by their dotted position."""
+    """Layers of nested ``nn.Sequential`` containers in order, named by their dotted position; a module
+    placed twice counts twice, as in the forward (``named_children`` would list it once)."""
     layers = []
-    for name, child in module.named_children():
+    for name, child in module._modules.items():
         position = f"{prefix}{name}"
         if isinstance(child, nn.Sequential):
             layers += _flatten(child, position + ".")
