@@ -213,6 +213,10 @@ def test_a_model_whose_output_is_not_its_layers_in_order_is_refused():
             with pytest.raises(ValueError, match=r"1.1 \(Linear\) has a forward hook.*handle.remove\(\)"):
                 call()
         handle.remove()
+    plain[0].forward = lambda x: 2 * x
+    with pytest.raises(ValueError, match=r"0 \(Linear\) has a forward of its own, set on the instance"):
+        bm.bounds(x, LinfBall(0.1))
+    del plain[0].forward
     handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: out)
     try:
         with pytest.raises(ValueError, match="a global module forward hook"):

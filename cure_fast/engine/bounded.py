@@ -38,6 +38,8 @@ def _check_runs_as_its_layers(model: nn.Module) -> None:
         if isinstance(module, nn.Sequential) and type(module).forward is not nn.Sequential.forward:
             raise ValueError(f"{where} overrides nn.Sequential.forward: the bounds follow its layers in order, not "
                              f"its forward; make what forward adds a layer")
+        if "forward" in vars(module):
+            raise ValueError(f"{where} has a forward of its own, set on the instance: the bounds follow its type's")
         if module._forward_hooks or module._forward_pre_hooks:
             raise ValueError(f"{where} has a forward hook, which the bounds would not follow: remove it "
                              f"(handle.remove()) before bounding")
