@@ -6,7 +6,7 @@ import sys
 import time
 from typing import List, Optional
 
-from .errors import one_line_errors
+from .errors import ConfigError, one_line_errors
 from .validation import OneLineParser, integer_type, number_type
 
 
@@ -55,6 +55,7 @@ def quickstart(args: argparse.Namespace) -> None:
 
 
 DEMO = [("mnist-demo-inf", "l∞ certified"), ("mnist-demo-2", "l2 certified"), ("mnist-demo-cure", "CURE l∞ + l2")]
+DEMO_KEYS = ("norms", "name")  # what tells the demo's runs apart
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -65,6 +66,10 @@ def demo(args: argparse.Namespace) -> None:
     from .training.trainer import Trainer
     start, rows = time.perf_counter(), {}
     configs = [load_config(preset, overrides=[f"out_dir={args.out_dir}"] + args.set) for preset, _ in DEMO]
+    for key in DEMO_KEYS:
+        if len({str(getattr(config, key)) for config in configs}) < len(DEMO):
+            raise ConfigError(f"--set {key}=…: the demo compares its three runs by their {key}, which would "
+                              f"then be alike; train one run with cure-fast train --preset {DEMO[-1][0]} --set …")
     images = 0
     for (preset, title), config in zip(DEMO, configs):
         print(f"== {title}: preset {preset} ({config.method}, norms {'+'.join(config.norms)}, "

@@ -193,7 +193,7 @@ RULES: Dict[str, Rule] = {
     "drop_last": Boolean(), "train_split": Choice(("train", "train+validation")),
     "final_certify": Choice(FINAL_CERTIFIERS), "eval_every": Integer(1),
     "eval_limit": Integer(1, optional=True, note=" (null: the whole test set)"), "eval_pgd_steps": Integer(0),
-    "eval_pgd_restarts": Integer(1), "eval_batch_size": Integer(1), "seed": Integer(0),
+    "eval_pgd_restarts": Integer(1), "eval_batch_size": Integer(1), "seed": Integer(0, high=2 ** 32 - 1),
     "device": Choice(("auto", "cpu", "cuda")), "backend": Choice(("auto", "torch", "triton", "cuda")),
     "out_dir": Text(), "progress": Boolean(),
 }
@@ -327,6 +327,17 @@ def load_config(preset: Optional[str] = None, config_file: Optional[str] = None,
     add(dict(_parse_override(item) for item in overrides), "--set")
     add(values or {}, "values")
     return from_dict(data, sources)
+
+
+def load_run_config(path: str, values: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """The config of a run from its ``config.yaml`` at ``path`` (then ``values``): an empty file is an
+    error (the trainer writes every key), not the defaults."""
+    if os.path.isdir(path):
+        _fail(f"{path} is a folder, not the run's config file")
+    if os.path.isfile(path) and not read_yaml(path):
+        _fail(f"{path} is empty: a run's config.yaml holds every setting of the run (its checkpoint.pt holds a "
+              f"copy: give that file instead of the folder)")
+    return load_config(config_file=path, config_label=path, values=values)
 
 
 def from_dict(data: Dict[str, Any], sources: Optional[Dict[str, str]] = None) -> TrainConfig:

@@ -61,12 +61,13 @@ def parse_number(value: Any, what: str) -> float:
 
 
 def _interval(low: Optional[float], high: Optional[float], low_open: bool, high_open: bool) -> str:
+    low_text, high_text = (f"{v:g}" if isinstance(v, float) else str(v) for v in (low, high))
     if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"in {'(' if low_open else '['}{low_text}, {high_text}{')' if high_open else ']'}"
     if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
+        return f"{'>' if low_open else '>='} {low_text}"
     if high is not None:
-        return f"{'<' if high_open else '<='} {high:g}"
+        return f"{'<' if high_open else '<='} {high_text}"
     return "any value"
 
 
@@ -110,9 +111,9 @@ class Number(Rule):
 
 
 class Integer(Rule):
-    def __init__(self, low: Optional[int] = None, optional: bool = False, note: str = ""):
-        self.low, self.optional = low, optional
-        self.allowed = f"an integer {_interval(low, None, False, False)}{note}"
+    def __init__(self, low: Optional[int] = None, optional: bool = False, note: str = "", high: Optional[int] = None):
+        self.low, self.high, self.optional = low, high, optional
+        self.allowed = f"an integer {_interval(low, high, False, False)}{note}"
 
     def check(self, key, value):
         if isinstance(value, bool):
@@ -121,7 +122,8 @@ class Integer(Rule):
             number = parse_number(value, key)
         except ConfigError:
             self.fail(key, value)
-        if number != int(number) or (self.low is not None and number < self.low):
+        if number != int(number) or (self.low is not None and number < self.low) or (
+                self.high is not None and number > self.high):
             self.fail(key, value)
         return int(number)
 

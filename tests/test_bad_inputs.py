@@ -44,6 +44,11 @@ def world(tmp_path_factory):
         shutil.copy(broken / replacement if replacement else w.run / "model.pt", target)
     shutil.copytree(w.run, root / "run-other-config")  # its checkpoint.pt, as if copied from a run with lr 2e-3
     write_config(root / "run-other-config" / "config.yaml", {**config, "lr": 1e-3})
+    shutil.copytree(w.run, root / "run-empty-config")
+    (root / "run-empty-config" / "config.yaml").write_text("")
+    shutil.copytree(w.run, root / "run-config-folder")
+    (root / "run-config-folder" / "config.yaml").unlink()
+    (root / "run-config-folder" / "config.yaml").mkdir()
     (root / "not-a-run").mkdir()
     (root / "list.yaml").write_text("- lr: 1\n")
     (root / "broken.yaml").write_text("lr: [1,\nepochs: 2\n")
@@ -163,6 +168,20 @@ BAD_VALUES = {
                              ["is not valid YAML at line", "key 'lr' is given twice"]),
     "choice-typo": (_train("sabr_l2_set=boks"), 2, ["sabr_l2_set='boks'", "did you mean 'box'"]),
     "set-duplicate-key": (_train("model_args={hidden: [8], hidden: [4]}"), 2, ["key 'hidden' is given twice"]),
+    # from the second walkthrough
+    "no-training-batch": (_train("train_limit=8", "drop_last=true"), 2,
+                          ["no training batch: 8 training images make no full batch of batch_size=64"]),
+    "seed-too-large": (_train("seed=9223372036854775807"), 2, ["seed=9223372036854775807", "[0, 4294967295]"]),
+    "demo-set-norms": (lambda w: ["demo", "--out-dir", str(w.root / "demo"), "--set", "norms=[inf]"], 2,
+                       ["--set norms=…: the demo compares its three runs by their norms"]),
+    "certify-out-under-a-file": (lambda w: _certify("--out", f"{w.config}/sub")(w), 2,
+                                 ["cannot be made", "tiny.yaml is a file"]),
+    "smoothing-twice": (_certify("--smoothing", "0.25,0.25"), 2, ["--smoothing 0.25,0.25 names a sigma twice"]),
+    "norms-negative": (_certify("--norms", "inf:-0.1"), 2, ["--norms inf=-0.1", "[0, 1]"]),
+    "resume-empty-config": (lambda w: ["train", "--resume", str(w.root / "run-empty-config")], 2,
+                            ["config.yaml is empty", "checkpoint.pt holds a copy"]),
+    "certify-empty-config": (_certify(run="run-empty-config"), 2, ["config.yaml is empty"]),
+    "certify-config-a-folder": (_certify(run="run-config-folder"), 2, ["config.yaml is a folder"]),
 }
 
 
@@ -187,7 +206,8 @@ BROKEN_FILES = {
                                       ["holds model weights", "not a training checkpoint"]),
     "resume-checkpoint-of-another-config": (lambda w: ["train", "--resume", str(w.root / "run-other-config")],
                                             ["checkpoint.pt was written under another config",
-                                             "lr=0.002 there, 0.001 in config.yaml", "not this run's checkpoint"]),
+                                             "lr=0.002 there, 0.001 in config.yaml",
+                                             "config.yaml was edited, or the checkpoint comes from another run"]),
     "certify-half-model.pt": (lambda w: ["certify", str(w.broken / "half-model.pt")], ["half-model.pt is truncated"]),
     "certify-empty": (lambda w: ["certify", str(w.broken / "empty.pt")], ["empty.pt is empty"]),
     "certify-random-bytes": (lambda w: ["certify", str(w.broken / "random.pt")], ["random.pt is not a PyTorch file"]),
@@ -298,3 +318,12 @@ def test_a_finished_run_resumes_for_the_epochs_added_to_its_config(world, tmp_pa
     main(["train", "--resume", str(run)])
     assert f"resuming {run} from epoch 1 of 2" in capsys.readouterr().out
     assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_certifying_without_an_attack_reports_no_pgd_accuracy_and_notes_a_limit_past_the_test_set(world, tmp_path,
+                                                                                                     capsys):
+    from cure_fast.certification.certify import certify_run
+    summary = certify_run(str(world.run), {"inf": 0.05}, limit=100, pgd_steps=0, curve=(), out_dir=str(tmp_path / "r"))
+    assert "note: --limit 100 is more than the 32 test images there are: certifying all 32" in capsys.readouterr().err
+    assert summary["images"] == 32 and "certified_inf" in summary
+    assert not any(key.startswith("pgd_") or key == "empirical_union" for key in summary)

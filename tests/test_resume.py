@@ -1,5 +1,6 @@
 """Resume never destroys a finished result, rewrites a missing report from the checkpoint, keeps the
 evaluation out of the training RNG streams, and restores every DDP rank's own RNG state."""
+import io
 import json
 import os
 import socket
@@ -29,6 +30,33 @@ def test_resume_of_a_finished_run_changes_nothing(data, tmp_path, capsys):
     assert snapshot(tmp_path) == before
     summary = json.loads(open(os.path.join(trainer.run_dir, "summary.json")).read())
     assert summary["clean"] >= 0 and summary["images"] == 32 and summary["eps"] == {"inf": 0.05, "2": 0.3}
+
+
+def test_resume_of_a_finished_run_writes_no_file_and_restores_a_broken_model_file(data, tmp_path, capsys):
+    from cure_fast.certification.certify import load_trained
+    trainer = Trainer(from_dict(tiny_config(data, tmp_path)))
+    trainer.run()
+    run_dir = trainer.run_dir
+    times = {p: os.stat(os.path.join(run_dir, p)).st_mtime_ns for p in os.listdir(run_dir)}
+    main(["train", "--resume", run_dir])
+    assert {p: os.stat(os.path.join(run_dir, p)).st_mtime_ns for p in os.listdir(run_dir)} == times
+    model = os.path.join(run_dir, "model.pt")
+    weights = open(model, "rb").read()
+    for damage, problem in ((lambda: open(model, "r+b").truncate(2000), "model.pt does not load"),
+                            (lambda: os.remove(model), "model.pt is missing")):
+        damage()
+        capsys.readouterr()
+        if os.path.exists(model):  # certify takes the finished run's checkpoint.pt instead, with a note
+            certified, _, epochs = load_trained(run_dir, torch.device("cpu"))
+            assert epochs == 2 and "model.pt is truncated" in capsys.readouterr().err
+            assert all(torch.equal(a, b) for a, b in zip(certified.state_dict().values(),
+                                                         trainer.model.state_dict().values()))
+        main(["train", "--resume", run_dir])
+        out = capsys.readouterr().out
+        assert f"{problem}" in out and "written again from checkpoint.pt" in out, out
+        assert "run complete, nothing to resume" in out
+        restored, original = torch.load(model, weights_only=True), torch.load(io.BytesIO(weights), weights_only=True)
+        assert all(torch.equal(restored[k], original[k]) for k in original) and restored.keys() == original.keys()
 
 
 def test_resume_rewrites_a_lost_report_with_the_same_results(data, tmp_path, capsys):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .. import checkpoints, data, models
-from ..config import NORMS as TRAINED_NORMS, TrainConfig, eps_rule, from_dict, load_config, resolve_device
+from ..config import NORMS as TRAINED_NORMS, TrainConfig, eps_rule, from_dict, load_run_config, resolve_device
 from ..errors import CheckpointError, ConfigError, SignalGuard
 from ..reporting import NORM_NAMES, format_table, plot_summary, pyplot
 from ..storage import numbered_paths, save_figure, write_atomic, write_json
@@ -43,9 +43,7 @@ def parse_norms(text: str) -> Dict[str, float]:
             hint = did_you_mean(match.group(1), NORMS) if match else ""
             raise ConfigError(f"bad --norms item {item!r}{hint}; write NORM:EPS with NORM one of "
                               f"{', '.join(NORMS)}, e.g. inf:2/255,2:0.25,1:0.5")
-        eps = parse_number(match.group(2), f"--norms {match.group(1)}")
-        if eps < 0:
-            raise ConfigError(f"bad --norms item {item!r}: eps must be >= 0")
+        eps = parse_number(match.group(2), f"--norms {match.group(1)}")  # its range: certify_run, per data set
         if match.group(1) in norms:
             raise ConfigError(f"--norms names {match.group(1)} twice; give each norm once (one eps per norm)")
         norms[match.group(1)] = eps
@@ -66,9 +64,9 @@ def load_trained(path: str, device: torch.device) -> Tuple[nn.Module, TrainConfi
     CheckpointError."""
     if os.path.isdir(path):
         config_path = os.path.join(path, "config.yaml")
-        if not os.path.isfile(config_path):
+        if not os.path.exists(config_path):
             raise CheckpointError(f"{path} is not a run directory: it has no config.yaml")
-        config = load_config(config_file=config_path, config_label=config_path)
+        config = load_run_config(config_path)
         weights, (state, _, what, epoch) = _run_weights(path, config, device)
     elif os.path.isfile(path):
         weights = path
@@ -76,8 +74,8 @@ def load_trained(path: str, device: torch.device) -> Tuple[nn.Module, TrainConfi
         beside = os.path.join(os.path.dirname(path), "config.yaml")
         if config_dict is not None:
             config = from_dict(config_dict)
-        elif os.path.isfile(beside):
-            config = load_config(config_file=beside, config_label=beside)
+        elif os.path.exists(beside):
+            config = load_run_config(beside)
         else:
             raise CheckpointError(f"{path} holds no config (only {what}, and no config.yaml lies beside it): "
                                   "give the run directory or its checkpoint.pt")
@@ -95,13 +93,14 @@ def _run_weights(run: str, config: TrainConfig, device: torch.device) -> Tuple[s
     """The newest weights of a run directory and :func:`checkpoints.model_weights` of them: model.pt
     (the finished run's, trained for its checkpoint's epochs), unless checkpoint.pt is an unfinished
     one (a run resumed for more epochs keeps its earlier model.pt until it finishes). A checkpoint.pt
-    that does not load is no reason to refuse a model.pt that does."""
+    that does not load is no reason to refuse a model.pt that does, nor the reverse (a finished run's
+    checkpoint.pt holds model.pt's weights)."""
     model, checkpoint = os.path.join(run, "model.pt"), os.path.join(run, "checkpoint.pt")
     if not os.path.isfile(model):
         if not os.path.isfile(checkpoint):
             raise CheckpointError(f"{run} holds no model.pt or checkpoint.pt yet")
         return checkpoint, checkpoints.model_weights(checkpoint, device)
-    epoch = None
+    epoch, found = None, None
     if os.path.isfile(checkpoint):
         try:
             found = checkpoints.model_weights(checkpoint, device)
@@ -110,7 +109,14 @@ def _run_weights(run: str, config: TrainConfig, device: torch.device) -> Tuple[s
         if found is not None and found[3] is not None and found[3] < config.epochs:
             return checkpoint, found
         epoch = None if found is None else found[3]
-    state, _, what, _ = checkpoints.model_weights(model, device)
+    try:
+        state, _, what, _ = checkpoints.model_weights(model, device)
+    except CheckpointError as error:
+        if found is None:
+            raise
+        print(f"note: {error}; certifying {checkpoint}, the finished run's weights (cure-fast train --resume {run} "
+              f"writes model.pt again)", file=sys.stderr, flush=True)
+        return checkpoint, found
     return model, (state, None, what, epoch)
 
 
@@ -164,6 +170,8 @@ def _check_arguments(config: TrainConfig, eps: Dict[str, float], limit, batch_si
         for sigma in smoothing:
             if not sigma > 0:
                 raise ConfigError(f"smoothing sigma {sigma!r}; a number > 0")
+        if len(set(smoothing)) < len(smoothing):
+            raise ConfigError(f"--smoothing {','.join(f'{s:g}' for s in smoothing)} names a sigma twice; give each once")
     for norm, value in eps.items():
         if norm not in NORMS:
             raise ConfigError(f"eps names the norm {norm!r}; norms are {', '.join(map(repr, NORMS))} "
@@ -182,6 +190,11 @@ def _check_report_folder(out_dir: str) -> None:
     """A ConfigError unless ``out_dir`` is a new folder, or one without a finished report."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"the report folder {out_dir} is a file; give another with --out")
+    above = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ConfigError(f"the report folder {out_dir} cannot be made: {above} is a file; give another with --out")
     if os.path.isfile(os.path.join(out_dir, "config.yaml")):
         raise ConfigError(f"--out {out_dir} is a training run's folder (it holds config.yaml); give the report a "
                           f"folder of its own")
@@ -225,6 +238,9 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
     _check_report_folder(out_dir)
     with _report_folder(out_dir):
         n = len(test.labels)
+        if limit is not None and n < limit:
+            print(f"note: --limit {limit} is more than the {n} test images there are: certifying all {n}",
+                  file=sys.stderr, flush=True)
         verb = "certifying" if sound is not False else "bounding (--fast: plain fp32, not certificates)"
         print(f"{verb} {path} ({config.model} on {config.dataset}) with {method} on {n} test images, "
               f"{describe_norms(eps)}{source}; reports to {out_dir}", flush=True)
@@ -268,7 +284,11 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
 def _report_folder(out_dir: str) -> Iterator[None]:
     """Create ``out_dir``; an error or an interruption before anything is written there removes it again."""
     existed = os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot make the report folder {out_dir} ({error.strerror}); give a writable one with "
+                          f"--out") from None
     try:
         yield
     except BaseException:
@@ -325,8 +345,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(l∞, l2, l1) and certifier (alpha-crown), and its union table")
     parser.add_argument("--limit", type=integer_type(1), help="certify the first N test images")
     parser.add_argument("--data-root", help="folder holding the data sets (default: the run's data_root)")
-    parser.add_argument("--out", help="report folder (default: RUN_DIR/certify-METHOD, or certify-METHOD-run2, … "
-                        "when that holds an earlier report)")
+    parser.add_argument("--out", help="report folder (default: RUN_DIR/certify-METHOD, certify-paper with --protocol "
+                        "paper, or -run2, … when that holds an earlier report)")
     parser.add_argument("--pgd-steps", type=integer_type(0), default=20, help="PGD steps of the empirical robustness "
                         "attack per norm (0: none; default 20)")
     parser.add_argument("--batch-size", type=integer_type(1), default=100, help="test images per batch (default 100)")

@@ -48,16 +48,19 @@ class Evaluation:
     certified_by: Dict[str, List[str]] = field(default_factory=dict)  # norm -> per sample, the method ("" if none)
     seconds: Dict[str, float] = field(default_factory=dict)  # method (and "pgd") -> seconds spent
     bounded: Dict[str, int] = field(default_factory=dict)  # method -> (sample, norm) pairs it bounded
+    attacked: bool = True  # False: no PGD step ran (pgd_robust is then just correct)
 
     def summary(self) -> Dict[str, float]:
         """Accuracies in [0, 1]: clean, pgd_<norm>, certified_<norm>, union (certified for all
-        norms), empirical_union (PGD-robust for all norms)."""
+        norms), empirical_union (PGD-robust for all norms); without an attack, no PGD entries."""
         out = {"clean": self.correct.double().mean().item()}  # float64: 0.8, not 0.800000011920929
         for norm in self.certified:
-            out[f"pgd_{norm}"] = self.pgd_robust[norm].double().mean().item()
+            if self.attacked:
+                out[f"pgd_{norm}"] = self.pgd_robust[norm].double().mean().item()
             out[f"certified_{norm}"] = self.certified[norm].double().mean().item()
         out["union"] = torch.stack(list(self.certified.values())).all(0).double().mean().item()
-        out["empirical_union"] = torch.stack(list(self.pgd_robust.values())).all(0).double().mean().item()
+        if self.attacked:
+            out["empirical_union"] = torch.stack(list(self.pgd_robust.values())).all(0).double().mean().item()
         return out
 
 
@@ -123,7 +126,7 @@ def evaluate(model: nn.Module, images: Tensor, labels: Tensor, eps: Dict[str, fl
     join = lambda key: torch.cat(parts[key]).cpu()  # noqa: E731
     return Evaluation(join("correct"), {n: join(f"pgd_{n}") for n in norms},
                       {n: join(f"cert_{n}") for n in norms}, {n: join(f"margin_{n}").float() for n in norms},
-                      {n: sum(parts[f"by_{n}"], []) for n in norms}, seconds, bounded)
+                      {n: sum(parts[f"by_{n}"], []) for n in norms}, seconds, bounded, attacked=pgd_steps > 0)
 
 
 def _timed(seconds: Dict[str, float], key: str, fn, *args, **kwargs):

@@ -56,13 +56,23 @@ def write_config(run_dir: str, config: TrainConfig) -> None:
 
 def write_metrics(run_dir: str, history: List[Dict[str, float]]) -> None:
     """``metrics.jsonl`` and ``metrics.csv`` from the whole history (so they hold exactly the
-    checkpoint's epochs after a resume)."""
-    write_atomic(os.path.join(run_dir, METRICS), "".join(json.dumps(m) + "\n" for m in history))
+    checkpoint's epochs after a resume); a file that already holds it is left alone."""
+    _write_if_changed(os.path.join(run_dir, METRICS), "".join(json.dumps(m) + "\n" for m in history))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=sorted({k for m in history for k in m}))
     writer.writeheader()
     writer.writerows(history)
-    write_atomic(os.path.join(run_dir, METRICS_CSV), text.getvalue())
+    _write_if_changed(os.path.join(run_dir, METRICS_CSV), text.getvalue())
+
+
+def _write_if_changed(path: str, text: str) -> None:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if f.read() == text:
+                return
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_atomic(path, text)
 
 
 def write_per_sample(evaluation, path: str) -> None:

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from .. import checkpoints, data, faults, models
 from ..certification.evaluate import Evaluation, evaluate
-from ..config import (TrainConfig, describe_keys, inert_settings, load_config, presets, resolve_device, to_dict,
-                      validate)
+from ..config import (TrainConfig, describe_keys, inert_settings, load_config, load_run_config, presets,
+                      resolve_device, to_dict, validate)
 from ..errors import CheckpointError, ConfigError, DiskFullError, SignalGuard, TrainingError, one_line_errors
 from ..ops import registry
 from ..storage import remove_temporaries, save_torch
@@ -76,6 +76,11 @@ class Trainer:
         self.epoch, self.step, self.history = 0, 0, []
         self.steps_per_epoch = data.num_batches(len(self.train_set), cfg.batch_size // self.world, cfg.drop_last,
                                                 world_size=self.world)
+        if self.steps_per_epoch == 0:
+            why = (f"make no full batch of batch_size={cfg.batch_size} with drop_last=true; lower batch_size, raise "
+                   f"train_limit or set drop_last=false" if cfg.drop_last else
+                   f"are fewer than the {self.world} processes; raise train_limit")
+            raise ConfigError(f"no training batch: {len(self.train_set)} training images {why}")
         self.guard, self.in_epoch = SignalGuard(self._stop_message), False
         if resume:
             self._load_checkpoint()
@@ -272,11 +277,25 @@ class Trainer:
                 rundir.write_up(self.run_dir, cfg, self.model.state_dict(), self.history, final, len(self.test_set))
         return final
 
+    def _restore_model_file(self) -> None:
+        """A complete run's model.pt, missing or not loading, written again from its checkpoint (the same
+        weights: the checkpoint is saved after the last epoch)."""
+        path = os.path.join(self.run_dir, rundir.MODEL)
+        try:
+            checkpoints.model_weights(path, torch.device("cpu"))
+            return
+        except CheckpointError as error:
+            problem = "is missing" if not os.path.exists(path) else f"does not load ({error})"
+        with self.guard.critical():
+            save_torch(self.model.state_dict(), path)
+        print(f"{path} {problem}: written again from {rundir.CHECKPOINT}", flush=True)
+
     def _finished(self) -> Dict[str, float]:
         """A resumed run whose training is over: nothing to do when its report is complete, else the
         report is written again from the checkpoint (re-evaluating if the per-sample file is missing)."""
         summary = rundir.completed_summary(self.run_dir)
         if summary is not None:
+            self._restore_model_file()
             print(f"run complete, nothing to resume: {self.run_dir} (results in its {rundir.SUMMARY})", flush=True)
             return {k: v for k, v in summary.items() if isinstance(v, float)}
         print(f"{self.run_dir}: training finished ({self.epoch} epochs); writing its report", flush=True)
@@ -367,8 +386,10 @@ class Trainer:
         if differ:
             shown = ", ".join(f"{k}={saved[k]!r} there, {ours[k]!r} in {rundir.CONFIG}" for k in differ[:3])
             raise CheckpointError(f"{path} was written under another config ({shown}"
-                                  f"{', …' if len(differ) > 3 else ''}): it is not this run's checkpoint; resume "
-                                  f"the run it came from, or start a new run (init_from=PATH starts from its weights)")
+                                  f"{', …' if len(differ) > 3 else ''}): {rundir.CONFIG} was edited, or the checkpoint "
+                                  f"comes from another run; a resume may change only epochs, eval_* and where it "
+                                  f"runs: restore those keys, or start a new run (init_from=PATH starts from its "
+                                  f"weights)")
 
 
 RESUMABLE_CHANGES = ("name", "data_root", "device", "backend", "out_dir", "progress", "epochs", "final_certify",
@@ -409,10 +430,9 @@ def run_from_args(args: argparse.Namespace) -> Dict[str, float]:
                               f"{rundir.CONFIG} and {rundir.CHECKPOINT})")
         if not os.path.isdir(args.resume):
             raise ConfigError(f"--resume {args.resume}: no such folder")
-        if not os.path.isfile(config_path):
+        if not os.path.exists(config_path):
             raise ConfigError(f"--resume {args.resume}: not a run folder (no {rundir.CONFIG}); nothing to resume")
-        config = load_config(config_file=config_path, config_label=config_path,
-                             values={"data_root": args.data_root} if args.data_root else None)
+        config = load_run_config(config_path, {"data_root": args.data_root} if args.data_root else None)
         return train(config, args.resume, resume=True)
     if not (args.preset or args.config):
         raise ConfigError("give --preset NAME or --config FILE (or --resume RUN_DIR); --list-presets lists the "
