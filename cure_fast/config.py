@@ -150,7 +150,9 @@ def _model_rules(model: str) -> Dict[str, Rule]:
         default = parameter.default
         if name == "data" or default is inspect.Parameter.empty:
             continue
-        rules[name] = (Boolean() if isinstance(default, bool) else Integer(1) if isinstance(default, int)
+        rules[name] = (Boolean() if isinstance(default, bool)
+                       else Integer(min(default, 1)) if isinstance(default, int)
+                       else Number() if isinstance(default, float) else Text() if isinstance(default, str)
                        else IntegerList(1, increasing=False) if isinstance(default, (tuple, list)) else Rule())
     return rules
 
@@ -170,7 +172,7 @@ def eps_rule(dataset: str, norm: str, optional: bool = False) -> Number:
 RULES: Dict[str, Rule] = {
     "name": FolderName(), "dataset": Choice(DATASETS), "data_root": Text(optional=True),
     "train_limit": Integer(1, optional=True, note=" (null: the whole training set)"),
-    "model": Choice(MODELS, note=" (or a name models.register()ed in this process)"),
+    "model": Choice(MODELS),
     "model_args": Mapping(), "method": Choice(METHODS), "norms": ChoiceList(NORMS),
     "combine": Choice(COMBINES), "alpha": Number(0, 1), "init_from": Text(optional=True),
     "natural_weight": Number(0, 1), "sabr_lambda": Number(0, 1, low_open=True), "sabr_l2_set": Choice(L2_SETS),
@@ -335,8 +337,8 @@ def load_run_config(path: str, values: Optional[Dict[str, Any]] = None) -> Train
     if os.path.isdir(path):
         _fail(f"{path} is a folder, not the run's config file")
     if os.path.isfile(path) and not read_yaml(path):
-        _fail(f"{path} is empty: a run's config.yaml holds every setting of the run (its checkpoint.pt holds a "
-              f"copy: give that file instead of the folder)")
+        _fail(f"{path} is empty, but a run's config.yaml holds every setting of the run: restore it (the run's "
+              f"checkpoint.pt holds a copy, which cure-fast certify RUN/checkpoint.pt uses)")
     return load_config(config_file=path, config_label=path, values=values)
 
 

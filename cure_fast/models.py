@@ -11,6 +11,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, Sequence, Tuple
 
+import yaml
 from torch import nn
 
 from .nn import Normalize
@@ -103,10 +104,13 @@ def register(name: str, builder: Callable[..., nn.Sequential]) -> Callable[..., 
         models.register("wide-mlp", lambda data, hidden=1024: models.mlp(data, (hidden, hidden)))
         Trainer(load_config("mnist-demo-cure", overrides=["model=wide-mlp", "model_args={hidden: 256}"])).run()
 
-    A run of such a model is certified in a process that registered it too (``certify_run``).
+    Only the process that registers a name knows it: certify the run (``certify_run``) from such a
+    process, and under DDP register it in the code every process runs.
     """
     if not isinstance(name, str) or not name.strip() or name != name.strip():
         raise ValueError(f"a model name is a non-empty string without surrounding spaces, got {name!r}")
+    if yaml.safe_load(name) != name:
+        raise ValueError(f"model name {name!r} reads as {yaml.safe_load(name)!r} in a config file; choose another")
     if name in BUILT_IN:
         raise ValueError(f"{name!r} is a built-in model ({', '.join(BUILT_IN)}): register yours under another name")
     if not callable(builder):

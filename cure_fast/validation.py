@@ -143,8 +143,8 @@ class Boolean(Rule):
 class Choice(Rule):
     """One of ``choices``: a sequence, or a mapping read at every check (names registered later count)."""
 
-    def __init__(self, choices: Iterable[str], optional: bool = False, note: str = ""):
-        self.source, self.optional, self.note = choices, optional, note
+    def __init__(self, choices: Iterable[str], optional: bool = False):
+        self.source, self.optional = choices, optional
 
     @property
     def choices(self) -> Tuple[str, ...]:
@@ -152,7 +152,7 @@ class Choice(Rule):
 
     @property
     def allowed(self) -> str:
-        return f"choose one of {', '.join(self.choices)}{self.note}"
+        return f"choose one of {', '.join(self.choices)}"
 
     def check(self, key, value):
         if str(value) not in self.choices or isinstance(value, bool):

@@ -327,3 +327,5 @@ def test_certifying_without_an_attack_reports_no_pgd_accuracy_and_notes_a_limit_
     assert "note: --limit 100 is more than the 32 test images there are: certifying all 32" in capsys.readouterr().err
     assert summary["images"] == 32 and "certified_inf" in summary
     assert not any(key.startswith("pgd_") or key == "empirical_union" for key in summary)
+    rows = (tmp_path / "r" / "per_sample.csv").read_text().splitlines()
+    assert rows[0].split(",")[3] == "pgd_inf" and all(row.split(",")[3] == "" for row in rows[1:])

@@ -199,7 +199,7 @@ def test_a_model_whose_output_is_not_its_layers_in_order_is_refused():
     x, y = torch.rand(2, 4), torch.tensor([0, 1])
     for model in (_Negated(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
                   nn.Sequential(nn.Linear(4, 3), _Negated(nn.ReLU(), nn.Linear(3, 2)))):
-        with pytest.raises(ValueError, match=r"\(_Negated\) overrides nn.Sequential.forward"):
+        with pytest.raises(ValueError, match=r"\(_Negated\) defines _Negated.forward: the bounds follow its layers"):
             BoundedModule(model.eval())
     plain = _Stack(nn.Linear(4, 3), _Stack(nn.ReLU(), nn.Linear(3, 2))).eval()
     bm = BoundedModule(plain)
@@ -217,6 +217,15 @@ def test_a_model_whose_output_is_not_its_layers_in_order_is_refused():
     with pytest.raises(ValueError, match=r"0 \(Linear\) has a forward of its own, set on the instance"):
         bm.bounds(x, LinfBall(0.1))
     del plain[0].forward
+    for method in ("__call__", "__iter__", "_call_impl"):
+        stack = type("Stack", (nn.Sequential,), {method: lambda self, *args: None})(nn.Linear(4, 2))
+        with pytest.raises(ValueError, match=rf"the model \(Stack\) defines Stack.{method}: "):
+            BoundedModule(stack)
+    conv = nn.Sequential(nn.Conv2d(1, 1, 3, padding=1), nn.Flatten())
+    wrapped = BoundedModule(conv)
+    conv[0].padding_mode = "reflect"  # changed in place after wrapping: checked again at the next call
+    with pytest.raises(ValueError, match="only padding_mode='zeros'"):
+        wrapped.bounds(torch.rand(1, 1, 4, 4), LinfBall(0.1))
     handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: out)
     try:
         with pytest.raises(ValueError, match="a global module forward hook"):
@@ -243,9 +252,42 @@ def test_parametrized_layers_bound_their_computed_weights_and_train_the_original
     for method in ("ibp", "crown"):
         assert (bm.margins(x, y, LinfBall(0.05), method=method, sound=True) <= reached).all(), method
     original = model[3].parametrizations.weight.original
-    out = bm.propagate(x, [LinfBall(0.05)], y)
+    out = bm.propagate(x, [LinfBall(0.05)], y)  # the sound modes' copies left the model's weights computed
     out.margins[0].sum().backward()
     assert original.grad is not None and original.grad.abs().sum() > 0
+    from cure_fast.training import objectives
+    before = original.detach().clone()
+    with pytest.warns(UserWarning, match="ibp_init leaves the parametrized weight"):
+        objectives.ibp_init(model)
+    assert torch.equal(original, before)
+
+
+def _with_margin_sign_between(d32, d64, gen):
+    """A float32 point x in [0, 1]^4 with d64·x > 0 > d32·x (exact in float64), or None: points on the
+    float64 boundary, their first coordinate moved by up to 40 steps of 6e-8."""
+    x = torch.rand(20000, 4, generator=gen).double() * 0.5 + 0.25
+    x[:, 0] -= (x @ d64) / d64[0]
+    points = x.float()[:, None, :].repeat(1, 81, 1)
+    points[..., 0] += torch.arange(-40, 41, dtype=torch.float32) * 6e-8
+    exact = points.double()
+    between = (exact @ d64 > 0) & (exact @ d32 < 0) & (points.amin(2) >= 0) & (points.amax(2) <= 1)
+    found = between.flatten().nonzero()
+    return points.flatten(0, 1)[found[0, 0]] if len(found) else None
+
+
+def test_sound_float64_bounds_a_parametrized_layer_with_the_weights_the_model_computes():
+    """Cast to float64, a spectral-normalized weight would be computed anew in float64 (1.9e-8 off):
+    a point between the two decision boundaries was certified for the class the model does not give."""
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(1)
+    layer = parametrizations.spectral_norm(nn.Linear(4, 2, bias=False)).eval()
+    w32, w64 = layer.weight.detach().double(), copy.deepcopy(layer).double().weight.detach()
+    d32, d64 = w32[0] - w32[1], w64[0] - w64[1]
+    point = _with_margin_sign_between(d32, d64, torch.Generator().manual_seed(0))
+    assert point is not None
+    margins = BoundedModule(nn.Sequential(layer)).margins(point[None], torch.tensor([0]), LinfBall(0.0),
+                                                          method="crown", sound=True)
+    assert margins[0, 1] <= d32 @ point.double() < 0
 
 
 def test_a_layer_placed_twice_is_bounded_twice():

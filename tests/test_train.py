@@ -307,7 +307,7 @@ def test_a_registered_model_trains_and_certifies_by_name_and_bad_registrations_a
         return nn.Sequential(Normalize(data.mean, data.std), nn.Flatten(),
                              nn.Linear(math.prod(data.shape), hidden), nn.ReLU(), nn.Linear(hidden, data.classes))
     config = dict(model="two-layers", model_args={"hidden": 6}, method="ibp", epochs=1, eval_every=1)
-    with pytest.raises(ConfigError, match=r"model=.two-layers.; choose one of cnn7, .*models.register\(\)ed"):
+    with pytest.raises(ConfigError, match=r"model=.two-layers.; choose one of cnn7, cnn5, cnn3, mlp"):
         _config(tmp_path, **config)
     assert registered.register("two-layers", two_layers) is two_layers
     with pytest.raises(ConfigError, match=r"model_args.*width"):
@@ -321,6 +321,12 @@ def test_a_registered_model_trains_and_certifies_by_name_and_bad_registrations_a
         registered.register("cnn3", two_layers)
     with pytest.raises(ValueError, match="non-empty string"):
         registered.register(" ", two_layers)
+    with pytest.raises(ValueError, match="model name 'true' reads as True in a config file"):
+        registered.register("true", two_layers)
+    registered.register("options", lambda data, extra=0, dropout=0.5, act="relu": two_layers(data))
+    assert from_dict({**TINY, "model": "options", "model_args": {"extra": 0, "dropout": 0.1}}).model_args["extra"] == 0
+    with pytest.raises(ConfigError, match="model_args.*dropout"):
+        from_dict({**TINY, "model": "options", "model_args": {"dropout": "abc"}})
     with pytest.raises(TypeError, match="callable"):
         registered.register("x", nn.Linear(2, 2).weight)
     with pytest.raises(TypeError, match="DatasetInfo as its first argument"):

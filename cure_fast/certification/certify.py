@@ -132,7 +132,7 @@ def write_per_sample(evaluation: Evaluation, labels: torch.Tensor, path: str) ->
         row = [i, int(labels[i]), int(evaluation.correct[i])]
         for n in norms:
             by = evaluation.certified_by.get(n)
-            row += [int(evaluation.pgd_robust[n][i]), int(evaluation.certified[n][i]),
+            row += [int(evaluation.pgd_robust[n][i]) if evaluation.attacked else "", int(evaluation.certified[n][i]),
                     f"{evaluation.margin[n][i].item():.6g}", by[i] if by else ""]
         writer.writerow(row)
     write_atomic(path, text.getvalue())
@@ -171,7 +171,8 @@ def _check_arguments(config: TrainConfig, eps: Dict[str, float], limit, batch_si
             if not sigma > 0:
                 raise ConfigError(f"smoothing sigma {sigma!r}; a number > 0")
         if len(set(smoothing)) < len(smoothing):
-            raise ConfigError(f"--smoothing {','.join(f'{s:g}' for s in smoothing)} names a sigma twice; give each once")
+            given = ",".join(f"{sigma:g}" for sigma in smoothing)
+            raise ConfigError(f"--smoothing {given} names a sigma twice; give each once")
     for norm, value in eps.items():
         if norm not in NORMS:
             raise ConfigError(f"eps names the norm {norm!r}; norms are {', '.join(map(repr, NORMS))} "
@@ -217,7 +218,7 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
     dev = resolve_device(device)
     model, config, epochs_trained = load_trained(path, dev)
     from_config = eps is None
-    first = 0
+    first, asked = 0, limit
     source = " (the run's own evaluation eps)" if from_config else ""
     if protocol == "paper":
         paper_eps, first, end = paper_setting(config.dataset, config.eps_inf)
@@ -238,8 +239,8 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
     _check_report_folder(out_dir)
     with _report_folder(out_dir):
         n = len(test.labels)
-        if limit is not None and n < limit:
-            print(f"note: --limit {limit} is more than the {n} test images there are: certifying all {n}",
+        if asked is not None and n < min(asked, limit):
+            print(f"note: --limit {asked} is more than the {n} test images there are: certifying all {n}",
                   file=sys.stderr, flush=True)
         verb = "certifying" if sound is not False else "bounding (--fast: plain fp32, not certificates)"
         print(f"{verb} {path} ({config.model} on {config.dataset}) with {method} on {n} test images, "

@@ -125,9 +125,11 @@ class Smooth:
                 noise = torch.randn((size, *x.shape), dtype=x.dtype, device=device, generator=self.generator)
                 try:
                     logits = self.base_classifier(x + self.sigma * noise)
-                except RuntimeError as error:  # a batch given as x: one dimension too many for the model
-                    raise ValueError(f"the base classifier failed on {size} noisy copies of x {tuple(x.shape)} "
-                                     f"(x is one input, not a batch): {str(error).splitlines()[0]}") from error
+                except torch.OutOfMemoryError:
+                    raise
+                except RuntimeError as error:  # e.g. a batch given as x: one dimension too many for the model
+                    raise ValueError(f"the base classifier failed on {size} noisy copies of x {tuple(x.shape)}: "
+                                     f"{str(error).splitlines()[0]} (x is one input: is it a batch?)") from error
                 if logits.dim() != 2 or logits.shape[1] != self.num_classes:
                     raise ValueError(f"the base classifier returned logits of shape {tuple(logits.shape)} for "
                                      f"{size} inputs; Smooth was given num_classes={self.num_classes} (and x is one "

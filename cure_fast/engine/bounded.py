@@ -22,7 +22,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from .. import ops
 from ..ops.policy import check_backend, check_precision
 from ..specs import Ball, L1Ball, L2Ball, LinfBall
-from .layers import Affine, Context, Layer, bound_layer
+from .layers import CALL_METHODS, Affine, Context, Layer, bound_layer, own_call
 from .passes import no_nan
 from .shrink import ShrinkBox
 from .streams import Interval, Lazy, Pending, Streams, lower_upper
@@ -32,17 +32,24 @@ Spec = Union[LinfBall, L2Ball, L1Ball]
 
 def _check_runs_as_its_layers(model: nn.Module) -> None:
     """Refuse what makes the model's output differ from its layers applied in order (the bounds would
-    not bound it): an ``nn.Sequential`` subclass with a forward of its own, a forward hook."""
+    not bound it): an ``nn.Sequential`` subclass that calls or iterates otherwise, a call method set on
+    an instance, a forward hook (:data:`~.layers.CALL_METHODS`)."""
     for name, module in model.named_modules():
         where = f"{name or 'the model'} ({type(module).__name__})"
-        if isinstance(module, nn.Sequential) and type(module).forward is not nn.Sequential.forward:
-            raise ValueError(f"{where} overrides nn.Sequential.forward: the bounds follow its layers in order, not "
-                             f"its forward; make what forward adds a layer")
-        if "forward" in vars(module):
-            raise ValueError(f"{where} has a forward of its own, set on the instance: the bounds follow its type's")
+        overridden = own_call(type(module), nn.Sequential) if isinstance(module, nn.Sequential) else None
+        if overridden is not None:
+            raise ValueError(f"{where} defines {overridden}: the bounds follow its layers in order, not that; make "
+                             f"what it adds a layer")
+        on_instance = next((attr for attr in CALL_METHODS if attr in vars(module)), None)
+        if on_instance is not None:
+            raise ValueError(f"{where} has a {on_instance} of its own, set on the instance: the bounds follow its "
+                             f"type's")
         if module._forward_hooks or module._forward_pre_hooks:
-            raise ValueError(f"{where} has a forward hook, which the bounds would not follow: remove it "
-                             f"(handle.remove()) before bounding")
+            hooks = list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values())
+            legacy = any(type(h).__name__ in ("SpectralNorm", "WeightNorm") for h in hooks)
+            raise ValueError(f"{where} has a forward hook, which the bounds would not follow: " + (
+                "torch.nn.utils.spectral_norm / weight_norm work by hooks; use torch.nn.utils.parametrizations' "
+                "instead" if legacy else "remove it (handle.remove()) before bounding"))
     if _global_forward_hooks or _global_forward_pre_hooks:
         raise ValueError("a global module forward hook is registered (register_module_forward_hook), which the "
                          "bounds would not follow: remove it before bounding")
@@ -176,9 +183,11 @@ class BoundedModule(nn.Module):
     zero padding: numbers, ``'valid'`` or ``'same'``, the CROWN methods only where ``'same'`` pads
     symmetrically), Linear, BatchNorm1d/2d, ReLU, LeakyReLU, Flatten, AvgPool2d,
     Identity, Dropout and :class:`cure_fast.nn.Normalize`; nested ``nn.Sequential`` containers are
-    flattened (a subclass with a ``forward`` of its own, or a forward hook, is refused); a layer of the model replaced, added or removed after wrapping is followed (the bound
-    layers are rebuilt at the next call). In train mode BatchNorm normalizes every stream with the natural stream's batch
-    statistics (and updates the running statistics once per call); in eval mode it uses the
+    flattened (a subclass with a ``forward`` of its own, or a forward hook, is refused; a module placed
+    twice counts twice); a layer of the model replaced, added or removed after wrapping is followed
+    (the bound layers are rebuilt at the next call), a setting changed in place is checked again. In
+    train mode BatchNorm normalizes every stream with the natural stream's batch statistics (and
+    updates the running statistics once per call); in eval mode it uses the
     running statistics.
 
     A Linear / Conv2d with the eval-mode BatchNorm and / or ReLU after it, and a BatchNorm /
@@ -202,7 +211,7 @@ class BoundedModule(nn.Module):
         self.precision = None if precision is None else check_precision(precision)
         if backend is not None:
             check_backend(backend)
-        self._structure: List[nn.Module] = []
+        self._structure: List[Tuple[nn.Module, type]] = []
         self.follow_model()
 
     def follow_model(self) -> None:
@@ -214,12 +223,16 @@ class BoundedModule(nn.Module):
         named = _flatten(self.model)
         if not named:
             raise ValueError("BoundedModule needs a model with at least one layer")
-        modules = [module for _, module in named]
-        if len(modules) == len(self._structure) and all(a is b for a, b in zip(modules, self._structure)):
+        structure = [(module, type(module)) for _, module in named]
+        if len(structure) == len(self._structure) and all(
+                a is b and s is t for (a, s), (b, t) in zip(structure, self._structure)):
+            for layer in self.layers:
+                layer.check()  # a setting changed in place (padding_mode, ...) is refused as when wrapping
             return
         self.layer_names = [position for position, _ in named]
         self.layers: List[Layer] = [bound_layer(module, position) for position, module in named]
-        self._structure = modules
+        self._structure = structure
+        modules = [module for module, _ in structure]
         self.spec_layer = self._find_spec_layer()
         affine = [i for i, layer in enumerate(self.layers) if layer.fuses == "affine"]
         self.first_affine = affine[0] if affine else None

@@ -88,12 +88,13 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..ops import policy
 from ..specs import Ball, L1Ball, L2Ball, LinfBall
 from . import alpha, heap, passes, rounding
 from .inputs import InputSet, SoundInputSet
-from .layers import Layer, Operator
+from .layers import Layer, Operator, parametrized_base
 from .layers.activation import unknown_as_infinite
 from .passes import Interval
 from .rounding import round_down
@@ -162,13 +163,35 @@ def _check_finite(model: nn.Module) -> None:
             raise ValueError(f"the model's {name} contains NaN or Inf: no bound holds for it (a diverged training run?)")
 
 
+def _materialized(model: nn.Module) -> nn.Module:
+    """The model, or a copy whose parametrized weights (``torch.nn.utils.parametrize``) are plain tensors
+    holding the values the model computes now, in its own dtype: a copy cast to another dtype would
+    compute them anew in that dtype, which is not the network the model runs. (torch's
+    ``remove_parametrizations`` on a copy would change the class it shares with the model.)"""
+    if not any(parametrize.is_parametrized(m) for m in model.modules()):
+        return model
+    plain = copy.deepcopy(model)
+    for original, module in zip(list(model.modules()), list(plain.modules())):
+        base = parametrized_base(original)
+        if base is None:
+            continue
+        values = {name: getattr(original, name).detach().clone() for name in original.parametrizations}
+        module.__class__ = base
+        del module._modules["parametrizations"]
+        for name, value in values.items():
+            module.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    return plain
+
+
 def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The model, or a copy in ``dtype`` when some floating tensor is in another."""
+    model = _materialized(model) if any(t.dtype != dtype for t in _floating(model)) else model
     return model if all(t.dtype == dtype for t in _floating(model)) else copy.deepcopy(model).to(dtype)
 
 
 def _float32(model: nn.Module) -> nn.Module:
     """The model, or a float32 copy when its floating tensors are all float32 numbers."""
+    model = _materialized(model)
     if not all(torch.equal(t.float().to(t.dtype), t) for t in _floating(model)):
         raise ValueError("sound='fp32' certifies a network with float32 weights; this model has weights that "
                          "float32 cannot represent exactly: use sound='fp64'")

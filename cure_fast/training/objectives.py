@@ -3,11 +3,13 @@ the CURE multi-norm combinations, bound alignment and gradient projection."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from ..engine import Propagation
 
@@ -99,10 +101,15 @@ def _fold(ratio: Tensor) -> Tensor:
 
 def ibp_init(model: nn.Module) -> None:
     """IBP initialization (Shi et al. 2021): weights ~ N(0, sqrt(2 pi) / fan_in), biases 0, for every
-    Linear / Conv2d but the last, which keeps its default initialization."""
+    Linear / Conv2d but the last, which keeps its default initialization. A parametrized weight
+    (``torch.nn.utils.parametrize``: computed, not set) keeps its own initialization, with a warning."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     with torch.no_grad():
         for layer in layers[:-1]:
+            if parametrize.is_parametrized(layer, "weight"):
+                warnings.warn(f"ibp_init leaves the parametrized weight of {layer} as it is (set ibp_init=false "
+                              f"to silence this)")
+                continue
             fan_in = layer.weight[0].numel()
             layer.weight.normal_(0.0, math.sqrt(2 * math.pi) / fan_in)
             if layer.bias is not None:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import yaml
 
 from ..config import TrainConfig, to_dict
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..reporting import format_table, plot_curves, plot_summary
 from ..storage import numbered_paths, save_torch, write_atomic, write_json
 
@@ -48,6 +48,24 @@ def make_run_dir(run_dir: str, out_dir: str) -> None:
 
 def resume_command(run_dir: str) -> str:
     return f"cure-fast train --resume {shlex.quote(run_dir)}"
+
+
+RESUMABLE_CHANGES = ("name", "data_root", "device", "backend", "out_dir", "progress", "epochs", "final_certify",
+                     "eval_every", "eval_limit", "eval_pgd_steps", "eval_pgd_restarts", "eval_batch_size")
+
+
+def check_same_run(config: TrainConfig, saved: Dict, path: str) -> None:
+    """A checkpoint at ``path`` written under another training config ``saved`` (copied from another
+    run, or config.yaml edited) is refused: resuming it would silently continue that run under these
+    settings."""
+    ours = to_dict(config)
+    differ = [k for k in ours if k not in RESUMABLE_CHANGES and k in saved and saved[k] != ours[k]]
+    if differ:
+        shown = ", ".join(f"{k}={saved[k]!r} there, {ours[k]!r} in {CONFIG}" for k in differ[:3])
+        raise CheckpointError(f"{path} was written under another config ({shown}{', …' if len(differ) > 3 else ''}):"
+                              f" {CONFIG} was edited, or the checkpoint comes from another run; a resume may change "
+                              f"only epochs, eval_* and where it runs: restore those keys, or start a new run "
+                              f"(init_from=PATH starts from its weights)")
 
 
 def write_config(run_dir: str, config: TrainConfig) -> None:
@@ -84,7 +102,7 @@ def write_per_sample(evaluation, path: str) -> None:
     for i in range(len(evaluation.correct)):
         row = [i, int(evaluation.correct[i])]
         for n in norms:
-            row += [int(evaluation.pgd_robust[n][i]), int(evaluation.certified[n][i]),
+            row += [int(evaluation.pgd_robust[n][i]) if evaluation.attacked else "", int(evaluation.certified[n][i]),
                     f"{evaluation.margin[n][i].item():.6g}"]
         writer.writerow(row)
     write_atomic(path, text.getvalue())

@@ -358,7 +358,7 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         path = self._checkpoint_path()
         state = checkpoints.training_state(path, self.device)
-        self._check_same_run(state.get("config") or {}, path)
+        rundir.check_same_run(self.config, state.get("config") or {}, path)
         checkpoints.load_weights(self.model, state["model"], path, checkpoints.describe(state), self.architecture)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -378,22 +378,6 @@ class Trainer:
                 print(f"resuming {self.run_dir} from epoch {self.epoch} of {self.config.epochs}", flush=True)
 
 
-    def _check_same_run(self, saved: Dict, path: str) -> None:
-        """A checkpoint written under another training config (copied from another run, or config.yaml
-        edited) is refused: resuming it would silently continue that run under these settings."""
-        ours = to_dict(self.config)
-        differ = [k for k in ours if k not in RESUMABLE_CHANGES and k in saved and saved[k] != ours[k]]
-        if differ:
-            shown = ", ".join(f"{k}={saved[k]!r} there, {ours[k]!r} in {rundir.CONFIG}" for k in differ[:3])
-            raise CheckpointError(f"{path} was written under another config ({shown}"
-                                  f"{', …' if len(differ) > 3 else ''}): {rundir.CONFIG} was edited, or the checkpoint "
-                                  f"comes from another run; a resume may change only epochs, eval_* and where it "
-                                  f"runs: restore those keys, or start a new run (init_from=PATH starts from its "
-                                  f"weights)")
-
-
-RESUMABLE_CHANGES = ("name", "data_root", "device", "backend", "out_dir", "progress", "epochs", "final_certify",
-                     "eval_every", "eval_limit", "eval_pgd_steps", "eval_pgd_restarts", "eval_batch_size")
 """Config keys that a resumed run may change: where data and results live, how it runs and is
 evaluated, and how many epochs it trains (a finished run continues for the added epochs)."""
 
