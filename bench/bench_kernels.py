@@ -280,12 +280,12 @@ def run(args) -> List[dict]:
 
 
 def _options(parser) -> None:
-    parser.add_argument("--precisions", type=lambda s: s.split(","), default=list(PRECISIONS),
+    parser.add_argument("--precisions", type=harness.subset_type(PRECISIONS), default=list(PRECISIONS),
                         help=f"comma-separated, of {', '.join(PRECISIONS)} (default: both)")
 
 
 def main() -> None:
-    args = harness.arguments(__doc__.splitlines()[0], _options)
+    args = harness.arguments(__doc__, _options)
     rows = run(args)
     harness.report(TITLE, rows, COLUMNS, args)
 

@@ -105,7 +105,8 @@ def run(args) -> List[dict]:
                 losses[name] = lambda name=name: bounded(name)
             if not args.no_compile:
                 losses["compile"] = lambda: torch.compile(bounded("torch"))
-            times, errors, chosen = {}, {}, {}
+            times, chosen = {}, {}
+            errors = {name: _why_skipped(name, args) for name in BOUNDED if name not in losses}
             with backends.library_precision(precision == "tf32"):
                 for name, loss in losses.items():  # the rows so far are written after each (a time limit keeps them)
                     autoselect.clear()
@@ -116,6 +117,12 @@ def run(args) -> List[dict]:
                     harness.partial(TITLE, rows + _rows(batch, mode, precision, times, errors, chosen), args)
             rows += _rows(batch, mode, precision, times, errors, chosen)
     return rows
+
+
+def _why_skipped(name: str, args) -> str:
+    if args.smoke and name in ("auto", "compile"):
+        return "skipped under --smoke"
+    return "skipped: --no-compile" if name == "compile" else f"skipped: not available on {args.device.type}"
 
 
 def _settings(text: str):
@@ -133,7 +140,7 @@ def _options(parser) -> None:
 
 
 def main() -> None:
-    args = harness.arguments(__doc__.splitlines()[0], _options)
+    args = harness.arguments(__doc__, _options)
     rows = run(args)
     harness.report(TITLE, rows, COLUMNS, args)
 

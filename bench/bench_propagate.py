@@ -4,7 +4,7 @@ the same model, forward and forward+backward, in one process on the current devi
 The arithmetic floor of the ratio is 5: one unit for the natural stream, two (centre, radius) per
 input set. Timings alternate between the two so that machine load affects both alike.
 
-    python bench/bench_propagate.py [--model cnn7] [--batch 32] [--device cpu] [--json out.json]
+    python bench/bench_propagate.py [--model cnn7] [--batch 32] [--device cpu] [--json out.json] [--smoke]
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 import harness
 from cure_fast import BoundedModule, L2Ball, LinfBall, models
+from cure_fast.ops.policy import BACKENDS
+from cure_fast.validation import integer_type
 
 
 def measure(model_name: str, batch: int, device: torch.device, repeats: int, backend: str) -> dict:
@@ -54,15 +56,18 @@ def measure(model_name: str, batch: int, device: torch.device, repeats: int, bac
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="cnn7")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--json")
+    parser = argparse.ArgumentParser(**harness.docstring_help(__doc__))
+    parser.add_argument("--model", default="cnn7", choices=sorted(models.MODELS), help="architecture (default cnn7)")
+    parser.add_argument("--batch", type=integer_type(1), default=32, help="batch size (default 32)")
+    parser.add_argument("--device", type=harness.device_type, default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--repeats", type=integer_type(1), default=7, help="timed runs per pass (default 7)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS + ("auto",), help="ops backend (default auto)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--smoke", action="store_true", help="cnn3, batch 2, one run: checks the script")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    if args.smoke:
+        args.model, args.batch, args.repeats = "cnn3", 2, 1
+    device = args.device
     results = measure(args.model, args.batch, device, args.repeats, args.backend)
     print(f"{args.model}, CIFAR-10 shape, batch {args.batch}, train mode, {harness.device_name(device)}, "
           f"backend {args.backend}")

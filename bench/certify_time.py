@@ -37,6 +37,7 @@ import torch
 import harness
 from cure_fast import BoundedModule, L2Ball, LinfBall, models
 from cure_fast.engine.crown import crown_margins
+from cure_fast.validation import integer_type
 
 METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 SOUND = {"fp64": True, "fp32": "fp32", "off": False}  # --sound -> crown_margins(sound=)
@@ -118,7 +119,7 @@ def measure(method: str, norm: str, images: int, device: torch.device, width: in
 def _run_isolated(method: str, norm: str, args: argparse.Namespace) -> dict:
     """:func:`measure` in a fresh subprocess (its own peak memory); on failure, the error's last line."""
     command = [sys.executable, __file__, "--worker", method, norm, "--images", str(args.images),
-               "--device", args.device, "--width", str(args.width), "--sound", args.sound,
+               "--device", str(args.device), "--width", str(args.width), "--sound", args.sound,
                "--alpha-steps", str(args.alpha_steps)]
     run = subprocess.run(command, capture_output=True, text=True)
     if run.returncode != 0:
@@ -140,21 +141,24 @@ def _save(args: argparse.Namespace, device: torch.device, load, results: list, c
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=None, help="default: 2 on the CPU, 16 on a GPU")
+    parser.add_argument("--images", type=integer_type(1), default=None, help="default: 2 on the CPU, 16 on a GPU")
     parser.add_argument("--quick", action="store_true", help="one image")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--width", type=int, default=64, help="CNN7 width (64 is the paper's)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--device", type=harness.device_type, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda where there is one)")
+    parser.add_argument("--width", type=integer_type(1), default=64, help="CNN7 width (64 is the paper's)")
+    parser.add_argument("--methods", type=harness.subset_type(METHODS), default=list(METHODS),
+                        help=f"comma-separated, of {', '.join(METHODS)} (default: all)")
     parser.add_argument("--sound", default="fp64", choices=list(SOUND),
                         help="fp64 (float64, the default), fp32 (float32, rounding errors bounded), off (plain float32)")
     parser.add_argument("--norms", default="inf,2", help="inf, 2 or both (the default): l∞ 2/255, l2 0.25")
-    parser.add_argument("--alpha-steps", type=int, default=20, help="α-CROWN's steps (fewer: its memory in less time)")
+    parser.add_argument("--alpha-steps", type=integer_type(0), default=20,
+                        help="α-CROWN's steps (fewer: its memory in less time)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--smoke", action="store_true",
                         help="CNN7 on 8x8 inputs, width 1, one image, in this process: checks the script")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "NORM"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = torch.device(args.device)
+    device = args.device
     if args.smoke:
         args.width, args.images = 1, 1
     args.images = 1 if args.quick else args.images or (16 if device.type == "cuda" else 2)
@@ -169,7 +173,7 @@ def main() -> None:
     if not chosen:
         parser.error(f"--norms {args.norms!r}: give inf, 2 or inf,2")
     for norm in chosen:
-        for method in args.methods.split(","):
+        for method in args.methods:
             r = measure(method, norm, args.images, device, args.width, True, args.sound, args.alpha_steps) \
                 if args.smoke else \
                 _run_isolated(method, norm, args)

@@ -358,9 +358,12 @@ def _span(values: List[float]) -> str:
 
 
 def _counts(stats: List[dict], label: str) -> str:
+    """Rows looser / tighter than the peer beyond the tolerance, and the largest differences of any size
+    (those within the tolerance included)."""
     n, lo, hi = (sum(s[k] for s in stats) for k in ("rows", "looser", "tighter"))
-    return (f"{label}: looser on {lo}/{n} rows ({sum(s['looser'] > 0 for s in stats)}/{len(stats)} cases, by up to "
-            f"{max(s['max_looser'] for s in stats):.2g}), tighter on {hi}/{n} (by up to {max(s['max_tighter'] for s in stats):.2g})")
+    return (f"{label}: looser beyond --tol on {lo}/{n} rows ({sum(s['looser'] > 0 for s in stats)}/{len(stats)} cases;"
+            f" largest difference below the peer {max(s['max_looser'] for s in stats):.2g}), tighter on {hi}/{n} "
+            f"(largest difference {max(s['max_tighter'] for s in stats):.2g})")
 
 
 def summary(rows: List[dict], args, notes: List[str]) -> List[List[str]]:

@@ -28,6 +28,10 @@
 # (bench/certify_time.py: fp64, then sound fp32 up to CROWN). STEP_TIMEOUT (seconds, default 1800) bounds each step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ "${1:-}" == -h || "${1:-}" == --help ]]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
 if [[ "${1:-}" == quick ]]; then
   shift
   exec bash bench/gpu_quick.sh "$@"
@@ -40,8 +44,12 @@ OUT="${OUT:-bench/results/$(date +%Y%m%d-%H%M%S)}"
 PYTHON="${PYTHON:-python3}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-1800}"
 read -r -a BENCH <<< "${BENCH_ARGS:-}"
+ALL_STEPS=(build tests kernels network propagate train certify)
 STEPS=("$@")
-((${#STEPS[@]})) || STEPS=(build tests kernels network propagate train certify)
+((${#STEPS[@]})) || STEPS=("${ALL_STEPS[@]}")
+for s in "${STEPS[@]}"; do
+  [[ " ${ALL_STEPS[*]} " == *" $s "* ]] || { echo "unknown step '$s'; steps: quick, ${ALL_STEPS[*]} (--help)" >&2; exit 2; }
+done
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 

@@ -16,26 +16,63 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+if "--smoke" in sys.argv[1:] and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read as the Triton kernels are defined: before cure_fast
+
+from cure_fast.validation import integer_type  # noqa: E402  (after the interpreter switch)
 
 TIMING = {"warmup": 25, "rep": 200}  # do_bench's budget per measurement, in ms
 
 
-def arguments(description: str, extra: Optional[Callable[[argparse.ArgumentParser], None]] = None
+def device_type(text: str) -> torch.device:
+    """An argparse ``type=``: ``cpu``, ``cuda`` or ``cuda:N`` that this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is no device; give cpu or cuda (cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give cpu or cuda (cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device; give cpu")
+    return device
+
+
+def subset_type(known: Sequence[str]) -> Callable[[str], List[str]]:
+    """An argparse ``type=``: a comma-separated list of names out of ``known``."""
+    def parse(text: str) -> List[str]:
+        names = text.split(",")
+        wrong = [name for name in names if name not in known]
+        if wrong:
+            raise argparse.ArgumentTypeError(f"{wrong[0]!r} is not one of {', '.join(known)}")
+        return names
+    return parse
+
+
+def docstring_help(doc: str) -> dict:
+    """``ArgumentParser`` keywords showing a script's docstring whole as its help text."""
+    return dict(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def arguments(doc: str, extra: Optional[Callable[[argparse.ArgumentParser], None]] = None
               ) -> argparse.Namespace:
     """The common options (``extra(parser)`` adds a script's own)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--batch", type=int, nargs="+", default=[128, 512])
+    parser = argparse.ArgumentParser(**docstring_help(doc))
+    parser.add_argument("--batch", type=integer_type(1), nargs="+", default=[128, 512])
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes, one run each (CPU: needs TRITON_INTERPRET=1), to check the script")
+                        help="tiny shapes, one run each, on the CPU through the Triton interpreter, to check the "
+                             "script (its own batch and settings: the others are ignored)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--warmup-ms", type=int, default=TIMING["warmup"], help="do_bench warm-up per measurement")
-    parser.add_argument("--rep-ms", type=int, default=TIMING["rep"], help="do_bench repetitions per measurement")
+    parser.add_argument("--warmup-ms", type=integer_type(1), default=TIMING["warmup"],
+                        help="do_bench warm-up per measurement")
+    parser.add_argument("--rep-ms", type=integer_type(1), default=TIMING["rep"],
+                        help="do_bench repetitions per measurement")
     if extra is not None:
         extra(parser)
     args = parser.parse_args()

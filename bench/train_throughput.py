@@ -1,7 +1,7 @@
 """Images per second of one training step per method on CNN7 (CIFAR-10 shape), and the ratio to
 the natural step, measured in one process on the current device.
 
-    python bench/train_throughput.py [--batch 128] [--device cuda] [--json out.json]
+    python bench/train_throughput.py [--batch 128] [--device cuda] [--json out.json] [--smoke]
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import torch
 import harness
 from cure_fast import models
 from cure_fast.config import from_dict
+from cure_fast.ops.policy import BACKENDS
 from cure_fast.training.trainer import Objective, training_sets
+from cure_fast.validation import integer_type
 
 METHODS = {
     "natural": dict(method="natural"),
@@ -55,15 +57,20 @@ def measure(batch: int, device: torch.device, repeats: int, backend: str, width:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=None, help="default: 128 on a GPU, 16 on the CPU")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--width", type=int, default=64, help="CNN7 width (64 is the paper's)")
+    parser = argparse.ArgumentParser(**harness.docstring_help(__doc__))
+    parser.add_argument("--batch", type=integer_type(2), default=None,
+                        help="default: 128 on a GPU, 16 on the CPU (at least 2: BatchNorm's batch statistics)")
+    parser.add_argument("--device", type=harness.device_type, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda where there is one)")
+    parser.add_argument("--repeats", type=integer_type(1), default=5, help="timed steps per method (default 5)")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS + ("auto",), help="ops backend (default auto)")
+    parser.add_argument("--width", type=integer_type(1), default=64, help="CNN7 width (64 is the paper's)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--smoke", action="store_true", help="width 2, batch 2, one run: checks the script")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    if args.smoke:
+        args.batch, args.width, args.repeats = 2, 2, 1
+    device = args.device
     batch = args.batch or (128 if device.type == "cuda" else 16)
     results = measure(batch, device, args.repeats, args.backend, args.width)
     print(f"CNN7 (width {args.width}), CIFAR-10 shape, batch {batch}, {harness.device_name(device)}, "

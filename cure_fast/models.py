@@ -115,9 +115,13 @@ def register(name: str, builder: Callable[..., nn.Sequential]) -> Callable[..., 
         raise ValueError(f"{name!r} is a built-in model ({', '.join(BUILT_IN)}): register yours under another name")
     if not callable(builder):
         raise TypeError(f"builder must be callable as builder(data, **model_args), got {type(builder).__name__}")
-    first = next(iter(inspect.signature(builder).parameters.values()), None)
-    if first is None or first.kind not in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD):
+    parameters = list(inspect.signature(builder).parameters.values())
+    if not parameters or parameters[0].kind not in (parameters[0].POSITIONAL_ONLY, parameters[0].POSITIONAL_OR_KEYWORD):
         raise TypeError(f"builder {name!r} must take the data set's DatasetInfo as its first argument")
+    required = [p.name for p in parameters[1:] if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL,
+                                                                                          p.VAR_KEYWORD)]
+    if required:
+        raise TypeError(f"builder {name!r}: give {', '.join(required)} a default (model_args may then change it)")
     MODELS[name] = builder
     return builder
 

@@ -262,10 +262,17 @@ def test_what_would_make_no_certificate_is_refused(halfspace):
         smooth.certify(x, n0=10, n=100, batch_size=0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     statistics = model[2].running_mean.clone()
-    with pytest.raises(ValueError, match=r"base classifier's 2 is in train mode: call \.eval\(\)"):
+    with pytest.raises(ValueError, match=r"layer 2 is in train mode: call \.eval\(\) on the base classifier"):
         Smooth(model, 2, SIGMA).certify(x, n0=10, n=100)
     assert torch.equal(model[2].running_mean, statistics)
     assert Smooth(model.eval(), 2, SIGMA).certify(x, n0=10, n=100)[0] in (ABSTAIN, 0, 1)
+    for sigma in (float("inf"), float("nan"), 0.0, "0.5", True):
+        with pytest.raises(ValueError, match="sigma, a finite number > 0"):
+            Smooth(halfspace, 2, sigma)
+    for classes in (10.0, "10", 1):
+        with pytest.raises(ValueError, match="num_classes, an int >= 2"):
+            Smooth(halfspace, classes, SIGMA)
+    assert Smooth(halfspace, 2, torch.tensor(SIGMA)).sigma == SIGMA
     conv = nn.Sequential(nn.Conv2d(SHAPE[0], 2, 3), nn.Flatten(), nn.LazyLinear(2)).eval()
     with pytest.raises(ValueError, match=r"10 noisy copies of x \(3, .*\): .* \(x is one input: is it a batch\?\)"):
         Smooth(conv, 2, SIGMA).certify(torch.rand(3, *SHAPE), n0=10, n=100)

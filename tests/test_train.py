@@ -331,6 +331,8 @@ def test_a_registered_model_trains_and_certifies_by_name_and_bad_registrations_a
         registered.register("x", nn.Linear(2, 2).weight)
     with pytest.raises(TypeError, match="DatasetInfo as its first argument"):
         registered.register("x", lambda **kwargs: None)
+    with pytest.raises(TypeError, match="builder 'x': give width a default"):
+        registered.register("x", lambda data, width: None)
     registered.register("not-sequential", lambda data: nn.Linear(2, 2))
     with pytest.raises(TypeError, match="built a Linear; the bound layers take an nn.Sequential"):
         registered.build("not-sequential", "mnist")

@@ -215,6 +215,15 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
     norms at the run's own evaluation eps. ``progress``: progress bars and what is written where.
     ``protocol="paper"``: the CURE paper's test images and eps (l∞, l2, l1; those given in ``eps``
     replace its own) and a ``paper_table.md`` (:mod:`~cure_fast.certification.protocol`)."""
+    if method not in CERTIFIERS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(CERTIFIERS)}")
+    if sound not in (True, False, "fp64", "fp32"):
+        raise ConfigError(f"sound={sound!r}; choose True / 'fp64', 'fp32' (rounding bounded) or False (plain fp32)")
+    if eps is not None:
+        if not isinstance(eps, dict):
+            raise ConfigError(f"eps is a mapping {{norm: eps}} (norms {', '.join(map(repr, NORMS))}), got "
+                              f"{type(eps).__name__}")
+        eps = {str(norm): value for norm, value in eps.items()}  # {2: 0.5} as {"2": 0.5}
     dev = resolve_device(device)
     model, config, epochs_trained = load_trained(path, dev)
     from_config = eps is None

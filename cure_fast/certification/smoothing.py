@@ -77,17 +77,20 @@ class Smooth:
 
     def __init__(self, base_classifier: nn.Module, num_classes: int, sigma: float,
                  generator: Optional[torch.Generator] = None):
-        if num_classes < 2:
-            raise ValueError(f"Smooth needs at least 2 classes, got {num_classes}")
-        if not sigma > 0:
-            raise ValueError(f"Smooth needs sigma > 0, got {sigma}")
-        self.base_classifier, self.num_classes, self.sigma = base_classifier, num_classes, sigma
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"Smooth needs num_classes, an int >= 2, got {num_classes!r}")
+        if isinstance(sigma, Tensor) and sigma.numel() == 1:
+            sigma = float(sigma)
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf:
+            raise ValueError(f"Smooth needs sigma, a finite number > 0, got {sigma!r}")
+        self.base_classifier, self.num_classes, self.sigma = base_classifier, num_classes, float(sigma)
         self.generator = generator
 
     def predict(self, x: Tensor, n: int = 100_000, alpha: float = ALPHA, batch_size: int = 1000) -> int:
         """g(x) from ``n`` noise samples, or ABSTAIN when a two-sided binomial test of the top two
         counts does not reject equality at level ``alpha`` (then g(x) differs from the returned
-        class with probability at most alpha). x: one input (C, H, W) in [0, 1]."""
+        class with probability at most alpha). x: one input (C, H, W) in pixel space (uint8 bytes, or float:
+        [0, 1] for the package's models; the noise is not clipped), not a batch."""
         _check_alpha(alpha)
         counts = self.sample_counts(x, n, batch_size)
         top, second = np.argsort(-counts, kind="stable")[:2]
@@ -102,7 +105,7 @@ class Smooth:
 
         The class is the top one among ``n0`` noise samples; ``n`` fresh samples give the
         Clopper-Pearson lower bound ``p_A`` on its probability; radius ``sigma * Phi^-1(p_A)``;
-        abstain unless ``p_A > 1/2``. x: one input (C, H, W) in [0, 1].
+        abstain unless ``p_A > 1/2``. x: one input (C, H, W), as in :meth:`predict`.
         """
         _check_alpha(alpha)
         guess = int(self.sample_counts(x, n0, batch_size).argmax())
@@ -127,7 +130,7 @@ class Smooth:
                     logits = self.base_classifier(x + self.sigma * noise)
                 except torch.OutOfMemoryError:
                     raise
-                except RuntimeError as error:  # e.g. a batch given as x: one dimension too many for the model
+                except (RuntimeError, ValueError) as error:  # e.g. a batch given as x: a dimension too many
                     raise ValueError(f"the base classifier failed on {size} noisy copies of x {tuple(x.shape)}: "
                                      f"{str(error).splitlines()[0]} (x is one input: is it a batch?)") from error
                 if logits.dim() != 2 or logits.shape[1] != self.num_classes:
@@ -139,13 +142,14 @@ class Smooth:
 
     def _check(self, x: Tensor, num: int, batch_size: int) -> None:
         """A ValueError for what would make no certificate: a model in train mode, a non-finite x."""
-        training = next((name or "the model" for name, m in self.base_classifier.named_modules()
+        training = next((f"layer {name}" if name else "the base classifier"
+                         for name, m in self.base_classifier.named_modules()
                          if m.training and isinstance(m, (_BatchNorm, nn.modules.dropout._DropoutNd))), None)
         if training is not None:
-            raise ValueError(f"the base classifier's {training} is in train mode: call .eval() first (a BatchNorm "
+            raise ValueError(f"{training} is in train mode: call .eval() on the base classifier first (a BatchNorm "
                              f"in train mode normalizes by the noisy batch and updates its running statistics)")
         if not isinstance(x, Tensor) or (x.is_floating_point() and not torch.isfinite(x).all()):
-            raise ValueError("x must be a finite tensor (one input, in [0, 1])")
+            raise ValueError("x must be a finite tensor (one input (C, H, W), in pixel space)")
         for name, value in (("the number of samples", num), ("batch_size", batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

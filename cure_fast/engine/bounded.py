@@ -120,6 +120,8 @@ class Propagation:
 
 
 def _spec_list(specs) -> List[Spec]:
+    if not isinstance(specs, (Ball, list, tuple)):
+        raise TypeError(f"specs must be a LinfBall / L2Ball / L1Ball or a list of them, got {type(specs).__name__}")
     specs = [specs] if isinstance(specs, Ball) else list(specs)
     for spec in specs:
         if not isinstance(spec, Ball):
@@ -294,7 +296,8 @@ class BoundedModule(nn.Module):
         _check_input(x, specs)
         _check_dtype(x, self.model)
         _check_shrink(shrink, len(specs))
-        if y is not None and (not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point()):
+        if y is not None and (not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point()
+                              or y.dtype == torch.bool):
             got = f"{tuple(y.shape)} {str(y.dtype)[6:]}" if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {got}")
         ctx = Context(self.backend, self.precision, len(specs))

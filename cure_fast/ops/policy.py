@@ -41,10 +41,11 @@ def check_backend(name: str, source: str = "backend=") -> str:
     return _check("backend", name, source, CHOICES)
 
 
-def set_backend(name: str) -> None:
-    """Set the process-wide default backend: one of ``torch``, ``triton``, ``cuda``, ``auto``."""
+def set_backend(name: Optional[str]) -> None:
+    """Set the process-wide default backend: one of ``torch``, ``triton``, ``cuda``, ``auto``; None goes
+    back to ``$CURE_FAST_BACKEND`` (``auto`` when unset)."""
     global _default
-    _default = check_backend(name, "set_backend")
+    _default = None if name is None else check_backend(name, "set_backend")
 
 
 def get_backend() -> str:

@@ -93,7 +93,7 @@ class BatchNormLayer(_ChannelLayer):
 
     def check_certifiable(self) -> None:
         if self.module.training:
-            raise ValueError(f"{self.describe()} is in training mode; CROWN certifies the eval-mode network: "
+            raise ValueError(f"{self.describe()} is in training mode; certificates are of the eval-mode network: "
                              f"call model.eval() first")
         if self.module.running_mean is None:
             raise ValueError(f"{self.describe()} has no running statistics, so its eval-mode output depends "

@@ -62,7 +62,7 @@ class DropoutLayer(_ShapeLayer):
 
     def check_certifiable(self) -> None:
         if self.module.training:
-            raise ValueError(f"{self.describe()} is in training mode; CROWN certifies the eval-mode network: "
+            raise ValueError(f"{self.describe()} is in training mode; certificates are of the eval-mode network: "
                              f"call model.eval() first")
 
 
