@@ -329,3 +329,16 @@ def test_certifying_without_an_attack_reports_no_pgd_accuracy_and_notes_a_limit_
     assert not any(key.startswith("pgd_") or key == "empirical_union" for key in summary)
     rows = (tmp_path / "r" / "per_sample.csv").read_text().splitlines()
     assert rows[0].split(",")[3] == "pgd_inf" and all(row.split(",")[3] == "" for row in rows[1:])
+
+
+def test_certify_run_refuses_bad_python_arguments_before_it_starts(world, tmp_path, capsys):
+    from cure_fast.certification.certify import certify_run
+    from cure_fast.errors import ConfigError
+    for options, match in [(dict(eps=0.1), "eps is a mapping {norm: eps}"),
+                           (dict(method="crwn"), "unknown method 'crwn'; choose one of ibp, crown-ibp"),
+                           (dict(sound="fp16"), "sound='fp16'; choose True / 'fp64', 'fp32'")]:
+        with pytest.raises(ConfigError, match=match):
+            certify_run(str(world.run), out_dir=str(tmp_path / "r"), **options)
+        assert capsys.readouterr().out == "" and not (tmp_path / "r").exists()
+    summary = certify_run(str(world.run), {2: 0.1}, limit=2, pgd_steps=0, curve=(), out_dir=str(tmp_path / "r"))
+    assert summary["eps"] == {"2": 0.1} and "certified_2" in summary

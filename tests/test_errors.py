@@ -194,10 +194,17 @@ def test_input_outside_the_domain(ball, value, domain):
     ([0, 1], r"labels must be an integer tensor of shape \(2,\)"),
     (torch.tensor([0, 3]), r"labels must lie in \[0, 3\), got values in \[0, 3\]"),
     (torch.tensor([-1, 2]), r"labels must lie in \[0, 3\), got values in \[-1, 2\]"),
-], ids=["2-d", "too-long", "float", "list", "too-high", "negative"])
+    (torch.tensor([True, False]), r"labels must be an integer tensor of shape \(2,\), got \(2,\) bool"),
+], ids=["2-d", "too-long", "float", "list", "too-high", "negative", "bool"])
 def test_bad_labels(y, match):
     with pytest.raises(ValueError, match=match):
         _propagate(_mlp(), torch.rand(2, 4), [LinfBall(0.1), L2Ball(0.2)], y)
+
+
+def test_a_spec_that_is_no_set_or_list_of_sets_is_named():
+    for specs in (0.1, "LinfBall"):
+        with pytest.raises(TypeError, match="specs must be a LinfBall / L2Ball / L1Ball or a list of them"):
+            _propagate(_mlp(), torch.rand(2, 4), specs)
 
 
 def test_batchnorm_in_train_mode_needs_more_than_one_value():

@@ -544,6 +544,9 @@ def test_set_backend_sets_the_default(clean_backend):
     with pytest.raises(ValueError, match=r"unknown backend 'fast' \(from set_backend\)"):
         cure_fast.set_backend("fast")
     assert cure_fast.get_backend() == "torch"
+    clean_backend.setenv("CURE_FAST_BACKEND", "triton")
+    cure_fast.set_backend(None)  # back to the environment's default
+    assert cure_fast.get_backend() == "triton"
 
 
 def test_environment_variable_sets_the_default(clean_backend):
