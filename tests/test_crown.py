@@ -396,6 +396,8 @@ def test_train_mode_and_bad_arguments_give_clear_errors():
         bm.margins(x, y, LinfBall(0.1), method="zonotope")
     with pytest.raises(TypeError, match="no_such_option"):
         bm.margins(x, y, LinfBall(0.1), no_such_option=3)
+    with pytest.raises(TypeError, match="unexpected option 'alpha_step'; did you mean 'alpha_steps'"):
+        bm.margins(x, y, LinfBall(0.1), method="alpha-crown", alpha_step=3)
     with pytest.raises(ValueError, match="max_rows"):
         bm.margins(x, y, LinfBall(0.1), method="crown", max_rows=0)
     for bad in ("0", float("nan"), True):

@@ -12,6 +12,7 @@ shrinking box); such a :class:`Propagation` has ``sound=False`` and certificatio
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -22,6 +23,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from .. import ops
 from ..ops.policy import check_backend, check_precision
 from ..specs import Ball, L1Ball, L2Ball, LinfBall
+from ..validation import did_you_mean
 from .layers import CALL_METHODS, Affine, Context, Layer, bound_layer, own_call
 from .passes import no_nan
 from .shrink import ShrinkBox
@@ -273,6 +275,12 @@ class BoundedModule(nn.Module):
         from . import crown
         if method not in ("ibp",) + crown.METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of ibp, {', '.join(crown.METHODS)}")
+        known = [name for name in inspect.signature(crown.crown_margins).parameters
+                 if name not in ("bounded", "x", "y", "spec", "method")]
+        for name in options:
+            if name not in known:
+                raise TypeError(f"margins() got an unexpected option {name!r}{did_you_mean(name, known)}; options: "
+                                f"{', '.join(known)}")
         return crown.crown_margins(self, x, y, spec, method=method, **options)
 
     def propagate(self, x: Tensor, specs: Union[Spec, Sequence[Spec]] = (), y: Optional[Tensor] = None,
