@@ -65,7 +65,8 @@ def _timings(loss: Callable, params: List[torch.Tensor], make: Callable, device,
     return {"forward": forward, "backward": backward, "both": both}
 
 
-def _rows(batch: int, mode: str, precision: str, times: dict, errors: dict, chosen: dict) -> List[dict]:
+def _rows(batch: int, mode: str, precision: str, times: dict, errors: dict, chosen: dict, skipped: dict
+          ) -> List[dict]:
     rows = []
     for step in PASSES:
         ms = {name: t[step] for name, t in times.items() if t is not None}
@@ -83,6 +84,8 @@ def _rows(batch: int, mode: str, precision: str, times: dict, errors: dict, chos
             row["errors"] = dict(errors)
         if chosen:
             row["auto_chose"] = chosen  # per op: {backend or method: call shapes}
+        if skipped:
+            row["skipped"] = skipped  # variants not run, and why
         rows.append(row)
     return rows
 
@@ -105,8 +108,8 @@ def run(args) -> List[dict]:
                 losses[name] = lambda name=name: bounded(name)
             if not args.no_compile:
                 losses["compile"] = lambda: torch.compile(bounded("torch"))
-            times, chosen = {}, {}
-            errors = {name: _why_skipped(name, args) for name in BOUNDED if name not in losses}
+            times, errors, chosen = {}, {}, {}
+            skipped = {name: _why_skipped(name, args) for name in BOUNDED if name not in losses}
             with backends.library_precision(precision == "tf32"):
                 for name, loss in losses.items():  # the rows so far are written after each (a time limit keeps them)
                     autoselect.clear()
@@ -114,8 +117,8 @@ def run(args) -> List[dict]:
                         errors, name, lambda: _timings(loss(), params, make, args.device, args.smoke), args.smoke)
                     if name == "auto":
                         chosen = autoselect.choices()
-                    harness.partial(TITLE, rows + _rows(batch, mode, precision, times, errors, chosen), args)
-            rows += _rows(batch, mode, precision, times, errors, chosen)
+                    harness.partial(TITLE, rows + _rows(batch, mode, precision, times, errors, chosen, skipped), args)
+            rows += _rows(batch, mode, precision, times, errors, chosen, skipped)
     return rows
 
 
