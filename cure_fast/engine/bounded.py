@@ -40,8 +40,8 @@ def _check_runs_as_its_layers(model: nn.Module) -> None:
         where = f"{name or 'the model'} ({type(module).__name__})"
         overridden = own_call(type(module), nn.Sequential) if isinstance(module, nn.Sequential) else None
         if overridden is not None:
-            raise ValueError(f"{where} defines {overridden}: the bounds follow its layers in order, not that; make "
-                             f"what it adds a layer")
+            raise ValueError(f"{where} defines {overridden}, which the bounds would not follow (they take its "
+                             f"layers in order); make what it adds a layer")
         on_instance = next((attr for attr in CALL_METHODS if attr in vars(module)), None)
         if on_instance is not None:
             raise ValueError(f"{where} has a {on_instance} of its own, set on the instance: the bounds follow its "
