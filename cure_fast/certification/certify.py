@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import os
 import re
 import signal
@@ -25,7 +23,7 @@ from ..errors import CheckpointError, ConfigError, SignalGuard
 from ..reporting import NORM_NAMES, format_table, plot_summary, pyplot
 from ..storage import numbered_paths, save_figure, write_atomic, write_json
 from ..validation import Integer, did_you_mean, integer_type, number_list, parse_number
-from .evaluate import CERTIFIERS, Evaluation, evaluate
+from .evaluate import CERTIFIERS, evaluate, write_per_sample
 from .geometric import format_geometric, geometric_robustness, plot_geometric
 from .protocol import PAPER_METHOD, paper_setting, paper_table
 
@@ -118,24 +116,6 @@ def _run_weights(run: str, config: TrainConfig, device: torch.device) -> Tuple[s
               f"writes model.pt again)", file=sys.stderr, flush=True)
         return checkpoint, found
     return model, (state, None, what, epoch)
-
-
-def write_per_sample(evaluation: Evaluation, labels: torch.Tensor, path: str) -> None:
-    """One row per test point: index, label, clean correct, and per norm PGD-robust, certified,
-    margin lower bound and the method that certified it."""
-    norms = list(evaluation.certified)
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["index", "label", "correct"] + [f"{k}_{n}" for n in norms
-                                                     for k in ("pgd", "certified", "margin", "method")])
-    for i in range(len(evaluation.correct)):
-        row = [i, int(labels[i]), int(evaluation.correct[i])]
-        for n in norms:
-            by = evaluation.certified_by.get(n)
-            row += [int(evaluation.pgd_robust[n][i]) if evaluation.attacked else "", int(evaluation.certified[n][i]),
-                    f"{evaluation.margin[n][i].item():.6g}", by[i] if by else ""]
-        writer.writerow(row)
-    write_atomic(path, text.getvalue())
 
 
 def plot_curve(curve: Dict[float, Dict[str, float]], eps: Dict[str, float], path: str) -> None:
@@ -266,7 +246,7 @@ def certify_run(path: str, eps: Optional[Dict[str, float]] = None, method: str =
                    **evaluation.summary(),
                    "seconds_per_image": {k: v / n for k, v in evaluation.seconds.items()},
                    "bounded": evaluation.bounded, "reports": out_dir}
-        write_per_sample(evaluation, test.labels, os.path.join(out_dir, "per_sample.csv"))
+        write_per_sample(evaluation, os.path.join(out_dir, "per_sample.csv"), test.labels, methods=True)
         if curve:
             points = {f: (summary if f == 1.0 else run({k: f * v for k, v in eps.items()}, 0).summary())
                       for f in curve}

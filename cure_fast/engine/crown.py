@@ -185,8 +185,10 @@ def _materialized(model: nn.Module) -> nn.Module:
 
 def _in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The model, or a copy in ``dtype`` when some floating tensor is in another."""
-    model = _materialized(model) if any(t.dtype != dtype for t in _floating(model)) else model
-    return model if all(t.dtype == dtype for t in _floating(model)) else copy.deepcopy(model).to(dtype)
+    if all(t.dtype == dtype for t in _floating(model)):
+        return model
+    plain = _materialized(model)  # a copy already when parametrized
+    return (plain if plain is not model else copy.deepcopy(model)).to(dtype)
 
 
 def _float32(model: nn.Module) -> nn.Module:

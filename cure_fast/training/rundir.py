@@ -93,21 +93,6 @@ def _write_if_changed(path: str, text: str) -> None:
     write_atomic(path, text)
 
 
-def write_per_sample(evaluation, path: str) -> None:
-    """One row per test image: index, correct, and per norm PGD-robust, certified, margin bound."""
-    norms = list(evaluation.certified)
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["index", "correct"] + [f"{k}_{n}" for n in norms for k in ("pgd", "certified", "margin")])
-    for i in range(len(evaluation.correct)):
-        row = [i, int(evaluation.correct[i])]
-        for n in norms:
-            row += [int(evaluation.pgd_robust[n][i]) if evaluation.attacked else "", int(evaluation.certified[n][i]),
-                    f"{evaluation.margin[n][i].item():.6g}"]
-        writer.writerow(row)
-    write_atomic(path, text.getvalue())
-
-
 def final_from_history(history: List[Dict[str, float]]) -> Dict[str, float]:
     """The last epoch's test summary (the ``test_*`` metrics without the prefix)."""
     last = history[-1] if history else {}

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import checkpoints, data, faults, models
-from ..certification.evaluate import Evaluation, evaluate
+from ..certification.evaluate import Evaluation, evaluate, write_per_sample
 from ..config import (TrainConfig, describe_keys, inert_settings, load_config, load_run_config, presets,
                       resolve_device, to_dict, validate)
 from ..errors import CheckpointError, ConfigError, DiskFullError, SignalGuard, TrainingError, one_line_errors
@@ -267,7 +267,7 @@ class Trainer:
                 faults.point("evaluated")
             with self.guard.critical():
                 if evaluation is not None and last:
-                    rundir.write_per_sample(evaluation, os.path.join(self.run_dir, rundir.PER_SAMPLE))
+                    write_per_sample(evaluation, os.path.join(self.run_dir, rundir.PER_SAMPLE))
                 if self.rank == 0:
                     rundir.write_metrics(self.run_dir, self.history)
                     self._print_epoch(metrics)
@@ -305,7 +305,7 @@ class Trainer:
             evaluation = self.evaluate(progress=self.config.progress, final=True)
             final = evaluation.summary()
             with self.guard.critical():
-                rundir.write_per_sample(evaluation, per_sample)
+                write_per_sample(evaluation, per_sample)
                 if self.history:  # the evaluation was interrupted after the last epoch's checkpoint
                     self.history[-1].update({f"test_{k}": v for k, v in final.items()})
                     rundir.write_metrics(self.run_dir, self.history)
